@@ -1,0 +1,1 @@
+"""Data: WebDataset shards, synthetic data, tokenization and loaders."""

@@ -1,0 +1,27 @@
+"""tulip-mega: TULIP / SigLIP / CLIP pretraining on megatron-core (TP x PP x DP)."""
+from setuptools import find_packages, setup
+
+setup(
+    name="tulip-mega",
+    version="0.1.0",
+    description="TULIP vision-language pretraining with megatron-core tensor/pipeline parallelism",
+    python_requires=">=3.10",
+    packages=find_packages(include=["tulip_mega", "tulip_mega.*", "dataloaders", "dataloaders.*"]),
+    package_data={"": ["*.yaml", "*.txt"]},
+    install_requires=[
+        "torch>=2.4",
+        "megatron-core>=0.16",
+        "sentencepiece>=0.2",
+        "tensorboard>=2.14",
+        "pyyaml>=6",
+        "numpy",
+        "pillow",
+        "safetensors",
+    ],
+    extras_require={
+        # Never needed on CPU. TE needs the CUDA toolkit + cuDNN to build/import.
+        "gpu": ["transformer-engine[pytorch]", "nvidia-dali-cuda120"],
+        "dev": ["pytest>=7", "pytest-timeout"],
+    },
+    entry_points={"console_scripts": ["tulip-mega=tulip_mega.cli:main"]},
+)
