@@ -87,8 +87,9 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout
         if p.is_alive():
             p.kill()
     if errors:
-        rank = min(errors)
-        raise RuntimeError(f"rank {rank} of {world_size} failed:\n{errors[rank]}")
+        # Every failing rank is reported: the first to fail is not always the lowest rank.
+        report = "\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(errors.items()))
+        raise RuntimeError(f"ranks {sorted(errors)} of {world_size} failed:\n{report}")
     if len(results) < world_size:
         missing = sorted(set(range(world_size)) - set(results))
         raise TimeoutError(f"ranks {missing} of {world_size} did not finish within {timeout:.0f}s")
