@@ -1,0 +1,316 @@
+"""The configuration schema: one dataclass per component, defaults and help text beside each field.
+
+Every field carries `metadata={"help": ...}` so `help_text()` can print the whole key space.
+Each section validates itself (`validate()`); checks that span sections live in
+`Config.validate`, and the ones that need the world size in `validate_layout`. All of them run
+before any process group exists, so a bad recipe fails in milliseconds on rank 0's terminal
+instead of as a shape mismatch deep inside megatron-core.
+
+Nothing here imports torch or megatron: the config must load instantly (for `--help`, tests,
+and launch scripts). The Transformer Engine probe for FP8 is imported lazily.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+
+class ConfigError(ValueError):
+    """A recipe, override or layout the trainer cannot run; the message says which key and why."""
+
+
+def _f(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+def _section(cls: type, help: str) -> Any:
+    return field(default_factory=cls, metadata={"help": help})
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _at_least(obj: Any, prefix: str, names: tuple[str, ...], minimum: int) -> None:
+    """Each named field (when set) must be >= minimum; None means 'not decided yet' and passes."""
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None:
+            _require(value >= minimum, f"{prefix}.{name}={value!r} must be >= {minimum}")
+
+
+@dataclass
+class RunConfig:
+    name: str = _f("tulip", "run name; run folder = output_dir/name")
+    output_dir: str = _f("runs", "parent folder of run folders")
+    seed: int = _f(1234, "random seed (offset per rank where ranks must differ)")
+    log_interval: int = _f(1, "steps between metric lines")
+    max_wall_time_minutes: Optional[float] = _f(None, "stop cleanly (and checkpoint) after this long")
+
+    def validate(self) -> None:
+        _require(bool(self.name.strip()), "run.name must not be empty")
+        _require(bool(self.output_dir.strip()), "run.output_dir must not be empty")
+        _require(self.seed >= 0, f"run.seed={self.seed} must be >= 0 (numpy seeds are unsigned)")
+        _at_least(self, "run", ("log_interval",), 1)
+        m = self.max_wall_time_minutes
+        _require(m is None or m > 0, f"run.max_wall_time_minutes={m} must be > 0 or null")
+
+
+def _validate_tower(tower: Any, prefix: str) -> None:
+    """Checks shared by both towers; fields still None (not yet resolved) are skipped."""
+    _at_least(tower, prefix, ("num_layers", "hidden_size", "num_heads", "ffn_hidden_size"), 1)
+    h, n = tower.hidden_size, tower.num_heads
+    if h is not None and n is not None:
+        _require(h % n == 0, f"{prefix}.hidden_size={h} is not divisible by {prefix}.num_heads={n}: "
+                             "each head needs a whole number of channels")
+
+
+@dataclass
+class VisionConfig:
+    image_size: Optional[int] = _f(None, "input resolution in pixels (square); null = from model.size")
+    patch_size: Optional[int] = _f(None, "patch side in pixels; null = from model.size")
+    num_layers: Optional[int] = _f(None, "transformer layers; null = from model.size")
+    hidden_size: Optional[int] = _f(None, "model width; null = from model.size")
+    num_heads: Optional[int] = _f(None, "attention heads; null = from model.size")
+    ffn_hidden_size: Optional[int] = _f(None, "MLP inner width; null = from model.size")
+
+    def validate(self) -> None:
+        _at_least(self, "model.vision", ("image_size", "patch_size"), 1)
+        _validate_tower(self, "model.vision")
+        i, p = self.image_size, self.patch_size
+        if i is not None and p is not None:
+            _require(i % p == 0, f"model.vision.image_size={i} is not divisible by "
+                                 f"model.vision.patch_size={p}: the image must tile into whole patches")
+
+    @property
+    def seq_length(self) -> int:
+        """Tokens per image, one per patch (the sequence length the vision tower runs at)."""
+        return (self.image_size // self.patch_size) ** 2
+
+
+@dataclass
+class TextConfig:
+    vocab_size: Optional[int] = _f(None, "tokenizer vocabulary size; null = from model.size")
+    context_length: Optional[int] = _f(None, "tokens per caption (pad/truncate); null = from model.size")
+    num_layers: Optional[int] = _f(None, "transformer layers; null = from model.size")
+    hidden_size: Optional[int] = _f(None, "model width; null = from model.size")
+    num_heads: Optional[int] = _f(None, "attention heads; null = from model.size")
+    ffn_hidden_size: Optional[int] = _f(None, "MLP inner width; null = from model.size")
+
+    def validate(self) -> None:
+        _at_least(self, "model.text", ("vocab_size", "context_length"), 1)
+        _validate_tower(self, "model.text")
+
+
+@dataclass
+class ModelConfig:
+    size: str = _f("debug", "a name in the size table (tulip_mega/config/sizes.py)")
+    vision: VisionConfig = _section(VisionConfig, "image tower; unset fields come from the size table")
+    text: TextConfig = _section(TextConfig, "text tower; unset fields come from the size table")
+    temperature_init: float = _f(10.0, "exp(t) at init (SigLIP: t = log 10)")
+    bias_init: float = _f(-10.0, "sigmoid-loss bias b at init")
+    layernorm_eps: float = _f(1e-6, "epsilon of every LayerNorm")
+    init_std: float = _f(0.02, "std of the normal weight init")
+
+    def validate(self) -> None:
+        self.vision.validate()
+        self.text.validate()
+        for name in ("temperature_init", "layernorm_eps", "init_std"):
+            value = getattr(self, name)
+            _require(value > 0, f"model.{name}={value} must be > 0")
+
+
+@dataclass
+class ParallelConfig:
+    tensor_parallel: int = _f(1, "tensor-parallel size (splits heads/MLP across ranks)")
+    pipeline_parallel: int = _f(1, "pipeline-parallel size (splits layers into stages)")
+    sequence_parallel: bool = _f(False, "shard LayerNorm/dropout activations along the sequence (needs TP > 1)")
+    distributed_optimizer: bool = _f(False, "ZeRO-1 via megatron DistributedOptimizer")
+    overlap_grad_reduce: bool = _f(False, "overlap the data-parallel gradient all-reduce with backward")
+
+    def validate(self) -> None:
+        _at_least(self, "parallel", ("tensor_parallel", "pipeline_parallel"), 1)
+        _require(not self.sequence_parallel or self.tensor_parallel > 1,
+                 "parallel.sequence_parallel=true needs parallel.tensor_parallel > 1 "
+                 f"(got {self.tensor_parallel}): it shards activations across the TP group")
+
+
+@dataclass
+class PrecisionConfig:
+    dtype: Literal["auto", "fp32", "bf16"] = _f("auto", "auto = bf16 on GPU, fp32 on CPU")
+    fp8: Optional[Literal["e4m3", "hybrid"]] = _f(None, "FP8 GEMMs via Transformer Engine; null = off")
+    fp8_recipe: Literal["delayed", "tensorwise"] = _f("delayed", "FP8 scaling recipe")
+    fp8_amax_history_len: int = _f(1024, "amax history window of delayed scaling")
+    fp8_amax_compute_algo: Literal["max", "most_recent"] = _f("max", "how the scale is picked from the history")
+
+    def validate(self) -> None:
+        _at_least(self, "precision", ("fp8_amax_history_len",), 1)
+        if self.fp8 is not None:
+            # Imported here, not at the top: the TE probe pulls in torch and megatron.
+            specs = importlib.import_module("tulip_mega.models.specs")
+            _require(specs.transformer_engine_available(),
+                     f"precision.fp8={self.fp8!r} needs Transformer Engine, which does not import on "
+                     "this machine; set precision.fp8=null or install tulip-mega[gpu] on a GPU machine")
+
+
+@dataclass
+class RecomputeConfig:
+    granularity: Optional[Literal["selective", "full"]] = _f(None, "activation recompute; null = off")
+    method: Literal["uniform", "block"] = _f("uniform", "full recompute: uniform chunks or the first N layers")
+    num_layers: int = _f(1, "full recompute: layers per chunk (uniform) or per stage (block)")
+
+    def validate(self) -> None:
+        _at_least(self, "recompute", ("num_layers",), 1)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = _f(1e-3, "peak learning rate (after warmup)")
+    min_lr: float = _f(0.0, "LR floor reached at the end of the decay")
+    weight_decay: float = _f(1e-4, "AdamW decoupled weight decay")
+    betas: tuple[float, float] = _f((0.9, 0.95), "AdamW (beta1, beta2)")
+    eps: float = _f(1e-8, "AdamW epsilon")
+    clip_grad: float = _f(1.0, "global grad-norm clip; 0 disables")
+    warmup_steps: int = _f(0, "linear warmup steps (must be <= train.steps)")
+
+    def validate(self) -> None:
+        _require(self.lr > 0, f"optim.lr={self.lr} must be > 0")
+        _require(0 <= self.min_lr <= self.lr, f"optim.min_lr={self.min_lr} must be in [0, optim.lr={self.lr}]")
+        _require(self.weight_decay >= 0, f"optim.weight_decay={self.weight_decay} must be >= 0")
+        _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+                 f"optim.betas={list(self.betas)} must be two numbers in [0, 1)")
+        _require(self.eps > 0, f"optim.eps={self.eps} must be > 0")
+        _require(self.clip_grad >= 0, f"optim.clip_grad={self.clip_grad} must be >= 0 (0 disables)")
+        _at_least(self, "optim", ("warmup_steps",), 0)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = _f(100, "optimizer steps to run")
+    global_batch_size: int = _f(32, "image-text pairs per step, all ranks together")
+    micro_batch_size: int = _f(8, "pairs per forward/backward on one data-parallel rank")
+
+    def validate(self) -> None:
+        _at_least(self, "train", ("steps", "global_batch_size", "micro_batch_size"), 1)
+        g, m = self.global_batch_size, self.micro_batch_size
+        _require(m <= g, f"train.micro_batch_size={m} must be <= train.global_batch_size={g}")
+        _require(g % m == 0, f"train.global_batch_size={g} is not divisible by train.micro_batch_size={m}")
+
+
+@dataclass
+class DataConfig:
+    train_shards: str = _f("data/shapes/train-{000000..000007}.tar",
+                           "webdataset shards: brace range, glob or directory")
+    val_shards: Optional[str] = _f(None, "validation shards (same forms); null = no validation")
+    tokenizer: str = _f("data/shapes/tokenizer.model", "SentencePiece model file")
+    shuffle_buffer: int = _f(256, "samples held in the shuffle buffer; 0 = no shuffle")
+    num_workers: int = _f(0, "DataLoader worker processes per rank")
+
+    def validate(self) -> None:
+        _require(bool(self.train_shards.strip()), "data.train_shards must not be empty")
+        _require(bool(self.tokenizer.strip()), "data.tokenizer must not be empty")
+        _at_least(self, "data", ("shuffle_buffer", "num_workers"), 0)
+
+
+@dataclass
+class LossConfig:
+    sigmoid_impl: Literal["ring", "gather"] = _f("ring", "sigmoid loss across DP: ring send/recv or all-gather")
+
+    def validate(self) -> None:
+        pass  # the Literal type is the whole constraint; checked when loading
+
+
+@dataclass
+class CheckpointConfig:
+    dir: Optional[str] = _f(None, "checkpoint folder; null = <run folder>/checkpoints")
+    interval: int = _f(0, "steps between saves; 0 = only at the end")
+    keep_last: int = _f(2, "complete checkpoints kept; older ones are deleted")
+    resume: bool = _f(False, "continue from the newest complete checkpoint in dir")
+    load: Optional[str] = _f(None, "start from this checkpoint (weights+state) instead")
+
+    def validate(self) -> None:
+        _at_least(self, "checkpoint", ("interval",), 0)
+        _at_least(self, "checkpoint", ("keep_last",), 1)
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = _f(True, "write TensorBoard event files into the run folder")
+
+    def validate(self) -> None:
+        pass
+
+
+@dataclass
+class Config:
+    run: RunConfig = _section(RunConfig, "run identity, seed, logging cadence, wall-time limit")
+    model: ModelConfig = _section(ModelConfig, "model size and tower shapes")
+    parallel: ParallelConfig = _section(ParallelConfig, "tensor/pipeline parallel layout")
+    precision: PrecisionConfig = _section(PrecisionConfig, "compute dtype and FP8")
+    recompute: RecomputeConfig = _section(RecomputeConfig, "activation recomputation")
+    optim: OptimConfig = _section(OptimConfig, "AdamW and the LR schedule")
+    train: TrainConfig = _section(TrainConfig, "steps and batch sizes")
+    data: DataConfig = _section(DataConfig, "shards and tokenizer")
+    loss: LossConfig = _section(LossConfig, "contrastive loss implementation")
+    checkpoint: CheckpointConfig = _section(CheckpointConfig, "saving, resuming, loading")
+    logging: LoggingConfig = _section(LoggingConfig, "metric sinks")
+
+    def validate(self) -> None:
+        """Every check that does not need the world size; the model must be resolved first."""
+        for name in self.__dataclass_fields__:
+            getattr(self, name).validate()
+        v, t, par = self.model.vision, self.model.text, self.parallel
+        for prefix, tower in (("model.vision", v), ("model.text", t)):
+            for key, value in vars(tower).items():
+                _require(value is not None, f"{prefix}.{key} is unset; call resolve(cfg) before validate()")
+        _require(self.optim.warmup_steps <= self.train.steps,
+                 f"optim.warmup_steps={self.optim.warmup_steps} must be <= train.steps={self.train.steps}")
+
+        tp, pp = par.tensor_parallel, par.pipeline_parallel
+        split = [("model.vision.num_heads", v.num_heads, "each TP rank must hold whole attention heads"),
+                 ("model.text.num_heads", t.num_heads, "each TP rank must hold whole attention heads"),
+                 ("model.vision.ffn_hidden_size", v.ffn_hidden_size, "the MLP is split column-wise across TP"),
+                 ("model.text.ffn_hidden_size", t.ffn_hidden_size, "the MLP is split column-wise across TP"),
+                 ("model.text.vocab_size", t.vocab_size, "the embedding is split by vocabulary rows across TP")]
+        if par.sequence_parallel:
+            why = "sequence parallelism splits the tokens evenly across TP"
+            split += [("the vision sequence (model.vision.image_size/patch_size)^2", v.seq_length, why),
+                      ("model.text.context_length", t.context_length, why)]
+        for key, value, why in split:
+            _require(value % tp == 0, f"{key}={value} is not divisible by parallel.tensor_parallel={tp}: {why}")
+        for key, layers in (("model.vision.num_layers", v.num_layers), ("model.text.num_layers", t.num_layers)):
+            _require(layers % pp == 0, f"{key}={layers} is not divisible by parallel.pipeline_parallel={pp}: "
+                                       "every pipeline stage must get the same number of layers")
+            if self.recompute.granularity == "full":
+                per_stage = layers // pp
+                _require(self.recompute.num_layers <= per_stage,
+                         f"recompute.num_layers={self.recompute.num_layers} exceeds the {per_stage} layers per "
+                         f"pipeline stage of {key.rsplit('.', 1)[0]} ({layers} layers / {pp} stages)")
+
+
+def data_parallel_size(cfg: Config, world_size: int) -> int:
+    """world / (TP x PP): how many model replicas share each step's global batch."""
+    tp, pp = cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel
+    _require(isinstance(world_size, int) and world_size >= 1, f"world size must be an int >= 1, got {world_size!r}")
+    _require(world_size % (tp * pp) == 0,
+             f"world size {world_size} is not divisible by parallel.tensor_parallel={tp} x "
+             f"parallel.pipeline_parallel={pp} (= {tp * pp}): every rank must belong to one TP x PP model replica")
+    return world_size // (tp * pp)
+
+
+def validate_layout(cfg: Config, world_size: int) -> int:
+    """Checks that need the number of processes; returns the data-parallel size.
+
+    Called by the trainer with WORLD_SIZE from the environment before any process group is
+    created, so a mismatched launch fails with numbers instead of a collective hang.
+    """
+    dp = data_parallel_size(cfg, world_size)
+    g, m = cfg.train.global_batch_size, cfg.train.micro_batch_size
+    _require(g % (m * dp) == 0,
+             f"train.global_batch_size={g} is not divisible by train.micro_batch_size={m} x "
+             f"data-parallel size {dp} (= {m * dp}; world {world_size} / (TP {cfg.parallel.tensor_parallel} x "
+             f"PP {cfg.parallel.pipeline_parallel})): each rank must run a whole number of micro-batches per step")
+    return dp
