@@ -1,0 +1,39 @@
+"""Build this rank's pipeline stage of the model from a resolved recipe."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from megatron.core import parallel_state
+
+from tulip_mega.models.init import initialize_parameters
+from tulip_mega.models.megatron_config import tower_config
+from tulip_mega.models.tulip import TulipModel
+from tulip_mega.parallel.init import device
+
+
+def build_model(cfg, use_te: Optional[bool] = None) -> TulipModel:
+    """The TulipModel stage for this pipeline rank, initialised layout-invariantly, on device.
+
+    Needs megatron's parallel state initialised (tulip_mega.parallel.init.init_parallel).
+    """
+    vision_config = tower_config(cfg, "vision")
+    text_config = tower_config(cfg, "text")
+    model = TulipModel(
+        vision_config,
+        text_config,
+        cfg.model,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        use_te=use_te,
+    )
+    model.to(device=device(), dtype=vision_config.params_dtype)
+    initialize_parameters(
+        model,
+        seed=cfg.run.seed,
+        std=cfg.model.init_std,
+        num_layers={"vision_block": cfg.model.vision.num_layers, "text_block": cfg.model.text.num_layers},
+    )
+    model.logit_scale.data.fill_(torch.tensor(cfg.model.temperature_init).log().item()) if model.post_process else None
+    return model

@@ -1,0 +1,82 @@
+"""Layout-invariant parameter initialisation.
+
+Every parameter is drawn as its *full, unsharded* tensor from a generator seeded by the run
+seed and the parameter's global checkpoint key (plus its global layer index), and each rank
+keeps only its own slice. The layout comes from megatron's `sharded_state_dict()`, which
+knows each local tensor's global shape and offset under any TP/PP. So a TP=2 x PP=2 model
+starts from exactly the weights of the TP=1 x PP=1 model with the same seed: runs are
+reproducible across layouts, and layout-equivalence tests need no weight copying.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from typing import Iterable
+
+import torch
+from megatron.core.dist_checkpointing.mapping import ShardedTensor
+from megatron.core.dist_checkpointing.utils import extract_sharded_tensors
+
+# Output projections of residual branches get a std scaled by 1/sqrt(2 * num_layers) (GPT-2).
+_RESIDUAL_OUTPUTS = ("linear_proj.weight", "linear_fc2.weight")
+# Keys the model initialises itself from recipe constants (logit scale/bias).
+_SKIP = ("logit_scale", "logit_bias")
+
+
+def _generator(seed: int, key: str, layer_index: tuple[int, ...]) -> torch.Generator:
+    tag = f"{seed}|{key}|{','.join(map(str, layer_index))}".encode()
+    return torch.Generator().manual_seed(zlib.crc32(tag) + (seed << 32))
+
+
+def _full_init(key: str, shape: tuple[int, ...], gen: torch.Generator, std: float, num_layers: int) -> torch.Tensor:
+    if key.endswith("bias") or key.endswith("_bias"):
+        return torch.zeros(shape)
+    if len(shape) == 1 and key.endswith("weight"):
+        return torch.ones(shape)  # LayerNorm gains (the only 1-D weights in the model)
+    if key.endswith(_RESIDUAL_OUTPUTS):
+        std = std / math.sqrt(2.0 * max(num_layers, 1))
+    return torch.randn(shape, generator=gen) * std
+
+
+def initialize_parameters(model: torch.nn.Module, seed: int, std: float, num_layers: dict[str, int]) -> int:
+    """Fill every parameter of `model` (one pipeline stage) layout-invariantly.
+
+    `num_layers` maps a key prefix ('vision_block', 'text_block') to that tower's total layer
+    count (for the residual-output scaling). Returns the number of tensors initialised and
+    raises if a parameter was not reached (a new module whose state the sharded state dict
+    misses would otherwise silently keep uninitialised memory).
+    """
+    sharded = extract_sharded_tensors(model.sharded_state_dict())[0]
+    done: set[int] = set()
+    count = 0
+    with torch.no_grad():
+        for sh in _iter_sharded(sharded):
+            if sh.key.endswith(_SKIP):
+                done.add(sh.data.data_ptr())
+                continue
+            p = sh.prepend_axis_num
+            layer_index = tuple(sh.global_offset[:p])
+            full_shape = tuple(sh.global_shape[p:])
+            offsets = sh.global_offset[p:]
+            tower_layers = next((n for pre, n in num_layers.items() if pre in sh.key), 1)
+            full = _full_init(sh.key, full_shape, _generator(seed, sh.key, layer_index), std, tower_layers)
+            local = full[tuple(slice(o, o + n) for o, n in zip(offsets, sh.local_shape))]
+            sh.data.copy_(local.reshape(sh.data.shape))
+            done.add(sh.data.data_ptr())
+            count += 1
+    missing = [n for n, prm in model.named_parameters() if prm.data_ptr() not in done]
+    if missing:
+        raise RuntimeError(f"parameters not covered by the sharded state dict, left uninitialised: {missing}")
+    return count
+
+
+def _iter_sharded(tree) -> Iterable[ShardedTensor]:
+    if isinstance(tree, ShardedTensor):
+        yield tree
+    elif isinstance(tree, dict):
+        for v in tree.values():
+            yield from _iter_sharded(v)
+    elif isinstance(tree, (list, tuple)):
+        for v in tree:
+            yield from _iter_sharded(v)

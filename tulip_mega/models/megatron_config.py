@@ -1,0 +1,93 @@
+"""Map a recipe (tulip_mega.config.Config) onto megatron-core TransformerConfigs, one per tower.
+
+Parallel sizes, precision (bf16/fp32, FP8 via Transformer Engine), activation recompute and
+sequence parallel all reach the towers through these configs: the tower code never reads the
+recipe for them. The SigLIP architecture choices (pre-norm LayerNorm, biases everywhere,
+tanh-GELU MLP, no dropout) are fixed here so an export to Hugging Face `SiglipModel` is exact.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from tulip_mega.parallel.init import use_cuda
+
+Tower = Literal["vision", "text"]
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """SigLIP's MLP activation (gelu_pytorch_tanh in Hugging Face)."""
+    return F.gelu(x, approximate="tanh")
+
+
+def params_dtype(cfg) -> torch.dtype:
+    """Compute dtype: 'auto' is bf16 on a GPU and fp32 on a CPU."""
+    dtype = cfg.precision.dtype
+    if dtype == "auto":
+        dtype = "bf16" if use_cuda() else "fp32"
+    return torch.bfloat16 if dtype == "bf16" else torch.float32
+
+
+def tower_config(cfg, tower: Tower) -> TransformerConfig:
+    """The TransformerConfig of one tower (sizes from the resolved recipe)."""
+    t = cfg.model.vision if tower == "vision" else cfg.model.text
+    dtype = params_dtype(cfg)
+    cuda = use_cuda()
+    rc = cfg.recompute
+    fp8 = {}
+    if cfg.precision.fp8 is not None:
+        fp8 = dict(
+            fp8=cfg.precision.fp8,
+            fp8_recipe=cfg.precision.fp8_recipe,
+            fp8_amax_history_len=cfg.precision.fp8_amax_history_len,
+            fp8_amax_compute_algo=cfg.precision.fp8_amax_compute_algo,
+        )
+    return TransformerConfig(
+        num_layers=t.num_layers,
+        hidden_size=t.hidden_size,
+        num_attention_heads=t.num_heads,
+        ffn_hidden_size=t.ffn_hidden_size,
+        kv_channels=t.hidden_size // t.num_heads,
+        # Parallelism
+        tensor_model_parallel_size=cfg.parallel.tensor_parallel,
+        pipeline_model_parallel_size=cfg.parallel.pipeline_parallel,
+        sequence_parallel=cfg.parallel.sequence_parallel,
+        pipeline_dtype=dtype,
+        # On a CPU, megatron's batched p2p would call torch.cuda.synchronize().
+        batch_p2p_sync=cuda,
+        # Precision
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        autocast_dtype=dtype,
+        **fp8,
+        # SigLIP architecture
+        normalization="LayerNorm",
+        layernorm_epsilon=cfg.model.layernorm_eps,
+        add_bias_linear=True,
+        add_qkv_bias=True,
+        gated_linear_unit=False,
+        activation_func=gelu_tanh,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        apply_query_key_layer_scaling=False,
+        attention_softmax_in_fp32=True,
+        # Fusions are GPU kernels; the unfused paths compute the same thing.
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        bias_dropout_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        # Initialisation is done layout-invariantly afterwards (tulip_mega.models.init).
+        use_cpu_initialization=not cuda,
+        perform_initialization=False,
+        init_method_std=cfg.model.init_std,
+        # Activation recompute
+        recompute_granularity=rc.granularity,
+        recompute_method=rc.method if rc.granularity == "full" else None,
+        recompute_num_layers=rc.num_layers if rc.granularity == "full" else None,
+    )
+
