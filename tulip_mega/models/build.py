@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 from megatron.core import parallel_state
 
 from tulip_mega.models.init import initialize_parameters
@@ -35,5 +34,4 @@ def build_model(cfg, use_te: Optional[bool] = None) -> TulipModel:
         std=cfg.model.init_std,
         num_layers={"vision_block": cfg.model.vision.num_layers, "text_block": cfg.model.text.num_layers},
     )
-    model.logit_scale.data.fill_(torch.tensor(cfg.model.temperature_init).log().item()) if model.post_process else None
     return model

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
 from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+from megatron.core.transformer.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -44,6 +45,8 @@ class TulipModel(MegatronModule):
     ) -> None:
         # The vision config doubles as the model's config for megatron's schedules/DDP.
         super().__init__(config=vision_config)
+        self.model_type = ModelType.encoder_or_decoder  # one pipeline of stages (both towers per stage)
+        self.share_embeddings_and_output_weights = False  # no tied input/output embedding to sync across PP
         v, t = model_cfg.vision, model_cfg.text
         self.pre_process = pre_process
         self.post_process = post_process

@@ -8,6 +8,7 @@ and a hang is turned into an error after `timeout` seconds instead of blocking C
 
 from __future__ import annotations
 
+import io
 import os
 import socket
 import sys
@@ -40,7 +41,11 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, qu
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
         result = fn(*args)
-        queue.put((rank, "ok", result))
+        # Serialise with torch.save: tensors sent through the queue as shared memory would
+        # vanish with this process before the parent reads them.
+        buf = io.BytesIO()
+        torch.save(result, buf)
+        queue.put((rank, "ok", buf.getvalue()))
     except BaseException:  # noqa: BLE001 - report every failure to the parent
         queue.put((rank, "error", traceback.format_exc()))
     finally:
@@ -81,7 +86,10 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout
             time.sleep(0.05)
             continue
         rank, status, payload = queue.get()
-        (results if status == "ok" else errors)[rank] = payload
+        if status == "ok":
+            results[rank] = torch.load(io.BytesIO(payload), weights_only=False)
+        else:
+            errors[rank] = payload
     for p in procs:
         p.join(timeout=5)
         if p.is_alive():

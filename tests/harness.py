@@ -1,0 +1,128 @@
+"""Helpers for multi-process tests: deterministic batches, one training step under any layout,
+and reassembly of full (unsharded) gradients/weights from every rank's shards.
+
+Worker functions are module-level so `run_distributed` can pickle them into spawned ranks.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+
+from dataloaders.base import Batch
+from tulip_mega.config import load_config
+from tulip_mega.config.schema import Config
+
+DEBUG = [
+    "model.size=debug",
+    "model.vision.image_size=32",
+    "model.vision.patch_size=8",
+    "train.steps=4",
+    "optim.warmup_steps=0",
+    "optim.lr=1e-3",
+]
+
+
+def make_cfg(overrides: Sequence[str]) -> Config:
+    return load_config(None, DEBUG + list(overrides))
+
+
+def global_batches(cfg: Config, steps: int, seed: int = 0) -> list[Batch]:
+    """`steps` global batches of random images and token ids (the same on every rank)."""
+    g = torch.Generator().manual_seed(seed)
+    n, size = cfg.train.global_batch_size, cfg.model.vision.image_size
+    out = []
+    for _ in range(steps):
+        images = torch.randn(n, 3, size, size, generator=g)
+        tokens = torch.randint(3, 200, (n, cfg.model.text.context_length), generator=g)
+        out.append(Batch(images=images, tokens=tokens, keys=[str(i) for i in range(n)]))
+    return out
+
+
+def rank_microbatches(cfg: Config, batches: list[Batch], dp_rank: int, dp_size: int):
+    """This DP rank's micro-batches, in megatron's order: rank r owns rows [r*B/dp, (r+1)*B/dp)."""
+    per_rank = cfg.train.global_batch_size // dp_size
+    mb = cfg.train.micro_batch_size
+    for b in batches:
+        lo = dp_rank * per_rank
+        for m in range(lo, lo + per_rank, mb):
+            yield Batch(images=b.images[m : m + mb], tokens=b.tokens[m : m + mb], keys=b.keys[m : m + mb])
+
+
+def _shard_entries(model, attr: str) -> list[tuple]:
+    """(key, layer_index, offsets, local tensor) for every parameter's value or main_grad."""
+    from megatron.core.dist_checkpointing.utils import extract_sharded_tensors
+
+    from tulip_mega.models.init import _iter_sharded
+
+    params = {p.data_ptr(): p for p in model.parameters()}
+    out = []
+    for sh in _iter_sharded(extract_sharded_tensors(model.sharded_state_dict())[0]):
+        p = params.get(sh.data.data_ptr())
+        if p is None:
+            continue
+        k = sh.prepend_axis_num
+        value = p.data if attr == "data" else p.main_grad
+        out.append((sh.key, tuple(sh.global_offset[:k]), tuple(sh.global_offset[k:]),
+                    tuple(sh.global_shape[k:]), value.detach().clone().float().reshape(sh.local_shape)))
+    return out
+
+
+def assemble(per_rank_entries: list[list[tuple]]) -> dict[str, torch.Tensor]:
+    """Full tensors keyed 'key[layer]' from the shards reported by all ranks."""
+    full: dict[str, torch.Tensor] = {}
+    for entries in per_rank_entries:
+        for key, layer, offsets, shape, local in entries:
+            name = f"{key}{list(layer) if layer else ''}"
+            t = full.setdefault(name, torch.full(shape, float("nan")))
+            t[tuple(slice(o, o + n) for o, n in zip(offsets, local.shape))] = local
+    for name, t in full.items():
+        assert not torch.isnan(t).any(), f"{name} not fully covered by the shards"
+    return full
+
+
+def step_worker(overrides: Sequence[str], steps: int = 1, optimizer_steps: bool = False) -> dict:
+    """Run `steps` training steps; report losses, and full-gradient shards of the last step
+    (or, with optimizer_steps, the weights after the last step)."""
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    from megatron.core import parallel_state
+
+    from tulip_mega.models.build import build_model
+    from tulip_mega.parallel.init import init_parallel
+    from tulip_mega.training.step import TrainStep, make_optimizer, make_scheduler, wrap_ddp
+
+    cfg = make_cfg(overrides)
+    init_parallel(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel, cfg.run.seed)
+    dp_size = parallel_state.get_data_parallel_world_size()
+    model = wrap_ddp(build_model(cfg), cfg)
+    optimizer = make_optimizer(cfg, model)
+    scheduler = make_scheduler(cfg, optimizer)
+    num_micro = cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp_size)
+    step = TrainStep(cfg, model, optimizer, scheduler, num_micro)
+    it = rank_microbatches(cfg, global_batches(cfg, steps), parallel_state.get_data_parallel_rank(), dp_size)
+    losses = []
+    for i in range(steps):
+        if optimizer_steps or i < steps - 1:
+            losses.append(step(it)["loss"])
+        else:
+            # Last step: forward+backward only, so the gradients are still there to compare.
+            model.zero_grad_buffer()
+            optimizer.zero_grad()
+            kwargs = {"adjust_tensor_shapes_fn": step._shapes} if step.pp > 1 else {}
+            reports = step.forward_backward(
+                forward_step_func=step._forward_step, data_iterator=it, model=[model],
+                num_microbatches=num_micro, seq_length=step.packed_shape[0],
+                micro_batch_size=cfg.train.micro_batch_size, **kwargs,
+            )
+            from tulip_mega.training.step import reduce_reports
+
+            losses.append(reduce_reports(reports)["loss"])
+    return {
+        "rank": dist.get_rank(),
+        "losses": losses,
+        "entries": _shard_entries(model.module, "data" if optimizer_steps else "grad"),
+    }

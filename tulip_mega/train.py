@@ -1,0 +1,53 @@
+"""`torchrun --nproc_per_node N -m tulip_mega.train RECIPE [key=value ...] [--resume]`.
+
+Also runs under a plain `srun` (rank/world from SLURM's environment) and as a single process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from typing import Optional, Sequence
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="tulip-mega train",
+        description="Train a TULIP / SigLIP model from a YAML recipe with key=value overrides.",
+        epilog="List every recipe key with: tulip-mega config --keys",
+    )
+    p.add_argument("recipe", help="recipe YAML, e.g. recipes/tiny_cpu.yaml")
+    p.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. train.steps=50")
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    from tulip_mega.config import ConfigError, load_config
+
+    overrides = list(args.overrides) + (["checkpoint.resume=true"] if args.resume else [])
+    try:
+        cfg = load_config(args.recipe, overrides)
+        from tulip_mega.parallel.init import launch_env
+
+        from tulip_mega.config import validate_layout
+
+        validate_layout(cfg, launch_env().world_size)
+    except ConfigError as e:
+        print(f"tulip-mega: config error: {e}", file=sys.stderr)
+        return 2
+    # megatron-core warns at import that TE/apex are missing; on a CPU that is expected.
+    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex) (and Apex )?(are|is) not installed.*")
+    from tulip_mega.training.loop import train
+
+    train(cfg)
+    from tulip_mega.parallel.init import destroy_parallel
+
+    destroy_parallel()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

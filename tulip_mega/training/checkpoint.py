@@ -1,0 +1,194 @@
+"""Checkpoints with megatron `dist_checkpointing` (torch_dist format), saved atomically.
+
+Layout of a checkpoint root:
+
+    root/
+      step_0000100/        complete checkpoints (dist_checkpointing directories)
+      step_0000200/
+      step_0000300.partial a save in progress (or one interrupted by a crash: ignored)
+      latest               text file naming the newest complete checkpoint
+
+A save writes into `<name>.partial`, and only after every rank finished does rank 0 rename
+it and then replace `latest` (write + os.replace), so an interruption at any point leaves the
+previous checkpoint usable. A checkpoint holds model, optimizer, LR scheduler, step, the RNG
+states of every rank and each data-parallel rank's loader position; the resolved model
+config is stored beside them so loading a checkpoint of another model shape fails with a
+message naming the differing keys instead of a tensor-shape error.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+log = logging.getLogger(__name__)
+
+LATEST = "latest"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be loaded into this run; the message says why."""
+
+
+def _rank0() -> bool:
+    return dist.get_rank() == 0
+
+
+def _step_dir_name(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def read_latest(root: Path) -> Optional[Path]:
+    """The newest complete checkpoint under `root`, or None when there is none yet."""
+    marker = Path(root) / LATEST
+    if not marker.is_file():
+        return None
+    path = Path(root) / marker.read_text().strip()
+    if not dist_checkpointing.check_is_distributed_checkpoint(str(path)):
+        raise CheckpointError(f"{marker} names {path}, which is not a complete checkpoint")
+    return path
+
+
+def _rng_state() -> dict:
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": get_cuda_rng_tracker().get_states(),
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _layout() -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    ps = parallel_state
+    shape = (
+        ps.get_pipeline_model_parallel_world_size(),
+        ps.get_tensor_model_parallel_world_size(),
+        ps.get_data_parallel_world_size(),
+    )
+    offset = (
+        ps.get_pipeline_model_parallel_rank(),
+        ps.get_tensor_model_parallel_rank(),
+        ps.get_data_parallel_rank(),
+    )
+    return shape, offset
+
+
+def _sharded_state(model, optimizer, scheduler, loader_state: Optional[dict], extra: dict, is_loading: bool) -> dict:
+    model_sd = model.sharded_state_dict()
+    shape, offset = _layout()
+    state: dict[str, Any] = {
+        "model": model_sd,
+        "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=is_loading),
+        "scheduler": scheduler.state_dict(),
+        "rng": ShardedObject("rng_state", _rng_state(), shape, offset, replica_id=0),
+        **extra,
+    }
+    if loader_state is not None:
+        # One loader position per data-parallel rank; TP/PP ranks of that DP rank are replicas.
+        pp, tp, dp = offset
+        state["loader"] = ShardedObject(
+            "loader_state", loader_state, (shape[2],), (dp,), replica_id=(pp, tp)
+        )
+    return state
+
+
+def save_checkpoint(
+    root: Path,
+    step: int,
+    model,
+    optimizer,
+    scheduler,
+    loader_state: Optional[dict],
+    model_config: dict,
+    keep_last: int = 2,
+) -> Path:
+    """Save collectively (every rank calls this); returns the published checkpoint path."""
+    root = Path(root)
+    final = root / _step_dir_name(step)
+    partial = root / (final.name + ".partial")
+    if _rank0():
+        root.mkdir(parents=True, exist_ok=True)
+        if partial.exists():  # left by an interrupted save
+            shutil.rmtree(partial)
+        partial.mkdir()
+    dist.barrier()
+    extra = {"step": step, "model_config": model_config, "layout": list(_layout()[0])}
+    dist_checkpointing.save(_sharded_state(model, optimizer, scheduler, loader_state, extra, False), str(partial))
+    dist.barrier()
+    if _rank0():
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        tmp = root / (LATEST + ".tmp")
+        tmp.write_text(final.name + "\n")
+        os.replace(tmp, root / LATEST)
+        _prune(root, keep_last)
+    dist.barrier()
+    return final
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    done = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".partial"))
+    for old in done[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler, loader_state: Optional[dict], model_config: dict) -> dict:
+    """Load a checkpoint into this run's (possibly differently laid out) model and optimizer.
+
+    Returns {"step": int, "loader": dict | None}. RNG states are restored when the layout is
+    the one that saved them; after a layout change the run's own seeds are kept.
+    """
+    path = Path(path)
+    if not dist_checkpointing.check_is_distributed_checkpoint(str(path)):
+        raise CheckpointError(f"{path} is not a dist_checkpointing checkpoint (no metadata.json)")
+    common = dist_checkpointing.load_common_state_dict(str(path))
+    _check_model_config(path, common.get("model_config", {}), model_config)
+    saved_layout = common.get("layout")
+    shape, _ = _layout()
+    same_layout = saved_layout is None or tuple(saved_layout) == shape
+    state = _sharded_state(model, optimizer, scheduler, loader_state, {}, is_loading=True)
+    if not same_layout:
+        state.pop("rng")
+        if saved_layout[2] != shape[2]:
+            state.pop("loader", None)  # the loader position is per data-parallel rank
+    loaded = dist_checkpointing.load(state, str(path))
+    model.load_state_dict(loaded["model"])
+    optimizer.load_state_dict(loaded["optimizer"])
+    scheduler.load_state_dict(loaded["scheduler"])
+    if "rng" in loaded:
+        _set_rng_state(loaded["rng"])
+    return {"step": int(common["step"]), "loader": loaded.get("loader")}
+
+
+def _check_model_config(path: Path, saved: dict, current: dict) -> None:
+    diffs = _diff(saved, current)
+    if diffs:
+        lines = "\n".join(f"  model.{k}: checkpoint has {a!r}, this run has {b!r}" for k, a, b in diffs)
+        raise CheckpointError(f"checkpoint {path} was saved from a different model shape:\n{lines}")
+
+
+def _diff(a: dict, b: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    out = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _diff(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            out.append((f"{prefix}{k}", va, vb))
+    return out

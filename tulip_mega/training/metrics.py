@@ -1,0 +1,98 @@
+"""Metrics: metrics.jsonl (one JSON object per logged step), TensorBoard, and a progress line.
+
+Only rank 0 writes. Every logged step carries step, loss and each loss term, lr, grad_norm,
+samples_per_sec, logit_scale and logit_bias (plus whatever else the step reports).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Optional
+
+log = logging.getLogger("tulip_mega")
+
+
+def _fmt_duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
+
+
+class MetricsLogger:
+    """Writes metrics on rank 0; a no-op elsewhere."""
+
+    def __init__(self, run_dir: Path, total_steps: int, enabled: bool, tensorboard: bool) -> None:
+        self.enabled = enabled
+        self.total_steps = total_steps
+        self.jsonl_path = Path(run_dir) / "metrics.jsonl"
+        self.tb_dir = Path(run_dir) / "tensorboard"
+        self._jsonl = None
+        self._tb = None
+        self._t_start = time.perf_counter()
+        self._steps_timed = 0
+        if not enabled:
+            return
+        self._jsonl = open(self.jsonl_path, "a", buffering=1)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=str(self.tb_dir))
+
+    def log(self, step: int, metrics: dict[str, float], start_step: int) -> None:
+        """Record one step's metrics (step is 1-based: the number of completed steps)."""
+        if not self.enabled:
+            return
+        record = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
+        self._jsonl.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)):
+                    self._tb.add_scalar(k, v, step)
+        elapsed = time.perf_counter() - self._t_start
+        done = step - start_step
+        eta = elapsed / max(done, 1) * (self.total_steps - step)
+        log.info(
+            "step %d/%d | loss %.4f | lr %.2e | grad_norm %.3f | %.1f samples/s | t %.2f b %.2f | ETA %s",
+            step,
+            self.total_steps,
+            metrics.get("loss", float("nan")),
+            metrics.get("lr", float("nan")),
+            metrics.get("grad_norm", float("nan")),
+            metrics.get("samples_per_sec", float("nan")),
+            metrics.get("logit_scale", float("nan")),
+            metrics.get("logit_bias", float("nan")),
+            _fmt_duration(eta),
+        )
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _jsonable(v):
+    if isinstance(v, float) and v != v:  # NaN is not valid JSON
+        return None
+    return v
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """All records of a metrics.jsonl (used by tests and reports)."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def setup_logging(rank: int, level: Optional[int] = None) -> None:
+    """Rank 0 logs at INFO, other ranks at WARNING, with the rank in the prefix."""
+    level = level if level is not None else (logging.INFO if rank == 0 else logging.WARNING)
+    logging.basicConfig(
+        level=level,
+        format=f"%(asctime)s [rank {rank}] %(message)s",
+        datefmt="%H:%M:%S",
+        force=True,
+    )
