@@ -17,6 +17,7 @@ setup(
         "numpy",
         "pillow",
         "safetensors",
+        "psutil",  # megatron dist_checkpointing writer needs it
     ],
     extras_require={
         # Never needed on CPU. TE needs the CUDA toolkit + cuDNN to build/import.

@@ -30,9 +30,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     overrides = list(args.overrides) + (["checkpoint.resume=true"] if args.resume else [])
     try:
         cfg = load_config(args.recipe, overrides)
-        from tulip_mega.parallel.init import launch_env
-
         from tulip_mega.config import validate_layout
+        from tulip_mega.parallel.init import launch_env
 
         validate_layout(cfg, launch_env().world_size)
     except ConfigError as e:
@@ -40,9 +39,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     # megatron-core warns at import that TE/apex are missing; on a CPU that is expected.
     warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex) (and Apex )?(are|is) not installed.*")
+    from tulip_mega.training.checkpoint import CheckpointError
     from tulip_mega.training.loop import train
 
-    train(cfg)
+    try:
+        train(cfg)
+    except CheckpointError as e:
+        print(f"tulip-mega: checkpoint error: {e}", file=sys.stderr)
+        return 3
     from tulip_mega.parallel.init import destroy_parallel
 
     destroy_parallel()

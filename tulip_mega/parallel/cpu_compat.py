@@ -176,6 +176,25 @@ def _patch_rng(random_mod: types.ModuleType) -> None:
     random_mod._set_cuda_rng_state = lambda new_state, *a, **k: torch.set_rng_state(new_state)
 
 
+def _clip_grad_by_total_norm_cpu(parameters, max_norm, total_norm, use_decoupled_grad: bool = False) -> None:
+    """megatron's clip_grad_by_total_norm_fp32 minus its 'torch.cuda.FloatTensor' assertion."""
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    attr = "decoupled_grad" if use_decoupled_grad else "grad"
+    grads = [getattr(p, attr).detach() for p in parameters if getattr(p, attr, None) is not None]
+    clip_coeff = max_norm / (total_norm + 1.0e-6)
+    if clip_coeff < 1.0:
+        torch._foreach_mul_(grads, clip_coeff)
+
+
+def _patch_grad_clip() -> None:
+    from megatron.core.optimizer import clip_grads, optimizer
+
+    for mod in (clip_grads, optimizer):
+        if hasattr(mod, "clip_grad_by_total_norm_fp32"):
+            mod.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_cpu
+
+
 def apply() -> bool:
     """Patch the loaded megatron-core modules for CPU. Returns True when patches were applied.
 
@@ -199,4 +218,5 @@ def apply() -> bool:
             mod.torch = _PROXY
         if name == "megatron.core.tensor_parallel.random":
             _patch_rng(mod)
+    _patch_grad_clip()
     return True

@@ -88,8 +88,13 @@ def _layout() -> tuple[tuple[int, int, int], tuple[int, int, int]]:
     return shape, offset
 
 
+def _unwrap(model):
+    """The TulipModel inside megatron's DDP wrapper: checkpoint keys carry no 'module.' prefix."""
+    return getattr(model, "module", model)
+
+
 def _sharded_state(model, optimizer, scheduler, loader_state: Optional[dict], extra: dict, is_loading: bool) -> dict:
-    model_sd = model.sharded_state_dict()
+    model_sd = _unwrap(model).sharded_state_dict()
     shape, offset = _layout()
     state: dict[str, Any] = {
         "model": model_sd,
@@ -168,7 +173,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, loader_state: Optio
         if saved_layout[2] != shape[2]:
             state.pop("loader", None)  # the loader position is per data-parallel rank
     loaded = dist_checkpointing.load(state, str(path))
-    model.load_state_dict(loaded["model"])
+    _unwrap(model).load_state_dict(loaded["model"])
     optimizer.load_state_dict(loaded["optimizer"])
     scheduler.load_state_dict(loaded["scheduler"])
     if "rng" in loaded:

@@ -113,6 +113,7 @@ def train(cfg: Config, env: Optional[LaunchEnv] = None) -> dict:
                     loader.state_dict() if loader else None, model_shape(cfg), cfg.checkpoint.keep_last,
                 )
                 log.info("saved checkpoint %s", last_saved)
+                t_last = time.perf_counter()  # samples/s measures training, not saving
             if out_of_time and step < cfg.train.steps:
                 log.warning("run.max_wall_time_minutes reached at step %d: stopped after checkpointing", step)
                 break
