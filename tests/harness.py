@@ -104,6 +104,7 @@ def step_worker(overrides: Sequence[str], steps: int = 1, optimizer_steps: bool 
     num_micro = cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp_size)
     step = TrainStep(cfg, model, optimizer, scheduler, num_micro)
     it = rank_microbatches(cfg, global_batches(cfg, steps), parallel_state.get_data_parallel_rank(), dp_size)
+    probe = _probe_first_vision_layer(model.module)
     losses = []
     for i in range(steps):
         if optimizer_steps or i < steps - 1:
@@ -125,4 +126,24 @@ def step_worker(overrides: Sequence[str], steps: int = 1, optimizer_steps: bool 
         "rank": dist.get_rank(),
         "losses": losses,
         "entries": _shard_entries(model.module, "data" if optimizer_steps else "grad"),
+        "probe": probe,
     }
+
+
+def _probe_first_vision_layer(module) -> dict:
+    """Count forward calls of the first vision layer's MLP and core attention and record the
+    layer's input shape: proves recompute re-runs them and sequence parallel splits the sequence."""
+    layer = module.vision_block.layers[0]
+    probe = {"mlp_calls": 0, "core_attn_calls": 0, "layer_input_shape": None}
+
+    def count(name):
+        def hook(_mod, _inp, _out):
+            probe[name] += 1
+        return hook
+
+    layer.mlp.register_forward_hook(count("mlp_calls"))
+    layer.self_attention.core_attention.register_forward_hook(count("core_attn_calls"))
+    layer.register_forward_pre_hook(
+        lambda _m, args, kwargs: probe.__setitem__("layer_input_shape", tuple(
+            (args[0] if args else kwargs["hidden_states"]).shape)), with_kwargs=True)
+    return probe
