@@ -65,8 +65,9 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
     port = free_port()
+    # Not daemonic: megatron's checkpoint writer starts child processes, which daemons may not.
     procs = [
-        ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue), daemon=True)
+        ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue), daemon=False)
         for r in range(world_size)
     ]
     for p in procs:
