@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Install tulip-mega for CPU use (laptop, CI) into ./.venv.
+#
+# torch==2.13.0 is pinned: pip finds a CPU build of exactly that version (any other pin pulls
+# gigabytes of CUDA wheels). megatron-core 0.16.1 is the newest release that installs on
+# Python 3.11. GPU machines use `pip install -e .[gpu]` in an NVIDIA container instead.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet --upgrade pip
+.venv/bin/python -m pip install --quiet "torch==2.13.0" "megatron-core==0.16.1" -e ".[dev]"
+echo "installed: $(.venv/bin/python -W ignore -c 'import torch, megatron.core as m; print("torch", torch.__version__, "| megatron-core", m.__version__)')"

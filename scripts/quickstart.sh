@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# From a fresh clone: install (CPU), write the synthetic shapes dataset and its tokenizer, and
+# train the tiny recipe with tensor parallel 2 x pipeline parallel 2 on 4 local processes.
+# Extra arguments are recipe overrides, e.g. `bash scripts/quickstart.sh train.steps=50`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install_cpu.sh
+export PATH="$PWD/.venv/bin:$PATH"
+if [ ! -f data/shapes/train-000007.tar ]; then
+  tulip-mega data synth --out data/shapes
+fi
+if [ ! -f data/shapes/tokenizer.model ]; then
+  tulip-mega tokenizer train --data "data/shapes/train-{000000..000007}.tar" --out data/shapes/tokenizer
+fi
+torchrun --nproc_per_node 4 -m tulip_mega.train recipes/tiny_cpu.yaml "$@"
