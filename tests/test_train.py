@@ -119,8 +119,9 @@ def _run_cli(*args: str) -> subprocess.CompletedProcess:
         ("parallel.tensor_parallel=3", "not divisible by parallel.tensor_parallel=3"),
         ("train.global_batch_size=12", "global_batch_size"),
         ("precision.fp8=e4m3", "Transformer Engine"),
+        ("parallel.distributed_optimizer=true", "needs CUDA"),
     ],
-    ids=["unknown-key", "bad-type", "tp-heads", "batch-layout", "fp8-without-te"],
+    ids=["unknown-key", "bad-type", "tp-heads", "batch-layout", "fp8-without-te", "dist-opt-on-cpu"],
 )
 def test_bad_recipe_exits_with_clear_message(override, expected):
     proc = _run_cli(override)

@@ -31,9 +31,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         cfg = load_config(args.recipe, overrides)
         from tulip_mega.config import validate_layout
-        from tulip_mega.parallel.init import launch_env
+        from tulip_mega.parallel.init import check_runtime_support, launch_env
 
         validate_layout(cfg, launch_env().world_size)
+        check_runtime_support(cfg)
     except ConfigError as e:
         print(f"tulip-mega: config error: {e}", file=sys.stderr)
         return 2

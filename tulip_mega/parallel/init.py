@@ -128,3 +128,18 @@ def destroy_parallel() -> None:
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def check_runtime_support(cfg) -> None:
+    """Recipe settings this machine cannot run, refused before any process group exists.
+
+    megatron's DistributedOptimizer only accepts 'torch.cuda.*Tensor' parameters, so ZeRO-1
+    needs CUDA; the CPU path uses the plain (replicated) optimizer instead.
+    """
+    from tulip_mega.config import ConfigError
+
+    if cfg.parallel.distributed_optimizer and not use_cuda():
+        raise ConfigError(
+            "parallel.distributed_optimizer=true needs CUDA (megatron's DistributedOptimizer only "
+            "accepts CUDA parameters); set parallel.distributed_optimizer=false on a CPU machine"
+        )

@@ -19,7 +19,7 @@ from megatron.core import parallel_state
 
 from tulip_mega.config import Config, save_config, validate_layout
 from tulip_mega.models.build import build_model
-from tulip_mega.parallel.init import LaunchEnv, init_parallel, launch_env
+from tulip_mega.parallel.init import LaunchEnv, check_runtime_support, init_parallel, launch_env
 from tulip_mega.training.checkpoint import load_checkpoint, read_latest, save_checkpoint
 from tulip_mega.training.data import build_train_loader
 from tulip_mega.training.metrics import MetricsLogger, setup_logging
@@ -45,6 +45,7 @@ def train(cfg: Config, env: Optional[LaunchEnv] = None) -> dict:
     """Train per the recipe; returns a summary (final metrics, paths) on every rank."""
     env = env or launch_env()
     dp_size = validate_layout(cfg, env.world_size)  # fails before any process group exists
+    check_runtime_support(cfg)
     setup_logging(env.rank)
     init_parallel(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel, cfg.run.seed, env)
     out_dir = run_dir(cfg)
