@@ -40,6 +40,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     # megatron-core warns at import that TE/apex are missing; on a CPU that is expected.
     warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex) (and Apex )?(are|is) not installed.*")
+    # megatron-core 0.16's own TransformerConfig default triggers this deprecation notice.
+    warnings.filterwarnings("ignore", message="full scope is deprecated")
     from tulip_mega.training.checkpoint import CheckpointError
     from tulip_mega.training.loop import train
 

@@ -25,6 +25,7 @@ import importlib
 import logging
 import sys
 import types
+import warnings
 from typing import Any
 
 import torch
@@ -205,6 +206,8 @@ def apply() -> bool:
         return False
     if _PROXY is None:
         _PROXY = _CpuTorch()
+        # CUDA stream advice that means nothing without CUDA.
+        warnings.filterwarnings("ignore", message=".*CUDA_DEVICE_MAX_CONNECTIONS.*")
         log.info("CUDA not available: applying megatron-core CPU compatibility patches")
     for name in _MODULES:
         try:
