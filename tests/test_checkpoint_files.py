@@ -37,3 +37,16 @@ def test_model_shape_diff_names_keys():
     saved = {"vision": {"num_layers": 2, "hidden_size": 64}, "text": {"num_layers": 2}}
     now = {"vision": {"num_layers": 4, "hidden_size": 64}, "text": {"num_layers": 2}}
     assert _diff(saved, now) == [("vision.num_layers", 2, 4)]
+
+
+def test_resumed_run_drops_metrics_logged_after_its_checkpoint(tmp_path):
+    import json
+
+    from tulip_mega.training.metrics import MetricsLogger, read_metrics
+
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 8)))
+    # Checkpoint at step 5, crash after step 7 was logged: steps 6-7 will be redone.
+    logger = MetricsLogger(tmp_path, total_steps=10, enabled=True, tensorboard=False, start_step=5)
+    logger.log(6, {"loss": 0.5}, start_step=5)
+    logger.close()
+    assert [m["step"] for m in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]

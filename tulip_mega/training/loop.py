@@ -14,12 +14,13 @@ import time
 from pathlib import Path
 from typing import Optional
 
+import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
 from tulip_mega.config import Config, save_config, validate_layout
 from tulip_mega.models.build import build_model
-from tulip_mega.parallel.init import LaunchEnv, check_runtime_support, init_parallel, launch_env
+from tulip_mega.parallel.init import LaunchEnv, check_runtime_support, device, init_parallel, launch_env
 from tulip_mega.training.checkpoint import load_checkpoint, read_latest, save_checkpoint
 from tulip_mega.training.data import build_train_loader
 from tulip_mega.training.metrics import MetricsLogger, setup_logging
@@ -89,7 +90,9 @@ def train(cfg: Config, env: Optional[LaunchEnv] = None) -> dict:
             loader.load_state_dict(restored["loader"])
         log.info("resumed from %s at step %d", to_load, start_step)
 
-    metrics_log = MetricsLogger(out_dir, cfg.train.steps, enabled=env.rank == 0, tensorboard=cfg.logging.tensorboard)
+    metrics_log = MetricsLogger(
+        out_dir, cfg.train.steps, enabled=env.rank == 0, tensorboard=cfg.logging.tensorboard, start_step=start_step
+    )
     data_iter = iter(loader) if loader is not None else None
     t0 = time.perf_counter()
     t_last, step_last = t0, start_step
@@ -131,10 +134,6 @@ def train(cfg: Config, env: Optional[LaunchEnv] = None) -> dict:
 
 def _any_rank(flag: bool) -> bool:
     """True on every rank when it is true on any (ranks must agree on when to stop)."""
-    import torch
-
-    from tulip_mega.parallel.init import device
-
     t = torch.tensor([1.0 if flag else 0.0], device=device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())

@@ -25,7 +25,9 @@ def _fmt_duration(seconds: float) -> str:
 class MetricsLogger:
     """Writes metrics on rank 0; a no-op elsewhere."""
 
-    def __init__(self, run_dir: Path, total_steps: int, enabled: bool, tensorboard: bool) -> None:
+    def __init__(
+        self, run_dir: Path, total_steps: int, enabled: bool, tensorboard: bool, start_step: int = 0
+    ) -> None:
         self.enabled = enabled
         self.total_steps = total_steps
         self.jsonl_path = Path(run_dir) / "metrics.jsonl"
@@ -36,6 +38,7 @@ class MetricsLogger:
         self._steps_timed = 0
         if not enabled:
             return
+        _drop_records_after(self.jsonl_path, start_step)
         self._jsonl = open(self.jsonl_path, "a", buffering=1)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -79,6 +82,17 @@ def _jsonable(v):
     if isinstance(v, float) and v != v:  # NaN is not valid JSON
         return None
     return v
+
+
+def _drop_records_after(path: Path, step: int) -> None:
+    """A run resumed from step N re-does the steps after N: drop their old records (written
+    before the interruption) so metrics.jsonl holds each step once."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    tmp.replace(path)
 
 
 def read_metrics(path: Path) -> list[dict]:
