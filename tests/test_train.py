@@ -128,3 +128,47 @@ def test_bad_recipe_exits_with_clear_message(override, expected):
     assert proc.returncode == 2, proc.stderr
     assert "config error" in proc.stderr and expected in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def signalled_train_worker(overrides: list[str], metrics_path: str, after_step: int) -> dict:
+    """Train; rank 1 sends itself SIGUSR1 once rank 0 has logged `after_step`."""
+    import json
+    import os
+    import signal
+    import threading
+    import time
+
+    import torch.distributed as dist
+
+    def send_when_ready() -> None:
+        while True:
+            try:
+                lines = Path(metrics_path).read_text().splitlines()
+                if lines and json.loads(lines[-1])["step"] >= after_step:
+                    break
+            except (FileNotFoundError, ValueError):
+                pass
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    if dist.get_rank() == 1:
+        threading.Thread(target=send_when_ready, daemon=True).start()
+    return train_worker(overrides)
+
+
+@pytest.mark.multiprocess
+def test_signal_checkpoints_stops_and_resume_finishes(shapes_data, tmp_path):
+    args = _overrides(shapes_data, tmp_path, "preempted", "parallel.tensor_parallel=1",
+                      "train.steps=40", "checkpoint.interval=0")
+    metrics_path = str(tmp_path / "preempted" / "metrics.jsonl")
+    first = run_distributed(signalled_train_worker, 2, args, metrics_path, 3)
+    stopped = {r["step"] for r in first}
+    assert len(stopped) == 1, f"ranks stopped at different steps: {stopped}"
+    k = stopped.pop()
+    assert 3 <= k < 40 and not first[0]["finished"]
+    assert (tmp_path / "preempted" / "checkpoints" / "latest").read_text().strip() == f"step_{k:07d}"
+
+    second = run_distributed(train_worker, 2, args + ["checkpoint.resume=true"])
+    assert second[0]["finished"] and second[0]["step"] == 40
+    steps = [m["step"] for m in read_metrics(tmp_path / "preempted" / "metrics.jsonl")]
+    assert steps == list(range(1, 41)), "a step was lost or repeated"

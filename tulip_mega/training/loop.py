@@ -8,6 +8,7 @@ and checkpointing on the way. Uses megatron-core directly (no megatron.training 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -24,6 +25,7 @@ from tulip_mega.parallel.init import LaunchEnv, check_runtime_support, device, i
 from tulip_mega.training.checkpoint import load_checkpoint, read_latest, save_checkpoint
 from tulip_mega.training.data import build_train_loader
 from tulip_mega.training.metrics import MetricsLogger, setup_logging
+from tulip_mega.training.signals import PreemptionSignal
 from tulip_mega.training.step import TrainStep, make_optimizer, make_scheduler, wrap_ddp
 
 log = logging.getLogger("tulip_mega")
@@ -100,7 +102,7 @@ def train(cfg: Config, env: Optional[LaunchEnv] = None) -> dict:
     last_saved = None
     deadline = t0 + 60 * cfg.run.max_wall_time_minutes if cfg.run.max_wall_time_minutes else None
     step = start_step
-    try:
+    with PreemptionSignal() as preempt, contextlib.closing(metrics_log):
         while step < cfg.train.steps:
             metrics = step_fn(data_iter)
             step += 1
@@ -110,26 +112,32 @@ def train(cfg: Config, env: Optional[LaunchEnv] = None) -> dict:
                 t_last, step_last = now, step
                 metrics_log.log(step, metrics, start_step)
             save_now = cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0
-            out_of_time = deadline is not None and _any_rank(time.perf_counter() > deadline)
-            if save_now or out_of_time or step == cfg.train.steps:
+            out_of_time = deadline is not None and time.perf_counter() > deadline
+            must_stop = _any_rank(out_of_time or preempt.received is not None)
+            if save_now or must_stop or step == cfg.train.steps:
                 last_saved = save_checkpoint(
                     ckpt_root, step, model, optimizer, scheduler,
                     loader.state_dict() if loader else None, model_shape(cfg), cfg.checkpoint.keep_last,
                 )
                 log.info("saved checkpoint %s", last_saved)
                 t_last = time.perf_counter()  # samples/s measures training, not saving
-            if out_of_time and step < cfg.train.steps:
-                log.warning("run.max_wall_time_minutes reached at step %d: stopped after checkpointing", step)
+            if must_stop and step < cfg.train.steps:
+                why = "signal" if preempt.received is not None else "wall time" if out_of_time else "another rank"
+                log.warning("stopping at step %d (%s) after checkpointing", step, why)
                 break
-    finally:
-        metrics_log.close()
     log.info("run folder: %s", out_dir.resolve())
     log.info("  metrics:     %s", metrics_log.jsonl_path.resolve())
     if cfg.logging.tensorboard:
         log.info("  tensorboard: %s", metrics_log.tb_dir.resolve())
     if last_saved is not None:
         log.info("  checkpoint:  %s", Path(last_saved).resolve())
-    return {"step": step, "metrics": metrics, "run_dir": str(out_dir), "checkpoint": str(last_saved) if last_saved else None}
+    return {
+        "step": step,
+        "finished": step >= cfg.train.steps,
+        "metrics": metrics,
+        "run_dir": str(out_dir),
+        "checkpoint": str(last_saved) if last_saved else None,
+    }
 
 
 def _any_rank(flag: bool) -> bool:
