@@ -22,7 +22,7 @@ setup(
     extras_require={
         # Never needed on CPU. TE needs the CUDA toolkit + cuDNN to build/import.
         "gpu": ["transformer-engine[pytorch]", "nvidia-dali-cuda120"],
-        "dev": ["pytest>=7", "pytest-timeout"],
+        "dev": ["pytest>=7", "pytest-timeout", "transformers>=4.49"],  # convert tests; SiglipTextConfig.projection_size
     },
     entry_points={"console_scripts": ["tulip-mega=tulip_mega.cli:main"]},
 )

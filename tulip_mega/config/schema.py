@@ -114,6 +114,8 @@ class ModelConfig:
     bias_init: float = _f(-10.0, "sigmoid-loss bias b at init")
     layernorm_eps: float = _f(1e-6, "epsilon of every LayerNorm")
     init_std: float = _f(0.02, "std of the normal weight init")
+    init_from_hf: Optional[str] = _f(None, "start from a Hugging Face SiglipModel directory (its weights, any "
+                                           "TP/PP); null = random init")
 
     def validate(self) -> None:
         self.vision.validate()

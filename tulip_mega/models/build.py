@@ -6,7 +6,7 @@ from typing import Optional
 
 from megatron.core import parallel_state
 
-from tulip_mega.models.init import initialize_parameters
+from tulip_mega.models.init import initialize_parameters, load_full_tensors
 from tulip_mega.models.megatron_config import tower_config
 from tulip_mega.models.tulip import TulipModel
 from tulip_mega.parallel.init import device
@@ -16,6 +16,8 @@ def build_model(cfg, use_te: Optional[bool] = None) -> TulipModel:
     """The TulipModel stage for this pipeline rank, initialised layout-invariantly, on device.
 
     Needs megatron's parallel state initialised (tulip_mega.parallel.init.init_parallel).
+    With `model.init_from_hf` set, the random init is then overwritten by that Hugging Face
+    SiglipModel's weights (each rank copies its own slice; the architecture must match).
     """
     vision_config = tower_config(cfg, "vision")
     text_config = tower_config(cfg, "text")
@@ -34,4 +36,8 @@ def build_model(cfg, use_te: Optional[bool] = None) -> TulipModel:
         std=cfg.model.init_std,
         num_layers={"vision_block": cfg.model.vision.num_layers, "text_block": cfg.model.text.num_layers},
     )
+    if cfg.model.init_from_hf:
+        from tulip_mega.convert.hf import import_hf_siglip
+
+        load_full_tensors(model, import_hf_siglip(cfg.model.init_from_hf, cfg.model))
     return model

@@ -65,10 +65,16 @@ def initialize_parameters(model: torch.nn.Module, seed: int, std: float, num_lay
             sh.data.copy_(local.reshape(sh.data.shape))
             done.add(sh.data.data_ptr())
             count += 1
+    _check_covered(model, done, "left uninitialised")
+    return count
+
+
+def _check_covered(model: torch.nn.Module, done: set[int], what: str) -> None:
+    """Every parameter must have been reached through the sharded state dict: a module whose
+    state it misses would otherwise silently keep whatever memory it had."""
     missing = [n for n, prm in model.named_parameters() if prm.data_ptr() not in done]
     if missing:
-        raise RuntimeError(f"parameters not covered by the sharded state dict, left uninitialised: {missing}")
-    return count
+        raise RuntimeError(f"parameters not covered by the sharded state dict, {what}: {missing}")
 
 
 def _iter_sharded(tree) -> Iterable[ShardedTensor]:
@@ -80,3 +86,36 @@ def _iter_sharded(tree) -> Iterable[ShardedTensor]:
     elif isinstance(tree, (list, tuple)):
         for v in tree:
             yield from _iter_sharded(v)
+
+
+def load_full_tensors(model: torch.nn.Module, full: dict[str, torch.Tensor]) -> int:
+    """Copy this rank's slice of full (unsharded) tensors into `model` (one pipeline stage).
+
+    `full` is keyed like a dist checkpoint (what `load_plain_tensors` returns): one key per
+    parameter kind with the layers stacked on axis 0. Transformer Engine's fused LayerNorm
+    names and the local spec's names are interchangeable. Raises naming the key when a tensor
+    is missing or its shape differs. Returns the number of tensors copied.
+    """
+    from tulip_mega.convert.megatron_to_plain import canonical_key
+
+    by_canonical = {canonical_key(k): v for k, v in full.items()}
+    sharded = extract_sharded_tensors(model.sharded_state_dict())[0]
+    done: set[int] = set()
+    count = 0
+    with torch.no_grad():
+        for sh in _iter_sharded(sharded):
+            src = full.get(sh.key)
+            if src is None:
+                src = by_canonical.get(canonical_key(sh.key))
+            if src is None:
+                raise KeyError(f"init_from_hf: no tensor for model key {sh.key!r} (global shape {tuple(sh.global_shape)})")
+            if tuple(src.shape) != tuple(sh.global_shape):
+                raise ValueError(f"init_from_hf: {sh.key!r} has shape {tuple(src.shape)} in the source but the model "
+                                 f"expects {tuple(sh.global_shape)}")
+            index = tuple(slice(o, o + n) for o, n in zip(sh.global_offset, (1,) * sh.prepend_axis_num + tuple(sh.local_shape)))
+            local = src[index].reshape(sh.data.shape)
+            sh.data.copy_(local.to(sh.data.dtype))
+            done.add(sh.data.data_ptr())
+            count += 1
+    _check_covered(model, done, "not loaded")
+    return count

@@ -40,8 +40,12 @@ def checkpoint_root(cfg: Config) -> Path:
 
 
 def model_shape(cfg: Config) -> dict:
-    """The architecture keys a checkpoint must match."""
-    return {"vision": dataclasses.asdict(cfg.model.vision), "text": dataclasses.asdict(cfg.model.text)}
+    """The architecture keys a checkpoint must match (and that conversion reads back)."""
+    return {
+        "vision": dataclasses.asdict(cfg.model.vision),
+        "text": dataclasses.asdict(cfg.model.text),
+        "layernorm_eps": cfg.model.layernorm_eps,
+    }
 
 
 def train(cfg: Config, env: Optional[LaunchEnv] = None) -> dict:

@@ -1,0 +1,88 @@
+"""`tulip-mega reshard CHECKPOINT --tp T --pp P OUT`: a checkpoint rewritten for another layout.
+
+Why this is short: the torch_dist format stores every tensor under its global key with its
+global shape, so a checkpoint is not tied to the TP x PP that wrote it, and the trainer
+already loads one under another layout (`checkpoint.load=CKPT` with new parallel sizes:
+model and optimizer state are resliced, the RNG states, which are per rank, are dropped and
+the run's seeds used; the loader position is dropped if the data-parallel size changes).
+So for *training* under a new layout, `checkpoint.load=` is enough and costs nothing.
+
+This command does the same load once, on T x P local ranks (data-parallel size 1), and saves
+the result to OUT/step_<N> (+ OUT/latest): model, optimizer and scheduler state carried over,
+the recorded layout and per-rank RNG states being the new layout's. Use it to check in
+advance that a checkpoint loads under the new layout, or to hand someone a checkpoint whose
+metadata says the layout it will be resumed with. Run under torchrun (WORLD_SIZE = T x P)
+it uses those processes; otherwise it spawns T x P gloo processes on this machine.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional, Sequence
+
+from tulip_mega.convert.megatron_to_plain import ConversionError
+
+
+def reshard_config(checkpoint: Path, tp: int, pp: int, overrides: Sequence[str] = ()):
+    """The run's recipe (config.yaml beside the checkpoint when there is one) with the new layout."""
+    from megatron.core import dist_checkpointing
+
+    from tulip_mega.config import load_config
+
+    common = dist_checkpointing.load_common_state_dict(str(checkpoint))
+    mc = common.get("model_config") or {}
+    if "vision" not in mc or "text" not in mc:
+        raise ConversionError(f"{checkpoint} holds no model_config; was it saved by tulip-mega?")
+    run_cfg = Path(checkpoint).resolve().parent.parent / "config.yaml"
+    model_keys = [f"model.{tower}.{k}={v}" for tower in ("vision", "text") for k, v in mc[tower].items()]
+    layout = [f"parallel.tensor_parallel={tp}", f"parallel.pipeline_parallel={pp}", "model.init_from_hf=null"]
+    if tp == 1:
+        layout.append("parallel.sequence_parallel=false")
+    return load_config(str(run_cfg) if run_cfg.is_file() else None, model_keys + list(overrides) + layout)
+
+
+def _reshard_worker(cfg, checkpoint: str, out: str) -> str:
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    from tulip_mega.models.build import build_model
+    from tulip_mega.parallel.init import init_parallel
+    from tulip_mega.training.checkpoint import load_checkpoint, save_checkpoint
+    from tulip_mega.training.loop import model_shape
+    from tulip_mega.training.step import make_optimizer, make_scheduler, wrap_ddp
+
+    init_parallel(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel, cfg.run.seed)
+    model = wrap_ddp(build_model(cfg), cfg)
+    optimizer = make_optimizer(cfg, model)
+    scheduler = make_scheduler(cfg, optimizer)
+    restored = load_checkpoint(Path(checkpoint), model, optimizer, scheduler, None, model_shape(cfg))
+    path = save_checkpoint(Path(out), restored["step"], model, optimizer, scheduler, None, model_shape(cfg),
+                           keep_last=1)
+    return str(path)
+
+
+def reshard(checkpoint, tp: int, pp: int, out, overrides: Sequence[str] = (), timeout: float = 1800.0) -> Path:
+    """Load CHECKPOINT under TP=tp x PP=pp (DP=1) and save it under OUT; returns OUT/step_<N>."""
+    from tulip_mega.config import validate_layout
+
+    checkpoint, out = Path(checkpoint), Path(out)
+    cfg = reshard_config(checkpoint, tp, pp, overrides)
+    world = tp * pp
+    validate_layout(cfg, world)
+    env_world = int(os.environ.get("WORLD_SIZE", "1"))
+    if env_world > 1:  # launched by torchrun/srun: these processes are the ranks
+        if env_world != world:
+            raise ConversionError(f"launched with WORLD_SIZE={env_world}, but --tp {tp} x --pp {pp} needs {world}")
+        return Path(_reshard_worker(cfg, str(checkpoint), str(out)))
+    from tulip_mega.parallel.spawn import run_distributed
+
+    return Path(run_distributed(_reshard_worker, world, cfg, str(checkpoint), str(out), timeout=timeout)[0])
+
+
+def main(checkpoint: str, tp: int, pp: int, out: str, overrides: Optional[Sequence[str]] = None) -> int:
+    path = reshard(checkpoint, tp, pp, out, overrides or ())
+    print(f"resharded {checkpoint} to TP={tp} x PP={pp}: {path}")
+    print(f"  continue training with: checkpoint.load={path} parallel.tensor_parallel={tp} "
+          f"parallel.pipeline_parallel={pp}")
+    return 0
