@@ -1,4 +1,4 @@
-"""`tulip-mega <command>`: train, data, tokenizer, config.
+"""`tulip-mega <command>`: train, data, tokenizer, config, convert, reshard.
 
 Each command imports only what it needs, so `tulip-mega config --keys` or `data synth` do not
 pay megatron-core's import time.
@@ -53,11 +53,45 @@ def _cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from tulip_mega.convert.megatron_to_plain import ConversionError
+
+    try:
+        if args.to == "hf":
+            from tulip_mega.convert.hf import export_hf
+
+            export_hf(args.checkpoint, args.out, tokenizer=args.tokenizer, layernorm_eps=args.layernorm_eps)
+        else:
+            from tulip_mega.convert.megatron_to_plain import convert_checkpoint
+
+            if args.tokenizer:
+                print("note: --tokenizer is only used with --to hf", file=sys.stderr)
+            convert_checkpoint(args.checkpoint, args.out, layernorm_eps=args.layernorm_eps)
+    except ConversionError as e:
+        print(f"tulip-mega: convert error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _cmd_reshard(args: argparse.Namespace) -> int:
+    from tulip_mega.config import ConfigError
+    from tulip_mega.convert.megatron_to_plain import ConversionError
+    from tulip_mega.convert.reshard import main as reshard_main
+
+    try:
+        return reshard_main(args.checkpoint, args.tp, args.pp, args.out, args.overrides)
+    except (ConversionError, ConfigError) as e:
+        print(f"tulip-mega: reshard error: {e}", file=sys.stderr)
+        return 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tulip-mega", description="TULIP / SigLIP pretraining on megatron-core")
     sub = p.add_subparsers(dest="command", required=True)
 
     sub.add_parser("train", help="train from a recipe (use torchrun or srun for several processes)", add_help=False)
+    sub.add_parser("plan", help="check a recipe's layout on N nodes; estimate memory, FLOPs, step time",
+                   add_help=False)
 
     data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
     synth = data.add_parser("synth", help="write the synthetic shapes dataset as WebDataset shards")
@@ -76,6 +110,25 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--vocab-size", type=int, default=1024)
     tt.set_defaults(func=_cmd_tokenizer_train)
 
+    conv = sub.add_parser("convert", help="export a checkpoint to plain PyTorch or Hugging Face SiglipModel")
+    conv.add_argument("checkpoint", help="a dist checkpoint folder (e.g. runs/x/checkpoints/step_0000100)")
+    conv.add_argument("--to", choices=["pytorch", "hf"], required=True,
+                      help="pytorch: model.safetensors + config.json for tulip_mega.convert.plain_model; "
+                           "hf: a transformers SiglipModel folder")
+    conv.add_argument("out", help="output folder")
+    conv.add_argument("--tokenizer", default=None, help="the run's SentencePiece .model (hf: adds processor files)")
+    conv.add_argument("--layernorm-eps", type=float, default=None,
+                      help="model.layernorm_eps when no run config.yaml sits beside the checkpoint")
+    conv.set_defaults(func=_cmd_convert)
+
+    rs = sub.add_parser("reshard", help="rewrite a checkpoint for another TP x PP layout")
+    rs.add_argument("checkpoint", help="a dist checkpoint folder")
+    rs.add_argument("--tp", type=int, required=True, help="new tensor-parallel size")
+    rs.add_argument("--pp", type=int, required=True, help="new pipeline-parallel size")
+    rs.add_argument("out", help="output checkpoint root (gets step_<N>/ and latest)")
+    rs.add_argument("overrides", nargs="*", help="recipe overrides (key=value) for the loading run")
+    rs.set_defaults(func=_cmd_reshard)
+
     cfg = sub.add_parser("config", help="print the resolved recipe, or every key with --keys")
     cfg.add_argument("recipe", nargs="?", default=None)
     cfg.add_argument("overrides", nargs="*")
@@ -90,6 +143,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from tulip_mega.train import main as train_main
 
         return train_main(argv[1:])
+    if argv and argv[0] == "plan":
+        from tulip_mega.plan import main as plan_main
+
+        return plan_main(argv[1:])
     args = build_parser().parse_args(argv)
     return args.func(args)
 

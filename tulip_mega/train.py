@@ -1,6 +1,13 @@
 """`torchrun --nproc_per_node N -m tulip_mega.train RECIPE [key=value ...] [--resume]`.
 
 Also runs under a plain `srun` (rank/world from SLURM's environment) and as a single process.
+
+Exit codes (the SLURM scripts in slurm/ act on them):
+  0   the run reached train.steps;
+  75  (EX_TEMPFAIL) stopped early after checkpointing: a stop signal (SIGUSR1/SIGTERM) or
+      run.max_wall_time_minutes. Relaunching with --resume continues from that checkpoint;
+  2   config error (nothing was run);
+  3   checkpoint error.
 """
 
 from __future__ import annotations
@@ -9,6 +16,11 @@ import argparse
 import sys
 import warnings
 from typing import Optional, Sequence
+
+EXIT_FINISHED = 0
+EXIT_CONFIG_ERROR = 2
+EXIT_CHECKPOINT_ERROR = 3
+EXIT_STOPPED_EARLY = 75  # EX_TEMPFAIL from sysexits.h: "try again later" (= requeue and --resume)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,7 +49,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         check_runtime_support(cfg)
     except ConfigError as e:
         print(f"tulip-mega: config error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG_ERROR
     # megatron-core warns at import that TE/apex are missing; on a CPU that is expected.
     warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex) (and Apex )?(are|is) not installed.*")
     # megatron-core 0.16's own TransformerConfig default triggers this deprecation notice.
@@ -46,14 +58,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from tulip_mega.training.loop import train
 
     try:
-        train(cfg)
+        summary = train(cfg)
     except CheckpointError as e:
         print(f"tulip-mega: checkpoint error: {e}", file=sys.stderr)
-        return 3
+        return EXIT_CHECKPOINT_ERROR
     from tulip_mega.parallel.init import destroy_parallel
 
     destroy_parallel()
-    return 0
+    return EXIT_FINISHED if summary.get("finished", True) else EXIT_STOPPED_EARLY
 
 
 if __name__ == "__main__":

@@ -1,0 +1,304 @@
+"""`tulip-mega plan RECIPE --nodes N`: will this layout fit, and how fast will it go?
+
+Pure arithmetic on the resolved recipe (no torch / megatron import, so it answers at once):
+
+- layout: `validate_layout(cfg, N x G)` (the trainer's own check); refused with its reason;
+- per-GPU memory: parameters, gradients, optimizer states (with/without the distributed
+  optimizer) and activations under the chosen recompute, per Korthikanti et al. 2022,
+  "Reducing Activation Recomputation in Large Transformer Models" (formulas below);
+- FLOPs per image-text pair (both towers), the contrastive batch of one micro-step, and the
+  step time / pairs per second at a stated MFU of a stated peak (H100 bf16 dense 989 TFLOP/s).
+
+Formulas (h = width, f = MLP width, a = heads, s = tokens, b = micro-batch, t = TP, p = PP,
+L = layers; both towers are summed, each with its own h, f, a, s, L):
+
+  parameters per transformer layer    4h^2 + 2hf + 9h + f   (QKV+proj with biases, MLP, 2 LNs)
+      TP-sharded part                 4h^2 + 2hf + 4h + f   (QKV, proj W, fc1, fc2 W, fc1 b, QKV b)
+      replicated part                 5h                    (proj b, fc2 b, 2 LayerNorms)
+  bytes per parameter (bf16 mixed)    2 (bf16 weight) + 4 (fp32 main grad) + 12 (fp32 master, Adam m, v)
+                                      = 18; the distributed optimizer divides the 12 by DP.
+                                      fp32 training: 4 + 4 + 8 = 16 (no separate master copy).
+  activations per layer (16-bit, Korthikanti eq. 2-4 generalised to f != 4h):
+      no recompute                    s b (10h + (8h + 4f)/t) + 5 a s^2 b / t
+      with sequence parallel          s b (10h + 8h + 4f) / t + 5 a s^2 b / t
+      selective recompute             drops the 5 a s^2 b / t term (attention scores recomputed)
+      full recompute                  2 s b h per layer (/t with SP) + one layer without recompute
+  activations per GPU                 L layers x the above: under 1F1B the first pipeline stage
+                                      holds p micro-batches of L/p layers each (= L layers).
+  forward FLOPs per pair and layer    2 s (4h^2 + 2hf) (matmuls) + 4 s^2 h (QK^T and AV)
+      plus the patch embedding 2 s 3 P^2 h, the MAP head and the text projection;
+      training = 3 x forward (forward + backward); full recompute adds one more forward,
+      selective recompute adds the attention-score part (4 s^2 h per layer) once more.
+  step time                           global_batch x model FLOPs / (GPUs x peak x MFU)
+                                      (MFU counts model FLOPs: recompute is not useful work)
+
+Not counted: the sigmoid-loss logits (2 x contrastive batch x D per pair, small next to the
+towers), data loading, framework buffers (NCCL, allocator fragmentation: keep ~10% headroom),
+and FP8 weight copies (TE keeps 1-byte copies + transposes: about +2 bytes per parameter).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from typing import Optional, Sequence
+
+H100_BF16_DENSE_TFLOPS = 989.0
+GIB = 1024**3
+
+
+@dataclasses.dataclass(frozen=True)
+class Tower:
+    name: str
+    layers: int
+    hidden: int
+    ffn: int
+    heads: int
+    seq: int
+
+    @property
+    def layer_sharded_params(self) -> int:
+        h, f = self.hidden, self.ffn
+        return 4 * h * h + 2 * h * f + 4 * h + f
+
+    @property
+    def layer_replicated_params(self) -> int:
+        return 5 * self.hidden
+
+    @property
+    def layer_params(self) -> int:
+        return self.layer_sharded_params + self.layer_replicated_params
+
+    def layer_forward_flops(self) -> tuple[int, int]:
+        """(matmul, attention-score) forward FLOPs of one layer for one sample."""
+        h, f, s = self.hidden, self.ffn, self.seq
+        return 2 * s * (4 * h * h + 2 * h * f), 4 * s * s * h
+
+    def layer_activation_bytes(self, micro_batch: int, tp: int, sp: bool, recompute: Optional[str],
+                               bytes_per_value: int = 2) -> float:
+        """Korthikanti et al. per-layer activation memory (their constants assume 16-bit values)."""
+        s, b, h, f, a = self.seq, micro_batch, self.hidden, self.ffn, self.heads
+        scores = 5 * a * s * s * b / tp
+        if recompute == "full":
+            return 2 * s * b * h / (tp if sp else 1) * bytes_per_value / 2
+        if sp:
+            linear = s * b * (18 * h + 4 * f) / tp
+        else:
+            linear = s * b * (10 * h + (8 * h + 4 * f) / tp)
+        if recompute == "selective":
+            scores = 0.0
+        return (linear + scores) * bytes_per_value / 2
+
+
+def towers(cfg) -> tuple[Tower, Tower]:
+    v, t = cfg.model.vision, cfg.model.text
+    return (Tower("vision", v.num_layers, v.hidden_size, v.ffn_hidden_size, v.num_heads, v.seq_length),
+            Tower("text", t.num_layers, t.hidden_size, t.ffn_hidden_size, t.num_heads, t.context_length))
+
+
+def param_counts(cfg) -> dict[str, int]:
+    """Exact parameter counts of the model's parts (matches tulip_mega/models)."""
+    v, t = cfg.model.vision, cfg.model.text
+    vt, tt = towers(cfg)
+    hv, ht = v.hidden_size, t.hidden_size
+    return {
+        "vision_embed": 3 * v.patch_size**2 * hv + hv + v.seq_length * hv,
+        "vision_layers": vt.layers * vt.layer_params,
+        "vision_final_ln": 2 * hv,
+        # probe + MultiheadAttention (in_proj 3h^2+3h, out_proj h^2+h) + LN + MLP
+        "vision_map_head": hv + 4 * hv * hv + 4 * hv + 2 * hv + 2 * hv * v.ffn_hidden_size + v.ffn_hidden_size + hv,
+        "text_embed": t.vocab_size * ht + t.context_length * ht,
+        "text_layers": tt.layers * tt.layer_params,
+        "text_final_ln": 2 * ht,
+        "text_head": ht * hv + hv,
+        "logit_scale_bias": 2,
+    }
+
+
+def forward_flops_per_sample(cfg) -> dict[str, int]:
+    """Forward FLOPs for one image-text pair, by part (2 FLOPs per multiply-add)."""
+    v, t = cfg.model.vision, cfg.model.text
+    vt, tt = towers(cfg)
+    out = {}
+    for tower in (vt, tt):
+        mm, attn = tower.layer_forward_flops()
+        out[f"{tower.name}_layers_matmul"] = tower.layers * mm
+        out[f"{tower.name}_layers_attention"] = tower.layers * attn
+    hv, s = v.hidden_size, v.seq_length
+    out["vision_patch_embed"] = 2 * s * 3 * v.patch_size**2 * hv
+    # MAP head: K,V projections over s tokens, q/out projections of the probe, scores, MLP.
+    out["vision_map_head"] = 2 * s * 2 * hv * hv + 2 * 2 * hv * hv + 4 * s * hv + 2 * 2 * hv * v.ffn_hidden_size
+    out["text_head"] = 2 * t.hidden_size * hv
+    return out
+
+
+@dataclasses.dataclass
+class Plan:
+    gpus: int
+    dp: int
+    tp: int
+    pp: int
+    micro_batch: int
+    global_batch: int
+    grad_accum: int
+    contrastive_batch: int
+    params_total: int
+    params_per_gpu: float
+    transformer_params_per_gpu: float
+    memory_gib: dict[str, float]
+    flops_forward_per_sample: int
+    flops_model_per_sample: int
+    flops_hardware_per_sample: int
+    step_time_s: float
+    samples_per_s: float
+    mfu: float
+    peak_tflops: float
+
+
+def make_plan(cfg, nodes: int, gpus_per_node: int = 8, mfu: float = 0.40,
+              peak_tflops: float = H100_BF16_DENSE_TFLOPS) -> Plan:
+    """The numbers for `cfg` on nodes x gpus_per_node GPUs; raises ConfigError for a bad layout."""
+    from tulip_mega.config import validate_layout
+
+    gpus = nodes * gpus_per_node
+    dp = validate_layout(cfg, gpus)
+    par = cfg.parallel
+    tp, pp, sp = par.tensor_parallel, par.pipeline_parallel, par.sequence_parallel
+    mb, gb = cfg.train.micro_batch_size, cfg.train.global_batch_size
+    recompute = cfg.recompute.granularity
+    counts = param_counts(cfg)
+    total = sum(counts.values())
+
+    vt, tt = towers(cfg)
+    transformer_per_gpu = sum(tw.layers * (tw.layer_sharded_params / tp + tw.layer_replicated_params)
+                              for tw in (vt, tt)) / pp
+    # Stage 0 holds the embeddings (text vocabulary split across TP), the last stage the heads;
+    # report the larger of the two (with PP=1 one GPU holds both).
+    first = counts["vision_embed"] + counts["text_embed"] / tp
+    last = (counts["vision_final_ln"] + counts["vision_map_head"] + counts["text_final_ln"]
+            + counts["text_head"] + counts["logit_scale_bias"])
+    params_per_gpu = transformer_per_gpu + (first + last if pp == 1 else max(first, last))
+
+    fp32 = cfg.precision.dtype == "fp32"
+    weight_bytes, grad_bytes, optim_bytes = (4, 4, 8) if fp32 else (2, 4, 12)
+    optim_per_gpu = params_per_gpu * optim_bytes / (dp if par.distributed_optimizer else 1)
+    value_bytes = 4 if fp32 else 2
+    act = 0.0
+    for tw in (vt, tt):
+        act += tw.layers * tw.layer_activation_bytes(mb, tp, sp, recompute, value_bytes)
+    if recompute == "full":  # one layer is re-run without recompute during the backward pass
+        act += max(tw.layer_activation_bytes(mb, tp, sp, None, value_bytes) for tw in (vt, tt))
+    memory = {
+        "parameters": params_per_gpu * weight_bytes / GIB,
+        "gradients": params_per_gpu * grad_bytes / GIB,
+        "optimizer": optim_per_gpu / GIB,
+        "activations": act / GIB,
+    }
+    memory["total"] = sum(memory.values())
+
+    fwd_parts = forward_flops_per_sample(cfg)
+    fwd = sum(fwd_parts.values())
+    model = 3 * fwd
+    if recompute == "full":
+        hardware = model + fwd
+    elif recompute == "selective":
+        hardware = model + fwd_parts["vision_layers_attention"] + fwd_parts["text_layers_attention"]
+    else:
+        hardware = model
+    step = gb * model / (gpus * peak_tflops * 1e12 * mfu)
+    return Plan(
+        gpus=gpus, dp=dp, tp=tp, pp=pp, micro_batch=mb, global_batch=gb, grad_accum=gb // (mb * dp),
+        contrastive_batch=mb * dp, params_total=total, params_per_gpu=params_per_gpu,
+        transformer_params_per_gpu=transformer_per_gpu, memory_gib=memory,
+        flops_forward_per_sample=fwd, flops_model_per_sample=model, flops_hardware_per_sample=hardware,
+        step_time_s=step, samples_per_s=gb / step, mfu=mfu, peak_tflops=peak_tflops,
+    )
+
+
+def format_plan(cfg, plan: Plan, fp8: Optional[str] = None) -> str:
+    m = plan.memory_gib
+    par, rc = cfg.parallel, cfg.recompute
+    v, t = cfg.model.vision, cfg.model.text
+    lines = [
+        f"model {cfg.model.size}: {plan.params_total / 1e6:.1f}M parameters "
+        f"(vision {v.num_layers}L h{v.hidden_size} s{v.seq_length}, text {t.num_layers}L h{t.hidden_size} "
+        f"s{t.context_length})",
+        f"layout: {plan.gpus} GPUs = TP {plan.tp} x PP {plan.pp} x DP {plan.dp}"
+        f"{' (sequence parallel)' if par.sequence_parallel else ''}",
+        f"batch: global {plan.global_batch} = micro {plan.micro_batch} x DP {plan.dp} x {plan.grad_accum} "
+        f"accumulation step(s); contrastive batch per micro-step = micro x DP = {plan.contrastive_batch}",
+        "",
+        f"memory per GPU (GiB), {'fp32' if cfg.precision.dtype == 'fp32' else 'bf16 mixed precision'}, "
+        f"recompute={rc.granularity or 'off'}, distributed optimizer={'on' if par.distributed_optimizer else 'off'}:",
+        f"  parameters   {m['parameters']:8.2f}   ({plan.params_per_gpu / 1e6:.1f}M on the fullest stage; "
+        f"transformer layers {plan.transformer_params_per_gpu / 1e6:.1f}M)",
+        f"  gradients    {m['gradients']:8.2f}   (fp32 main grads)",
+        f"  optimizer    {m['optimizer']:8.2f}   (fp32 master + Adam m, v{'; / DP' if par.distributed_optimizer else ''})",
+        f"  activations  {m['activations']:8.2f}   (Korthikanti et al.; micro-batch {plan.micro_batch})",
+        f"  total        {m['total']:8.2f}   (+ ~10% for NCCL buffers and fragmentation; H100 has 80)",
+        "",
+        f"FLOPs per pair: forward {plan.flops_forward_per_sample / 1e9:.2f} GFLOP, "
+        f"training (3x) {plan.flops_model_per_sample / 1e9:.2f} GFLOP, "
+        f"with recompute {plan.flops_hardware_per_sample / 1e9:.2f} GFLOP",
+        f"at {plan.mfu:.0%} MFU of {plan.peak_tflops:g} TFLOP/s per GPU: step {plan.step_time_s:.3f} s, "
+        f"{plan.samples_per_s:,.0f} pairs/s, {plan.samples_per_s * 3600 / 1e6:.1f}M pairs/hour",
+    ]
+    if m["total"] > 80 * 0.9:
+        lines.append("warning: the estimate exceeds ~72 GiB (90% of an 80 GB H100): raise TP/PP, lower "
+                     "train.micro_batch_size, or use recompute.granularity=full")
+    if fp8:
+        lines.append(f"fp8={fp8}: GEMMs in FP8 via Transformer Engine (needs TE on the GPU nodes); the estimate "
+                     "above uses the bf16 peak, and TE's FP8 weight copies add about 2 bytes per parameter")
+    return "\n".join(lines)
+
+
+def _requested_fp8(recipe: Optional[str], overrides: Sequence[str]) -> Optional[str]:
+    """precision.fp8 as the recipe/overrides ask for it (validation needs TE, which we skip)."""
+    value = None
+    if recipe:
+        import yaml
+
+        with open(recipe) as fh:
+            raw = yaml.safe_load(fh) or {}
+        value = (raw.get("precision") or {}).get("fp8")
+    for o in overrides:
+        key, _, val = o.partition("=")
+        if key.strip() == "precision.fp8":
+            value = None if val.strip() in ("null", "none", "None", "") else val.strip()
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tulip-mega plan",
+                                description="Check a recipe's layout on N nodes and estimate memory and speed.")
+    p.add_argument("recipe", help="recipe YAML, e.g. recipes/tulip_1b.yaml")
+    p.add_argument("overrides", nargs="*", help="key.path=value overrides, as for train")
+    p.add_argument("--nodes", type=int, required=True, help="number of nodes")
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--mfu", type=float, default=0.40, help="model FLOPs utilisation to assume (default 0.40)")
+    p.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS,
+                   help=f"per-GPU peak (default {H100_BF16_DENSE_TFLOPS:g} = H100 SXM bf16 dense)")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_intermixed_args(argv)
+    from tulip_mega.config import ConfigError, load_config
+
+    try:
+        if args.nodes < 1 or args.gpus_per_node < 1:
+            raise ConfigError(f"--nodes={args.nodes} and --gpus-per-node={args.gpus_per_node} must be >= 1")
+        fp8 = _requested_fp8(args.recipe, args.overrides)
+        # fp8 validation probes Transformer Engine (a torch import); the plan only reports it.
+        cfg = load_config(args.recipe, list(args.overrides) + ["precision.fp8=null"])
+        plan = make_plan(cfg, args.nodes, args.gpus_per_node, args.mfu, args.peak_tflops)
+    except (ConfigError, OSError) as e:
+        print(f"tulip-mega: plan refused: {e}", file=sys.stderr)
+        return 2
+    print(format_plan(cfg, plan, fp8))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
