@@ -72,3 +72,18 @@ print("ok")
 def test_cpu_compat_only_applies_without_cuda():
     out = subprocess.run([sys.executable, "-W", "ignore", "-c", _GUARD], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("te", [False, True])
+def test_fp8_needs_transformer_engine_at_launch(monkeypatch, te):
+    import tulip_mega.models.specs as specs
+    from tulip_mega.config import ConfigError, load_config
+    from tulip_mega.parallel.init import check_runtime_support
+
+    monkeypatch.setattr(specs, "transformer_engine_available", lambda: te)
+    cfg = load_config(None, ["precision.fp8=e4m3"])
+    if te:
+        check_runtime_support(cfg)
+    else:
+        with pytest.raises(ConfigError, match=r"precision.fp8='e4m3' needs Transformer Engine"):
+            check_runtime_support(cfg)

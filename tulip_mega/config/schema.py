@@ -12,7 +12,6 @@ and launch scripts). The Transformer Engine probe for FP8 is imported lazily.
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
@@ -149,13 +148,10 @@ class PrecisionConfig:
     fp8_amax_compute_algo: Literal["max", "most_recent"] = _f("max", "how the scale is picked from the history")
 
     def validate(self) -> None:
+        # Whether this machine has Transformer Engine for FP8 is checked at launch, with the
+        # other machine checks (tulip_mega.parallel.init.check_runtime_support): a recipe for
+        # H100s must still load, print and plan anywhere.
         _at_least(self, "precision", ("fp8_amax_history_len",), 1)
-        if self.fp8 is not None:
-            # Imported here, not at the top: the TE probe pulls in torch and megatron.
-            specs = importlib.import_module("tulip_mega.models.specs")
-            _require(specs.transformer_engine_available(),
-                     f"precision.fp8={self.fp8!r} needs Transformer Engine, which does not import on "
-                     "this machine; set precision.fp8=null or install tulip-mega[gpu] on a GPU machine")
 
 
 @dataclass

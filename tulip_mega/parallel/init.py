@@ -134,9 +134,17 @@ def check_runtime_support(cfg) -> None:
     """Recipe settings this machine cannot run, refused before any process group exists.
 
     megatron's DistributedOptimizer only accepts 'torch.cuda.*Tensor' parameters, so ZeRO-1
-    needs CUDA; the CPU path uses the plain (replicated) optimizer instead.
+    needs CUDA; the CPU path uses the plain (replicated) optimizer instead. FP8 GEMMs need
+    Transformer Engine.
     """
     from tulip_mega.config import ConfigError
+    from tulip_mega.models.specs import transformer_engine_available
+
+    if cfg.precision.fp8 is not None and not transformer_engine_available():
+        raise ConfigError(
+            f"precision.fp8={cfg.precision.fp8!r} needs Transformer Engine, which does not import on "
+            "this machine; set precision.fp8=null or install tulip-mega[gpu] on a GPU machine"
+        )
 
     if cfg.parallel.distributed_optimizer and not use_cuda():
         raise ConfigError(
