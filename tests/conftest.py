@@ -4,6 +4,8 @@ import os
 import sys
 import warnings
 
+import pytest
+
 sys.path.insert(0, os.path.dirname(__file__))
 # megatron-core warns at import that TE/apex are missing; expected on a CPU machine.
 warnings.filterwarnings("ignore", message=".*not installed.*")
@@ -12,3 +14,15 @@ warnings.filterwarnings("ignore", message=".*not installed.*")
 def pytest_configure(config):
     config.addinivalue_line("markers", "multiprocess: spawns several gloo ranks")
     config.addinivalue_line("markers", "slow: takes more than ~30 s; still run in CI")
+
+
+@pytest.fixture(scope="session")
+def shapes_data(tmp_path_factory) -> dict:
+    """Synthetic shapes shards (32 px) and a tokenizer trained on their captions."""
+    from dataloaders.synthetic import write_shapes_dataset
+    from dataloaders.tokenizer import train_tokenizer_from_shards
+
+    out = tmp_path_factory.mktemp("shapes")
+    info = write_shapes_dataset(str(out), num_train=1024, num_val=128, samples_per_shard=128, image_size=32)
+    tok = train_tokenizer_from_shards(info["train_spec"], str(out / "tokenizer"), vocab_size=1024)
+    return {"train": info["train_spec"], "tokenizer": tok}

@@ -83,6 +83,26 @@ def assemble(per_rank_entries: list[list[tuple]]) -> dict[str, torch.Tensor]:
     return full
 
 
+def build_train_step(overrides: Sequence[str]):
+    """(cfg, DDP model, optimizer, scheduler, TrainStep) for the debug size plus `overrides`,
+    initialising parallel state on first use (a worker may build several models)."""
+    from megatron.core import parallel_state
+
+    from tulip_mega.models.build import build_model
+    from tulip_mega.parallel.init import init_parallel
+    from tulip_mega.training.step import TrainStep, make_optimizer, make_scheduler, wrap_ddp
+
+    cfg = make_cfg(list(overrides))
+    if not parallel_state.model_parallel_is_initialized():
+        init_parallel(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel, cfg.run.seed)
+    dp_size = parallel_state.get_data_parallel_world_size()
+    model = wrap_ddp(build_model(cfg), cfg)
+    optimizer = make_optimizer(cfg, model)
+    scheduler = make_scheduler(cfg, optimizer)
+    num_micro = cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp_size)
+    return cfg, model, optimizer, scheduler, TrainStep(cfg, model, optimizer, scheduler, num_micro)
+
+
 def step_worker(overrides: Sequence[str], steps: int = 1, optimizer_steps: bool = False) -> dict:
     """Run `steps` training steps; report losses, and full-gradient shards of the last step
     (or, with optimizer_steps, the weights after the last step)."""
@@ -91,18 +111,9 @@ def step_worker(overrides: Sequence[str], steps: int = 1, optimizer_steps: bool 
     warnings.filterwarnings("ignore")
     from megatron.core import parallel_state
 
-    from tulip_mega.models.build import build_model
-    from tulip_mega.parallel.init import init_parallel
-    from tulip_mega.training.step import TrainStep, make_optimizer, make_scheduler, wrap_ddp
-
-    cfg = make_cfg(overrides)
-    init_parallel(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel, cfg.run.seed)
+    cfg, model, optimizer, scheduler, step = build_train_step(overrides)
+    num_micro = step.num_microbatches
     dp_size = parallel_state.get_data_parallel_world_size()
-    model = wrap_ddp(build_model(cfg), cfg)
-    optimizer = make_optimizer(cfg, model)
-    scheduler = make_scheduler(cfg, optimizer)
-    num_micro = cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp_size)
-    step = TrainStep(cfg, model, optimizer, scheduler, num_micro)
     it = rank_microbatches(cfg, global_batches(cfg, steps), parallel_state.get_data_parallel_rank(), dp_size)
     probe = _probe_first_vision_layer(model.module)
     losses = []

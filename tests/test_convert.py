@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from harness import build_train_step
 from tulip_mega.parallel.spawn import run_distributed
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,26 +38,6 @@ def _inputs(cfg, n: int = 6):
     return images, tokens
 
 
-def _setup(overrides):
-    from megatron.core import parallel_state
-
-    from harness import make_cfg
-    from tulip_mega.models.build import build_model
-    from tulip_mega.parallel.init import init_parallel
-    from tulip_mega.training.step import TrainStep, make_optimizer, make_scheduler, wrap_ddp
-
-    cfg = make_cfg(list(overrides))
-    if not parallel_state.model_parallel_is_initialized():
-        init_parallel(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel, cfg.run.seed)
-    dp = parallel_state.get_data_parallel_world_size()
-    model = wrap_ddp(build_model(cfg), cfg)
-    optimizer = make_optimizer(cfg, model)
-    scheduler = make_scheduler(cfg, optimizer)
-    num_micro = cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp)
-    step = TrainStep(cfg, model, optimizer, scheduler, num_micro)
-    return cfg, model, optimizer, scheduler, step
-
-
 def _batches(cfg, first: int, last: int):
     from harness import global_batches, rank_microbatches
 
@@ -70,7 +51,7 @@ def parallel_worker(root: str, hf_dir: str) -> dict:
     from tulip_mega.training.checkpoint import save_checkpoint
     from tulip_mega.training.loop import model_shape
 
-    cfg, model, opt, sch, step = _setup(PARALLEL + EXTRA)
+    cfg, model, opt, sch, step = build_train_step(PARALLEL + EXTRA)
     it = _batches(cfg, 0, 2)
     for _ in range(2):
         step(it)
@@ -78,7 +59,7 @@ def parallel_worker(root: str, hf_dir: str) -> dict:
     it = _batches(cfg, 2, 4)
     continued = [step(it)["loss"] for _ in range(2)]
 
-    cfg2, model2, opt2, sch2, _ = _setup(PARALLEL + EXTRA + [f"model.init_from_hf={hf_dir}"])
+    cfg2, model2, opt2, sch2, _ = build_train_step(PARALLEL + EXTRA + [f"model.init_from_hf={hf_dir}"])
     imported = save_checkpoint(Path(root) / "imported", 0, model2, opt2, sch2, None, model_shape(cfg2))
     return {"checkpoint": str(ckpt), "continued_parallel": continued, "imported": str(imported)}
 
@@ -95,7 +76,7 @@ def serial_worker(checkpoint: str, resharded: str, hf_dir: str) -> dict:
     from tulip_mega.training.loop import model_shape
 
     # The original TP=2 x PP=2 checkpoint, loaded under TP=1 x PP=1: reference embeddings.
-    cfg, model, opt, sch, _ = _setup(SERIAL + EXTRA)
+    cfg, model, opt, sch, _ = build_train_step(SERIAL + EXTRA)
     load_checkpoint(Path(checkpoint), model, opt, sch, None, model_shape(cfg))
     images, tokens = _inputs(cfg)
     model.module.eval()
@@ -120,7 +101,7 @@ def serial_worker(checkpoint: str, resharded: str, hf_dir: str) -> dict:
                     for k in a if torch.is_tensor(a[k]) and a[k].is_floating_point()}
 
     # The resharded checkpoint, continued for 2 steps.
-    cfg, model, opt, sch, step = _setup(SERIAL + EXTRA)
+    cfg, model, opt, sch, step = build_train_step(SERIAL + EXTRA)
     restored = load_checkpoint(Path(resharded), model, opt, sch, None, model_shape(cfg))
     it = _batches(cfg, 2, 4)
     continued = [step(it)["loss"] for _ in range(2)]

@@ -48,15 +48,6 @@ pytestmark = [pytest.mark.multiprocess, pytest.mark.skipif(_cluster_problem() is
 SBATCH_FLAGS = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--time=00:10:00"]
 
 
-@pytest.fixture(scope="module")
-def shapes_data(tmp_path_factory) -> dict:
-    from dataloaders.synthetic import write_shapes_dataset
-    from dataloaders.tokenizer import train_tokenizer_from_shards
-
-    out = tmp_path_factory.mktemp("slurm_shapes")
-    info = write_shapes_dataset(str(out), num_train=512, num_val=0, samples_per_shard=128, image_size=32)
-    tok = train_tokenizer_from_shards(info["train_spec"], str(out / "tokenizer"), vocab_size=1024)
-    return {"train": info["train_spec"], "tokenizer": tok}
 
 
 def _tiny(data: dict, steps: int) -> list[str]:

@@ -23,15 +23,6 @@ REPO = Path(__file__).resolve().parents[1]
 RECIPE = str(REPO / "recipes" / "tiny_cpu.yaml")
 
 
-@pytest.fixture(scope="module")
-def shapes_data(tmp_path_factory) -> dict:
-    from dataloaders.synthetic import write_shapes_dataset
-    from dataloaders.tokenizer import train_tokenizer_from_shards
-
-    out = tmp_path_factory.mktemp("shapes")
-    info = write_shapes_dataset(str(out), num_train=1024, num_val=128, samples_per_shard=128, image_size=32)
-    tok = train_tokenizer_from_shards(info["train_spec"], str(out / "tokenizer"), vocab_size=1024)
-    return {"train": info["train_spec"], "tokenizer": tok}
 
 
 def train_worker(overrides: list[str]) -> dict:
