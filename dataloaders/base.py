@@ -8,8 +8,8 @@ as a plain (JSON-serialisable) dict for checkpoints, and report how much bad dat
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from dataclasses import dataclass, fields, replace
+from typing import Optional, Protocol, runtime_checkable
 
 import torch
 
@@ -22,22 +22,49 @@ IMAGE_STD: tuple[float, float, float] = (0.5, 0.5, 0.5)
 
 @dataclass
 class Batch:
-    """One training batch: normalised images, fixed-length token ids, and sample keys."""
+    """One training micro-batch. Only `images`, `tokens` and `keys` are always present; the
+    optional fields are filled exactly when `tulip_mega.config.streams.input_streams(cfg)` says
+    the recipe's loss terms need them (and are None otherwise).
 
-    images: torch.Tensor  # float32 [B, 3, H, W], normalised with IMAGE_MEAN / IMAGE_STD
-    tokens: torch.Tensor  # int64 [B, L]
+    Images are float32, normalised with IMAGE_MEAN / IMAGE_STD (pixels in [-1, 1]); token
+    tensors are int64 padded/truncated to model.text.context_length (L). B = micro-batch size.
+    """
+
+    images: torch.Tensor  # [B, 3, H, W] view 0: the view paired with the caption
+    tokens: torch.Tensor  # [B, L] the caption
     keys: list[str]
+    # Further full-resolution crops of the same image (streams.extra_global_crops of them).
+    crops: Optional[torch.Tensor] = None  # [B, G-1, 3, H, W]
+    # Low-resolution crops (streams.local_crops of them, side data.views.local_size).
+    local_crops: Optional[torch.Tensor] = None  # [B, n_local, 3, h, w]
+    # GeCo image edits: index 0 = key.pos.jpg (same meaning), 1 = key.neg.jpg (changed meaning).
+    edits: Optional[torch.Tensor] = None  # [B, 2, 3, H, W]; a missing edit is all zeros
+    edit_valid: Optional[torch.Tensor] = None  # [B, 2] bool; False = missing (its pairs are ignored)
+    # GeCo texts from key.json, tokenised; missing ones are padding with valid False.
+    paraphrases: Optional[torch.Tensor] = None  # [B, P, L]
+    paraphrase_valid: Optional[torch.Tensor] = None  # [B, P] bool
+    negatives: Optional[torch.Tensor] = None  # [B, N, L]
+    negative_valid: Optional[torch.Tensor] = None  # [B, N] bool
+    # EDA-augmented caption (clip-rocket), tokenised.
+    eda_tokens: Optional[torch.Tensor] = None  # [B, L]
 
     def __len__(self) -> int:
         return len(self.keys)
 
+    def tensor_fields(self) -> dict[str, torch.Tensor]:
+        """Every tensor field that is set, by name."""
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if isinstance(getattr(self, f.name), torch.Tensor)}
+
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         """Move the tensors (keys stay on the host)."""
-        return Batch(
-            self.images.to(device, non_blocking=non_blocking),
-            self.tokens.to(device, non_blocking=non_blocking),
-            self.keys,
-        )
+        moved = {k: v.to(device, non_blocking=non_blocking) for k, v in self.tensor_fields().items()}
+        return replace(self, **moved)
+
+    def slice(self, start: int, stop: int) -> Batch:
+        """Samples [start, stop) of every field (tests cut global batches into micro-batches)."""
+        cut = {k: v[start:stop] for k, v in self.tensor_fields().items()}
+        return replace(self, keys=self.keys[start:stop], **cut)
 
 
 @runtime_checkable

@@ -105,6 +105,19 @@ class TextConfig:
 
 
 @dataclass
+class DecoderConfig:
+    """A small transformer decoder used only for a reconstruction loss (training only: not exported)."""
+
+    num_layers: int = _f(2, "decoder transformer layers")
+    hidden_size: Optional[int] = _f(None, "decoder width; null = the width of the tower it decodes")
+    num_heads: Optional[int] = _f(None, "decoder attention heads; null = the tower's")
+    ffn_hidden_size: Optional[int] = _f(None, "decoder MLP inner width; null = the tower's")
+
+    def validate(self, prefix: str) -> None:
+        _validate_tower(self, prefix)
+
+
+@dataclass
 class ModelConfig:
     size: str = _f("debug", "a name in the size table (tulip_mega/config/sizes.py)")
     vision: VisionConfig = _section(VisionConfig, "image tower; unset fields come from the size table")
@@ -115,10 +128,21 @@ class ModelConfig:
     init_std: float = _f(0.02, "std of the normal weight init")
     init_from_hf: Optional[str] = _f(None, "start from a Hugging Face SiglipModel directory (its weights, any "
                                            "TP/PP); null = random init")
+    mae_decoder: DecoderConfig = _section(DecoderConfig, "MAE pixel decoder (built only when loss.weights.mae > 0)")
+    text_decoder: DecoderConfig = _section(DecoderConfig, "causal caption decoder (built only when "
+                                                          "loss.weights.text_recon > 0)")
+    aug_projector_hidden: int = _f(4096, "hidden width of the clip-rocket MLP projector (aug <-> aug InfoNCE)")
+    aug_temperature_init: float = _f(10.0, "inverse temperature of the aug <-> aug InfoNCE at init (1/0.1)")
+    separate_logit_params: bool = _f(True, "image-image and text-text sigmoid terms learn their own scale/bias "
+                                           "(init like the image-text ones); false = share the image-text ones")
 
     def validate(self) -> None:
         self.vision.validate()
         self.text.validate()
+        self.mae_decoder.validate("model.mae_decoder")
+        self.text_decoder.validate("model.text_decoder")
+        _at_least(self, "model", ("aug_projector_hidden",), 1)
+        _require(self.aug_temperature_init > 0, f"model.aug_temperature_init={self.aug_temperature_init} must be > 0")
         for name in ("temperature_init", "layernorm_eps", "init_std"):
             value = getattr(self, name)
             _require(value > 0, f"model.{name}={value} must be > 0")
@@ -199,6 +223,54 @@ class TrainConfig:
 
 
 @dataclass
+class ViewsConfig:
+    """What the loader emits per sample. Counts decide tensor shapes (and the pipeline p2p shape)."""
+
+    global_crops: int = _f(1, "full-resolution views per image; view 0 is the one paired with the caption")
+    global_scale: tuple[float, float] = _f((0.4, 1.0), "area range (fraction of the image) of global crops")
+    local_crops: int = _f(0, "low-resolution crops per image for the image-image loss (TULIP: up to 8)")
+    local_size: int = _f(96, "side of a local crop in pixels (a multiple of model.vision.patch_size)")
+    local_scale: tuple[float, float] = _f((0.05, 0.4), "area range of local crops")
+    geco_images: bool = _f(False, "add the GeCo image edits (key.pos.jpg / key.neg.jpg) as two more views")
+    paraphrases: int = _f(0, "GeCo paraphrases per caption (padded; missing ones are ignored pairs)")
+    negatives: int = _f(0, "GeCo meaning-changing rewrites per caption (padded; missing ones ignored)")
+    eda: bool = _f(False, "also emit an EDA-augmented copy of the caption (clip-rocket text augmentation)")
+
+    def validate(self) -> None:
+        _at_least(self, "data.views", ("global_crops",), 1)
+        _at_least(self, "data.views", ("local_crops", "paraphrases", "negatives"), 0)
+        _at_least(self, "data.views", ("local_size",), 1)
+        for name in ("global_scale", "local_scale"):
+            lo, hi = getattr(self, name)
+            _require(0 < lo <= hi <= 1, f"data.views.{name}={[lo, hi]} must satisfy 0 < min <= max <= 1")
+
+
+@dataclass
+class AugmentConfig:
+    """Photometric augmentation of the crops (global crops after view 0, and local crops)."""
+
+    first_view_crop: bool = _f(False, "view 0 gets a random-resized crop too; false = plain resize (SigLIP)")
+    flip_prob: float = _f(0.5, "horizontal flip probability")
+    color_jitter: tuple[float, float, float, float] = _f((0.4, 0.4, 0.4, 0.1),
+                                                         "brightness, contrast, saturation, hue strength")
+    color_jitter_prob: float = _f(0.8, "probability of applying colour jitter; 0 = off")
+    grayscale_prob: float = _f(0.2, "probability of converting a crop to grayscale")
+    blur_prob: float = _f(0.5, "probability of a Gaussian blur")
+    eda_synonym: float = _f(0.4, "EDA: probability of synonym replacement per caption")
+    eda_swap: float = _f(0.4, "EDA: probability of a random word swap")
+    eda_deletion: float = _f(0.2, "EDA: probability of random word deletion")
+    eda_stopword: float = _f(0.8, "EDA: probability of stop-word removal")
+
+    def validate(self) -> None:
+        for name in ("flip_prob", "color_jitter_prob", "grayscale_prob", "blur_prob",
+                     "eda_synonym", "eda_swap", "eda_deletion", "eda_stopword"):
+            value = getattr(self, name)
+            _require(0 <= value <= 1, f"data.augment.{name}={value} must be a probability in [0, 1]")
+        _require(len(self.color_jitter) == 4 and all(v >= 0 for v in self.color_jitter),
+                 f"data.augment.color_jitter={list(self.color_jitter)} must be four numbers >= 0")
+
+
+@dataclass
 class DataConfig:
     train_shards: str = _f("data/shapes/train-{000000..000007}.tar",
                            "webdataset shards: brace range, glob or directory")
@@ -206,19 +278,53 @@ class DataConfig:
     tokenizer: str = _f("data/shapes/tokenizer.model", "SentencePiece model file")
     shuffle_buffer: int = _f(256, "samples held in the shuffle buffer; 0 = no shuffle")
     num_workers: int = _f(0, "DataLoader worker processes per rank")
+    views: ViewsConfig = _section(ViewsConfig, "views and GeCo fields emitted per sample")
+    augment: AugmentConfig = _section(AugmentConfig, "image and text augmentation")
 
     def validate(self) -> None:
         _require(bool(self.train_shards.strip()), "data.train_shards must not be empty")
         _require(bool(self.tokenizer.strip()), "data.tokenizer must not be empty")
         _at_least(self, "data", ("shuffle_buffer", "num_workers"), 0)
+        self.views.validate()
+        self.augment.validate()
+
+
+@dataclass
+class LossWeights:
+    """Weight of each term in the total loss; a term with weight 0 is not computed at all."""
+
+    image_text: float = _f(1.0, "image <-> caption contrastive term (sigmoid or InfoNCE, see loss.contrastive)")
+    image_image: float = _f(0.0, "sigmoid loss between views of the images (crops, GeCo edits)")
+    text_text: float = _f(0.0, "sigmoid loss between a caption and its GeCo paraphrases / negatives")
+    mae: float = _f(0.0, "MAE: normalised-pixel MSE on the masked patches of view 0")
+    text_recon: float = _f(0.0, "causal decoder cross entropy reconstructing the caption from its embedding")
+    aug_contrastive: float = _f(0.0, "clip-rocket: InfoNCE between the augmented image view and the EDA caption")
+
+    def validate(self) -> None:
+        for name in self.__dataclass_fields__:
+            value = getattr(self, name)
+            _require(value >= 0, f"loss.weights.{name}={value} must be >= 0 (0 switches the term off)")
 
 
 @dataclass
 class LossConfig:
     sigmoid_impl: Literal["ring", "gather"] = _f("ring", "sigmoid loss across DP: ring send/recv or all-gather")
+    contrastive: Literal["sigmoid", "infonce"] = _f("sigmoid", "image-text term: SigLIP sigmoid or CLIP InfoNCE")
+    weights: LossWeights = _section(LossWeights, "weight of each loss term")
+    hard_negatives: bool = _f(True, "GeCo caption negatives also enter the image-text sigmoid term (label -1)")
+    mae_mask_ratio: float = _f(0.75, "fraction of view-0 patches masked for MAE")
+    mae_norm_pix: bool = _f(True, "MAE target = pixels normalised per patch (mean/var), as in MAE")
+    label_smoothing: float = _f(0.0, "label smoothing of the image-text InfoNCE")
+    aug_label_smoothing: float = _f(0.1, "label smoothing of the aug <-> aug InfoNCE (clip-rocket)")
 
     def validate(self) -> None:
-        pass  # the Literal type is the whole constraint; checked when loading
+        self.weights.validate()
+        _require(0 < self.mae_mask_ratio < 1, f"loss.mae_mask_ratio={self.mae_mask_ratio} must be in (0, 1)")
+        for name in ("label_smoothing", "aug_label_smoothing"):
+            value = getattr(self, name)
+            _require(0 <= value < 1, f"loss.{name}={value} must be in [0, 1)")
+        _require(any(getattr(self.weights, n) > 0 for n in self.weights.__dataclass_fields__),
+                 "every loss.weights.* is 0: at least one term must be switched on")
 
 
 @dataclass
@@ -267,16 +373,32 @@ class Config:
         _require(self.optim.warmup_steps <= self.train.steps,
                  f"optim.warmup_steps={self.optim.warmup_steps} must be <= train.steps={self.train.steps}")
 
+        self._validate_loss_inputs()
+        from tulip_mega.config.streams import input_streams
+
+        streams = input_streams(self)
         tp, pp = par.tensor_parallel, par.pipeline_parallel
         split = [("model.vision.num_heads", v.num_heads, "each TP rank must hold whole attention heads"),
                  ("model.text.num_heads", t.num_heads, "each TP rank must hold whole attention heads"),
                  ("model.vision.ffn_hidden_size", v.ffn_hidden_size, "the MLP is split column-wise across TP"),
                  ("model.text.ffn_hidden_size", t.ffn_hidden_size, "the MLP is split column-wise across TP"),
                  ("model.text.vocab_size", t.vocab_size, "the embedding is split by vocabulary rows across TP")]
+        for name, dec, used in (("mae_decoder", self.model.mae_decoder, self.loss.weights.mae > 0),
+                                ("text_decoder", self.model.text_decoder, self.loss.weights.text_recon > 0)):
+            if used:
+                split += [(f"model.{name}.num_heads", dec.num_heads, "each TP rank must hold whole attention heads"),
+                          (f"model.{name}.ffn_hidden_size", dec.ffn_hidden_size,
+                           "the MLP is split column-wise across TP")]
         if par.sequence_parallel:
             why = "sequence parallelism splits the tokens evenly across TP"
             split += [("the vision sequence (model.vision.image_size/patch_size)^2", v.seq_length, why),
                       ("model.text.context_length", t.context_length, why)]
+            if streams.local_crops:
+                split.append(("the local-crop sequence (data.views.local_size/model.vision.patch_size)^2",
+                              streams.local_patches, why))
+            if streams.mae_visible:
+                split.append(("the MAE visible patches (patches x (1 - loss.mae_mask_ratio))",
+                              streams.mae_visible, why))
         for key, value, why in split:
             _require(value % tp == 0, f"{key}={value} is not divisible by parallel.tensor_parallel={tp}: {why}")
         for key, layers in (("model.vision.num_layers", v.num_layers), ("model.text.num_layers", t.num_layers)):
@@ -287,6 +409,32 @@ class Config:
                 _require(self.recompute.num_layers <= per_stage,
                          f"recompute.num_layers={self.recompute.num_layers} exceeds the {per_stage} layers per "
                          f"pipeline stage of {key.rsplit('.', 1)[0]} ({layers} layers / {pp} stages)")
+
+
+    def _validate_loss_inputs(self) -> None:
+        """Every switched-on loss term must get the inputs it needs from data.views."""
+        w, views, patch = self.loss.weights, self.data.views, self.model.vision.patch_size
+        if w.image_image > 0:
+            n = views.global_crops + views.local_crops + (2 if views.geco_images else 0)
+            _require(n >= 2, f"loss.weights.image_image={w.image_image} needs at least two views per image, but "
+                             f"data.views gives {n} (global_crops={views.global_crops}, local_crops="
+                             f"{views.local_crops}, geco_images={views.geco_images})")
+            if views.local_crops:
+                _require(views.local_size % patch == 0,
+                         f"data.views.local_size={views.local_size} is not divisible by "
+                         f"model.vision.patch_size={patch}: local crops must tile into whole patches")
+        if w.text_text > 0:
+            _require(views.paraphrases + views.negatives >= 1,
+                     f"loss.weights.text_text={w.text_text} needs GeCo texts: set data.views.paraphrases and/or "
+                     "data.views.negatives >= 1")
+        if w.aug_contrastive > 0:
+            _require(views.global_crops >= 2 and views.eda,
+                     f"loss.weights.aug_contrastive={w.aug_contrastive} pairs the second global crop with the EDA "
+                     f"caption: needs data.views.global_crops >= 2 (got {views.global_crops}) and "
+                     f"data.views.eda=true (got {views.eda})")
+        for name, dec in (("mae_decoder", self.model.mae_decoder), ("text_decoder", self.model.text_decoder)):
+            for key, value in vars(dec).items():
+                _require(value is not None, f"model.{name}.{key} is unset; call resolve(cfg) before validate()")
 
 
 def data_parallel_size(cfg: Config, world_size: int) -> int:

@@ -1,0 +1,122 @@
+"""Which inputs one step feeds through the towers, derived from the recipe in one place.
+
+The loss weights decide what must be computed ("a term with weight 0 costs no compute"), and
+that decides what the loader emits, what the vision and text towers encode, how the pipeline
+packs activations between stages, and how many FLOPs a sample costs. All of those read this
+`Streams` object instead of re-deriving it from the weights, so they cannot disagree.
+
+A *stream* is one batched call of a tower: every view in it has the same sequence length.
+Inside a stream the views are laid out view-major: [view 0 of every sample, view 1 of every
+sample, ...], i.e. a tower input of batch `views * micro_batch`.
+
+Pure Python (no torch) so config validation, `plan` and FLOP counts stay instant.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class VisionStream:
+    name: str  # "global" | "local" | "mae"
+    image_size: int  # pixels per side of the views in this stream
+    views: int  # views per sample
+    seq: int  # tokens per view entering the tower (visible patches only for "mae")
+
+
+@dataclass(frozen=True)
+class Streams:
+    """What the towers encode per sample, and the slices of each stream.
+
+    global stream layout: [view 0 (caption view) | extra global crops (G-1) | GeCo edits (pos, neg)]
+    text stream layout:   [caption | paraphrases (P) | negatives (N) | EDA caption (0/1)]
+    """
+
+    extra_global_crops: int  # global crops after view 0 that reach the tower
+    local_crops: int
+    geco_edits: bool  # pos/neg edited images as two more global views
+    paraphrases: int  # P texts per sample
+    negatives: int  # N texts per sample
+    eda_caption: bool
+    mae_visible: int  # visible patches of view 0 encoded for MAE; 0 = MAE off
+    image_size: int
+    local_size: int
+    patches: int  # tokens per full-resolution view
+    local_patches: int
+
+    # --- vision ---------------------------------------------------------------------------
+    @property
+    def global_views(self) -> int:
+        return 1 + self.extra_global_crops + (2 if self.geco_edits else 0)
+
+    @property
+    def vision(self) -> tuple[VisionStream, ...]:
+        out = [VisionStream("global", self.image_size, self.global_views, self.patches)]
+        if self.local_crops:
+            out.append(VisionStream("local", self.local_size, self.local_crops, self.local_patches))
+        if self.mae_visible:
+            out.append(VisionStream("mae", self.image_size, 1, self.mae_visible))
+        return tuple(out)
+
+    @property
+    def image_views(self) -> int:
+        """Views entering the image-image loss: every global and local view (edits included)."""
+        return self.global_views + self.local_crops
+
+    # --- text -----------------------------------------------------------------------------
+    @property
+    def texts(self) -> int:
+        """Texts per sample through the text tower."""
+        return 1 + self.paraphrases + self.negatives + (1 if self.eda_caption else 0)
+
+    def text_slice(self, part: str) -> slice:
+        """Rows (in units of samples) of one part of the text stream: caption, paraphrases,
+        negatives or eda."""
+        sizes = {"caption": 1, "paraphrases": self.paraphrases, "negatives": self.negatives,
+                 "eda": 1 if self.eda_caption else 0}
+        start = 0
+        for name, n in sizes.items():
+            if name == part:
+                return slice(start, start + n)
+            start += n
+        raise KeyError(f"unknown text part {part!r}; valid: {', '.join(sizes)}")
+
+    def global_slice(self, part: str) -> slice:
+        """Views (in units of samples) of one part of the global stream: first, crops or edits."""
+        sizes = {"first": 1, "crops": self.extra_global_crops, "edits": 2 if self.geco_edits else 0}
+        start = 0
+        for name, n in sizes.items():
+            if name == part:
+                return slice(start, start + n)
+            start += n
+        raise KeyError(f"unknown global part {part!r}; valid: {', '.join(sizes)}")
+
+
+def mae_visible_patches(patches: int, mask_ratio: float) -> int:
+    """Visible (kept) patches per image, as in MAE: int(L * (1 - mask_ratio)), at least 1."""
+    return max(1, int(patches * (1.0 - mask_ratio)))
+
+
+def input_streams(cfg) -> Streams:
+    """The streams the recipe's non-zero loss terms need (see the module docstring)."""
+    w, views, loss = cfg.loss.weights, cfg.data.views, cfg.loss
+    v = cfg.model.vision
+    patches = (v.image_size // v.patch_size) ** 2
+    uses_ii = w.image_image > 0
+    uses_aug = w.aug_contrastive > 0
+    extra_global = views.global_crops - 1 if (uses_ii or uses_aug) else 0
+    hard_negatives = w.image_text > 0 and loss.contrastive == "sigmoid" and loss.hard_negatives
+    return Streams(
+        extra_global_crops=extra_global,
+        local_crops=views.local_crops if uses_ii else 0,
+        geco_edits=views.geco_images and uses_ii,
+        paraphrases=views.paraphrases if w.text_text > 0 else 0,
+        negatives=views.negatives if (w.text_text > 0 or hard_negatives) else 0,
+        eda_caption=views.eda and uses_aug,
+        mae_visible=mae_visible_patches(patches, loss.mae_mask_ratio) if w.mae > 0 else 0,
+        image_size=v.image_size,
+        local_size=views.local_size,
+        patches=patches,
+        local_patches=(views.local_size // v.patch_size) ** 2,
+    )
