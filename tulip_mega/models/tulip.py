@@ -81,6 +81,12 @@ class TulipModel(MegatronModule):
             text_hidden=t.hidden_size,
         )
 
+    def packed_shape(self, micro_batch: int) -> tuple[int, int, int]:
+        """The (rows, micro_batch, width) tensor this stage sends to / receives from its pipeline
+        neighbours for a forward of `micro_batch` samples (pass to the schedule's
+        adjust_tensor_shapes_fn)."""
+        return self.packer.shape(micro_batch)
+
     def set_input_tensor(self, input_tensor) -> None:
         """Called by megatron's schedule with the tensor received from the previous stage."""
         if isinstance(input_tensor, (list, tuple)):

@@ -93,7 +93,7 @@ class TrainStep:
         config.finalize_model_grads_func = finalize_model_grads
         config.no_sync_func = model.no_sync
         config.grad_scale_func = optimizer.scale_loss
-        self.packed_shape = self.module.packer.shape(self.micro_batch_size)
+        self.packed_shape = self.module.packed_shape(self.micro_batch_size)
         if self.pp > 1:
             check_pipeline_shapes(self.packed_shape)
 
