@@ -17,6 +17,7 @@ setup(
         "numpy",
         "pillow",
         "safetensors",
+        "matplotlib",  # tulip-mega report (PNG curves) and data inspect (image grids)
         "psutil",  # megatron dist_checkpointing writer needs it
     ],
     extras_require={

@@ -92,6 +92,7 @@ def train(cfg: Config, env: Optional[LaunchEnv] = None) -> dict:
             to_load, model, optimizer, scheduler, loader.state_dict() if loader else None, model_shape(cfg)
         )
         start_step = restored["step"]
+        step_fn.completed_steps = start_step
         if loader is not None and restored["loader"] is not None:
             loader.load_state_dict(restored["loader"])
         log.info("resumed from %s at step %d", to_load, start_step)

@@ -84,6 +84,9 @@ class TrainStep:
         self.num_microbatches = num_microbatches
         self.micro_batch_size = cfg.train.micro_batch_size
         self.module: TulipModel = model.module
+        # Optimizer steps done so far (the loop sets it after a resume); per-step randomness
+        # that must be identical on every rank and layout (the MAE mask) is keyed by it.
+        self.completed_steps = 0
         self.loss = DistributedSigmoidLoss(
             group=parallel_state.get_data_parallel_group(), impl=cfg.loss.sigmoid_impl
         )
@@ -149,6 +152,7 @@ class TrainStep:
             if not ok:
                 raise FloatingPointError("optimizer step skipped: non-finite gradients")
             self.scheduler.step(increment=1)
+            self.completed_steps += 1
             metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
             metrics["lr"] = self.optimizer.param_groups[0]["lr"]
         metrics.update(reduce_reports(reports))
