@@ -1,0 +1,256 @@
+"""Weighted sigmoid loss between arbitrary row and column sets, across data parallel.
+
+TULIP's extra contrastive terms are SigLIP losses whose positives are not a diagonal:
+
+  * image-image: every view (global/local crop, GeCo image edit) of the same image is a
+    positive, a view against itself is ignored, views of other images are negatives;
+  * text-text: a caption against its GeCo paraphrases (+1) and meaning-changing edits (-1);
+  * image-text with GeCo hard-negative captions (-1 for the image they were written for).
+
+So the loss takes explicit pair weights w in {+1, -1, 0} (positive, negative, ignored):
+
+    logits = s * rows @ cols.T + b                                  # [R, C_global]
+    loss   = -(1/R) * sum_{r, c} |w_rc| * log sigmoid(w_rc * logits_rc)
+           =  (1/R) * sum_{r, c} |w_rc| * softplus(-w_rc * logits_rc)
+
+Under data parallelism the column set is the concatenation (in group-rank order) of every
+rank's columns. A rank knows how its rows weigh its OWN columns (`local_weights`, any of
++1/-1/0) but only needs one number per column for how every OTHER rank's rows see it
+(`remote_col_weights`: -1 a valid negative, 0 ignore, e.g. a padding slot or a missing GeCo
+field): pairs across ranks always come from different samples, so they can only be negatives.
+`same_sample_weights` builds both from per-row / per-column sample labels.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from tulip_mega.losses.sigmoid import (
+    ScalarLike,
+    _AllGatherRows,
+    _as_scalar,
+    _compute_dtype,
+    _logits,
+)
+
+__all__ = ["DistributedPairSigmoidLoss", "pair_sigmoid_loss", "same_sample_weights"]
+
+
+# --------------------------------------------------------------------------------------------
+# Validation and process-group helpers (also used by infonce.py)
+# --------------------------------------------------------------------------------------------
+
+
+def rank_and_world(group: Optional[dist.ProcessGroup]) -> tuple[int, int]:
+    """(rank in `group`, size of `group`); (0, 1) when torch.distributed is not initialised.
+
+    Lets every loss run unchanged in a single process (unit tests, DP=1 debugging).
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        if group is not None:
+            raise RuntimeError("a process group was given but torch.distributed is not initialised")
+        return 0, 1
+    rank = dist.get_rank(group)
+    if rank < 0:
+        raise RuntimeError("this process is not a member of the given data-parallel group")
+    return rank, dist.get_world_size(group)
+
+
+def check_embeddings(names: tuple[str, str], a: torch.Tensor, b: torch.Tensor) -> None:
+    """Both 2-D with the same embedding dim; the message names the two arguments."""
+    if a.dim() != 2 or b.dim() != 2:
+        raise ValueError(
+            f"{names[0]} and {names[1]} must be 2-D [batch, dim], got shapes "
+            f"{tuple(a.shape)} and {tuple(b.shape)}"
+        )
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(
+            f"{names[0]} and {names[1]} must have the same embedding dim, got shapes "
+            f"{tuple(a.shape)} and {tuple(b.shape)}"
+        )
+
+
+def _check_weights(name: str, w: torch.Tensor, shape: tuple[int, ...], allowed: tuple[float, ...]) -> None:
+    """Shape, numeric dtype and values of a weight tensor (reading the values syncs the device)."""
+    if tuple(w.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(w.shape)}")
+    if w.dtype == torch.bool or w.is_complex():
+        # True/False would silently read as positive/ignored, never as negative.
+        raise ValueError(
+            f"{name} must be a numeric (float or int) tensor with entries in {allowed}, got {w.dtype}"
+        )
+    valid = torch.zeros_like(w, dtype=torch.bool)
+    for v in allowed:
+        valid |= w == v  # NaN matches nothing, so it is rejected too
+    if not bool(valid.all()):
+        bad = w[~valid].flatten()[:5].tolist()
+        raise ValueError(f"{name} entries must be in {allowed}, found e.g. {bad}")
+
+
+def _weighted_loss(rows: torch.Tensor, cols: torch.Tensor, weights: torch.Tensor,
+                   scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """(1/R) * sum |w| * softplus(-w * logits), element-wise part in float32 (or float64)."""
+    logits = _logits(rows, cols, scale, bias)  # [R, C]
+    w = weights.to(device=logits.device, dtype=logits.dtype)  # [R, C]
+    # |w| zeroes the ignored pairs, and their gradient, exactly.
+    return (w.abs() * F.softplus(-w * logits)).sum() / rows.shape[0]
+
+
+# --------------------------------------------------------------------------------------------
+# Dense reference and the weight-matrix helper
+# --------------------------------------------------------------------------------------------
+
+
+def pair_sigmoid_loss(rows: torch.Tensor, cols: torch.Tensor, weights: torch.Tensor,
+                      logit_scale: ScalarLike, logit_bias: ScalarLike) -> torch.Tensor:
+    """Dense weighted sigmoid loss (1/R) * sum_rc |w_rc| softplus(-w_rc (s <x_r, y_c> + b)).
+
+    rows [R, D] and cols [C, D] L2-normalised, weights [R, C] in {+1, -1, 0}, logit_scale
+    already exponentiated. Returns a 0-dim tensor (float32 for half inputs). The
+    normalisation is by R whatever the number of ignored pairs, so masking a pair never
+    rescales the others.
+    """
+    check_embeddings(("rows", "cols"), rows, cols)
+    _check_weights("weights", weights, (rows.shape[0], cols.shape[0]), (1.0, -1.0, 0.0))
+    scale = _as_scalar("logit_scale", logit_scale, rows)
+    bias = _as_scalar("logit_bias", logit_bias, rows)
+    return _weighted_loss(rows, cols, weights, scale, bias)
+
+
+def same_sample_weights(
+    row_sample: torch.Tensor,
+    col_sample: torch.Tensor,
+    col_weight: torch.Tensor,
+    col_valid: Optional[torch.Tensor] = None,
+    same_object: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(local_weights [R, C], remote_col_weights [C]) for DistributedPairSigmoidLoss.
+
+    Rows and columns are labelled with the LOCAL sample they come from (e.g. view v of image i
+    has sample label i). The weight of row r against column c is
+
+        0              if column c is not valid (padding slot, missing GeCo field),
+        0              if (r, c) is the same object (an embedding against itself),
+        col_weight[c]  if they come from the same sample (+1 crop / paraphrase, -1 GeCo
+                       negative, 0 to ignore),
+        -1             otherwise (another sample: a plain negative).
+
+    Every other rank's rows come from other samples, so they see column c as -1 when it is
+    valid and 0 otherwise: that is `remote_col_weights`.
+
+    Args:
+        row_sample: [R] integer sample label of each row.
+        col_sample: [C] integer sample label of each column.
+        col_weight: [C] in {+1, -1, 0}: how rows of the column's own sample weigh it.
+        col_valid: [C] bool, whether the column exists. Default: col_weight != 0 (a column
+            that does not even pair with its own sample is treated as absent).
+        same_object: optional (row_object [R], col_object [C]) integer ids; a pair with equal
+            ids is one embedding against itself and is ignored. For image-image with the same
+            views as rows and columns pass (arange(V), arange(V)).
+
+    Returns float32 tensors on col_weight's device.
+    """
+    for name, t in (("row_sample", row_sample), ("col_sample", col_sample)):
+        if t.dim() != 1 or t.is_floating_point() or t.dtype == torch.bool:
+            raise ValueError(f"{name} must be a 1-D integer tensor, got {t.dtype} of shape {tuple(t.shape)}")
+    num_cols = col_sample.shape[0]
+    _check_weights("col_weight", col_weight, (num_cols,), (1.0, -1.0, 0.0))
+    if col_valid is None:
+        col_valid = col_weight != 0
+    elif col_valid.dtype != torch.bool or tuple(col_valid.shape) != (num_cols,):
+        raise ValueError(f"col_valid must be a bool tensor of shape ({num_cols},), got "
+                         f"{col_valid.dtype} of shape {tuple(col_valid.shape)}")
+    valid = col_valid.to(torch.float32)  # [C]
+    same = row_sample[:, None] == col_sample[None, :]  # [R, C]
+    weights = torch.where(same, col_weight.to(torch.float32)[None, :], -1.0) * valid[None, :]
+    if same_object is not None:
+        row_object, col_object = same_object
+        if tuple(row_object.shape) != tuple(row_sample.shape) or tuple(col_object.shape) != (num_cols,):
+            raise ValueError(
+                f"same_object must be (row_object {tuple(row_sample.shape)}, col_object ({num_cols},)), "
+                f"got shapes {tuple(row_object.shape)} and {tuple(col_object.shape)}"
+            )
+        weights = weights.masked_fill(row_object[:, None] == col_object[None, :], 0.0)
+    return weights, -valid
+
+
+# --------------------------------------------------------------------------------------------
+# Public module
+# --------------------------------------------------------------------------------------------
+
+
+class DistributedPairSigmoidLoss(torch.nn.Module):
+    """Weighted sigmoid loss of this rank's rows against the columns of the whole DP group.
+
+    Per rank: (1/R) * sum over MY rows r and ALL global columns c of |w| softplus(-w l_rc),
+    where the global columns are every rank's `cols` concatenated in group-rank order, and
+    w = local_weights[r, c] for my own columns, remote_col_weights_p[c] for column c of
+    rank p != me. Implemented by all-gathering the columns with gradient (the backward
+    reduce-scatters, i.e. sums, each column's gradient back to its owner) and the remote
+    weights without gradient, then one dense [R, W*C] block in float32. Memory O(R * W*C).
+
+    Contract (with the same R and C on every rank; pad columns with weight 0 if needed):
+      * the mean over ranks of the returned losses equals pair_sigmoid_loss on the
+        concatenated rows/columns with the block weight matrix [local on the diagonal
+        blocks, remote column weights elsewhere];
+      * after every rank's backward, gradients divided by the DP size (what megatron's DDP
+        averaging does) equal that dense loss's gradients for rows, columns, scale and bias.
+
+    Args:
+        group: the DATA-PARALLEL group (not the world under TP/PP). None = default group;
+            with one rank, or torch.distributed not initialised, this is the dense loss.
+    """
+
+    def __init__(self, group: Optional[dist.ProcessGroup] = None) -> None:
+        super().__init__()
+        self.group = group
+
+    def forward(
+        self,
+        rows: torch.Tensor,
+        cols: torch.Tensor,
+        local_weights: torch.Tensor,
+        remote_col_weights: torch.Tensor,
+        logit_scale: ScalarLike,
+        logit_bias: ScalarLike,
+        row_valid: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """This rank's 0-dim loss.
+
+        rows [R, D], cols [C, D] (L2-normalised), local_weights [R, C] in {+1,-1,0},
+        remote_col_weights [C] in {-1, 0}. row_valid: optional [R] bool; a False row (a padding
+        anchor, e.g. a missing GeCo image edit) is ignored against EVERY column, local and
+        remote, which local_weights alone cannot express. The normalisation stays 1/R.
+        """
+        check_embeddings(("rows", "cols"), rows, cols)
+        num_rows, num_cols = rows.shape[0], cols.shape[0]
+        _check_weights("local_weights", local_weights, (num_rows, num_cols), (1.0, -1.0, 0.0))
+        _check_weights("remote_col_weights", remote_col_weights, (num_cols,), (-1.0, 0.0))
+        if row_valid is not None and (row_valid.dtype != torch.bool or tuple(row_valid.shape) != (num_rows,)):
+            raise ValueError(f"row_valid must be a bool tensor of shape ({num_rows},), got "
+                             f"{row_valid.dtype} of shape {tuple(row_valid.shape)}")
+        scale = _as_scalar("logit_scale", logit_scale, rows)
+        bias = _as_scalar("logit_bias", logit_bias, rows)
+        rank, world = rank_and_world(self.group)
+        if world == 1:
+            weights = local_weights
+            if row_valid is not None:
+                weights = weights * row_valid.to(device=weights.device, dtype=weights.dtype)[:, None]
+            return _weighted_loss(rows, cols, weights, scale, bias)
+
+        all_cols = _AllGatherRows.apply(cols, self.group, world)  # [W*C, D]
+        cdtype = _compute_dtype(rows.dtype)
+        remote = remote_col_weights.detach().to(device=cols.device, dtype=cdtype).contiguous()
+        all_remote = remote.new_empty(world * num_cols)  # [W*C]
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        gather(all_remote, remote, group=self.group)
+        weights = all_remote[None, :].repeat(num_rows, 1)  # [R, W*C]: how I see foreign columns
+        own = slice(rank * num_cols, (rank + 1) * num_cols)
+        weights[:, own] = local_weights.to(device=weights.device, dtype=cdtype)
+        if row_valid is not None:
+            weights *= row_valid.to(device=weights.device, dtype=cdtype)[:, None]
+        return _weighted_loss(rows, all_cols, weights, scale, bias)
