@@ -30,14 +30,40 @@ def make_cfg(overrides: Sequence[str]) -> Config:
 
 
 def global_batches(cfg: Config, steps: int, seed: int = 0) -> list[Batch]:
-    """`steps` global batches of random images and token ids (the same on every rank)."""
+    """`steps` global batches of random images and token ids (the same on every rank), with
+    every extra field the recipe's loss terms need (input_streams); GeCo validity masks are
+    random, so missing fields (ignored pairs) are exercised too."""
+    from tulip_mega.config.streams import input_streams
+
     g = torch.Generator().manual_seed(seed)
-    n, size = cfg.train.global_batch_size, cfg.model.vision.image_size
+    s = input_streams(cfg)
+    n, size, L = cfg.train.global_batch_size, cfg.model.vision.image_size, cfg.model.text.context_length
+
+    def images(*lead: int, side: int = size) -> torch.Tensor:
+        return torch.randn(*lead, 3, side, side, generator=g)
+
+    def tokens(*lead: int) -> torch.Tensor:
+        return torch.randint(3, 200, (*lead, L), generator=g)
+
+    def valid(*shape: int) -> torch.Tensor:
+        return torch.rand(*shape, generator=g) < 0.75
+
     out = []
     for _ in range(steps):
-        images = torch.randn(n, 3, size, size, generator=g)
-        tokens = torch.randint(3, 200, (n, cfg.model.text.context_length), generator=g)
-        out.append(Batch(images=images, tokens=tokens, keys=[str(i) for i in range(n)]))
+        b = Batch(images=images(n), tokens=tokens(n), keys=[f"s{len(out)}-{i}" for i in range(n)])
+        if s.extra_global_crops:
+            b.crops = images(n, s.extra_global_crops)
+        if s.local_crops:
+            b.local_crops = images(n, s.local_crops, side=s.local_size)
+        if s.geco_edits:
+            b.edits, b.edit_valid = images(n, 2), valid(n, 2)
+        if s.paraphrases:
+            b.paraphrases, b.paraphrase_valid = tokens(n, s.paraphrases), valid(n, s.paraphrases)
+        if s.negatives:
+            b.negatives, b.negative_valid = tokens(n, s.negatives), valid(n, s.negatives)
+        if s.eda_caption:
+            b.eda_tokens = tokens(n)
+        out.append(b)
     return out
 
 
@@ -48,7 +74,7 @@ def rank_microbatches(cfg: Config, batches: list[Batch], dp_rank: int, dp_size: 
     for b in batches:
         lo = dp_rank * per_rank
         for m in range(lo, lo + per_rank, mb):
-            yield Batch(images=b.images[m : m + mb], tokens=b.tokens[m : m + mb], keys=b.keys[m : m + mb])
+            yield b.slice(m, m + mb)
 
 
 def _shard_entries(model, attr: str) -> list[tuple]:
@@ -116,10 +142,11 @@ def step_worker(overrides: Sequence[str], steps: int = 1, optimizer_steps: bool 
     dp_size = parallel_state.get_data_parallel_world_size()
     it = rank_microbatches(cfg, global_batches(cfg, steps), parallel_state.get_data_parallel_rank(), dp_size)
     probe = _probe_first_vision_layer(model.module)
-    losses = []
+    losses, metrics = [], {}
     for i in range(steps):
         if optimizer_steps or i < steps - 1:
-            losses.append(step(it)["loss"])
+            metrics = step(it)
+            losses.append(metrics["loss"])
         else:
             # Last step: forward+backward only, so the gradients are still there to compare.
             model.zero_grad_buffer()
@@ -132,10 +159,12 @@ def step_worker(overrides: Sequence[str], steps: int = 1, optimizer_steps: bool 
             )
             from tulip_mega.training.step import reduce_reports
 
-            losses.append(reduce_reports(reports)["loss"])
+            metrics = reduce_reports(reports, step.report_keys)
+            losses.append(metrics["loss"])
     return {
         "rank": dist.get_rank(),
         "losses": losses,
+        "metrics": metrics,
         "entries": _shard_entries(model.module, "data" if optimizer_steps else "grad"),
         "probe": probe,
     }

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from tulip_mega.models.packing import TowerActivationPacker
+from tulip_mega.models.packing import ActivationPacker, PackedPart
 from tulip_mega.parallel.init import first_slurm_host, launch_env
 
 
@@ -33,21 +33,35 @@ def test_launch_env_torchrun_slurm_single():
 
 @pytest.mark.parametrize("hv,ht", [(64, 64), (64, 48), (96, 64)])
 def test_packing_round_trip(hv, ht):
-    p = TowerActivationPacker(vision_seq=5, vision_hidden=hv, text_seq=3, text_hidden=ht)
-    v, t = torch.randn(5, 2, hv), torch.randn(3, 2, ht)
-    packed = p.pack(v, t)
+    p = ActivationPacker((PackedPart("global", 5, 3, hv), PackedPart("mae", 2, 1, hv), PackedPart("text", 3, 4, ht)))
+    parts = {"global": torch.randn(5, 3 * 2, hv), "mae": torch.randn(2, 2, hv), "text": torch.randn(3, 4 * 2, ht)}
+    packed = p.pack(parts)
     assert packed.shape == p.shape(2)
     assert packed._base is None, "megatron deallocates pipeline outputs: the packed tensor must not be a view"
-    v2, t2 = p.unpack(packed)
-    assert torch.equal(v2, v) and torch.equal(t2, t)
+    back = p.unpack(packed)
+    for name, x in parts.items():
+        assert torch.equal(back[name], x), name
+    # The micro-batch stays the middle axis: sample i of every part lives in packed[:, i].
+    one = p.unpack(packed[:, 1:2].contiguous())
+    assert torch.equal(one["global"], parts["global"].view(5, 3, 2, hv)[:, :, 1])
+    assert torch.equal(one["text"], parts["text"].view(3, 4, 2, ht)[:, :, 1])
+
+
+def test_single_part_packing_is_a_copy():
+    p = ActivationPacker((PackedPart("text", 4, 1, 8),))
+    x = torch.randn(4, 2, 8)
+    packed = p.pack({"text": x})
+    assert packed._base is None and packed.data_ptr() != x.data_ptr() and torch.equal(packed, x)
 
 
 def test_packing_rejects_wrong_shapes_and_dtypes():
-    p = TowerActivationPacker(vision_seq=4, vision_hidden=8, text_seq=2, text_hidden=8)
-    with pytest.raises(ValueError, match="expected vision"):
-        p.pack(torch.randn(3, 1, 8), torch.randn(2, 1, 8))
+    p = ActivationPacker((PackedPart("global", 4, 1, 8), PackedPart("text", 2, 1, 8)))
+    with pytest.raises(ValueError, match="expected global"):
+        p.pack({"global": torch.randn(3, 1, 8), "text": torch.randn(2, 1, 8)})
     with pytest.raises(ValueError, match="pipeline dtype"):
-        p.pack(torch.randn(4, 1, 8), torch.randn(2, 1, 8).double())
+        p.pack({"global": torch.randn(4, 1, 8), "text": torch.randn(2, 1, 8).double()})
+    with pytest.raises(ValueError, match="expected parts"):
+        p.pack({"global": torch.randn(4, 1, 8)})
     with pytest.raises(ValueError, match="received pipeline tensor"):
         p.unpack(torch.randn(7, 1, 8))
 

@@ -44,6 +44,7 @@ class Streams:
     local_size: int
     patches: int  # tokens per full-resolution view
     local_patches: int
+    text_recon: bool = False  # the last stage decodes the caption from its embedding
 
     # --- vision ---------------------------------------------------------------------------
     @property
@@ -119,4 +120,5 @@ def input_streams(cfg) -> Streams:
         local_size=views.local_size,
         patches=patches,
         local_patches=(views.local_size // v.patch_size) ** 2,
+        text_recon=w.text_recon > 0,
     )

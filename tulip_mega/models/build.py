@@ -7,8 +7,8 @@ from typing import Optional
 from megatron.core import parallel_state
 
 from tulip_mega.models.init import initialize_parameters, load_full_tensors
-from tulip_mega.models.megatron_config import tower_config
-from tulip_mega.models.tulip import TulipModel
+from tulip_mega.models.megatron_config import decoder_config, tower_config
+from tulip_mega.models.tulip import TRAINING_ONLY, TulipModel
 from tulip_mega.parallel.init import device
 
 
@@ -21,23 +21,35 @@ def build_model(cfg, use_te: Optional[bool] = None) -> TulipModel:
     """
     vision_config = tower_config(cfg, "vision")
     text_config = tower_config(cfg, "text")
+    weights = cfg.loss.weights
+    decoder_configs = {}
+    if weights.mae > 0:
+        decoder_configs["mae"] = decoder_config(cfg, "mae")
+    if weights.text_recon > 0:
+        decoder_configs["text"] = decoder_config(cfg, "text")
     model = TulipModel(
         vision_config,
         text_config,
-        cfg.model,
+        cfg,
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
         use_te=use_te,
+        decoder_configs=decoder_configs,
     )
     model.to(device=device(), dtype=vision_config.params_dtype)
     initialize_parameters(
         model,
         seed=cfg.run.seed,
         std=cfg.model.init_std,
-        num_layers={"vision_block": cfg.model.vision.num_layers, "text_block": cfg.model.text.num_layers},
+        num_layers={
+            "vision_block": cfg.model.vision.num_layers,
+            "text_block": cfg.model.text.num_layers,
+            "mae_decoder": cfg.model.mae_decoder.num_layers,
+            "text_decoder": cfg.model.text_decoder.num_layers,
+        },
     )
     if cfg.model.init_from_hf:
         from tulip_mega.convert.hf import import_hf_siglip
 
-        load_full_tensors(model, import_hf_siglip(cfg.model.init_from_hf, cfg.model))
+        load_full_tensors(model, import_hf_siglip(cfg.model.init_from_hf, cfg.model), optional=TRAINING_ONLY)
     return model

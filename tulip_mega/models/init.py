@@ -88,13 +88,15 @@ def _iter_sharded(tree) -> Iterable[ShardedTensor]:
             yield from _iter_sharded(v)
 
 
-def load_full_tensors(model: torch.nn.Module, full: dict[str, torch.Tensor]) -> int:
+def load_full_tensors(model: torch.nn.Module, full: dict[str, torch.Tensor], optional: tuple[str, ...] = ()) -> int:
     """Copy this rank's slice of full (unsharded) tensors into `model` (one pipeline stage).
 
     `full` is keyed like a dist checkpoint (what `load_plain_tensors` returns): one key per
     parameter kind with the layers stacked on axis 0. Transformer Engine's fused LayerNorm
     names and the local spec's names are interchangeable. Raises naming the key when a tensor
-    is missing or its shape differs. Returns the number of tensors copied.
+    is missing or its shape differs, except keys starting with one of `optional` (modules the
+    source cannot have, e.g. the training-only decoders), which keep their values. Returns the
+    number of tensors copied.
     """
     from tulip_mega.convert.megatron_to_plain import canonical_key
 
@@ -107,6 +109,9 @@ def load_full_tensors(model: torch.nn.Module, full: dict[str, torch.Tensor]) -> 
             src = full.get(sh.key)
             if src is None:
                 src = by_canonical.get(canonical_key(sh.key))
+            if src is None and sh.key.startswith(optional):
+                done.add(sh.data.data_ptr())  # training-only module the source lacks: keeps its init
+                continue
             if src is None:
                 raise KeyError(f"init_from_hf: no tensor for model key {sh.key!r} (global shape {tuple(sh.global_shape)})")
             if tuple(src.shape) != tuple(sh.global_shape):

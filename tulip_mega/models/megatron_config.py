@@ -1,4 +1,5 @@
-"""Map a recipe (tulip_mega.config.Config) onto megatron-core TransformerConfigs, one per tower.
+"""Map a recipe (tulip_mega.config.Config) onto megatron-core TransformerConfigs, one per tower
+and one per reconstruction decoder.
 
 Parallel sizes, precision (bf16/fp32, FP8 via Transformer Engine), activation recompute and
 sequence parallel all reach the towers through these configs: the tower code never reads the
@@ -17,6 +18,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from tulip_mega.parallel.init import use_cuda
 
 Tower = Literal["vision", "text"]
+DecoderName = Literal["mae", "text"]
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -35,9 +37,45 @@ def params_dtype(cfg) -> torch.dtype:
 def tower_config(cfg, tower: Tower) -> TransformerConfig:
     """The TransformerConfig of one tower (sizes from the resolved recipe)."""
     t = cfg.model.vision if tower == "vision" else cfg.model.text
+    return _transformer_config(
+        cfg, t, pipeline_parallel=cfg.parallel.pipeline_parallel, recompute=True
+    )
+
+
+def decoder_config(cfg, which: DecoderName) -> TransformerConfig:
+    """The TransformerConfig of a reconstruction decoder ('mae' pixels or 'text' caption).
+
+    Same precision, FP8, TP size and sequence parallel as the towers, the decoder's own sizes
+    (`model.mae_decoder` / `model.text_decoder`), and `pipeline_model_parallel_size=1`: a
+    decoder is one block that lives entirely on the LAST pipeline stage. megatron-core 0.16.1
+    derives both the layers a TransformerBlock builds (`get_num_layers_to_build`:
+    num_layers // pipeline_model_parallel_size) and its layer offset
+    (`get_transformer_layer_offset`: 0 whenever pipeline_model_parallel_size == 1, whatever the
+    pp rank) from this config, so the decoder builds all `num_layers` layers numbered from 1,
+    and its `sharded_state_dict()` (keys and layer offsets) is identical under any PP: its
+    checkpoints reshard like the towers'. The default process groups stay in use (TP splits
+    the decoder like the towers; the pp group is not consulted once the size is 1), so no
+    process group has to be created, which would be a collective over every stage.
+
+    Activation recompute is off: the decoders are small (2 layers by default) and the
+    recipe's `recompute.num_layers` is sized for the towers' layers per stage.
+    """
+    if which not in ("mae", "text"):
+        raise ValueError(f"decoder_config: which={which!r}; expected 'mae' or 'text'")
+    dec = cfg.model.mae_decoder if which == "mae" else cfg.model.text_decoder
+    unset = [k for k in ("hidden_size", "num_heads", "ffn_hidden_size") if getattr(dec, k) is None]
+    if unset:
+        raise ValueError(f"model.{which}_decoder.{unset[0]} is unset: pass a config resolved by load_config")
+    return _transformer_config(cfg, dec, pipeline_parallel=1, recompute=False)
+
+
+def _transformer_config(cfg, t, pipeline_parallel: int, recompute: bool) -> TransformerConfig:
+    """A TransformerConfig with the sizes of `t` (num_layers, hidden_size, num_heads,
+    ffn_hidden_size) and everything else from the recipe."""
     dtype = params_dtype(cfg)
     cuda = use_cuda()
     rc = cfg.recompute
+    granularity = rc.granularity if recompute else None
     fp8 = {}
     if cfg.precision.fp8 is not None:
         fp8 = dict(
@@ -54,7 +92,7 @@ def tower_config(cfg, tower: Tower) -> TransformerConfig:
         kv_channels=t.hidden_size // t.num_heads,
         # Parallelism
         tensor_model_parallel_size=cfg.parallel.tensor_parallel,
-        pipeline_model_parallel_size=cfg.parallel.pipeline_parallel,
+        pipeline_model_parallel_size=pipeline_parallel,
         sequence_parallel=cfg.parallel.sequence_parallel,
         pipeline_dtype=dtype,
         # On a CPU, megatron's batched p2p would call torch.cuda.synchronize().
@@ -86,8 +124,8 @@ def tower_config(cfg, tower: Tower) -> TransformerConfig:
         perform_initialization=False,
         init_method_std=cfg.model.init_std,
         # Activation recompute
-        recompute_granularity=rc.granularity,
-        recompute_method=rc.method if rc.granularity == "full" else None,
-        recompute_num_layers=rc.num_layers if rc.granularity == "full" else None,
+        recompute_granularity=granularity,
+        recompute_method=rc.method if granularity == "full" else None,
+        recompute_num_layers=rc.num_layers if granularity == "full" else None,
     )
 

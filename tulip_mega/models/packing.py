@@ -1,12 +1,13 @@
-"""Pack the activations of both towers into one tensor for megatron's pipeline p2p.
+"""Pack every tower call of a pipeline stage into one tensor for megatron's pipeline p2p.
 
 megatron's schedules send exactly one tensor of shape (rows, micro_batch, width) between
-stages. Every stage holds a slice of the vision AND the text tower, so both towers' hidden
-states [s, b, h] travel together: each is laid out as rows of a common width
-(gcd of the two hidden sizes) and the rows are concatenated. With equal hidden sizes (the
-usual case) this is a plain `torch.cat` along the sequence; otherwise a permute+copy.
-The packed tensor is always a fresh tensor (never a view), as megatron's output
-deallocation requires.
+stages. Every stage holds a slice of the vision AND the text tower, and one step may run the
+vision tower several times (full-resolution views, low-resolution local crops, MAE visible
+patches: one *stream* each, see tulip_mega/config/streams.py) and the text tower once over
+all texts. Each stream's hidden states [s, views*b, h] (view-major) travel together: they are
+laid out as rows of a common width W (gcd of the hidden sizes) with the micro-batch kept as
+the middle axis, and the rows of all streams are concatenated. The packed tensor is always a
+fresh tensor (never a view), as megatron's output deallocation requires.
 """
 
 from __future__ import annotations
@@ -18,66 +19,73 @@ import torch
 
 
 @dataclass(frozen=True)
-class TowerActivationPacker:
-    """Knows the per-rank activation shapes of both towers on a pipeline boundary."""
+class PackedPart:
+    """One tower call crossing a pipeline boundary: [seq, views * b, hidden] on this rank."""
 
-    vision_seq: int  # sequence length on this rank (already divided by TP under sequence parallel)
-    vision_hidden: int
-    text_seq: int
-    text_hidden: int
+    name: str
+    seq: int  # tokens per view on this rank (already divided by TP under sequence parallel)
+    views: int  # views per sample (the tower's batch is views * micro_batch, view-major)
+    hidden: int
+
+
+@dataclass(frozen=True)
+class ActivationPacker:
+    """Knows the per-rank activation shapes of every part on a pipeline boundary."""
+
+    parts: tuple[PackedPart, ...]
 
     @property
     def width(self) -> int:
-        return math.gcd(self.vision_hidden, self.text_hidden)
+        return math.gcd(*(p.hidden for p in self.parts))
 
-    @property
-    def vision_rows(self) -> int:
-        return self.vision_seq * self.vision_hidden // self.width
-
-    @property
-    def text_rows(self) -> int:
-        return self.text_seq * self.text_hidden // self.width
+    def rows(self, part: PackedPart) -> int:
+        return part.seq * part.views * (part.hidden // self.width)
 
     def shape(self, micro_batch: int) -> tuple[int, int, int]:
         """The p2p tensor shape (rows, micro_batch, width) megatron must allocate."""
-        return (self.vision_rows + self.text_rows, micro_batch, self.width)
+        return (sum(self.rows(p) for p in self.parts), micro_batch, self.width)
 
-    def _to_rows(self, x: torch.Tensor) -> torch.Tensor:
-        s, b, h = x.shape
-        k = h // self.width
-        if k == 1:
-            return x
-        # [s, b, h] -> [s, b, k, W] -> [s, k, b, W] -> [s*k, b, W]
-        return x.reshape(s, b, k, self.width).permute(0, 2, 1, 3).reshape(s * k, b, self.width)
+    def _to_rows(self, x: torch.Tensor, part: PackedPart) -> torch.Tensor:
+        s, vb, h = x.shape
+        b, k = vb // part.views, h // self.width
+        # [s, v*b, h] -> [s, v, b, k, W] -> [s, v, k, b, W] -> [s*v*k, b, W]
+        return x.reshape(s, part.views, b, k, self.width).permute(0, 1, 3, 2, 4).reshape(-1, b, self.width)
 
-    def _from_rows(self, rows: torch.Tensor, seq: int, hidden: int) -> torch.Tensor:
-        k = hidden // self.width
-        if k == 1:
-            return rows
-        b = rows.shape[1]
-        # [s*k, b, W] -> [s, k, b, W] -> [s, b, k, W] -> [s, b, h]
-        return rows.reshape(seq, k, b, self.width).permute(0, 2, 1, 3).reshape(seq, b, hidden)
+    def _from_rows(self, rows: torch.Tensor, part: PackedPart) -> torch.Tensor:
+        b, k = rows.shape[1], part.hidden // self.width
+        # [s*v*k, b, W] -> [s, v, k, b, W] -> [s, v, b, k, W] -> [s, v*b, h]
+        x = rows.reshape(part.seq, part.views, k, b, self.width).permute(0, 1, 3, 2, 4)
+        return x.reshape(part.seq, part.views * b, part.hidden)
 
-    def pack(self, vision: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """[s_v, b, h_v] and [s_t, b, h_t] -> [rows, b, W] (a new tensor)."""
-        expected_v = (self.vision_seq, self.vision_hidden)
-        expected_t = (self.text_seq, self.text_hidden)
-        if (vision.shape[0], vision.shape[2]) != expected_v or (text.shape[0], text.shape[2]) != expected_t:
+    def pack(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """{name: [s, views*b, h]} -> [rows, b, W] (a new tensor), in the order of `parts`."""
+        if set(tensors) != {p.name for p in self.parts}:
+            raise ValueError(f"pipeline packing expected parts {[p.name for p in self.parts]}, got {sorted(tensors)}")
+        dtypes = {t.dtype for t in tensors.values()}
+        if len(dtypes) != 1:
+            raise ValueError(f"every tower call must share the pipeline dtype, got {sorted(map(str, dtypes))}")
+        out = []
+        for part in self.parts:
+            x = tensors[part.name]
+            if x.dim() != 3 or x.shape[0] != part.seq or x.shape[2] != part.hidden or x.shape[1] % part.views:
+                raise ValueError(
+                    f"pipeline packing expected {part.name} [s, views*b, h] = [{part.seq}, {part.views}*b, "
+                    f"{part.hidden}], got {tuple(x.shape)}"
+                )
+            out.append(self._to_rows(x, part))
+        return torch.cat(out, dim=0) if len(out) > 1 else out[0].clone()
+
+    def unpack(self, packed: torch.Tensor) -> dict[str, torch.Tensor]:
+        """[rows, b, W] -> {name: [s, views*b, h]} (views of the received tensor)."""
+        expected = self.shape(packed.shape[1])
+        if packed.dim() != 3 or (packed.shape[0], packed.shape[2]) != (expected[0], expected[2]):
             raise ValueError(
-                f"pipeline packing expected vision [s,b,h]=[{expected_v[0]},b,{expected_v[1]}] and text "
-                f"[{expected_t[0]},b,{expected_t[1]}], got {tuple(vision.shape)} and {tuple(text.shape)}"
+                f"received pipeline tensor of shape {tuple(packed.shape)}, expected ({expected[0]}, b, {expected[2]}) "
+                f"for parts {[(p.name, p.seq, p.views, p.hidden) for p in self.parts]}"
             )
-        if vision.dtype != text.dtype:
-            raise ValueError(f"both towers must share the pipeline dtype, got {vision.dtype} and {text.dtype}")
-        return torch.cat([self._to_rows(vision), self._to_rows(text)], dim=0)
-
-    def unpack(self, packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """[rows, b, W] -> ([s_v, b, h_v], [s_t, b, h_t])."""
-        if packed.shape[0] != self.vision_rows + self.text_rows or packed.shape[2] != self.width:
-            raise ValueError(
-                f"received pipeline tensor of shape {tuple(packed.shape)}, expected "
-                f"({self.vision_rows + self.text_rows}, b, {self.width})"
-            )
-        vision = self._from_rows(packed[: self.vision_rows], self.vision_seq, self.vision_hidden)
-        text = self._from_rows(packed[self.vision_rows :], self.text_seq, self.text_hidden)
-        return vision, text
+        out, start = {}, 0
+        for part in self.parts:
+            n = self.rows(part)
+            out[part.name] = self._from_rows(packed[start : start + n], part)
+            start += n
+        return out

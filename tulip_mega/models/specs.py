@@ -47,24 +47,30 @@ class SequenceParallelLayerNorm(torch.nn.LayerNorm):
             setattr(p, "sequence_parallel", bool(config.sequence_parallel))
 
 
-def _attention_spec(linear_qkv, core_attention, linear_proj) -> ModuleSpec:
-    # Both towers attend bidirectionally (SigLIP): no causal mask, no padding mask.
+def _attention_spec(linear_qkv, core_attention, linear_proj, causal: bool = False) -> ModuleSpec:
+    # Both towers (and the MAE decoder) attend bidirectionally (SigLIP): no causal mask, no
+    # padding mask. Only the caption decoder is causal; megatron builds that mask itself
+    # (attention_mask=None), so no mask tensor travels through the block.
     return ModuleSpec(
         module=SelfAttention,
-        params={"attn_mask_type": AttnMaskType.no_mask},
+        params={"attn_mask_type": AttnMaskType.causal if causal else AttnMaskType.no_mask},
         submodules=SelfAttentionSubmodules(
             linear_qkv=linear_qkv, core_attention=core_attention, linear_proj=linear_proj
         ),
     )
 
 
-def local_layer_spec() -> ModuleSpec:
-    """Pre-norm encoder layer from megatron-core's pure-PyTorch modules (CPU, tests)."""
+def local_layer_spec(causal: bool = False) -> ModuleSpec:
+    """Pre-norm encoder layer from megatron-core's pure-PyTorch modules (CPU, tests).
+
+    causal=True gives the same layer with causal self-attention (a decoder layer without
+    cross-attention).
+    """
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
             input_layernorm=SequenceParallelLayerNorm,
-            self_attention=_attention_spec(ColumnParallelLinear, DotProductAttention, RowParallelLinear),
+            self_attention=_attention_spec(ColumnParallelLinear, DotProductAttention, RowParallelLinear, causal),
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=SequenceParallelLayerNorm,
             mlp=ModuleSpec(
@@ -76,8 +82,9 @@ def local_layer_spec() -> ModuleSpec:
     )
 
 
-def te_layer_spec() -> ModuleSpec:
-    """Pre-norm encoder layer from Transformer Engine modules (fused LN+GEMM, FP8 capable)."""
+def te_layer_spec(causal: bool = False) -> ModuleSpec:
+    """Pre-norm encoder layer from Transformer Engine modules (fused LN+GEMM, FP8 capable);
+    causal=True makes its self-attention causal."""
     from megatron.core.extensions.transformer_engine import (
         TEDotProductAttention,
         TELayerNormColumnParallelLinear,
@@ -89,7 +96,7 @@ def te_layer_spec() -> ModuleSpec:
         submodules=TransformerLayerSubmodules(
             # The input LayerNorm is fused into linear_qkv, the pre-MLP one into linear_fc1.
             self_attention=_attention_spec(
-                TELayerNormColumnParallelLinear, TEDotProductAttention, TERowParallelLinear
+                TELayerNormColumnParallelLinear, TEDotProductAttention, TERowParallelLinear, causal
             ),
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=IdentityOp,
@@ -113,18 +120,25 @@ def final_norm_cls(use_te: bool):
     return SequenceParallelLayerNorm
 
 
-def encoder_layer_spec(use_te: Optional[bool] = None) -> ModuleSpec:
+def encoder_layer_spec(use_te: Optional[bool] = None, *, causal: bool = False) -> ModuleSpec:
     """The single TE-vs-local decision: TE when it imports (unless told otherwise)."""
     if use_te is None:
         use_te = transformer_engine_available()
-    return te_layer_spec() if use_te else local_layer_spec()
+    return te_layer_spec(causal) if use_te else local_layer_spec(causal)
 
 
-def block_spec(config: TransformerConfig, use_te: Optional[bool] = None) -> TransformerBlockSubmodules:
-    """A tower's TransformerBlock spec: this pipeline stage's encoder layers and a final LayerNorm."""
+def block_spec(
+    config: TransformerConfig, use_te: Optional[bool] = None, *, causal: bool = False
+) -> TransformerBlockSubmodules:
+    """A tower's TransformerBlock spec: this pipeline stage's encoder layers and a final LayerNorm.
+
+    causal=True (the caption decoder) makes every layer's self-attention causal. The layer count
+    comes from `config` and megatron's pipeline rank; a decoder config with
+    pipeline_model_parallel_size=1 (models/megatron_config.decoder_config) gets all its layers.
+    """
     if use_te is None:
         use_te = transformer_engine_available()
     return TransformerBlockSubmodules(
-        layer_specs=[encoder_layer_spec(use_te)] * get_num_layers_to_build(config),
+        layer_specs=[encoder_layer_spec(use_te, causal=causal)] * get_num_layers_to_build(config),
         layer_norm=final_norm_cls(use_te),
     )

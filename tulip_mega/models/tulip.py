@@ -3,12 +3,20 @@
 Like big_vision's two_towers: towers, pool, project, normalise; the model owns the logit
 scale and bias and returns the embeddings. Under pipeline parallel every stage holds a
 contiguous slice of the vision layers AND of the text layers; the first stage also holds the
-embeddings, the last stage the final norms, the heads and the logit scale/bias. Between
-stages both towers' activations travel packed in one tensor (models/packing.py).
+embeddings, the last stage the final norms, the heads, the logit scales/biases and the
+reconstruction decoders. Between stages every tower call's activations travel packed in one
+tensor (models/packing.py).
+
+One step may call each tower several times: the vision tower once per *stream* (full-size
+views: view 0 + extra global crops + GeCo edits; low-resolution local crops; MAE visible
+patches) and the text tower once over all texts (caption, paraphrases, negatives, EDA
+caption). Which streams run is decided by the loss weights (tulip_mega/config/streams.py);
+`forward` without a `streams` argument runs only view 0 and the caption (evaluation).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Optional
 
@@ -21,37 +29,66 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from tulip_mega.models.packing import TowerActivationPacker
+from tulip_mega.config.streams import Streams, input_streams
+from tulip_mega.models.decoders import AugProjector, CausalTextDecoder, MAEDecoder
+from tulip_mega.models.packing import ActivationPacker, PackedPart
 from tulip_mega.models.specs import block_spec
 from tulip_mega.models.vision import MAPHead, PatchEmbedding
 
 
-class TulipModel(MegatronModule):
-    """One pipeline stage of the two-tower model.
+# Modules that exist only for training losses: not part of SigLIP, not exported by `convert`,
+# and absent from a Hugging Face checkpoint used as init.
+TRAINING_ONLY = ("mae_decoder", "text_decoder", "aug_image_projector", "aug_text_projector", "aug_logit_scale",
+                 "ii_logit_", "tt_logit_")
 
-    forward(images [b,3,H,W], tokens [b,L]) returns, on the last stage, a dict with
-    L2-normalised `image_emb` / `text_emb` [b, e], `logit_scale` (already exp'd) and
-    `logit_bias`; on other stages the packed activations for the next stage.
+
+def base_streams(streams: Streams) -> Streams:
+    """Only view 0 and the caption: what evaluation and the plain SigLIP loss need."""
+    return dataclasses.replace(streams, extra_global_crops=0, local_crops=0, geco_edits=False, paraphrases=0,
+                               negatives=0, eda_caption=False, mae_visible=0, text_recon=False)
+
+
+def _view_major(x: torch.Tensor) -> torch.Tensor:
+    """[b, v, ...] -> [v*b, ...] (all samples' view 0, then all samples' view 1, ...)."""
+    return x.transpose(0, 1).reshape(-1, *x.shape[2:])
+
+
+class TulipModel(MegatronModule):
+    """One pipeline stage of the two-tower model (plus, on the last stage, the loss-stack heads).
+
+    forward(images [b,3,H,W], tokens [b,L], batch=None, mae_idx=None, streams=None) returns,
+    on the last stage, a dict with L2-normalised float32 `image_emb` / `text_emb` [b, e] (view
+    0 and the caption), `logit_scale` (already exp'd) and `logit_bias`, and when the streams
+    ask for them: `view_emb` [V, b, e] (every image view, view 0 first), `texts_emb` [T, b, e]
+    (every text, caption first), `ii_logit_*` / `tt_logit_*`, `aug_image` / `aug_text` /
+    `aug_logit_scale`, `mae_pred` [b, masked, p*p*3], `text_logits` [L, b, vocab/TP]. On
+    other stages it returns the packed activations for the next stage.
     """
 
     def __init__(
         self,
         vision_config: TransformerConfig,
         text_config: TransformerConfig,
-        model_cfg,
+        cfg,
         pre_process: bool = True,
         post_process: bool = True,
         use_te: Optional[bool] = None,
+        decoder_configs: Optional[dict[str, TransformerConfig]] = None,
     ) -> None:
         # The vision config doubles as the model's config for megatron's schedules/DDP.
         super().__init__(config=vision_config)
         self.model_type = ModelType.encoder_or_decoder  # one pipeline of stages (both towers per stage)
         self.share_embeddings_and_output_weights = False  # no tied input/output embedding to sync across PP
-        v, t = model_cfg.vision, model_cfg.text
+        model_cfg = cfg.model
+        v, t, w = model_cfg.vision, model_cfg.text, cfg.loss.weights
         self.pre_process = pre_process
         self.post_process = post_process
         self.text_config = text_config
         self.context_length = t.context_length
+        self.train_streams = input_streams(cfg)
+        self.eval_streams = base_streams(self.train_streams)
+        self._sp_tp = vision_config.tensor_model_parallel_size if vision_config.sequence_parallel else 1
+        self._received: Optional[torch.Tensor] = None
         if pre_process:
             self.vision_embed = PatchEmbedding(vision_config, v.image_size, v.patch_size)
             self.text_embed = LanguageModelEmbedding(
@@ -69,58 +106,147 @@ class TulipModel(MegatronModule):
         if post_process:
             # SigLIP: the image embedding is the MAP output (width = vision hidden); the text
             # head projects the last token to that width.
+            embed_dim = v.hidden_size
             self.vision_head = MAPHead(v.hidden_size, v.num_heads, v.ffn_hidden_size, model_cfg.layernorm_eps)
-            self.text_head = torch.nn.Linear(t.hidden_size, v.hidden_size)
+            self.text_head = torch.nn.Linear(t.hidden_size, embed_dim)
             self.logit_scale = torch.nn.Parameter(torch.tensor(math.log(model_cfg.temperature_init)))
             self.logit_bias = torch.nn.Parameter(torch.tensor(float(model_cfg.bias_init)))
-        tp = vision_config.tensor_model_parallel_size if vision_config.sequence_parallel else 1
-        self.packer = TowerActivationPacker(
-            vision_seq=(v.image_size // v.patch_size) ** 2 // tp,
-            vision_hidden=v.hidden_size,
-            text_seq=t.context_length // tp,
-            text_hidden=t.hidden_size,
-        )
+            if model_cfg.separate_logit_params:
+                for prefix, on in (("ii", w.image_image > 0), ("tt", w.text_text > 0)):
+                    if on:
+                        setattr(self, f"{prefix}_logit_scale",
+                                torch.nn.Parameter(torch.tensor(math.log(model_cfg.temperature_init))))
+                        setattr(self, f"{prefix}_logit_bias", torch.nn.Parameter(torch.tensor(float(model_cfg.bias_init))))
+            if w.aug_contrastive > 0:
+                self.aug_image_projector = AugProjector(embed_dim, model_cfg.aug_projector_hidden)
+                self.aug_text_projector = AugProjector(embed_dim, model_cfg.aug_projector_hidden)
+                self.aug_logit_scale = torch.nn.Parameter(torch.tensor(math.log(model_cfg.aug_temperature_init)))
+            if w.mae > 0:
+                self.mae_decoder = MAEDecoder(
+                    decoder_configs["mae"], v.hidden_size, self.train_streams.patches, v.patch_size, use_te
+                )
+            if w.text_recon > 0:
+                self.text_decoder = CausalTextDecoder(
+                    decoder_configs["text"], embed_dim, t.vocab_size, t.context_length, use_te
+                )
 
-    def packed_shape(self, micro_batch: int) -> tuple[int, int, int]:
+    # --- pipeline plumbing -------------------------------------------------------------------
+    def packer(self, streams: Optional[Streams] = None) -> ActivationPacker:
+        """The p2p layout of a forward over `streams` (default: evaluation, view 0 + caption)."""
+        streams = streams or self.eval_streams
+        vision_hidden, text_hidden = self.config.hidden_size, self.text_config.hidden_size
+        parts = [PackedPart(s.name, s.seq // self._sp_tp, s.views, vision_hidden) for s in streams.vision]
+        parts.append(PackedPart("text", self.context_length // self._sp_tp, streams.texts, text_hidden))
+        return ActivationPacker(tuple(parts))
+
+    def packed_shape(self, micro_batch: int, streams: Optional[Streams] = None) -> tuple[int, int, int]:
         """The (rows, micro_batch, width) tensor this stage sends to / receives from its pipeline
-        neighbours for a forward of `micro_batch` samples (pass to the schedule's
-        adjust_tensor_shapes_fn)."""
-        return self.packer.shape(micro_batch)
+        neighbours for a forward of `micro_batch` samples over `streams` (pass to the
+        schedule's adjust_tensor_shapes_fn)."""
+        return self.packer(streams).shape(micro_batch)
 
     def set_input_tensor(self, input_tensor) -> None:
-        """Called by megatron's schedule with the tensor received from the previous stage."""
+        """Called by megatron's schedule with the tensor received from the previous stage; it is
+        unpacked in `forward`, which knows the streams of this forward."""
         if isinstance(input_tensor, (list, tuple)):
             input_tensor = input_tensor[0]
-        if input_tensor is None:
-            return
-        vision, text = self.packer.unpack(input_tensor)
-        self.vision_block.set_input_tensor(vision)
-        self.text_block.set_input_tensor(text)
+        self._received = input_tensor
 
-    def forward(self, images: Optional[torch.Tensor] = None, tokens: Optional[torch.Tensor] = None):
-        vision = text = None
+    # --- forward -----------------------------------------------------------------------------
+    def forward(
+        self,
+        images: Optional[torch.Tensor] = None,
+        tokens: Optional[torch.Tensor] = None,
+        batch=None,
+        mae_idx: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+        streams: Optional[Streams] = None,
+    ):
+        """See the class docstring. `batch` (a dataloaders.base.Batch) carries the extra views
+        and texts on the first stage and the caption tokens on the last; `mae_idx` is
+        (visible_idx [b, k], masked_idx [b, m]) when the streams include MAE."""
+        streams = streams or self.eval_streams
         if self.pre_process:
-            vision = self.vision_embed(images)  # [s_v, b, h_v]
-            b, L = tokens.shape
-            position_ids = torch.arange(L, device=tokens.device).unsqueeze(0).expand(b, L)
-            text = self.text_embed(tokens, position_ids)  # [s_t, b, h_t]
-        vision = self.vision_block(vision, attention_mask=None)
-        text = self.text_block(text, attention_mask=None)
+            inputs = self._embed_inputs(images, tokens, batch, mae_idx, streams)
+        else:
+            inputs = self.packer(streams).unpack(self._received)
+        hidden = {}
+        for name, x in inputs.items():
+            block = self.text_block if name == "text" else self.vision_block
+            if not self.pre_process:
+                block.set_input_tensor(x)  # blocks without an embedding read their input from here
+            hidden[name] = block(x, attention_mask=None)
         if not self.post_process:
-            return self.packer.pack(vision, text)  # [rows, b, W]
-        return self.embed(vision, text)
+            return self.packer(streams).pack(hidden)  # [rows, b, W]
+        if tokens is None and batch is not None:
+            tokens = batch.tokens
+        return self._heads(hidden, tokens, mae_idx, streams)
 
-    def embed(self, vision: torch.Tensor, text: torch.Tensor) -> dict:
-        """Final hidden states -> normalised embeddings, scale and bias (last stage only)."""
+    def _embed_inputs(self, images, tokens, batch, mae_idx, streams: Streams) -> dict[str, torch.Tensor]:
+        """First stage: every stream's token embeddings, {name: [s, views*b, h]}."""
+        out = {}
+        views = [images]
+        if streams.extra_global_crops:
+            views.append(_view_major(batch.crops[:, : streams.extra_global_crops]))
+        if streams.geco_edits:
+            views.append(_view_major(batch.edits))
+        out["global"] = self.vision_embed(torch.cat(views) if len(views) > 1 else images)  # [s, G*b, h]
+        if streams.local_crops:
+            out["local"] = self.vision_embed(_view_major(batch.local_crops[:, : streams.local_crops]))
+        if streams.mae_visible:
+            out["mae"] = self.vision_embed(images, keep_idx=mae_idx[0])  # [k, b, h]
+        texts = [tokens]
+        for name, n in (("paraphrases", streams.paraphrases), ("negatives", streams.negatives)):
+            if n:
+                texts.append(_view_major(getattr(batch, name)[:, :n]))
+        if streams.eda_caption:
+            texts.append(batch.eda_tokens)
+        all_tokens = torch.cat(texts) if len(texts) > 1 else tokens  # [T*b, L]
+        n, L = all_tokens.shape
+        position_ids = torch.arange(L, device=all_tokens.device).unsqueeze(0).expand(n, L)
+        out["text"] = self.text_embed(all_tokens, position_ids)  # [L, T*b, h]
+        return out
+
+    def _full_sequence(self, x: torch.Tensor) -> torch.Tensor:
+        # Heads and decoders are replicated across TP: every rank needs the full sequences.
         if self.config.sequence_parallel:
-            # Heads are replicated across TP: every rank needs the full sequences.
-            vision = gather_from_sequence_parallel_region(vision, tensor_parallel_output_grad=False)
-            text = gather_from_sequence_parallel_region(text, tensor_parallel_output_grad=False)
-        image_emb = self.vision_head(vision.transpose(0, 1))  # [b, h_v]
-        text_emb = self.text_head(text[-1])  # last token -> [b, h_v]
-        return {
-            "image_emb": F.normalize(image_emb.float(), dim=-1),
-            "text_emb": F.normalize(text_emb.float(), dim=-1),
+            return gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=False)
+        return x
+
+    def _heads(self, hidden: dict[str, torch.Tensor], tokens, mae_idx, streams: Streams) -> dict:
+        """Last stage: final hidden states -> embeddings, scales, decoder outputs."""
+        b = hidden["text"].shape[1] // streams.texts
+        pooled = [self.vision_head(self._full_sequence(hidden["global"]).transpose(0, 1))]  # [G*b, e]
+        if streams.local_crops:
+            pooled.append(self.vision_head(self._full_sequence(hidden["local"]).transpose(0, 1)))
+        views_raw = torch.cat(pooled).view(-1, b, pooled[0].shape[-1])  # [V, b, e]
+        text_last = self._full_sequence(hidden["text"])[-1]  # last token of every text, [T*b, h_t]
+        texts_raw = self.text_head(text_last).view(streams.texts, b, -1)  # [T, b, e]
+        views_emb = F.normalize(views_raw.float(), dim=-1)
+        texts_emb = F.normalize(texts_raw.float(), dim=-1)
+        out = {
+            "image_emb": views_emb[0],
+            "text_emb": texts_emb[0],
             "logit_scale": self.logit_scale.float().exp(),
             "logit_bias": self.logit_bias.float(),
         }
+        if views_emb.shape[0] > 1:
+            out["view_emb"] = views_emb
+        if streams.texts > 1:
+            out["texts_emb"] = texts_emb
+        for prefix in ("ii", "tt"):
+            scale = getattr(self, f"{prefix}_logit_scale", None)
+            out[f"{prefix}_logit_scale"] = scale.float().exp() if scale is not None else out["logit_scale"]
+            bias = getattr(self, f"{prefix}_logit_bias", None)
+            out[f"{prefix}_logit_bias"] = bias.float() if bias is not None else out["logit_bias"]
+        if streams.eda_caption and streams.extra_global_crops:
+            crop = streams.global_slice("crops").start  # the first extra global crop
+            eda = streams.text_slice("eda").start
+            out["aug_image"] = F.normalize(self.aug_image_projector(views_raw[crop]).float(), dim=-1)
+            out["aug_text"] = F.normalize(self.aug_text_projector(texts_raw[eda]).float(), dim=-1)
+            out["aug_logit_scale"] = self.aug_logit_scale.float().exp()
+        if streams.mae_visible:
+            visible_idx, masked_idx = mae_idx
+            out["mae_pred"] = self.mae_decoder(self._full_sequence(hidden["mae"]), visible_idx, masked_idx)
+        if streams.text_recon:
+            out["text_logits"] = self.text_decoder(texts_raw[0], tokens)  # [L, b, vocab/TP]
+        return out

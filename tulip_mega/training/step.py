@@ -19,7 +19,8 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from tulip_mega.losses import DistributedSigmoidLoss
+from tulip_mega.losses.reconstruction import mae_mask
+from tulip_mega.losses.stack import TulipLossStack
 from tulip_mega.models.tulip import TulipModel
 from tulip_mega.parallel.init import device
 
@@ -87,44 +88,49 @@ class TrainStep:
         # Optimizer steps done so far (the loop sets it after a resume); per-step randomness
         # that must be identical on every rank and layout (the MAE mask) is keyed by it.
         self.completed_steps = 0
-        self.loss = DistributedSigmoidLoss(
-            group=parallel_state.get_data_parallel_group(), impl=cfg.loss.sigmoid_impl
+        self.streams = self.module.train_streams
+        self.loss = TulipLossStack(
+            cfg, self.streams, group=parallel_state.get_data_parallel_group(), pad_id=_pad_id(cfg)
         )
+        self.report_keys = ("loss", *(f"loss/{name}" for name in self.loss.terms), "logit_scale", "logit_bias")
         self.forward_backward = get_forward_backward_func()
         self.pp = parallel_state.get_pipeline_model_parallel_world_size()
         config = model.config
         config.finalize_model_grads_func = finalize_model_grads
         config.no_sync_func = model.no_sync
         config.grad_scale_func = optimizer.scale_loss
-        self.packed_shape = self.module.packed_shape(self.micro_batch_size)
+        self.packed_shape = self.module.packed_shape(self.micro_batch_size, self.streams)
         if self.pp > 1:
             check_pipeline_shapes(self.packed_shape)
 
     @property
     def needs_input(self) -> bool:
-        """Only the stage that embeds the inputs reads batches."""
-        return self.module.pre_process
+        """The stage that embeds the inputs reads batches, and so does the last stage when a
+        loss needs targets or GeCo validity masks (both read the same batches of their DP rank)."""
+        return self.module.pre_process or (self.module.post_process and self.loss.needs_batch)
 
     # --- megatron callbacks -------------------------------------------------------------
     def _forward_step(self, data_iterator: Iterator, model) -> tuple[Any, Callable]:
-        images = tokens = None
+        batch = images = tokens = mae_idx = None
         if self.needs_input:
-            batch = next(data_iterator)
-            images = batch.images.to(device(), non_blocking=True)
-            tokens = batch.tokens.to(device(), non_blocking=True)
-        output = model(images, tokens)
-        return output, partial(self._loss_func)
+            batch = next(data_iterator).to(device(), non_blocking=True)
+            images, tokens = batch.images, batch.tokens
+            if self.streams.mae_visible:
+                # Keyed by sample and step, so every stage, rank and layout draws the same mask.
+                mae_idx = tuple(i.to(device()) for i in mae_mask(
+                    batch.keys, self.completed_steps, self.cfg.run.seed, self.streams.patches, self.streams.mae_visible
+                ))
+        output = model(images, tokens, batch=batch, mae_idx=mae_idx, streams=self.streams)
+        return output, partial(self._loss_func, batch=batch, mae_idx=mae_idx)
 
-    def _loss_func(self, output: dict) -> tuple[torch.Tensor, dict]:
-        loss = self.loss(output["image_emb"], output["text_emb"], output["logit_scale"], output["logit_bias"])
-        # The schedule divides the returned loss in place: report a clone.
-        report = {
-            "loss": loss.detach().clone(),
-            "loss/image_text": loss.detach().clone(),
-            "logit_scale": output["logit_scale"].detach().clone(),
-            "logit_bias": output["logit_bias"].detach().clone(),
-        }
-        return loss, report
+    def _loss_func(self, output: dict, batch=None, mae_idx=None) -> tuple[torch.Tensor, dict]:
+        total, terms = self.loss(output, batch, mae_idx)
+        # The schedule divides the returned loss in place: report clones.
+        report = {"loss": total.detach().clone()}
+        report.update({f"loss/{name}": value.detach().clone() for name, value in terms.items()})
+        report["logit_scale"] = output["logit_scale"].detach().clone()
+        report["logit_bias"] = output["logit_bias"].detach().clone()
+        return total, report
 
     def _shapes(self, recv, send):
         return [self.packed_shape], [self.packed_shape]
@@ -155,14 +161,14 @@ class TrainStep:
             self.completed_steps += 1
             metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
             metrics["lr"] = self.optimizer.param_groups[0]["lr"]
-        metrics.update(reduce_reports(reports))
+        metrics.update(reduce_reports(reports, self.report_keys))
         return metrics
 
 
-def reduce_reports(reports: list[dict]) -> dict[str, float]:
+def reduce_reports(reports: list[dict], keys: tuple[str, ...]) -> dict[str, float]:
     """Average the last stage's per-micro-batch reports over micro-batches and DP ranks and
-    make the result known on every rank (rank 0 logs it, but it may not be a last stage)."""
-    keys = ("loss", "loss/image_text", "logit_scale", "logit_bias")
+    make the result known on every rank (rank 0 logs it, but it may not be a last stage).
+    `keys` must be the same on every rank (the loss stack's terms come from the recipe)."""
     values = torch.zeros(len(keys), dtype=torch.float64)
     if parallel_state.is_pipeline_last_stage() and reports:
         for i, k in enumerate(keys):
@@ -173,6 +179,18 @@ def reduce_reports(reports: list[dict]) -> dict[str, float]:
     dist.all_reduce(values, group=parallel_state.get_data_parallel_group())
     values /= parallel_state.get_data_parallel_world_size()
     return {k: float(v) for k, v in zip(keys, values.cpu())}
+
+
+def _pad_id(cfg) -> int:
+    """The caption padding id (ignored by the text reconstruction loss): the tokenizer's own
+    when its file is there, else the id our tokenizer trainer assigns."""
+    import os
+
+    from dataloaders.tokenizer import PAD_ID, Tokenizer
+
+    if cfg.loss.weights.text_recon > 0 and os.path.isfile(cfg.data.tokenizer):
+        return Tokenizer(cfg.data.tokenizer).pad_id
+    return PAD_ID
 
 
 def check_pipeline_shapes(shape: tuple[int, int, int]) -> None:

@@ -1,0 +1,155 @@
+"""The TULIP loss stack: one object from the model's outputs and the recipe weights to the total.
+
+    total = w_it * L_image_text      (sigmoid, GeCo caption negatives as extra -1 columns; or InfoNCE)
+          + w_ii * L_image_image     (sigmoid between views: crops/local crops +1, GeCo edits +1/-1/0)
+          + w_tt * L_text_text       (sigmoid: caption vs its paraphrases +1 and negatives -1)
+          + w_mae * L_mae            (normalised-pixel MSE on the masked patches of view 0)
+          + w_trec * L_text_recon    (causal decoder cross entropy on the caption)
+          + w_aug * L_aug            (clip-rocket: InfoNCE, augmented crop <-> EDA caption, own projector)
+
+Only terms with a non-zero weight are computed (the model does not even run their inputs, see
+tulip_mega/config/streams.py). Every contrastive term sees the whole data-parallel batch of
+the micro-batch: the columns of other DP ranks are negatives (weight -1), or ignored (0) where
+a GeCo field is missing. The stack runs on the last pipeline stage; `forward` returns the
+weighted total and every (unweighted) term for logging.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from tulip_mega.config.streams import Streams
+from tulip_mega.losses.infonce import DistributedInfoNCELoss
+from tulip_mega.losses.pairwise import DistributedPairSigmoidLoss, same_sample_weights
+from tulip_mega.losses.reconstruction import causal_text_loss, mae_loss
+from tulip_mega.losses.sigmoid import DistributedSigmoidLoss
+
+TERMS = ("image_text", "image_image", "text_text", "mae", "text_recon", "aug_contrastive")
+
+
+def pair_weights(
+    same_sample: torch.Tensor, valid: torch.Tensor, self_view: Sequence[Optional[int]]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weights of I row views against J column views of the same b samples (view-major), for
+    DistributedPairSigmoidLoss.
+
+    same_sample [J, b]: the weight of column (view j, sample d) for a row of the SAME sample
+    (+1 positive, -1 hard negative, 0 ignore); valid [J, b] (bool): whether that column exists
+    (a missing GeCo field does not). A row of another sample sees a valid column as a
+    negative (-1) and an invalid one as 0. `self_view[i]` is the column view that IS row view i
+    (the same embedding: weight 0), or None.
+
+    Returns (local [I*b, J*b], remote [J*b]): the weights for this rank's rows, and how the
+    rows of every other data-parallel rank see this rank's columns.
+    """
+    J, b = same_sample.shape
+    dev = same_sample.device
+    samples = torch.arange(b, device=dev)
+    row_object = torch.cat([samples + j * b if j is not None else -1 - samples - i * b
+                            for i, j in enumerate(self_view)])  # the column index a row IS, or a unique negative id
+    return same_sample_weights(
+        row_sample=samples.repeat(len(self_view)),
+        col_sample=samples.repeat(J),
+        col_weight=same_sample.reshape(-1),
+        col_valid=valid.reshape(-1),
+        same_object=(row_object, torch.arange(J * b, device=dev)),
+    )
+
+
+class TulipLossStack(torch.nn.Module):
+    """Weighted sum of the enabled TULIP / clip-rocket terms (see the module docstring)."""
+
+    def __init__(self, cfg, streams: Streams, group: Optional[dist.ProcessGroup], pad_id: int) -> None:
+        super().__init__()
+        loss = cfg.loss
+        self.streams = streams
+        self.weights = {name: float(getattr(loss.weights, name)) for name in TERMS}
+        self.terms = tuple(name for name in TERMS if self.weights[name] > 0)
+        self.contrastive = loss.contrastive
+        self.hard_negatives = bool(loss.hard_negatives and loss.contrastive == "sigmoid" and streams.negatives)
+        self.patch_size = cfg.model.vision.patch_size
+        self.mae_norm_pix = loss.mae_norm_pix
+        self.pad_id = pad_id
+        self.sigmoid = DistributedSigmoidLoss(group=group, impl=loss.sigmoid_impl)
+        self.pairwise = DistributedPairSigmoidLoss(group=group)
+        self.infonce = DistributedInfoNCELoss(group=group, label_smoothing=loss.label_smoothing)
+        self.aug_infonce = DistributedInfoNCELoss(group=group, label_smoothing=loss.aug_label_smoothing)
+
+    @property
+    def needs_batch(self) -> bool:
+        """Whether the last stage must read the batch (targets, GeCo validity masks)."""
+        s = self.streams
+        return bool(s.mae_visible or s.text_recon or s.geco_edits or s.paraphrases or s.negatives)
+
+    def forward(self, out: dict, batch=None, mae_idx=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(weighted total, {term: unweighted value}) for one micro-batch on this rank."""
+        values = {name: getattr(self, f"_{name}")(out, batch, mae_idx) for name in self.terms}
+        total = sum(self.weights[name] * value for name, value in values.items())
+        return total, values
+
+    # --- the terms ---------------------------------------------------------------------------
+    def _image_text(self, out: dict, batch, mae_idx) -> torch.Tensor:
+        image, text = out["image_emb"], out["text_emb"]
+        if self.contrastive == "infonce":
+            return self.infonce(image, text, out["logit_scale"])
+        if not self.hard_negatives:
+            return self.sigmoid(image, text, out["logit_scale"], out["logit_bias"])
+        s = self.streams
+        negatives = out["texts_emb"][s.text_slice("negatives")]  # [N, b, e]
+        b = image.shape[0]
+        ones = torch.ones(1, b, device=image.device)
+        valid_neg = batch.negative_valid[:, : s.negatives].t().to(image.device)  # [N, b]
+        same = torch.cat([ones, -valid_neg.float()])  # own caption +1, own GeCo negatives -1
+        valid = torch.cat([ones.bool(), valid_neg.bool()])
+        local, remote = pair_weights(same, valid, [None])
+        cols = torch.cat([text.unsqueeze(0), negatives]).reshape(-1, text.shape[-1])
+        return self.pairwise(image, cols, local, remote, out["logit_scale"], out["logit_bias"])
+
+    def _image_image(self, out: dict, batch, mae_idx) -> torch.Tensor:
+        s = self.streams
+        views = out["view_emb"]  # [V, b, e]: first, crops, edits, local crops
+        V, b, _ = views.shape
+        same = torch.ones(V, b, device=views.device)
+        valid = torch.ones(V, b, dtype=torch.bool, device=views.device)
+        if s.geco_edits:
+            edits = s.global_slice("edits")
+            edit_valid = batch.edit_valid.t().to(views.device).bool()  # [2, b]: pos, neg
+            valid[edits] = edit_valid
+            same[edits] = torch.stack([edit_valid[0].float(), -edit_valid[1].float()])
+        anchors = 1 + s.extra_global_crops  # the global crops (not the edits) are the anchors
+        local, remote = pair_weights(same, valid, list(range(anchors)))
+        rows = views[:anchors].reshape(anchors * b, -1)
+        return self.pairwise(rows, views.reshape(V * b, -1), local, remote, out["ii_logit_scale"], out["ii_logit_bias"])
+
+    def _text_text(self, out: dict, batch, mae_idx) -> torch.Tensor:
+        s = self.streams
+        n_texts = 1 + s.paraphrases + s.negatives  # the EDA caption (if any) is not a GeCo text
+        texts = out["texts_emb"][:n_texts]  # [1+P+N, b, e]
+        b = texts.shape[1]
+        dev = texts.device
+        parts_valid = [torch.ones(1, b, dtype=torch.bool, device=dev)]
+        parts_same = [torch.zeros(1, b, device=dev)]  # the caption itself (self pair, weight 0)
+        if s.paraphrases:
+            pv = batch.paraphrase_valid[:, : s.paraphrases].t().to(dev).bool()
+            parts_valid.append(pv)
+            parts_same.append(pv.float())
+        if s.negatives:
+            nv = batch.negative_valid[:, : s.negatives].t().to(dev).bool()
+            parts_valid.append(nv)
+            parts_same.append(-nv.float())
+        local, remote = pair_weights(torch.cat(parts_same), torch.cat(parts_valid), [0])
+        return self.pairwise(texts[0], texts.reshape(n_texts * b, -1), local, remote,
+                             out["tt_logit_scale"], out["tt_logit_bias"])
+
+    def _mae(self, out: dict, batch, mae_idx) -> torch.Tensor:
+        images = batch.images.to(out["mae_pred"].device)
+        return mae_loss(out["mae_pred"].float(), images.float(), mae_idx[1], self.patch_size, self.mae_norm_pix)
+
+    def _text_recon(self, out: dict, batch, mae_idx) -> torch.Tensor:
+        return causal_text_loss(out["text_logits"], batch.tokens.to(out["text_logits"].device), self.pad_id)
+
+    def _aug_contrastive(self, out: dict, batch, mae_idx) -> torch.Tensor:
+        return self.aug_infonce(out["aug_image"], out["aug_text"], out["aug_logit_scale"])
