@@ -22,7 +22,9 @@ setup(
     ],
     extras_require={
         # Never needed on CPU. TE needs the CUDA toolkit + cuDNN to build/import.
-        "gpu": ["transformer-engine[pytorch]", "nvidia-dali-cuda120"],
+        "gpu": ["transformer-engine[pytorch]", "nvidia-dali-cuda120>=2.4"],
+        # DALI loader (decode + all views, GeCo, EDA); its CPU pipelines run without a GPU.
+        "dali": ["nvidia-dali-cuda120>=2.4"],
         "dev": ["pytest>=7", "pytest-timeout", "transformers>=4.49"],  # convert tests; SiglipTextConfig.projection_size
     },
     entry_points={"console_scripts": ["tulip-mega=tulip_mega.cli:main"]},

@@ -38,7 +38,10 @@ from dataloaders.base import Batch
 from dataloaders.shards import ShardReadError, expand_shards, iter_samples
 from dataloaders.tokenizer import Tokenizer
 
-__all__ = ["SimpleLoader", "decode_image"]
+__all__ = ["BASIC_FIELDS", "SimpleLoader", "decode_image"]
+
+# The Batch fields this loader can fill; multi-view / GeCo / EDA fields need the DALI loader.
+BASIC_FIELDS: tuple[str, ...] = ("images", "tokens", "keys")
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +103,17 @@ class SimpleLoader:
         seed: int = 0,
         shuffle_buffer: int = 256,
         num_epochs: int | None = None,
+        fields: tuple[str, ...] = BASIC_FIELDS,
     ) -> None:
+        unsupported = [f for f in fields if f not in BASIC_FIELDS]
+        if unsupported:
+            from tulip_mega.config import ConfigError
+
+            raise ConfigError(
+                f"data.loader=simple (the PIL loader) only produces {list(BASIC_FIELDS)}, but the recipe's "
+                f"loss terms need {unsupported}; use data.loader=dali (pip install -e .[dali]) or set those "
+                f"loss.weights to 0"
+            )
         self.shards = expand_shards(shards) if isinstance(shards, str) else [os.fspath(s) for s in shards]
         if not self.shards:
             raise ValueError("SimpleLoader needs at least one shard")

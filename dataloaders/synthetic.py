@@ -4,8 +4,10 @@ Why: an end-to-end smoke test of contrastive pretraining needs image/text pairs 
 alignment is learnable in minutes on a CPU and checkable afterwards. Here the caption names
 exactly what is drawn ("a red circle on a blue background"), so a model that learns anything
 reaches high zero-shot accuracy on the (shape, colour) classes listed in ``classes.json``.
-Compositional hard negatives (colour/shape/background swapped) go into each sample's json
-for TULIP-style objectives.
+Compositional hard negatives (colour/shape/background swapped) and paraphrases (the other
+caption templates) go into each sample's json, and GeCo-style image edits into ``key.pos.jpg``
+(same shape and colour, new position/size) and ``key.neg.jpg`` (another shape or colour), so
+the full TULIP stack (GeCo text and image terms) trains on this set.
 
 Every sample is drawn from its own RNG seeded by (seed, split, index), and the shard writer
 fixes all tar metadata, so the same seed gives byte-identical shards.
@@ -95,16 +97,11 @@ def _jitter(rgb: tuple[int, int, int], rng: random.Random) -> tuple[int, int, in
     return tuple(min(255, max(0, v + rng.randint(-_COLOUR_JITTER, _COLOUR_JITTER))) for v in rgb)  # type: ignore[return-value]
 
 
-def make_sample(key: str, rng: random.Random, image_size: int) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Draw one sample; returns (webdataset sample dict, metadata with shape/colour/background)."""
-    shape = rng.choice(SHAPES)
-    colour = rng.choice(FOREGROUNDS)
-    background = rng.choice([b for b in BACKGROUNDS if b != colour])
-    s = image_size
+def _render(shape: str, colour: str, background: str, rng: random.Random, s: int) -> tuple[bytes, tuple[float, float, float]]:
+    """JPEG bytes of one shape at a random place/size/angle; returns (jpeg, (cx, cy, r))."""
     r = rng.uniform(0.2, 0.34) * s
     cx, cy = rng.uniform(r + 1, s - r - 1), rng.uniform(r + 1, s - r - 1)
     angle = rng.uniform(0, 2 * math.pi)
-
     img = Image.new("RGB", (s, s), _jitter(COLOURS[background], rng))
     draw = ImageDraw.Draw(img)
     fill = _jitter(COLOURS[colour], rng)
@@ -114,6 +111,15 @@ def make_sample(key: str, rng: random.Random, image_size: int) -> tuple[dict[str
         draw.polygon(_polygon(shape, cx, cy, r, angle), fill=fill)
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=_JPEG_QUALITY, subsampling=0)
+    return buf.getvalue(), (cx, cy, r)
+
+
+def make_sample(key: str, rng: random.Random, image_size: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Draw one sample; returns (webdataset sample dict, metadata with shape/colour/background)."""
+    shape = rng.choice(SHAPES)
+    colour = rng.choice(FOREGROUNDS)
+    background = rng.choice([b for b in BACKGROUNDS if b != colour])
+    jpeg, (cx, cy, r) = _render(shape, colour, background, rng, image_size)
 
     fields = {"colour": colour, "shape": shape, "background": background}
     template = rng.randrange(len(CAPTION_TEMPLATES))
@@ -126,11 +132,22 @@ def make_sample(key: str, rng: random.Random, image_size: int) -> tuple[dict[str
         _fill(base, colour=background, shape=shape, background=colour),  # attribute-binding swap
     ]
     meta = {**fields, "center": [round(cx, 2), round(cy, 2)], "radius": round(r, 2)}
+    # GeCo image edits, drawn after everything above so jpg/txt/json stay byte-identical to
+    # datasets written before edits existed. pos = same meaning (shape, colour, background),
+    # new position/size/angle; neg = meaning changed: another colour or another shape.
+    pos, _ = _render(shape, colour, background, rng, image_size)
+    if rng.random() < 0.5:
+        neg_shape, neg_colour = shape, rng.choice([c for c in FOREGROUNDS if c not in (colour, background)])
+    else:
+        neg_shape, neg_colour = rng.choice([x for x in SHAPES if x != shape]), colour
+    neg, _ = _render(neg_shape, neg_colour, background, rng, image_size)
     sample = {
         "__key__": key,
-        "jpg": buf.getvalue(),
+        "jpg": jpeg,
         "txt": caption,
         "json": {"paraphrases": paraphrases, "negatives": negatives, **meta},
+        "pos.jpg": pos,
+        "neg.jpg": neg,
     }
     return sample, meta
 

@@ -11,5 +11,6 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet "torch==2.13.0" "megatron-core==0.16.1" -e ".[dev]"
-echo "installed: $(.venv/bin/python -W ignore -c 'import torch, megatron.core as m; print("torch", torch.__version__, "| megatron-core", m.__version__)')"
+# The dali extra (nvidia-dali-cuda120, ~0.5 GB) runs its CPU pipelines here too: the default loader.
+.venv/bin/python -m pip install --quiet "torch==2.13.0" "megatron-core==0.16.1" "nvidia-dali-cuda120==2.4.0" -e ".[dev,dali]"
+echo "installed: $(.venv/bin/python -W ignore -c 'import torch, megatron.core as m, nvidia.dali as d; print("torch", torch.__version__, "| megatron-core", m.__version__, "| dali", d.__version__)')"

@@ -1,17 +1,34 @@
 """Build the training loader for this data-parallel rank from the recipe.
 
-The single place the trainer learns about data: swapping the simple loader for the DALI one
-(a later issue) changes this function only. TP ranks of one DP rank build identical loaders
-(same shards, same seed), so they see identical batches.
+The single place the trainer learns about data. ``data.loader`` picks the implementation:
+``dali`` (DALI decode + every view, GeCo fields and EDA; needs the ``dali`` extra), ``simple``
+(PIL, view 0 + caption only: it refuses recipes needing more, naming the field) or ``auto``
+(DALI when it imports). Both loaders read the same sample order and share the state format.
+TP ranks, and every pipeline stage, of one DP rank build identical loaders (same shards, same
+seed, randomness a function of the position only), so they see identical batches.
 """
 
 from __future__ import annotations
 
 from dataloaders.base import BatchLoader
+from dataloaders.dali_pipeline import ViewPlan, dali_available
 from dataloaders.shards import expand_shards
 from dataloaders.simple_loader import SimpleLoader
 from dataloaders.tokenizer import Tokenizer
 from tulip_mega.config import Config, ConfigError
+
+
+def use_dali(cfg: Config) -> bool:
+    """Resolve ``data.loader`` (auto -> DALI when ``nvidia.dali`` imports)."""
+    if cfg.data.loader == "simple":
+        return False
+    available = dali_available()
+    if cfg.data.loader == "dali" and not available:
+        raise ConfigError(
+            "data.loader=dali but nvidia.dali does not import; install it (pip install -e .[dali], "
+            "or scripts/install_cpu.sh) or set data.loader=auto/simple"
+        )
+    return available
 
 
 def build_train_loader(cfg: Config, dp_rank: int, dp_size: int) -> BatchLoader:
@@ -23,13 +40,18 @@ def build_train_loader(cfg: Config, dp_rank: int, dp_size: int) -> BatchLoader:
             f"model.text.vocab_size={cfg.model.text.vocab_size}; raise model.text.vocab_size "
             f"(a multiple of parallel.tensor_parallel) or train a smaller tokenizer"
         )
-    return SimpleLoader(
-        expand_shards(cfg.data.train_shards),
+    plan = ViewPlan.from_config(cfg)
+    common = dict(
         batch_size=cfg.train.micro_batch_size,
-        image_size=cfg.model.vision.image_size,
         tokenizer=tokenizer,
         dp_rank=dp_rank,
         dp_size=dp_size,
         seed=cfg.run.seed,
         shuffle_buffer=cfg.data.shuffle_buffer,
     )
+    shards = expand_shards(cfg.data.train_shards)
+    if use_dali(cfg):
+        from dataloaders.dali_loader import DaliLoader
+
+        return DaliLoader(shards, plan=plan, threads=cfg.data.threads, prefetch=cfg.data.prefetch, **common)
+    return SimpleLoader(shards, image_size=cfg.model.vision.image_size, fields=plan.fields(), **common)
