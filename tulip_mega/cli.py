@@ -1,4 +1,4 @@
-"""`tulip-mega <command>`: train, data, tokenizer, config, convert, reshard.
+"""`tulip-mega <command>`: train, plan, eval, report, data, tokenizer, config, convert, reshard.
 
 Each command imports only what it needs, so `tulip-mega config --keys` or `data synth` do not
 pay megatron-core's import time.
@@ -27,6 +27,42 @@ def _cmd_data_synth(args: argparse.Namespace) -> int:
     print(f"  train: {info['train_spec']}")
     print(f"  val:   {info['val_spec']}")
     return 0
+
+
+def _cmd_data_index(args: argparse.Namespace) -> int:
+    from dataloaders.dali_index import build_index
+    from dataloaders.shards import expand_shards
+
+    damaged = 0
+    for shard in expand_shards(args.data):
+        r = build_index(shard, args.index_dir)
+        damaged += r.damage is not None
+        print(f"{r.index}: {r.samples} samples" + (f"  DAMAGED: {r.damage}" if r.damage else ""))
+    return 1 if damaged else 0
+
+
+def _cmd_data_inspect(args: argparse.Namespace) -> int:
+    from dataloaders.inspect import inspect_recipe
+    from tulip_mega.config import ConfigError
+
+    overrides = list(args.overrides)
+    overrides += [f"data.train_shards={args.data}"] if args.data else []
+    overrides += [f"data.tokenizer={args.tokenizer}"] if args.tokenizer else []
+    try:
+        path = inspect_recipe(args.recipe, overrides, args.out, args.rows)
+    except ConfigError as e:
+        print(f"tulip-mega: config error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}")
+    return 0
+
+
+def _cmd_data_stats(args: argparse.Namespace) -> int:
+    from dataloaders.inspect import shard_stats
+
+    stats = shard_stats(args.data)
+    print(json.dumps(stats, indent=2))
+    return 1 if stats["damaged_shards"] or stats["problems"] else 0
 
 
 def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
@@ -85,6 +121,18 @@ def _cmd_reshard(args: argparse.Namespace) -> int:
         return 2
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from tulip_mega.report import make_report
+
+    try:
+        path = make_report(args.run_dir, args.out)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"tulip-mega: report error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tulip-mega", description="TULIP / SigLIP pretraining on megatron-core")
     sub = p.add_subparsers(dest="command", required=True)
@@ -92,6 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("train", help="train from a recipe (use torchrun or srun for several processes)", add_help=False)
     sub.add_parser("plan", help="check a recipe's layout on N nodes; estimate memory, FLOPs, step time",
                    add_help=False)
+    sub.add_parser("eval", help="zero-shot / retrieval evaluation of a checkpoint (torchrun for TP/PP)",
+                   add_help=False)
+    report = sub.add_parser("report", help="plot a run's loss terms, lr, throughput and eval curves to a PNG")
+    report.add_argument("run_dir", help="a run folder holding metrics.jsonl")
+    report.add_argument("--out", default=None, help="PNG path (default: RUN_DIR/report.png)")
+    report.set_defaults(func=_cmd_report)
 
     data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
     synth = data.add_parser("synth", help="write the synthetic shapes dataset as WebDataset shards")
@@ -102,6 +156,21 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--image-size", type=int, default=64)
     synth.add_argument("--seed", type=int, default=0)
     synth.set_defaults(func=_cmd_data_synth)
+    dindex = data.add_parser("index", help="write DALI index files (wds2idx v1.2) for shards, damaged tails left out")
+    dindex.add_argument("--data", required=True, help="shard spec (brace range, glob, folder)")
+    dindex.add_argument("--index-dir", default=None, help="folder for the .idx files (default: beside each shard)")
+    dindex.set_defaults(func=_cmd_data_index)
+    dinspect = data.add_parser("inspect", help="PNG grid of a recipe's first batch: every view, captions")
+    dinspect.add_argument("--recipe", default=None, help="recipe YAML (default: built-in defaults)")
+    dinspect.add_argument("overrides", nargs="*", help="recipe overrides (key=value)")
+    dinspect.add_argument("--data", default=None, help="shard spec (sets data.train_shards)")
+    dinspect.add_argument("--tokenizer", default=None, help="SentencePiece model (sets data.tokenizer)")
+    dinspect.add_argument("--out", required=True, help="PNG path")
+    dinspect.add_argument("--rows", type=int, default=8, help="samples shown (one per row)")
+    dinspect.set_defaults(func=_cmd_data_inspect)
+    dstats = data.add_parser("stats", help="count samples, fields, damaged shards and bad samples")
+    dstats.add_argument("--data", required=True, help="shard spec (brace range, glob, folder)")
+    dstats.set_defaults(func=_cmd_data_stats)
 
     tok = sub.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="tok_command", required=True)
     tt = tok.add_parser("train", help="train a sentencepiece tokenizer on the captions of shards")
@@ -147,6 +216,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from tulip_mega.plan import main as plan_main
 
         return plan_main(argv[1:])
+    if argv and argv[0] == "eval":
+        import warnings
+
+        # megatron-core's import-time notices (no TE/apex on a CPU) and checkpoint-API deprecations.
+        for pattern in (".*(Transformer Engine|Apex).*not installed.*", "full scope is deprecated",
+                        ".*(deprecat|DTensor).*"):
+            warnings.filterwarnings("ignore", message=pattern)
+        from tulip_mega.eval.runner import main as eval_main
+
+        return eval_main(argv[1:])
     args = build_parser().parse_args(argv)
     return args.func(args)
 

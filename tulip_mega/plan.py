@@ -26,7 +26,9 @@ L = layers; both towers are summed, each with its own h, f, a, s, L):
   activations per GPU                 L layers x the above: under 1F1B the first pipeline stage
                                       holds p micro-batches of L/p layers each (= L layers).
   forward FLOPs per pair and layer    2 s (4h^2 + 2hf) (matmuls) + 4 s^2 h (QK^T and AV)
-      plus the patch embedding 2 s 3 P^2 h, the MAP head and the text projection;
+      plus the patch embedding 2 s 3 P^2 h, the MAP head and the text projection, for every
+      view / text / decoder the loss terms switch on (tulip_mega.training.flops: the one
+      source, also used for the trainer's MFU);
       training = 3 x forward (forward + backward); full recompute adds one more forward,
       selective recompute adds the attention-score part (4 s^2 h per layer) once more.
   step time                           global_batch x model FLOPs / (GPUs x peak x MFU)
@@ -43,6 +45,8 @@ import argparse
 import dataclasses
 import sys
 from typing import Optional, Sequence
+
+from tulip_mega.training.flops import count_flops
 
 H100_BF16_DENSE_TFLOPS = 989.0
 GIB = 1024**3
@@ -69,11 +73,6 @@ class Tower:
     @property
     def layer_params(self) -> int:
         return self.layer_sharded_params + self.layer_replicated_params
-
-    def layer_forward_flops(self) -> tuple[int, int]:
-        """(matmul, attention-score) forward FLOPs of one layer for one sample."""
-        h, f, s = self.hidden, self.ffn, self.seq
-        return 2 * s * (4 * h * h + 2 * h * f), 4 * s * s * h
 
     def layer_activation_bytes(self, micro_batch: int, tp: int, sp: bool, recompute: Optional[str],
                                bytes_per_value: int = 2) -> float:
@@ -117,20 +116,10 @@ def param_counts(cfg) -> dict[str, int]:
 
 
 def forward_flops_per_sample(cfg) -> dict[str, int]:
-    """Forward FLOPs for one image-text pair, by part (2 FLOPs per multiply-add)."""
-    v, t = cfg.model.vision, cfg.model.text
-    vt, tt = towers(cfg)
-    out = {}
-    for tower in (vt, tt):
-        mm, attn = tower.layer_forward_flops()
-        out[f"{tower.name}_layers_matmul"] = tower.layers * mm
-        out[f"{tower.name}_layers_attention"] = tower.layers * attn
-    hv, s = v.hidden_size, v.seq_length
-    out["vision_patch_embed"] = 2 * s * 3 * v.patch_size**2 * hv
-    # MAP head: K,V projections over s tokens, q/out projections of the probe, scores, MLP.
-    out["vision_map_head"] = 2 * s * 2 * hv * hv + 2 * 2 * hv * hv + 4 * s * hv + 2 * 2 * hv * v.ffn_hidden_size
-    out["text_head"] = 2 * t.hidden_size * hv
-    return out
+    """Forward FLOPs for one sample, by part (2 FLOPs per multiply-add), from
+    tulip_mega.training.flops (every tower call, view, head and decoder the loss terms switch
+    on). The contrastive logits are left out here (see the module docstring)."""
+    return dict(count_flops(cfg).parts)
 
 
 @dataclasses.dataclass
@@ -203,7 +192,7 @@ def make_plan(cfg, nodes: int, gpus_per_node: int = 8, mfu: float = 0.40,
     if recompute == "full":
         hardware = model + fwd
     elif recompute == "selective":
-        hardware = model + fwd_parts["vision_layers_attention"] + fwd_parts["text_layers_attention"]
+        hardware = model + sum(v for k, v in fwd_parts.items() if k.endswith("_attention"))
     else:
         hardware = model
     step = gb * model / (gpus * peak_tflops * 1e12 * mfu)

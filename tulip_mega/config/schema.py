@@ -278,13 +278,19 @@ class DataConfig:
     tokenizer: str = _f("data/shapes/tokenizer.model", "SentencePiece model file")
     shuffle_buffer: int = _f(256, "samples held in the shuffle buffer; 0 = no shuffle")
     num_workers: int = _f(0, "DataLoader worker processes per rank")
+    loader: Literal["auto", "dali", "simple"] = _f(
+        "auto", "auto = DALI when nvidia.dali imports (all views, GeCo, EDA), else the PIL loader "
+        "(view 0 + caption only); dali / simple force one")
+    threads: int = _f(2, "DALI worker threads per rank for decode and augmentation")
+    prefetch: int = _f(2, "batches the DALI loader prepares ahead in a background thread; 0 = synchronous")
     views: ViewsConfig = _section(ViewsConfig, "views and GeCo fields emitted per sample")
     augment: AugmentConfig = _section(AugmentConfig, "image and text augmentation")
 
     def validate(self) -> None:
         _require(bool(self.train_shards.strip()), "data.train_shards must not be empty")
         _require(bool(self.tokenizer.strip()), "data.tokenizer must not be empty")
-        _at_least(self, "data", ("shuffle_buffer", "num_workers"), 0)
+        _at_least(self, "data", ("shuffle_buffer", "num_workers", "prefetch"), 0)
+        _at_least(self, "data", ("threads",), 1)
         self.views.validate()
         self.augment.validate()
 
@@ -343,9 +349,32 @@ class CheckpointConfig:
 @dataclass
 class LoggingConfig:
     tensorboard: bool = _f(True, "write TensorBoard event files into the run folder")
+    straggler_factor: float = _f(3.0, "warn when a step takes this many times the running median step time")
 
     def validate(self) -> None:
-        pass
+        _require(self.straggler_factor > 1, f"logging.straggler_factor={self.straggler_factor} must be > 1")
+
+
+@dataclass
+class EvalConfig:
+    """Zero-shot classification and image-text retrieval, in training and by `tulip-mega eval`."""
+
+    interval: int = _f(0, "steps between evaluations during training (and at the last step); 0 = off")
+    zeroshot_shards: Optional[str] = _f(None, "shards of the zero-shot set (brace range, glob, folder); "
+                                              "null = no zero-shot eval")
+    classes: Optional[str] = _f(None, "classes.json (class names + prompts, val_labels: key -> class); "
+                                      "null = classes.json beside the zero-shot shards")
+    retrieval_shards: Optional[str] = _f(None, "shards of the image-text retrieval set; null = no retrieval eval")
+    batch_size: Optional[int] = _f(None, "eval micro-batch per data-parallel rank; null = train.micro_batch_size")
+    max_samples: Optional[int] = _f(None, "evaluate at most this many samples per task (split over DP ranks); "
+                                          "null = all")
+
+    def validate(self) -> None:
+        _at_least(self, "eval", ("interval",), 0)
+        _at_least(self, "eval", ("batch_size", "max_samples"), 1)
+        _require(not self.interval or bool(self.zeroshot_shards or self.retrieval_shards),
+                 f"eval.interval={self.interval} but no eval set: set eval.zeroshot_shards and/or "
+                 "eval.retrieval_shards (or eval.interval=0)")
 
 
 @dataclass
@@ -361,6 +390,7 @@ class Config:
     loss: LossConfig = _section(LossConfig, "contrastive loss implementation")
     checkpoint: CheckpointConfig = _section(CheckpointConfig, "saving, resuming, loading")
     logging: LoggingConfig = _section(LoggingConfig, "metric sinks")
+    eval: EvalConfig = _section(EvalConfig, "zero-shot / retrieval evaluation")
 
     def validate(self) -> None:
         """Every check that does not need the world size; the model must be resolved first."""

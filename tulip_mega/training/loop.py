@@ -24,7 +24,17 @@ from tulip_mega.models.build import build_model
 from tulip_mega.parallel.init import LaunchEnv, check_runtime_support, device, init_parallel, launch_env
 from tulip_mega.training.checkpoint import load_checkpoint, read_latest, save_checkpoint
 from tulip_mega.training.data import build_train_loader
+from tulip_mega.training.flops import count_flops, tokens_per_sample
 from tulip_mega.training.metrics import MetricsLogger, setup_logging
+from tulip_mega.training.throughput import (
+    StragglerDetector,
+    TimedIterator,
+    achieved_tflops,
+    device_peak,
+    mfu,
+    peak_memory_gib,
+    precision_name,
+)
 from tulip_mega.training.signals import PreemptionSignal
 from tulip_mega.training.step import TrainStep, make_optimizer, make_scheduler, wrap_ddp
 
@@ -77,6 +87,12 @@ def train(cfg: Config, env: Optional[LaunchEnv] = None) -> dict:
     ) if step_fn.needs_input else None
     n_params = sum(p.numel() for p in model.parameters())
     log.info("this rank's model stage holds %.2fM parameters", n_params / 1e6)
+    speed = _SpeedMeter(cfg, env.world_size, dp_size)
+    evaluator = None
+    if cfg.eval.interval:
+        from tulip_mega.eval.runner import Evaluator
+
+        evaluator = Evaluator(cfg, model)
 
     ckpt_root = checkpoint_root(cfg)
     start_step = 0
@@ -100,20 +116,39 @@ def train(cfg: Config, env: Optional[LaunchEnv] = None) -> dict:
     metrics_log = MetricsLogger(
         out_dir, cfg.train.steps, enabled=env.rank == 0, tensorboard=cfg.logging.tensorboard, start_step=start_step
     )
-    data_iter = iter(loader) if loader is not None else None
+    data_iter = TimedIterator(iter(loader)) if loader is not None else None
+    straggler = StragglerDetector(cfg.logging.straggler_factor)
     t0 = time.perf_counter()
     t_last, step_last = t0, start_step
+    window = {"step_time": 0.0, "data_wait": 0.0, "steps": 0}
     metrics: dict = {}
     last_saved = None
     deadline = t0 + 60 * cfg.run.max_wall_time_minutes if cfg.run.max_wall_time_minutes else None
     step = start_step
     with PreemptionSignal() as preempt, contextlib.closing(metrics_log):
         while step < cfg.train.steps:
+            t_step = time.perf_counter()
             metrics = step_fn(data_iter)
+            step_time = time.perf_counter() - t_step
             step += 1
-            if step % cfg.run.log_interval == 0 or step == cfg.train.steps:
+            window["step_time"] += step_time
+            window["data_wait"] += data_iter.pop_wait() if data_iter is not None else 0.0
+            window["steps"] += 1
+            slow = straggler.update(step, step_time)
+            if slow:
+                log.warning("rank %d: %s", env.rank, slow)
+            eval_now = evaluator is not None and (step % cfg.eval.interval == 0 or step == cfg.train.steps)
+            if eval_now:
+                metrics.update(evaluator.run())
+                _write_eval(out_dir, step, metrics, env.rank)
+            if step % cfg.run.log_interval == 0 or step == cfg.train.steps or eval_now:
                 now = time.perf_counter()
-                metrics["samples_per_sec"] = cfg.train.global_batch_size * (step - step_last) / (now - t_last)
+                eval_seconds = metrics.get("eval/seconds", 0.0) if eval_now else 0.0
+                metrics["samples_per_sec"] = (
+                    cfg.train.global_batch_size * (step - step_last) / max(now - t_last - eval_seconds, 1e-9)
+                )
+                metrics.update(speed.metrics(metrics["samples_per_sec"], window, loader))
+                window = {"step_time": 0.0, "data_wait": 0.0, "steps": 0}
                 t_last, step_last = now, step
                 metrics_log.log(step, metrics, start_step)
             save_now = cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0
@@ -143,6 +178,63 @@ def train(cfg: Config, env: Optional[LaunchEnv] = None) -> dict:
         "run_dir": str(out_dir),
         "checkpoint": str(last_saved) if last_saved else None,
     }
+
+
+class _SpeedMeter:
+    """Throughput, model FLOPs, MFU, memory and data-loader health for the logged metrics.
+
+    Every rank calls `metrics` at the same steps (it runs two small collectives)."""
+
+    def __init__(self, cfg: Config, world_size: int, dp_size: int) -> None:
+        contrastive_batch = cfg.train.micro_batch_size * dp_size
+        self.flops = count_flops(cfg, contrastive_batch)
+        self.tokens = tokens_per_sample(cfg)
+        self.world_size = world_size
+        self.peak, peak_note = device_peak(precision_name(cfg))
+        # One loader per DP replica counts: its first stage with TP rank 0 (the others are copies).
+        self.counts_loader = (parallel_state.is_pipeline_first_stage()
+                              and parallel_state.get_tensor_model_parallel_rank() == 0)
+        log.info("model FLOPs per sample: %.3f GFLOP forward, %.3f GFLOP training (3x, recompute not counted; "
+                 "contrastive batch %d); %d tower tokens per sample; peak: %s",
+                 self.flops.forward / 1e9, self.flops.training / 1e9, contrastive_batch, self.tokens, peak_note)
+
+    def metrics(self, samples_per_sec: float, window: dict, loader) -> dict[str, float]:
+        steps = max(window["steps"], 1)
+        tflops = achieved_tflops(self.flops.training, samples_per_sec, self.world_size)
+        out = {
+            "tokens_per_sec": samples_per_sec * self.tokens,
+            "model_flops_per_sample": float(self.flops.training),
+            "tflops_per_device": tflops,
+        }
+        achieved = mfu(tflops, self.peak)
+        if achieved is not None:
+            out["mfu"] = achieved
+        stats = loader.stats() if (loader is not None and self.counts_loader) else {}
+        dev = device()
+        totals = torch.tensor([float(stats.get("samples", 0)), float(stats.get("skipped", 0))],
+                              dtype=torch.float64, device=dev)
+        dist.all_reduce(totals)
+        worst = torch.tensor([window["step_time"] / steps, window["data_wait"] / steps, peak_memory_gib()],
+                             dtype=torch.float64, device=dev)
+        dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+        out.update({
+            "data/samples": float(totals[0]),
+            "data/skipped": float(totals[1]),
+            "step_time": float(worst[0]),  # slowest rank, mean over the steps since the last log
+            "data_wait": float(worst[1]),  # seconds per step waiting for the loader, slowest rank
+            "peak_memory_gib": float(worst[2]),  # largest over ranks
+        })
+        return out
+
+
+def _write_eval(out_dir: Path, step: int, metrics: dict, rank: int) -> None:
+    if rank != 0:
+        return
+    from tulip_mega.eval.runner import write_results
+
+    results = {k: v for k, v in metrics.items() if k.startswith("eval/")}
+    write_results(out_dir / "eval" / f"step_{step:07d}.json", results, step=step)
+    log.info("eval at step %d: %s", step, ", ".join(f"{k.removeprefix('eval/')} {v:.4f}" for k, v in results.items()))
 
 
 def _any_rank(flag: bool) -> bool:

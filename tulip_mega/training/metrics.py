@@ -1,7 +1,10 @@
 """Metrics: metrics.jsonl (one JSON object per logged step), TensorBoard, and a progress line.
 
 Only rank 0 writes. Every logged step carries step, loss and each loss term, lr, grad_norm,
-samples_per_sec, logit_scale and logit_bias (plus whatever else the step reports).
+samples_per_sec, logit_scale and logit_bias (plus whatever else the step reports), and from
+the loop: tokens_per_sec, model_flops_per_sample, tflops_per_device, mfu (GPUs in the peak
+table only), step_time, data_wait, peak_memory_gib, data/samples, data/skipped; eval steps
+add eval/<task>/<metric>.
 """
 
 from __future__ import annotations
@@ -58,14 +61,20 @@ class MetricsLogger:
         elapsed = time.perf_counter() - self._t_start
         done = step - start_step
         eta = elapsed / max(done, 1) * (self.total_steps - step)
+        speed = ""
+        if "tflops_per_device" in metrics:
+            speed = f" | {metrics['tflops_per_device']:.3g} TFLOP/s"
+            if metrics.get("mfu") is not None:
+                speed += f" MFU {100 * metrics['mfu']:.1f}%"
         log.info(
-            "step %d/%d | loss %.4f | lr %.2e | grad_norm %.3f | %.1f samples/s | t %.2f b %.2f | ETA %s",
+            "step %d/%d | loss %.4f | lr %.2e | grad_norm %.3f | %.1f samples/s%s | t %.2f b %.2f | ETA %s",
             step,
             self.total_steps,
             metrics.get("loss", float("nan")),
             metrics.get("lr", float("nan")),
             metrics.get("grad_norm", float("nan")),
             metrics.get("samples_per_sec", float("nan")),
+            speed,
             metrics.get("logit_scale", float("nan")),
             metrics.get("logit_bias", float("nan")),
             _fmt_duration(eta),

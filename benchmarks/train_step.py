@@ -1,0 +1,189 @@
+"""Time per training step: our megatron-core model vs a plain PyTorch model of the same size.
+
+Why: megatron-core brings TP/PP/DP, but its wrappers (DDP grad buffers, the schedule, the
+megatron optimizer with fp32 master weights) must not make a single-GPU or CPU step much
+slower than the obvious PyTorch code. Both models run in the same process, on the same
+random batch, with the same SigLIP loss (tulip_mega.losses.sigmoid_loss) and the same AdamW
+hyper-parameters and grad clipping:
+
+  ours   TulipModel (megatron TransformerBlocks, TE layers when TE imports unless --backend
+         local) + megatron DDP + megatron optimizer + TrainStep (forward_backward_func);
+  plain  tulip_mega.convert.plain_model.TulipPlainModel (nn.Linear / nn.MultiheadAttention,
+         the same architecture) + torch.optim.AdamW (foreach) + clip_grad_norm_; bf16 runs
+         it under torch.autocast with fp32 weights (the usual PyTorch mixed precision).
+
+Timing: `--warmup` steps first (excluded), then `--steps` steps, each timed alone between
+device synchronisations; the median is reported. The runs alternate step by step (ours, plain,
+ours, plain, ...), so drift of a shared machine hits both. Model FLOPs come from
+tulip_mega.training.flops (3 x forward, logits of the micro-batch included); on a GPU in the
+peak table the MFU is printed too.
+
+Runs single-process: gloo on a CPU, NCCL on one CUDA GPU (picked at run time). Examples:
+
+  python benchmarks/train_step.py --size debug --micro-batch 32
+  python benchmarks/train_step.py --size b16 --layers 2 --micro-batch 8          # B/16 widths, CPU
+  python benchmarks/train_step.py --size g16 --layers 4 --micro-batch 32 --dtype bf16   # 1B shapes, H100
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repo root, for `python benchmarks/...`
+warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*not installed.*")
+warnings.filterwarnings("ignore", message="full scope is deprecated")
+
+import torch  # noqa: E402
+
+
+def build_cfg(args):
+    from tulip_mega.config import load_config
+
+    o = [f"model.size={args.size}", f"train.micro_batch_size={args.micro_batch}",
+         f"train.global_batch_size={args.micro_batch}", f"precision.dtype={args.dtype}", "optim.warmup_steps=0",
+         f"train.steps={args.warmup + 2 * args.steps + 10}", "optim.lr=1e-4"]
+    if args.layers:
+        o += [f"model.vision.num_layers={args.layers}", f"model.text.num_layers={args.layers}"]
+    return load_config(None, o + list(args.overrides))
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def make_batch(cfg, dev):
+    from dataloaders.base import Batch
+
+    g = torch.Generator().manual_seed(0)
+    b, s = cfg.train.micro_batch_size, cfg.model.vision.image_size
+    images = torch.randn(b, 3, s, s, generator=g)
+    tokens = torch.randint(3, cfg.model.text.vocab_size, (b, cfg.model.text.context_length), generator=g)
+    return Batch(images=images.to(dev), tokens=tokens.to(dev), keys=[str(i) for i in range(b)])
+
+
+class Ours:
+    def __init__(self, cfg, use_te):
+        from tulip_mega.models.build import build_model
+        from tulip_mega.training.step import TrainStep, make_optimizer, make_scheduler, wrap_ddp
+
+        self.model = wrap_ddp(build_model(cfg, use_te=use_te), cfg)
+        optimizer = make_optimizer(cfg, self.model)
+        self.step = TrainStep(cfg, self.model, optimizer, make_scheduler(cfg, optimizer), num_microbatches=1)
+
+    def __call__(self, batch) -> float:
+        return self.step(iter([batch]))["loss"]
+
+
+class Plain:
+    def __init__(self, cfg, dev):
+        import dataclasses
+
+        from tulip_mega.convert.plain_model import PlainConfig, TulipPlainModel
+        from tulip_mega.losses import sigmoid_loss
+
+        m = cfg.model
+        self.model = TulipPlainModel(PlainConfig(vision=dataclasses.asdict(m.vision), text=dataclasses.asdict(m.text),
+                                                 layernorm_eps=m.layernorm_eps)).to(dev)
+        for p in self.model.parameters():  # the plain model's own init is zeros for the probe / scale
+            torch.nn.init.normal_(p, std=m.init_std)
+        o = cfg.optim
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=o.lr, betas=o.betas, eps=o.eps,
+                                     weight_decay=o.weight_decay)
+        self.clip = o.clip_grad
+        self.loss = sigmoid_loss
+        self.autocast = cfg.precision.dtype == "bf16"
+        self.device_type = dev.type
+
+    def __call__(self, batch) -> float:
+        self.opt.zero_grad(set_to_none=True)
+        with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.autocast):
+            img = self.model.encode_image(batch.images)
+            txt = self.model.encode_text(batch.tokens)
+            loss = self.loss(img, txt, self.model.logit_scale.float().exp(), self.model.logit_bias.float())
+        loss.backward()
+        if self.clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
+        self.opt.step()
+        return loss.item()
+
+
+def timed(fn, batch) -> float:
+    sync()
+    t0 = time.perf_counter()
+    fn(batch)
+    sync()
+    return time.perf_counter() - t0
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--size", choices=["debug", "b16", "so400m", "g16"], default="debug")
+    p.add_argument("--layers", type=int, default=None, help="override both towers' num_layers (widths unchanged)")
+    p.add_argument("--micro-batch", type=int, default=8)
+    p.add_argument("--steps", type=int, default=10, help="timed steps per model")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per model first")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--backend", choices=["auto", "local", "te"], default="auto",
+                   help="our layers: TE when it imports (auto), megatron's local layers, or TE")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("overrides", nargs="*", help="extra recipe overrides key=value")
+    args = p.parse_args()
+
+    from tulip_mega.parallel.init import init_parallel
+    from tulip_mega.parallel.init import device as get_device
+    from tulip_mega.training.flops import count_flops
+    from tulip_mega.training.throughput import device_peak
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    os.environ.setdefault("MASTER_PORT", "29517")
+    cfg = build_cfg(args)
+    init_parallel(1, 1, cfg.run.seed)
+    dev = get_device()
+    use_te = {"auto": None, "local": False, "te": True}[args.backend]
+    ours, plain = Ours(cfg, use_te), Plain(cfg, dev)
+    n_ours = sum(p.numel() for p in ours.model.parameters())
+    n_plain = sum(p.numel() for p in plain.model.parameters())
+    batch = make_batch(cfg, dev)
+    for _ in range(args.warmup):
+        ours(batch)
+        plain(batch)
+    times = {"ours": [], "plain": []}
+    for _ in range(args.steps):  # alternate step by step: drift of a shared machine hits both
+        times["ours"].append(timed(ours, batch))
+        times["plain"].append(timed(plain, batch))
+
+    flops = count_flops(cfg, contrastive_batch=cfg.train.micro_batch_size)
+    peak, note = device_peak(args.dtype)
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
+    v, t = cfg.model.vision, cfg.model.text
+    print(f"device: {name} | {args.dtype} | torch {torch.__version__}")
+    print(f"model: {args.size} vision {v.num_layers}L h{v.hidden_size} s{v.seq_length}, text {t.num_layers}L "
+          f"h{t.hidden_size} s{t.context_length} | micro-batch {cfg.train.micro_batch_size} | params ours "
+          f"{n_ours / 1e6:.2f}M, plain {n_plain / 1e6:.2f}M")
+    print(f"model FLOPs per step: {flops.training * cfg.train.micro_batch_size / 1e12:.4f} TFLOP "
+          f"({flops.training / 1e9:.3f} GFLOP per sample, 3x forward)")
+    med = {k: statistics.median(v) for k, v in times.items()}
+    for k in ("ours", "plain"):
+        tflops = flops.training * cfg.train.micro_batch_size / med[k] / 1e12
+        line = (f"{k:>5}: median {1e3 * med[k]:9.2f} ms/step (min {1e3 * min(times[k]):.2f}, max "
+                f"{1e3 * max(times[k]):.2f}, n={len(times[k])}) | {tflops:8.3f} TFLOP/s")
+        if peak:
+            line += f" | MFU {100 * tflops / peak:5.1f}%"
+        print(line)
+    print(f"ratio ours / plain: {med['ours'] / med['plain']:.3f}" + ("" if peak else f"   ({note})"))
+    from tulip_mega.parallel.init import destroy_parallel
+
+    destroy_parallel()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,197 @@
+"""Embeddings of an eval set under any TP x PP x DP layout, gathered to whole-set tensors.
+
+How (the same machinery as training, so every layout the trainer runs, eval runs):
+- forward passes go through megatron's `get_forward_backward_func()(..., forward_only=True,
+  collect_non_loss_data=True)`, so pipeline stages exchange packed activations exactly as in
+  training; the "loss function" on the last stage just hands back the embeddings;
+- each data-parallel rank embeds its own disjoint part of the set (the caller's source
+  iterator is per DP rank); a short last micro-batch is padded to the static micro-batch
+  shape (PP needs fixed p2p shapes) and the padding rows are dropped afterwards;
+- only the first pipeline stage reads data; per chunk of micro-batches it broadcasts to its
+  pipeline peers how many micro-batches follow and each row's label (-1 = padding), so every
+  stage runs the same schedule and the last stage knows which rows are real and their labels;
+- the last stage gathers the DP parts (variable lengths) so it holds the whole set; metrics
+  computed there are shared with the other stages by `share_from_last_stage`.
+Models run in eval mode under no_grad; the previous train/eval mode is restored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from tulip_mega.parallel.init import device
+
+PAD = -1  # label of a padding row
+_FAILED = -1  # chunk header sent by a first stage that could not read its data
+
+# A source yields (images [k,3,H,W] | None, tokens [k,L] | None, labels [k]) with k <= micro
+# batch; None means "this pass does not need that tower's input" (zeros / pad ids are fed,
+# because pipeline stages need static shapes). Labels must be >= 0.
+Source = Iterable[tuple[Optional[torch.Tensor], Optional[torch.Tensor], torch.Tensor]]
+
+
+class Embedder:
+    """Runs eval forward passes of this rank's model stage (DDP-wrapped or bare TulipModel)."""
+
+    def __init__(self, model, micro_batch: int, image_size: int, context_length: int, chunk: int = 8) -> None:
+        self.model = model
+        self.module = getattr(model, "module", model)
+        self.micro_batch = micro_batch
+        self.image_size = image_size
+        self.context_length = context_length
+        self.chunk = chunk
+        self.pp = parallel_state.get_pipeline_model_parallel_world_size()
+        self.first = parallel_state.is_pipeline_first_stage()
+        self.last = parallel_state.is_pipeline_last_stage()
+        self.packed_shape = self.module.packed_shape(micro_batch)
+        self.embed_dim = self.module.config.hidden_size  # the embedding width = vision width
+        self._forward_backward = get_forward_backward_func()
+
+    # --- reading (first stage) and agreeing on the schedule (all stages) ---------------
+    def _read_chunk(self, it: Iterator) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+        """Up to `chunk` padded micro-batches from the source, and their labels [n, micro]."""
+        b, s, L = self.micro_batch, self.image_size, self.context_length
+        micro, labels = [], []
+        for images, tokens, lab in it:
+            k = int(lab.shape[0])
+            if not 0 < k <= b:
+                raise ValueError(f"eval source gave a batch of {k} rows; expected 1..{b} (the eval micro-batch)")
+            if (lab < 0).any():
+                raise ValueError("eval labels must be >= 0 (negative values mark padding)")
+            img = torch.zeros(b, 3, s, s)
+            tok = torch.zeros(b, L, dtype=torch.long)  # pad id 0
+            if images is not None:
+                img[:k] = images
+            if tokens is not None:
+                tok[:k] = tokens
+            row = torch.full((b,), PAD, dtype=torch.long)
+            row[:k] = lab.long()
+            micro.append((img, tok))
+            labels.append(row)
+            if len(micro) == self.chunk:
+                break
+        return micro, torch.stack(labels) if labels else torch.empty(0, b, dtype=torch.long)
+
+    def _agree(self, it: Optional[Iterator]) -> tuple[list, torch.Tensor]:
+        """First stage reads; every stage of the pipeline learns the chunk's size and labels."""
+        micro, labels, error = [], None, None
+        if self.first:
+            try:
+                micro, labels = self._read_chunk(it)
+            except Exception as e:  # noqa: BLE001 - tell the other stages, then re-raise
+                error = e
+        if self.pp == 1:
+            if error is not None:
+                raise error
+            return micro, labels
+        header = torch.full((1 + self.chunk * self.micro_batch,), PAD, dtype=torch.long)
+        if self.first:
+            header[0] = _FAILED if error is not None else labels.shape[0]
+            if error is None:
+                header[1 : 1 + labels.numel()] = labels.flatten()
+        header = header.to(device())
+        dist.broadcast(header, src=parallel_state.get_pipeline_model_parallel_first_rank(),
+                       group=parallel_state.get_pipeline_model_parallel_group())
+        header = header.cpu()
+        n = int(header[0])
+        if error is not None:
+            raise error
+        if n == _FAILED:
+            raise RuntimeError("the first pipeline stage failed to read the eval data (see its log)")
+        return micro, header[1 : 1 + n * self.micro_batch].view(n, self.micro_batch)
+
+    # --- forward -------------------------------------------------------------------------
+    def _forward_step(self, data_iterator, model):
+        images = tokens = None
+        if self.first:
+            images, tokens = next(data_iterator)
+            images, tokens = images.to(device()), tokens.to(device())
+        return model(images, tokens), self._collect
+
+    @staticmethod
+    def _collect(output: dict, non_loss_data: bool = True) -> dict:
+        return {"image_emb": output["image_emb"].detach().float(), "text_emb": output["text_emb"].detach().float()}
+
+    def _shapes(self, recv, send):
+        return [self.packed_shape], [self.packed_shape]
+
+    def _run(self, micro: list, n: int) -> list[dict]:
+        kwargs = {"adjust_tensor_shapes_fn": self._shapes} if self.pp > 1 else {}
+        return self._forward_backward(
+            forward_step_func=self._forward_step,
+            data_iterator=iter(micro) if self.first else None,
+            model=[self.model],
+            num_microbatches=n,
+            seq_length=self.packed_shape[0],
+            micro_batch_size=self.micro_batch,
+            forward_only=True,
+            collect_non_loss_data=True,
+            **kwargs,
+        )
+
+    def embed(self, source: Optional[Source]) -> Optional[dict[str, torch.Tensor]]:
+        """Embed this DP rank's part of a set (source read on the first stage only; other stages
+        may pass None). Returns on the last stage the WHOLE set, gathered over DP:
+        {"image_emb" [N, e], "text_emb" [N, e], "labels" [N]} (float32 / int64, on the CPU);
+        None on the other stages. Every rank of the job must call it (collectives)."""
+        it = iter(source) if (self.first and source is not None) else iter(())
+        image, text, labels = [], [], []
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                while True:
+                    micro, lab = self._agree(it)
+                    n = lab.shape[0]
+                    if n == 0:
+                        break
+                    outputs = self._run(micro, n)
+                    if self.last:
+                        keep = lab.flatten() != PAD
+                        image.append(torch.cat([o["image_emb"].cpu() for o in outputs])[keep])
+                        text.append(torch.cat([o["text_emb"].cpu() for o in outputs])[keep])
+                        labels.append(lab.flatten()[keep])
+        finally:
+            self.model.train(was_training)
+        if not self.last:
+            return None
+        e = self.embed_dim
+        local = {
+            "image_emb": torch.cat(image) if image else torch.empty(0, e),
+            "text_emb": torch.cat(text) if text else torch.empty(0, e),
+            "labels": torch.cat(labels) if labels else torch.empty(0, dtype=torch.long),
+        }
+        return {k: gather_data_parallel(v) for k, v in local.items()}
+
+
+def gather_data_parallel(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate every DP rank's [n_r, ...] tensor in DP-rank order (n_r may differ)."""
+    group = parallel_state.get_data_parallel_group()
+    world = dist.get_world_size(group)
+    if world == 1:
+        return t
+    dev = device()
+    count = torch.tensor([t.shape[0]], dtype=torch.long, device=dev)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    dist.all_gather(counts, count, group=group)
+    counts = [int(c) for c in counts]
+    padded = torch.zeros((max(counts), *t.shape[1:]), dtype=t.dtype, device=dev)
+    padded[: t.shape[0]] = t.to(dev)
+    parts = [torch.zeros_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded, group=group)
+    return torch.cat([p[:c] for p, c in zip(parts, counts)]).cpu()
+
+
+def share_from_last_stage(values: list[float]) -> list[float]:
+    """Numbers computed on the last pipeline stage, made known on every stage (same order)."""
+    t = torch.tensor(values if parallel_state.is_pipeline_last_stage() else [0.0] * len(values),
+                     dtype=torch.float64, device=device())
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        dist.all_reduce(t, group=parallel_state.get_pipeline_model_parallel_group())
+    return [float(v) for v in t.cpu()]

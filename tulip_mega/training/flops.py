@@ -1,0 +1,150 @@
+"""Model FLOPs per image-text sample, computed from the architecture (the one source for
+`plan`, the training loop's TFLOP/s and MFU, and benchmarks/train_step.py).
+
+Why a formula and not a profiler: MFU is defined against the FLOPs the *model* needs, so the
+count must not depend on how an implementation happens to run (fused kernels, recompute).
+Conventions, as in Megatron-LM and PaLM's MFU:
+
+- only matrix multiplications are counted, 2*m*n*k each (one multiply-add = 2 FLOPs);
+  LayerNorm, softmax, GELU, bias adds and the loss's elementwise work are not;
+- training = 3 x forward (the backward pass is two matmuls per forward matmul); activation
+  recompute is NOT counted (it is hardware work, not model work), so MFU stays comparable
+  across recompute settings (`plan` reports the recompute FLOPs separately);
+- attention is counted over the full s x s score matrix, also for the causal text decoder
+  (megatron computes the full masked product, so that is the work the GPU does).
+
+Per sample, `tulip_mega.config.streams.input_streams(cfg)` says what feeds the towers:
+
+  transformer layer over s tokens (width h, MLP width f):
+      QKV 2*s*h*3h + scores 2*s*s*h + attention x V 2*s*s*h + out proj 2*s*h*h + MLP 2*2*s*h*f
+  vision tower, per view of each stream (global, local, mae): its layers over that stream's
+      tokens + the patch-embedding conv on those tokens (2*s*(3*p*p)*h; the MAE stream embeds
+      only its visible patches); the MAP head for every global/local view (not MAE):
+      q projection of the probe 2*h*h, k/v projections 2*s*h*2h, scores and AV with one
+      query 2*s*h each, out projection 2*h*h, MLP on one token 2*2*h*f
+  text tower: each of `streams.texts` texts over context_length tokens, plus the text head
+      Linear(h_t -> e) on the last token (e = vision width = embedding width)
+  MAE decoder (MAE on): Linear(h_v -> d) on the visible tokens, its layers over ALL patches,
+      Linear(d -> 3*p*p) on the masked patches
+  text decoder (text_recon on): Linear(e -> d) on the one conditioning token, its layers over
+      the L caption tokens, Linear(d -> vocab) over the L tokens
+  aug projector (aug_contrastive on): image and text MLPs Linear(e -> H) + Linear(H -> e)
+  contrastive logits: 2*e*C per switched-on contrastive term (image-text, image-image,
+      text-text, aug), C = the contrastive batch of one micro-step (micro_batch x DP). A
+      simplification (multi-view terms compare more pairs), tiny next to the towers; left
+      out when the contrastive batch is not given (as `plan` does).
+
+Pure Python, no torch: `plan` stays instant.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from tulip_mega.config.streams import input_streams
+
+TRAINING_MULTIPLIER = 3  # forward + backward (2x forward); recompute not counted
+
+
+def layer_flops(seq: int, hidden: int, ffn: int) -> tuple[int, int]:
+    """(matmul, attention) forward FLOPs of one transformer layer on one sequence.
+
+    matmul = QKV, out projection and MLP; attention = QK^T and softmax(QK^T) V (what selective
+    recompute re-runs)."""
+    s, h, f = seq, hidden, ffn
+    matmul = 2 * s * h * 3 * h + 2 * s * h * h + 2 * 2 * s * h * f
+    attention = 2 * s * s * h + 2 * s * s * h
+    return matmul, attention
+
+
+def map_head_flops(seq: int, hidden: int, ffn: int) -> int:
+    """Attention-pooling head on one view: one learned query over `seq` tokens, then its MLP."""
+    s, h, f = seq, hidden, ffn
+    q_proj, kv_proj = 2 * h * h, 2 * s * h * 2 * h
+    scores_and_av = 2 * s * h + 2 * s * h
+    out_proj, mlp = 2 * h * h, 2 * 2 * h * f
+    return q_proj + kv_proj + scores_and_av + out_proj + mlp
+
+
+@dataclass(frozen=True)
+class FlopCount:
+    """Forward FLOPs per sample by part; totals for forward and training."""
+
+    parts: dict[str, int]
+
+    @property
+    def forward(self) -> int:
+        return sum(self.parts.values())
+
+    @property
+    def training(self) -> int:
+        """Model FLOPs of one training sample: 3 x forward (recompute excluded)."""
+        return TRAINING_MULTIPLIER * self.forward
+
+    @property
+    def attention(self) -> int:
+        """Forward attention-score FLOPs (what selective recompute runs again)."""
+        return sum(v for k, v in self.parts.items() if k.endswith("_attention"))
+
+
+def _add(parts: dict[str, int], key: str, value: int) -> None:
+    parts[key] = parts.get(key, 0) + value
+
+
+def count_flops(cfg, contrastive_batch: Optional[int] = None) -> FlopCount:
+    """Forward FLOPs of one sample of the recipe `cfg` (resolved), by part.
+
+    contrastive_batch: columns of the contrastive logits (micro_batch x DP); None leaves the
+    logits out. Keys: vision_layers_matmul, vision_layers_attention, vision_patch_embed,
+    vision_map_head, text_layers_matmul, text_layers_attention, text_head, and when switched
+    on mae_decoder_matmul / _attention, text_decoder_matmul / _attention, aug_projector,
+    contrastive_logits.
+    """
+    v, t, m, w = cfg.model.vision, cfg.model.text, cfg.model, cfg.loss.weights
+    streams = input_streams(cfg)
+    hv, ht, e, p = v.hidden_size, t.hidden_size, v.hidden_size, v.patch_size
+    parts: dict[str, int] = {}
+
+    for stream in streams.vision:
+        mm, attn = layer_flops(stream.seq, hv, v.ffn_hidden_size)
+        _add(parts, "vision_layers_matmul", stream.views * v.num_layers * mm)
+        _add(parts, "vision_layers_attention", stream.views * v.num_layers * attn)
+        _add(parts, "vision_patch_embed", stream.views * 2 * stream.seq * (3 * p * p) * hv)
+        if stream.name != "mae":
+            _add(parts, "vision_map_head", stream.views * map_head_flops(stream.seq, hv, v.ffn_hidden_size))
+
+    mm, attn = layer_flops(t.context_length, ht, t.ffn_hidden_size)
+    parts["text_layers_matmul"] = streams.texts * t.num_layers * mm
+    parts["text_layers_attention"] = streams.texts * t.num_layers * attn
+    parts["text_head"] = streams.texts * 2 * ht * e
+
+    if streams.mae_visible:
+        dec = m.mae_decoder
+        d = dec.hidden_size or hv
+        mm, attn = layer_flops(streams.patches, d, dec.ffn_hidden_size or v.ffn_hidden_size)
+        masked = streams.patches - streams.mae_visible
+        parts["mae_decoder_matmul"] = (2 * streams.mae_visible * hv * d + dec.num_layers * mm
+                                       + 2 * masked * d * 3 * p * p)
+        parts["mae_decoder_attention"] = dec.num_layers * attn
+    if streams.text_recon:
+        dec = m.text_decoder
+        d, L = dec.hidden_size or ht, t.context_length
+        mm, attn = layer_flops(L, d, dec.ffn_hidden_size or t.ffn_hidden_size)
+        parts["text_decoder_matmul"] = 2 * e * d + dec.num_layers * mm + 2 * L * d * t.vocab_size
+        parts["text_decoder_attention"] = dec.num_layers * attn
+    if w.aug_contrastive > 0:
+        hidden = m.aug_projector_hidden
+        parts["aug_projector"] = 2 * (2 * e * hidden + 2 * hidden * e)
+    if contrastive_batch is not None:
+        terms = sum(1 for name in ("image_text", "image_image", "text_text", "aug_contrastive")
+                    if getattr(w, name) > 0)
+        parts["contrastive_logits"] = terms * 2 * e * contrastive_batch
+    return FlopCount(parts)
+
+
+def tokens_per_sample(cfg) -> int:
+    """Tokens one sample feeds through the two towers (every view and every text): the unit
+    of `tokens_per_sec`."""
+    streams = input_streams(cfg)
+    return sum(s.views * s.seq for s in streams.vision) + streams.texts * cfg.model.text.context_length
