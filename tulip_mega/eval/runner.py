@@ -179,13 +179,13 @@ def load_weights(checkpoint: Path, module, model_config: dict) -> None:
     """Only the model's weights from a training checkpoint, into this rank's stage (any layout)."""
     from megatron.core import dist_checkpointing
 
-    from tulip_mega.training.checkpoint import CheckpointError, _check_model_config
+    from tulip_mega.training.checkpoint import CheckpointError, check_model_config
 
     checkpoint = Path(checkpoint)
     if not dist_checkpointing.check_is_distributed_checkpoint(str(checkpoint)):
         raise CheckpointError(f"{checkpoint} is not a dist_checkpointing checkpoint (no metadata.json)")
     common = dist_checkpointing.load_common_state_dict(str(checkpoint))
-    _check_model_config(checkpoint, common.get("model_config", {}), model_config)
+    check_model_config(checkpoint, common.get("model_config", {}), model_config)
     loaded = dist_checkpointing.load({"model": module.sharded_state_dict()}, str(checkpoint))
     module.load_state_dict(loaded["model"])
 

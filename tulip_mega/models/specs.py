@@ -10,7 +10,6 @@ import torch
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
-from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
@@ -21,6 +20,8 @@ from megatron.core.transformer.transformer_block import (
 )
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+from tulip_mega.models.attention import SDPACoreAttention
 
 
 @functools.lru_cache(maxsize=None)
@@ -64,13 +65,14 @@ def local_layer_spec(causal: bool = False) -> ModuleSpec:
     """Pre-norm encoder layer from megatron-core's pure-PyTorch modules (CPU, tests).
 
     causal=True gives the same layer with causal self-attention (a decoder layer without
-    cross-attention).
+    cross-attention). Core attention is torch's fused SDPA (models/attention.py) rather than
+    megatron's DotProductAttention, which materialises the [b, np, s, s] scores.
     """
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
             input_layernorm=SequenceParallelLayerNorm,
-            self_attention=_attention_spec(ColumnParallelLinear, DotProductAttention, RowParallelLinear, causal),
+            self_attention=_attention_spec(ColumnParallelLinear, SDPACoreAttention, RowParallelLinear, causal),
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=SequenceParallelLayerNorm,
             mlp=ModuleSpec(

@@ -163,7 +163,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, loader_state: Optio
     if not dist_checkpointing.check_is_distributed_checkpoint(str(path)):
         raise CheckpointError(f"{path} is not a dist_checkpointing checkpoint (no metadata.json)")
     common = dist_checkpointing.load_common_state_dict(str(path))
-    _check_model_config(path, common.get("model_config", {}), model_config)
+    check_model_config(path, common.get("model_config", {}), model_config)
     saved_layout = common.get("layout")
     shape, _ = _layout()
     same_layout = saved_layout is None or tuple(saved_layout) == shape
@@ -181,7 +181,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, loader_state: Optio
     return {"step": int(common["step"]), "loader": loaded.get("loader")}
 
 
-def _check_model_config(path: Path, saved: dict, current: dict) -> None:
+def check_model_config(path: Path, saved: dict, current: dict) -> None:
     diffs = _diff(saved, current)
     if diffs:
         lines = "\n".join(f"  model.{k}: checkpoint has {a!r}, this run has {b!r}" for k, a, b in diffs)
