@@ -51,7 +51,7 @@ from PIL import Image
 from dataloaders.base import Batch
 from dataloaders.dali_pipeline import ViewPlan, build_pipeline, sample_params, to_torch
 from dataloaders.eda import eda
-from dataloaders.simple_loader import SimpleLoader, _Damage
+from dataloaders.simple_loader import SimpleLoader, _Damage, read_caption
 from dataloaders.tokenizer import Tokenizer
 
 __all__ = ["DaliLoader"]
@@ -140,17 +140,10 @@ class DaliLoader(SimpleLoader):
 
     def _prepare(self, item: dict[str, Any] | _Damage, epoch: int, index: int) -> _Prepared | str | None:
         """A prepared sample, a reason string (counted skip) or None (uncounted drop)."""
-        if isinstance(item, _Damage):
-            return item.message
-        partial = item.get("__partial__", False)
-        if "jpg" not in item or "txt" not in item:
-            return None if partial else f"missing {'image (.jpg)' if 'jpg' not in item else 'caption (.txt)'}"
-        try:
-            caption = item["txt"].decode("utf-8")
-        except UnicodeDecodeError as e:
-            return f"caption is not valid UTF-8 ({e})"
-        if not caption.strip():
-            return "empty caption"
+        caption = read_caption(item)
+        if not isinstance(caption, tuple):
+            return caption
+        caption = caption[0]
         plan = self.plan
         paraphrases: tuple[str, ...] = ()
         negatives: tuple[str, ...] = ()

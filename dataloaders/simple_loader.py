@@ -70,6 +70,25 @@ def decode_image(data: bytes, image_size: int) -> np.ndarray:
         return np.asarray(rgb)  # read-only view is fine: batches are built with np.stack
 
 
+def read_caption(item: dict[str, Any] | _Damage) -> tuple[str] | str | None:
+    """(caption,) of a sample with an image and a usable caption; else a reason string (a
+    counted skip) or None (an uncounted drop: the incomplete last sample of a damaged shard,
+    which that shard's _Damage already counts). Shared by the PIL and the DALI loader."""
+    if isinstance(item, _Damage):
+        return item.message
+    if "jpg" not in item or "txt" not in item:
+        if item.get("__partial__", False):
+            return None
+        return f"missing {'image (.jpg)' if 'jpg' not in item else 'caption (.txt)'}"
+    try:
+        caption = item["txt"].decode("utf-8")
+    except UnicodeDecodeError as e:
+        return f"caption is not valid UTF-8 ({e})"
+    if not caption.strip():
+        return "empty caption"
+    return (caption,)
+
+
 def _shuffle(items: Iterator[Any], rng: random.Random, size: int) -> Iterator[Any]:
     """Seeded reservoir-style shuffle buffer; damage markers pass straight through."""
     if size <= 1:
@@ -169,18 +188,10 @@ class SimpleLoader:
 
     def _decode(self, item: dict[str, Any] | _Damage) -> tuple[np.ndarray, str] | str | None:
         """(image, caption), or a reason string for a counted skip, or None for an uncounted drop."""
-        if isinstance(item, _Damage):
-            return item.message
-        partial = item.get("__partial__", False)
-        if "jpg" not in item or "txt" not in item:
-            # The incomplete last sample of a damaged shard is covered by that shard's _Damage.
-            return None if partial else f"missing {'image (.jpg)' if 'jpg' not in item else 'caption (.txt)'}"
-        try:
-            caption = item["txt"].decode("utf-8")
-        except UnicodeDecodeError as e:
-            return f"caption is not valid UTF-8 ({e})"
-        if not caption.strip():
-            return "empty caption"
+        caption = read_caption(item)
+        if not isinstance(caption, tuple):
+            return caption
+        caption = caption[0]
         try:
             image = decode_image(item["jpg"], self.image_size)
         except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, ...

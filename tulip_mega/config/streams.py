@@ -74,24 +74,23 @@ class Streams:
     def text_slice(self, part: str) -> slice:
         """Rows (in units of samples) of one part of the text stream: caption, paraphrases,
         negatives or eda."""
-        sizes = {"caption": 1, "paraphrases": self.paraphrases, "negatives": self.negatives,
-                 "eda": 1 if self.eda_caption else 0}
-        start = 0
-        for name, n in sizes.items():
-            if name == part:
-                return slice(start, start + n)
-            start += n
-        raise KeyError(f"unknown text part {part!r}; valid: {', '.join(sizes)}")
+        return _part_slice({"caption": 1, "paraphrases": self.paraphrases, "negatives": self.negatives,
+                            "eda": 1 if self.eda_caption else 0}, part, "text")
 
     def global_slice(self, part: str) -> slice:
         """Views (in units of samples) of one part of the global stream: first, crops or edits."""
-        sizes = {"first": 1, "crops": self.extra_global_crops, "edits": 2 if self.geco_edits else 0}
-        start = 0
-        for name, n in sizes.items():
-            if name == part:
-                return slice(start, start + n)
-            start += n
-        raise KeyError(f"unknown global part {part!r}; valid: {', '.join(sizes)}")
+        return _part_slice({"first": 1, "crops": self.extra_global_crops, "edits": 2 if self.geco_edits else 0},
+                           part, "global")
+
+
+def _part_slice(sizes: dict[str, int], part: str, stream: str) -> slice:
+    """The slice of `part` in a stream made of consecutive parts of the given sizes."""
+    start = 0
+    for name, n in sizes.items():
+        if name == part:
+            return slice(start, start + n)
+        start += n
+    raise KeyError(f"unknown {stream} part {part!r}; valid: {', '.join(sizes)}")
 
 
 def mae_visible_patches(patches: int, mask_ratio: float) -> int:
