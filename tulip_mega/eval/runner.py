@@ -52,6 +52,11 @@ class Evaluator:
         for t in tasks or ():
             if not available[t]:
                 raise ConfigError(f"eval task {t!r} needs eval.{t}_shards")
+        for t in self.tasks:  # a wrong path must fail now, not after hours of training
+            try:
+                expand_shards(available[t])
+            except (FileNotFoundError, ValueError) as err:
+                raise ConfigError(f"eval.{t}_shards={available[t]!r}: {err}") from err
         self.cfg = cfg
         self.micro_batch = e.batch_size or cfg.train.micro_batch_size
         self.dp_rank = parallel_state.get_data_parallel_rank()
