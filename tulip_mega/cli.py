@@ -1,4 +1,4 @@
-"""`tulip-mega <command>`: train, plan, eval, report, data, tokenizer, config, convert, reshard.
+"""`tulip-mega <command>`: train, plan, eval, report, data, geco, tokenizer, config, convert, reshard.
 
 Each command imports only what it needs, so `tulip-mega config --keys` or `data synth` do not
 pay megatron-core's import time.
@@ -71,6 +71,44 @@ def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
     path = train_tokenizer_from_shards(args.data, args.out, vocab_size=args.vocab_size)
     tok = Tokenizer(path, context_length=16)
     print(f"wrote {path} ({tok.vocab_size} tokens)")
+    return 0
+
+
+def _cmd_geco_text(args: argparse.Namespace) -> int:
+    import logging
+
+    from dataloaders.geco.run import run_geco_text, worker_from_env
+    from dataloaders.geco.text import GenerationSettings, ModelNotFoundError
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    worker, workers, local = worker_from_env()
+    worker = worker if args.worker is None else args.worker
+    workers = workers if args.num_workers is None else args.num_workers
+    settings = GenerationSettings(num_paraphrases=args.paraphrases, max_new_tokens=args.max_new_tokens,
+                                  max_words=args.max_words, temperature=args.temperature)
+    try:
+        if args.model == "eda":
+            from dataloaders.geco.rules import RuleTextGenerator
+
+            gen = RuleTextGenerator(settings)
+        else:
+            import torch
+
+            from dataloaders.geco.text import LLMTextGenerator
+
+            gpus = torch.cuda.device_count()
+            device = args.device or (f"cuda:{local % gpus}" if gpus else "cpu")
+            gen = LLMTextGenerator(args.model, settings, device=device, dtype=args.dtype, batch_size=args.gen_batch)
+        s = run_geco_text(args.data, args.out, gen, seed=args.seed, batch_size=args.batch_size,
+                          worker=worker, num_workers=workers, progress=not args.no_progress)
+    except (ModelNotFoundError, FileNotFoundError, ValueError) as e:
+        print(f"tulip-mega: geco error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({"worker": worker, "num_workers": workers, "written": len(s.written),
+                      "skipped": len(s.skipped), "damaged": s.damaged, "samples": s.samples,
+                      "without_caption": s.without_caption, "paraphrases": s.paraphrases,
+                      "negatives": s.negatives, "dropped": dict(s.dropped),
+                      "samples_per_s": round(s.samples_per_second, 2)}))
     return 0
 
 
@@ -178,6 +216,27 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--out", required=True, help="output prefix; writes PREFIX.model")
     tt.add_argument("--vocab-size", type=int, default=1024)
     tt.set_defaults(func=_cmd_tokenizer_train)
+
+    geco = sub.add_parser("geco", help="GeCo stage: generate paraphrases / hard negatives into new shards")
+    gsub = geco.add_subparsers(dest="geco_command", required=True)
+    gt = gsub.add_parser("text", help="paraphrases and meaning-changing edits of captions (key.json)")
+    gt.add_argument("--model", required=True,
+                    help="local folder or cached name of a transformers causal LM; 'eda' = rule-based fallback")
+    gt.add_argument("--in", dest="data", required=True, help="input shard spec (brace range, glob, folder)")
+    gt.add_argument("--out", required=True, help="output folder (shards keep their file names)")
+    gt.add_argument("--seed", type=int, default=0)
+    gt.add_argument("--batch-size", type=int, default=16, help="captions per generation batch")
+    gt.add_argument("--gen-batch", type=int, default=64, help="prompts per model.generate call")
+    gt.add_argument("--paraphrases", type=int, default=2, help="paraphrases asked for per caption")
+    gt.add_argument("--max-new-tokens", type=int, default=64)
+    gt.add_argument("--max-words", type=int, default=64, help="longer outputs are dropped")
+    gt.add_argument("--temperature", type=float, default=0.7, help="0 = greedy decoding")
+    gt.add_argument("--dtype", default="auto", help="torch dtype of the LM (auto, bfloat16, float32, ...)")
+    gt.add_argument("--device", default=None, help="default: cuda:$SLURM_LOCALID if a GPU is visible, else cpu")
+    gt.add_argument("--worker", type=int, default=None, help="this worker's index (default: from SLURM)")
+    gt.add_argument("--num-workers", type=int, default=None, help="number of workers (default: from SLURM)")
+    gt.add_argument("--no-progress", action="store_true", help="no progress bar")
+    gt.set_defaults(func=_cmd_geco_text)
 
     conv = sub.add_parser("convert", help="export a checkpoint to plain PyTorch or Hugging Face SiglipModel")
     conv.add_argument("checkpoint", help="a dist checkpoint folder (e.g. runs/x/checkpoints/step_0000100)")
