@@ -71,7 +71,7 @@ class ViewPlan:
     paraphrases: int = 0
     negatives: int = 0
     eda: bool = False
-    eda_config: EdaConfig = field(default_factory=EdaConfig)
+    eda_config: EdaConfig = field(default_factory=EdaConfig.default)
 
     @classmethod
     def from_config(cls, cfg) -> ViewPlan:

@@ -17,6 +17,7 @@ the ``random.Random`` they are given, so the loader makes the output a pure func
 from __future__ import annotations
 
 import random
+from typing import Optional
 from dataclasses import dataclass
 
 from dataloaders.eda_words import STOP_WORDS, SYNONYMS
@@ -30,15 +31,22 @@ _ALPHA = 0.1
 class EdaConfig:
     """Probabilities of the four EDA operations (per caption)."""
 
-    synonym: float = 0.4
-    swap: float = 0.4
-    deletion: float = 0.2
-    stopword: float = 0.8
+    synonym: float
+    swap: float
+    deletion: float
+    stopword: float
 
     @classmethod
     def from_augment(cls, augment) -> EdaConfig:
         """From ``cfg.data.augment`` (fields eda_synonym, eda_swap, eda_deletion, eda_stopword)."""
         return cls(augment.eda_synonym, augment.eda_swap, augment.eda_deletion, augment.eda_stopword)
+
+    @classmethod
+    def default(cls) -> EdaConfig:
+        """The recipe defaults (DESIGN.md section 5), read from the config schema."""
+        from tulip_mega.config.schema import AugmentConfig
+
+        return cls.from_augment(AugmentConfig())
 
 
 def _bare(word: str) -> str:
@@ -69,8 +77,10 @@ def _keep_some(words: list[str], kept: list[str], rng: random.Random) -> list[st
     return kept if kept or not words else [rng.choice(words)]
 
 
-def eda(text: str, rng: random.Random, config: EdaConfig = EdaConfig()) -> str:
-    """One EDA-augmented copy of ``text`` (never empty when ``text`` has a word)."""
+def eda(text: str, rng: random.Random, config: Optional[EdaConfig] = None) -> str:
+    """One EDA-augmented copy of ``text`` (never empty when ``text`` has a word); `config`
+    None = the recipe defaults."""
+    config = config or EdaConfig.default()
     words = text.split()
     if not words:
         return text

@@ -79,14 +79,14 @@ def test_every_recipe_loads(recipe):
 def test_overrides_win_and_parse_types():
     cfg = load_config(TINY, [
         "train.steps=50", "optim.lr=1e-3", "optim.betas=[0.9, 0.98]", "parallel.sequence_parallel=true",
-        "data.val_shards=data/val.tar", "run.max_wall_time_minutes=30", "model.vision.image_size=64",
+        "eval.retrieval_shards=data/val.tar", "run.max_wall_time_minutes=30", "model.vision.image_size=64",
         "run.name=2024", "checkpoint.dir=null", "precision.dtype=bf16", "optim.clip_grad=0",
     ])
     assert cfg.train.steps == 50
     assert cfg.optim.lr == 1e-3 and isinstance(cfg.optim.lr, float)
     assert cfg.optim.betas == (0.9, 0.98) and isinstance(cfg.optim.betas, tuple)
     assert cfg.parallel.sequence_parallel is True
-    assert cfg.data.val_shards == "data/val.tar"
+    assert cfg.eval.retrieval_shards == "data/val.tar"
     assert cfg.run.max_wall_time_minutes == 30.0 and isinstance(cfg.run.max_wall_time_minutes, float)
     assert cfg.model.vision.image_size == 64 and cfg.model.vision.patch_size == 8  # rest from table
     assert cfg.run.name == "2024"  # a number given to a string field stays the text typed
@@ -277,7 +277,7 @@ def test_validate_layout():
 # ---------------------------------------------------------------- saving, help, import cost
 
 def test_save_load_round_trip(tmp_path):
-    cfg = load_config(TINY, ["run.name=2024", "optim.betas=[0.8, 0.99]", "data.val_shards=v/{0..3}.tar",
+    cfg = load_config(TINY, ["run.name=2024", "optim.betas=[0.8, 0.99]", "eval.retrieval_shards=v/{0..3}.tar",
                              "run.max_wall_time_minutes=5"])
     path = tmp_path / "sub" / "config.yaml"
     save_config(cfg, path)

@@ -60,7 +60,7 @@ def _tiny(data: dict, steps: int) -> list[str]:
         f"train.steps={steps}", "train.global_batch_size=16", "train.micro_batch_size=8",
         "optim.warmup_steps=2", "run.log_interval=1", "checkpoint.interval=0",
         f"data.train_shards={data['train']}", f"data.tokenizer={data['tokenizer']}",
-        "data.num_workers=0", "data.shuffle_buffer=64", "logging.tensorboard=false",
+        "data.shuffle_buffer=64", "logging.tensorboard=false",
     ]
 
 

@@ -274,10 +274,8 @@ class AugmentConfig:
 class DataConfig:
     train_shards: str = _f("data/shapes/train-{000000..000007}.tar",
                            "webdataset shards: brace range, glob or directory")
-    val_shards: Optional[str] = _f(None, "validation shards (same forms); null = no validation")
     tokenizer: str = _f("data/shapes/tokenizer.model", "SentencePiece model file")
     shuffle_buffer: int = _f(256, "samples held in the shuffle buffer; 0 = no shuffle")
-    num_workers: int = _f(0, "DataLoader worker processes per rank")
     loader: Literal["auto", "dali", "simple"] = _f(
         "auto", "auto = DALI when nvidia.dali imports (all views, GeCo, EDA), else the PIL loader "
         "(view 0 + caption only); dali / simple force one")
@@ -289,7 +287,7 @@ class DataConfig:
     def validate(self) -> None:
         _require(bool(self.train_shards.strip()), "data.train_shards must not be empty")
         _require(bool(self.tokenizer.strip()), "data.tokenizer must not be empty")
-        _at_least(self, "data", ("shuffle_buffer", "num_workers", "prefetch"), 0)
+        _at_least(self, "data", ("shuffle_buffer", "prefetch"), 0)
         _at_least(self, "data", ("threads",), 1)
         self.views.validate()
         self.augment.validate()

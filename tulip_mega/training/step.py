@@ -8,6 +8,8 @@ that every rank holds the same numbers (loss over the global batch, grad norm, l
 
 from __future__ import annotations
 
+import os
+
 from functools import partial
 from typing import Any, Callable, Iterator, Optional
 
@@ -184,8 +186,6 @@ def reduce_reports(reports: list[dict], keys: tuple[str, ...]) -> dict[str, floa
 def _pad_id(cfg) -> int:
     """The caption padding id (ignored by the text reconstruction loss): the tokenizer's own
     when its file is there, else the id our tokenizer trainer assigns."""
-    import os
-
     from dataloaders.tokenizer import PAD_ID, Tokenizer
 
     if cfg.loss.weights.text_recon > 0 and os.path.isfile(cfg.data.tokenizer):
