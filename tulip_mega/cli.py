@@ -74,42 +74,84 @@ def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_geco_text(args: argparse.Namespace) -> int:
+def _geco_run(args: argparse.Namespace, make_stage) -> int:  # noqa: ANN001 - (device) -> GecoStage
+    """The part `geco text` and `geco image` share: worker split, device, errors, summary line."""
     import logging
 
-    from dataloaders.geco.run import run_geco_text, worker_from_env
-    from dataloaders.geco.text import GenerationSettings, ModelNotFoundError
+    from dataloaders.geco.run import run_geco, worker_from_env
+    from dataloaders.geco.text import ModelNotFoundError
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     worker, workers, local = worker_from_env()
     worker = worker if args.worker is None else args.worker
     workers = workers if args.num_workers is None else args.num_workers
+    try:
+        device = args.device
+        if device is None and args.model != "eda":
+            import torch
+
+            gpus = torch.cuda.device_count()
+            device = f"cuda:{local % gpus}" if gpus else "cpu"
+        s = run_geco(args.data, args.out, make_stage(device), seed=args.seed, batch_size=args.batch_size,
+                     worker=worker, num_workers=workers, progress=not args.no_progress)
+    except (ModelNotFoundError, FileNotFoundError, ValueError, ImportError) as e:
+        print(f"tulip-mega: geco error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({"worker": worker, "num_workers": workers, **s.as_dict()}))
+    return 0
+
+
+def _cmd_geco_text(args: argparse.Namespace) -> int:
+    from dataloaders.geco.run import TextStage
+    from dataloaders.geco.text import GenerationSettings
+
     settings = GenerationSettings(num_paraphrases=args.paraphrases, max_new_tokens=args.max_new_tokens,
                                   max_words=args.max_words, temperature=args.temperature)
-    try:
+
+    def stage(device: str) -> TextStage:
         if args.model == "eda":
             from dataloaders.geco.rules import RuleTextGenerator
 
-            gen = RuleTextGenerator(settings)
-        else:
-            import torch
+            return TextStage(RuleTextGenerator(settings))
+        from dataloaders.geco.text import LLMTextGenerator
 
-            from dataloaders.geco.text import LLMTextGenerator
+        return TextStage(LLMTextGenerator(args.model, settings, device=device, dtype=args.dtype,
+                                          batch_size=args.gen_batch))
 
-            gpus = torch.cuda.device_count()
-            device = args.device or (f"cuda:{local % gpus}" if gpus else "cpu")
-            gen = LLMTextGenerator(args.model, settings, device=device, dtype=args.dtype, batch_size=args.gen_batch)
-        s = run_geco_text(args.data, args.out, gen, seed=args.seed, batch_size=args.batch_size,
-                          worker=worker, num_workers=workers, progress=not args.no_progress)
-    except (ModelNotFoundError, FileNotFoundError, ValueError) as e:
+    return _geco_run(args, stage)
+
+
+def _cmd_geco_image(args: argparse.Namespace) -> int:
+    from dataloaders.geco.image import DiffusersImageEditor, ImageEditSettings, ImageStage
+
+    try:
+        settings = ImageEditSettings(
+            views=tuple(v.strip() for v in args.views.split(",") if v.strip()), steps=args.steps,
+            guidance=args.guidance, image_guidance=args.image_guidance, resolution=args.resolution,
+            jpeg_quality=args.jpeg_quality, neg_min_change=args.neg_min_change, pos_max_change=args.pos_max_change,
+        )
+    except ValueError as e:
         print(f"tulip-mega: geco error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps({"worker": worker, "num_workers": workers, "written": len(s.written),
-                      "skipped": len(s.skipped), "damaged": s.damaged, "samples": s.samples,
-                      "without_caption": s.without_caption, "paraphrases": s.paraphrases,
-                      "negatives": s.negatives, "dropped": dict(s.dropped),
-                      "samples_per_s": round(s.samples_per_second, 2)}))
-    return 0
+
+    def stage(device: str) -> ImageStage:
+        editor = DiffusersImageEditor(args.model, settings, device=device, dtype=args.dtype,
+                                      batch_size=args.gen_batch)
+        return ImageStage(editor, settings)
+
+    return _geco_run(args, stage)
+
+
+def _geco_common_args(p: argparse.ArgumentParser, batch_help: str, dtype_help: str, batch: int = 16) -> None:
+    p.add_argument("--in", dest="data", required=True, help="input shard spec (brace range, glob, folder)")
+    p.add_argument("--out", required=True, help="output folder (shards keep their file names)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=batch, help=batch_help)
+    p.add_argument("--dtype", default="auto", help=dtype_help)
+    p.add_argument("--device", default=None, help="default: cuda:$SLURM_LOCALID if a GPU is visible, else cpu")
+    p.add_argument("--worker", type=int, default=None, help="this worker's index (default: from SLURM)")
+    p.add_argument("--num-workers", type=int, default=None, help="number of workers (default: from SLURM)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
@@ -222,21 +264,31 @@ def build_parser() -> argparse.ArgumentParser:
     gt = gsub.add_parser("text", help="paraphrases and meaning-changing edits of captions (key.json)")
     gt.add_argument("--model", required=True,
                     help="local folder or cached name of a transformers causal LM; 'eda' = rule-based fallback")
-    gt.add_argument("--in", dest="data", required=True, help="input shard spec (brace range, glob, folder)")
-    gt.add_argument("--out", required=True, help="output folder (shards keep their file names)")
-    gt.add_argument("--seed", type=int, default=0)
-    gt.add_argument("--batch-size", type=int, default=16, help="captions per generation batch")
+    _geco_common_args(gt, batch_help="captions per generation batch", dtype_help="torch dtype of the LM")
     gt.add_argument("--gen-batch", type=int, default=64, help="prompts per model.generate call")
     gt.add_argument("--paraphrases", type=int, default=2, help="paraphrases asked for per caption")
     gt.add_argument("--max-new-tokens", type=int, default=64)
     gt.add_argument("--max-words", type=int, default=64, help="longer outputs are dropped")
     gt.add_argument("--temperature", type=float, default=0.7, help="0 = greedy decoding")
-    gt.add_argument("--dtype", default="auto", help="torch dtype of the LM (auto, bfloat16, float32, ...)")
-    gt.add_argument("--device", default=None, help="default: cuda:$SLURM_LOCALID if a GPU is visible, else cpu")
-    gt.add_argument("--worker", type=int, default=None, help="this worker's index (default: from SLURM)")
-    gt.add_argument("--num-workers", type=int, default=None, help="number of workers (default: from SLURM)")
-    gt.add_argument("--no-progress", action="store_true", help="no progress bar")
     gt.set_defaults(func=_cmd_geco_text)
+    gi = gsub.add_parser("image", help="instruction-edited positive / negative views (key.pos.jpg, key.neg.jpg)")
+    gi.add_argument("--model", required=True,
+                    help="local folder or cached name of a diffusers instruction-editing pipeline "
+                         "(e.g. a saved timbrooks/instruct-pix2pix)")
+    _geco_common_args(gi, batch_help="samples read per batch (each makes up to 2 edits)",
+                      dtype_help="torch dtype of the pipeline (auto = float16 on GPU, float32 on CPU)", batch=8)
+    gi.add_argument("--gen-batch", type=int, default=8, help="edits per pipeline call")
+    gi.add_argument("--views", default="pos,neg", help="which edits to make: pos, neg or pos,neg")
+    gi.add_argument("--steps", type=int, default=20, help="diffusion steps per edit")
+    gi.add_argument("--guidance", type=float, default=7.5, help="text guidance scale")
+    gi.add_argument("--image-guidance", type=float, default=1.5, help="image guidance scale (InstructPix2Pix)")
+    gi.add_argument("--resolution", type=int, default=512, help="short side the editor works at (multiple of 64)")
+    gi.add_argument("--jpeg-quality", type=int, default=95)
+    gi.add_argument("--neg-min-change", type=float, default=0.02,
+                    help="a negative closer to its source (mean |pixel diff| in [0,1]) is dropped as unchanged")
+    gi.add_argument("--pos-max-change", type=float, default=0.35,
+                    help="a positive further from its source is dropped as too different")
+    gi.set_defaults(func=_cmd_geco_image)
 
     conv = sub.add_parser("convert", help="export a checkpoint to plain PyTorch or Hugging Face SiglipModel")
     conv.add_argument("checkpoint", help="a dist checkpoint folder (e.g. runs/x/checkpoints/step_0000100)")

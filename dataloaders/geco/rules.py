@@ -26,9 +26,9 @@ from typing import Any, Optional
 from dataloaders.eda import EdaConfig, eda
 from dataloaders.geco.text import GecoTexts, GenerationSettings, validate_texts
 
-__all__ = ["RuleTextGenerator", "edit_caption", "paraphrase_caption"]
+__all__ = ["OBJECT_GROUPS", "RuleTextGenerator", "edit_caption", "paraphrase_caption"]
 
-_OBJECT_GROUPS: tuple[tuple[str, ...], ...] = (
+OBJECT_GROUPS: tuple[tuple[str, ...], ...] = (
     ("circle", "square", "triangle", "star", "cross", "hexagon", "heart"),
     ("dog", "cat", "horse", "cow", "bird", "sheep", "bear"),
     ("man", "woman", "child", "boy", "girl"),
@@ -97,7 +97,7 @@ def _change_count(tokens: list[str], rng: random.Random) -> Optional[str]:
         else:
             out[i] = rng.choice([n for n in _NUMBERS if n != lower[i]])
         return "".join(out)
-    nouns = {w for g in _OBJECT_GROUPS for w in g} | set(_IRREGULAR_PLURALS)
+    nouns = {w for g in OBJECT_GROUPS for w in g} | set(_IRREGULAR_PLURALS)
     for i, t in enumerate(lower):
         if t not in ("a", "an"):
             continue
@@ -129,7 +129,7 @@ def edit_caption(caption: str, kind: str, rng: random.Random) -> Optional[str]:
     """One meaning-changing edit of ``kind``, or None when no rule applies to this caption."""
     tokens = _WORD.findall(caption)
     if kind == "object":
-        return _swap_in_group(tokens, _OBJECT_GROUPS, rng)
+        return _swap_in_group(tokens, OBJECT_GROUPS, rng)
     if kind == "attribute":
         return _swap_in_group(tokens, _ATTRIBUTE_GROUPS, rng)
     if kind == "count":

@@ -1,4 +1,4 @@
-"""The GeCo text shard loop: resumable, one process per GPU, shards split over a SLURM array.
+"""The GeCo shard loop (text and image stages): resumable, one process per GPU, SLURM arrays.
 
 Why shard-level: a shard is the unit that is either done or not. Each output shard is written
 to ``OUT/<name>.partial`` and renamed to ``OUT/<name>`` only after the last byte is on disk,
@@ -7,9 +7,11 @@ mid-shard leaves only a ``.partial`` (never read by loaders: not ``*.tar``), whi
 overwrites. No sample is duplicated or lost across a kill, because a shard is always
 regenerated whole, from the same per-shard seed.
 
-Every field of an input sample (jpg, txt, pos/neg jpg, other json keys) is copied unchanged
-and in order; only ``key.json`` gains ``paraphrases``, ``negatives`` (replacing any present),
-``negative_kinds`` and ``geco_text`` (the generator: ``"method": "llm"`` or ``"rules"``).
+A stage (``TextStage`` here, ``geco.image.ImageStage``) sees batches of samples and returns,
+per sample, only the files it replaces, adds (bytes) or removes (None). Every other file of
+the sample is copied unchanged and in order. The text stage sets ``key.json``'s
+``paraphrases``, ``negatives`` (replacing any present), ``negative_kinds`` and ``geco_text``
+(the generator: ``"method": "llm"`` or ``"rules"``).
 """
 
 from __future__ import annotations
@@ -29,42 +31,69 @@ from typing import Any, Optional, Protocol
 from dataloaders.geco.text import GecoTexts
 from dataloaders.shards import ShardReadError, expand_shards, iter_samples
 
-__all__ = ["GecoSummary", "TextGenerator", "run_geco_text", "select_shards", "shard_seed", "worker_from_env"]
+__all__ = [
+    "GecoStage",
+    "GecoSummary",
+    "TextGenerator",
+    "TextStage",
+    "Updates",
+    "run_geco",
+    "run_geco_text",
+    "sample_seed",
+    "select_shards",
+    "shard_seed",
+    "worker_from_env",
+]
 
 logger = logging.getLogger(__name__)
 PARTIAL_SUFFIX = ".partial"
 
-
-class TextGenerator(Protocol):
-    """What the shard loop needs from a generator (``LLMTextGenerator``, ``RuleTextGenerator``)."""
-
-    def start_shard(self, shard_seed: int) -> None: ...
-    def generate(self, captions: Sequence[str], keys: Sequence[str]) -> list[GecoTexts]: ...
-    def metadata(self) -> dict[str, Any]: ...
+# What a stage returns for one sample: extension -> new bytes (replace or add) or None (remove).
+Updates = dict[str, Optional[bytes]]
 
 
 @dataclass
 class GecoSummary:
-    """What one worker did: shards written / skipped, samples, drop reasons, throughput."""
+    """What one worker did: shards written / skipped, samples, what was made and dropped, speed."""
 
     written: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     damaged: list[str] = field(default_factory=list)
     samples: int = 0
-    without_caption: int = 0
-    paraphrases: int = 0
-    negatives: int = 0
-    dropped: Counter = field(default_factory=Counter)
+    unchanged: int = 0  # copied as they were: no caption, unreadable json or image
+    made: Counter = field(default_factory=Counter)  # e.g. paraphrases, negatives, pos_images
+    dropped: Counter = field(default_factory=Counter)  # generated but rejected, by reason
     seconds: float = 0.0
 
     @property
     def samples_per_second(self) -> float:
         return self.samples / self.seconds if self.seconds > 0 else 0.0
 
+    def as_dict(self) -> dict[str, Any]:
+        """The one-line JSON report the CLI prints (counts flattened next to the totals)."""
+        return {"written": len(self.written), "skipped": len(self.skipped), "damaged": self.damaged,
+                "samples": self.samples, "unchanged": self.unchanged, **dict(sorted(self.made.items())),
+                "dropped": dict(self.dropped), "samples_per_s": round(self.samples_per_second, 2)}
+
+
+class GecoStage(Protocol):
+    """One GeCo stage over batches of samples (dicts of extension -> bytes, plus ``__key__``)."""
+
+    name: str  # "text" / "image": progress bar and log label
+
+    def start_shard(self, run_seed: int, shard_seed: int) -> None: ...
+    def process(self, batch: Sequence[dict[str, Any]], summary: GecoSummary) -> list[Updates]: ...
+
 
 def shard_seed(seed: int, shard: str) -> int:
     """A 63-bit seed from (run seed, shard file name): independent of worker count and order."""
     digest = hashlib.sha256(f"geco/{seed}/{os.path.basename(shard)}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def sample_seed(shard_seed_: int, key: str, what: str) -> int:
+    """A 63-bit seed for one generated item of one sample: independent of batching and order."""
+    digest = hashlib.sha256(f"{shard_seed_}/{key}/{what}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
@@ -91,12 +120,69 @@ def worker_from_env(env: Optional[dict[str, str]] = None) -> tuple[int, int, int
     return array_id * ntasks + procid, array_count * ntasks, local
 
 
-def _caption(sample: dict[str, Any]) -> Optional[str]:
+def caption_of(sample: dict[str, Any]) -> Optional[str]:
+    """The sample's caption (``key.txt``), or None when missing, empty or not UTF-8."""
     try:
         text = sample["txt"].decode("utf-8").strip()
     except (KeyError, UnicodeDecodeError):
         return None
     return text or None
+
+
+def meta_of(sample: dict[str, Any]) -> Optional[dict[str, Any]]:
+    """The sample's ``key.json`` object ({} when absent), or None when it is not a JSON object."""
+    if "json" not in sample:
+        return {}
+    try:
+        meta = json.loads(sample["json"].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def encode_meta(meta: dict[str, Any]) -> bytes:
+    """``key.json`` bytes: sorted keys, so equal content is byte-identical."""
+    return json.dumps(meta, sort_keys=True, ensure_ascii=False).encode("utf-8")
+
+
+class TextGenerator(Protocol):
+    """What the text stage needs from a generator (``LLMTextGenerator``, ``RuleTextGenerator``)."""
+
+    def start_shard(self, shard_seed: int) -> None: ...
+    def generate(self, captions: Sequence[str], keys: Sequence[str]) -> list[GecoTexts]: ...
+    def metadata(self) -> dict[str, Any]: ...
+
+
+class TextStage:
+    """Paraphrases and negatives of each caption into ``key.json`` (``tulip-mega geco text``)."""
+
+    name = "text"
+
+    def __init__(self, generator: TextGenerator) -> None:
+        self.generator = generator
+        self.tag: dict[str, Any] = {}
+
+    def start_shard(self, run_seed: int, shard_seed: int) -> None:
+        self.generator.start_shard(shard_seed)
+        self.tag = {**self.generator.metadata(), "seed": run_seed}
+
+    def process(self, batch: Sequence[dict[str, Any]], summary: GecoSummary) -> list[Updates]:
+        updates: list[Updates] = [{} for _ in batch]
+        todo = []  # (index in batch, caption, old json)
+        for i, s in enumerate(batch):
+            caption, old = caption_of(s), meta_of(s)
+            if caption is None or old is None:
+                summary.unchanged += 1  # copied unchanged: the loaders judge it
+            else:
+                todo.append((i, caption, old))
+        texts = self.generator.generate([c for _, c, _ in todo], [batch[i]["__key__"] for i, _, _ in todo])
+        for (i, _, old), t in zip(todo, texts, strict=True):
+            updates[i]["json"] = encode_meta({**old, "paraphrases": t.paraphrases, "negatives": t.negatives,
+                                              "negative_kinds": t.negative_kinds, "geco_text": self.tag})
+            summary.made["paraphrases"] += len(t.paraphrases)
+            summary.made["negatives"] += len(t.negatives)
+            summary.dropped.update(t.dropped)
+        return updates
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -106,14 +192,14 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def _read(shard: str, summary: GecoSummary) -> Iterator[dict[str, Any]]:
+def _read(shard: str, summary: GecoSummary, stage: str) -> Iterator[dict[str, Any]]:
     """The shard's samples; on damage the good ones before it, a warning, and a count."""
     try:
         for sample in iter_samples(shard):
             if not sample.get("__partial__"):
                 yield sample
     except ShardReadError as e:
-        logger.warning("geco text: %s (its good samples are kept)", e)
+        logger.warning("geco %s: %s (its good samples are kept)", stage, e)
         summary.damaged.append(shard)
 
 
@@ -128,51 +214,28 @@ def _batches(samples: Iterator[dict[str, Any]], size: int) -> Iterator[list[dict
         yield batch
 
 
-def _write_sample(tar: tarfile.TarFile, sample: dict[str, Any], meta: Optional[dict[str, Any]]) -> None:
-    """All of the sample's files in their order; ``json`` replaced by ``meta`` when given."""
+def _write_sample(tar: tarfile.TarFile, sample: dict[str, Any], updates: Updates) -> None:
+    """The sample's files in their order with ``updates`` applied; added files go last."""
     key = sample["__key__"]
     exts = [e for e in sample if not e.startswith("__")]
-    if meta is not None and "json" not in exts:
-        exts.append("json")
+    exts += [e for e in updates if e not in exts]
     for ext in exts:
-        data = sample[ext]
-        if ext == "json" and meta is not None:
-            data = json.dumps(meta, sort_keys=True, ensure_ascii=False).encode("utf-8")
-        _add(tar, f"{key}.{ext}", data)
+        data = updates[ext] if ext in updates else sample[ext]
+        if data is not None:
+            _add(tar, f"{key}.{ext}", data)
 
 
 def _process_shard(
-    shard: str, out_path: str, generator: TextGenerator, seed: int, batch_size: int,
-    summary: GecoSummary, progress: Any,
+    shard: str, out_path: str, stage: GecoStage, seed: int, batch_size: int, summary: GecoSummary, progress: Any,
 ) -> None:
     partial = out_path + PARTIAL_SUFFIX
-    generator.start_shard(shard_seed(seed, shard))
-    tag = {**generator.metadata(), "seed": seed}
+    stage.start_shard(seed, shard_seed(seed, shard))
     try:
         with open(partial, "wb") as f:
             with tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
-                for batch in _batches(_read(shard, summary), batch_size):
-                    todo = []  # (index in batch, caption, old json)
-                    for i, s in enumerate(batch):
-                        caption = _caption(s)
-                        try:
-                            old = json.loads(s["json"].decode("utf-8")) if "json" in s else {}
-                        except (UnicodeDecodeError, json.JSONDecodeError):
-                            old = None
-                        if caption is None or not isinstance(old, dict):
-                            summary.without_caption += 1  # copied unchanged: the loaders judge it
-                        else:
-                            todo.append((i, caption, old))
-                    texts = generator.generate([c for _, c, _ in todo], [batch[i]["__key__"] for i, _, _ in todo])
-                    metas: dict[int, dict[str, Any]] = {}
-                    for (i, _, old), t in zip(todo, texts, strict=True):
-                        metas[i] = {**old, "paraphrases": t.paraphrases, "negatives": t.negatives,
-                                    "negative_kinds": t.negative_kinds, "geco_text": tag}
-                        summary.paraphrases += len(t.paraphrases)
-                        summary.negatives += len(t.negatives)
-                        summary.dropped.update(t.dropped)
-                    for i, s in enumerate(batch):
-                        _write_sample(tar, s, metas.get(i))
+                for batch in _batches(_read(shard, summary, stage.name), batch_size):
+                    for sample, updates in zip(batch, stage.process(batch, summary), strict=True):
+                        _write_sample(tar, sample, updates)
                     summary.samples += len(batch)
                     progress.update(len(batch))
             f.flush()
@@ -192,22 +255,23 @@ class _NoProgress:
         pass
 
 
-def run_geco_text(
+def run_geco(
     in_spec: str,
     out_dir: str,
-    generator: TextGenerator,
+    stage: GecoStage,
     seed: int = 0,
     batch_size: int = 16,
     worker: int = 0,
     num_workers: int = 1,
     progress: bool = True,
 ) -> GecoSummary:
-    """Write GeCo texts for this worker's shards of ``in_spec`` into ``out_dir`` (same names).
+    """Run ``stage`` over this worker's shards of ``in_spec`` into ``out_dir`` (same names).
 
     Shards whose output already exists are skipped (complete by construction); a stale
-    ``.partial`` is overwritten. ``batch_size`` is in captions (an LLM sees
-    ``batch_size * prompts per caption`` prompts per forward at most its own batch size).
+    ``.partial`` is overwritten. ``batch_size`` is in samples per ``stage.process`` call.
     """
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
     shards = expand_shards(in_spec)
     names = [os.path.basename(s) for s in shards]
     if len(set(names)) != len(names):
@@ -223,7 +287,8 @@ def run_geco_text(
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(unit="sample", desc=f"geco text {worker}/{num_workers}", smoothing=0.1, dynamic_ncols=True)
+        bar = tqdm(unit="sample", desc=f"geco {stage.name} {worker}/{num_workers}", smoothing=0.1,
+                   dynamic_ncols=True)
     start = time.perf_counter()
     try:
         for shard in mine:
@@ -231,12 +296,18 @@ def run_geco_text(
             if os.path.exists(out_path):
                 summary.skipped.append(out_path)
                 continue
-            _process_shard(shard, out_path, generator, seed, batch_size, summary, bar)
+            _process_shard(shard, out_path, stage, seed, batch_size, summary, bar)
             summary.written.append(out_path)
     finally:
         bar.close()
         summary.seconds = time.perf_counter() - start
-    logger.info("geco text worker %d/%d: %d shards written, %d skipped, %d samples in %.1f s (%.1f samples/s)",
-                worker, num_workers, len(summary.written), len(summary.skipped), summary.samples,
+    logger.info("geco %s worker %d/%d: %d shards written, %d skipped, %d samples in %.1f s (%.1f samples/s)",
+                stage.name, worker, num_workers, len(summary.written), len(summary.skipped), summary.samples,
                 summary.seconds, summary.samples_per_second)
     return summary
+
+
+def run_geco_text(in_spec: str, out_dir: str, generator: TextGenerator, **kwargs: Any) -> GecoSummary:
+    """``run_geco`` with the text stage: ``batch_size`` is in captions (an LLM sees
+    ``batch_size * prompts per caption`` prompts, cut into its own generation batches)."""
+    return run_geco(in_spec, out_dir, TextStage(generator), **kwargs)
