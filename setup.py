@@ -19,13 +19,17 @@ setup(
         "safetensors",
         "matplotlib",  # tulip-mega report (PNG curves) and data inspect (image grids)
         "psutil",  # megatron dist_checkpointing writer needs it
+        "tqdm",  # geco progress bars (samples/s)
     ],
     extras_require={
         # Never needed on CPU. TE needs the CUDA toolkit + cuDNN to build/import.
         "gpu": ["transformer-engine[pytorch]", "nvidia-dali-cuda120>=2.4"],
         # DALI loader (decode + all views, GeCo, EDA); its CPU pipelines run without a GPU.
         "dali": ["nvidia-dali-cuda120>=2.4"],
-        "dev": ["pytest>=7", "pytest-timeout", "transformers>=4.49"],  # convert tests; SiglipTextConfig.projection_size
+        # tulip-mega geco text (an HF causal LM) and geco image (a diffusers instruction editor).
+        "geco": ["transformers>=4.49", "diffusers>=0.30"],
+        # transformers: convert tests (SiglipTextConfig.projection_size) and geco; diffusers: geco image tests.
+        "dev": ["pytest>=7", "pytest-timeout", "transformers>=4.49", "diffusers>=0.30"],
     },
     entry_points={"console_scripts": ["tulip-mega=tulip_mega.cli:main"]},
 )

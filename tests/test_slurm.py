@@ -143,3 +143,89 @@ def test_warning_signal_checkpoints_requeues_and_resumes(shapes_data, tmp_path):
     assert (run / "launch" / f"job{job_id}-restart1.txt").exists()
     assert (run / "checkpoints" / "latest").read_text().strip() == f"step_{steps:07d}"
     assert _steps(run) == list(range(1, steps + 1)), "a step was lost or repeated across the requeue"
+
+
+# --------------------------------------------------------------------------- GeCo arrays
+
+_DONE = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
+
+
+def _submit_geco(tmp_path: Path, stage: str, env: dict[str, str], flags: list[str], args: list[str]) -> str:
+    out = subprocess.run(
+        ["sbatch", "--parsable", "--nodes=1", "--gpus-per-node=0", "--cpus-per-task=1", "--time=00:10:00",
+         f"--output={tmp_path}/slurm-%A_%a.out", *flags, str(REPO / "slurm" / f"geco_{stage}.sh"), *args],
+        cwd=REPO, env=dict(os.environ, PYTHON=sys.executable, **env), capture_output=True, text=True, timeout=30,
+    )
+    assert out.returncode == 0, f"sbatch failed: {out.stderr}"
+    return out.stdout.strip().split(";")[0]
+
+
+def _wait_array(job_id: str, tmp_path: Path, timeout: float = 240.0) -> list[tuple[str, str]]:
+    """(JobState, ExitCode) of every task of array job ``job_id`` once all have ended."""
+    deadline = time.monotonic() + timeout
+    tasks: list[tuple[str, str]] = []
+    while time.monotonic() < deadline:
+        out = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True, timeout=10)
+        tasks = []
+        for line in out.stdout.splitlines():
+            fields = dict(t.partition("=")[::2] for t in line.split() if "=" in t)
+            tasks.append((fields.get("JobState", "?"), fields.get("ExitCode", "?")))
+        if tasks and all(state in _DONE for state, _ in tasks):
+            return tasks
+        time.sleep(0.5)
+    subprocess.run(["scancel", job_id])
+    pytest.fail(f"array job {job_id} did not finish in {timeout:.0f} s: {tasks}\n{_log(tmp_path)}")
+
+
+@pytest.fixture()
+def geco_shards(tmp_path) -> str:
+    from dataloaders.synthetic import write_shapes_dataset
+
+    info = write_shapes_dataset(str(tmp_path / "in"), num_train=20, num_val=0, samples_per_shard=4, image_size=16)
+    return info["train_spec"]  # 5 shards
+
+
+def test_geco_scripts_split_shards_over_array_tasks_and_srun_tasks(geco_shards, tmp_path):
+    """geco_text.sh as a 2-task array x 2 srun tasks (4 workers over 5 shards), then
+    geco_image.sh as a 2-task array on its output: every shard written once, equal to one
+    local process (text: byte for byte; image: same records, pixels up to thread rounding)."""
+    from dataloaders.geco.image import DiffusersImageEditor, ImageEditSettings, ImageStage
+    from dataloaders.geco.rules import RuleTextGenerator
+    from dataloaders.geco.run import run_geco, run_geco_text
+    from dataloaders.shards import expand_shards, iter_samples
+    from test_geco_image import FAST, build_tiny_pix2pix, pixels
+
+    names = sorted(os.path.basename(s) for s in expand_shards(geco_shards))
+    text_out, image_out = tmp_path / "text", tmp_path / "image"
+    job = _submit_geco(tmp_path, "text", {"GECO_IN": geco_shards, "GECO_OUT": str(text_out), "GECO_MODEL": "eda",
+                                          "GECO_SEED": "4"},
+                       ["--array=0-1", "--ntasks-per-node=2"], ["--no-progress"])
+    tasks = _wait_array(job, tmp_path)
+    assert tasks == [("COMPLETED", "0:0")] * 2, f"{tasks}\n{_log(tmp_path)}"
+    assert sorted(os.listdir(text_out)) == names
+    local = tmp_path / "text_local"
+    run_geco_text(geco_shards, str(local), RuleTextGenerator(), seed=4, progress=False)
+    for name in names:
+        assert (text_out / name).read_bytes() == (local / name).read_bytes(), name
+    log = _log(tmp_path)
+    for worker in range(4):  # every worker of the 4 reported its split
+        assert f'"worker": {worker}, "num_workers": 4' in log, log
+
+    pipe = str(tmp_path / "pix2pix")
+    build_tiny_pix2pix(pipe)
+    job = _submit_geco(tmp_path, "image", {"GECO_IN": str(text_out), "GECO_OUT": str(image_out), "GECO_MODEL": pipe},
+                       ["--array=0-1", "--ntasks-per-node=1"], FAST)
+    tasks = _wait_array(job, tmp_path)
+    assert tasks == [("COMPLETED", "0:0")] * 2, f"{tasks}\n{_log(tmp_path)}"
+    assert sorted(os.listdir(image_out)) == names
+    settings = ImageEditSettings(steps=2, resolution=64, pos_max_change=1.0, neg_min_change=0.0)
+    local = tmp_path / "image_local"
+    run_geco(str(text_out), str(local), ImageStage(DiffusersImageEditor(pipe, settings), settings), progress=False)
+    for name in names:
+        got, want = list(iter_samples(str(image_out / name))), list(iter_samples(str(local / name)))
+        assert [s["__key__"] for s in got] == [s["__key__"] for s in want]
+        for g, w in zip(got, want):
+            assert g["json"] == w["json"] and g["txt"] == w["txt"]
+            for view in ("pos.jpg", "neg.jpg"):
+                diff = abs(pixels(g[view]) - pixels(w[view]))  # float rounding, then JPEG's 8x8 blocks
+                assert diff.mean() <= 1 / 255 and diff.max() <= 16 / 255, (name, g["__key__"], view)
