@@ -308,6 +308,13 @@ def test_missing_or_wrong_model_is_a_clear_error(pix2pix, small_shards, tmp_path
     assert cli_main(["geco", "image", "--model", pix2pix, "--in", small_shards, "--out", str(tmp_path / "o"),
                      "--views", "pos,left"]) == 2
     assert "views" in capsys.readouterr().err
+    assert cli_main(["geco", "image", "--model", pix2pix, "--in", small_shards, "--out", str(tmp_path / "o"),
+                     "--dtype", "float65"]) == 2
+    assert "--dtype 'float65' is not a torch dtype" in capsys.readouterr().err
+    assert cli_main(["geco", "image", "--model", pix2pix, "--in", str(tmp_path / "none-*.tar"),
+                     "--out", str(tmp_path / "o")]) == 2
+    assert "matched no files" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "o")
 
 
 # --------------------------------------------------------------------------- kill and resume

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 
 def _cmd_data_synth(args: argparse.Namespace) -> int:
@@ -74,18 +74,24 @@ def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _geco_run(args: argparse.Namespace, make_stage) -> int:  # noqa: ANN001 - (device) -> GecoStage
-    """The part `geco text` and `geco image` share: worker split, device, errors, summary line."""
+def _geco_run(args: argparse.Namespace, make_stage: Callable[[Optional[str]], Any]) -> int:
+    """The part `geco text` and `geco image` share: worker split, device, errors, summary line.
+
+    The input shards are resolved before ``make_stage(device)`` loads a model, so a wrong
+    ``--in`` fails in a second, not after minutes of loading weights.
+    """
     import logging
 
     from dataloaders.geco.run import run_geco, worker_from_env
     from dataloaders.geco.text import ModelNotFoundError
+    from dataloaders.shards import expand_shards
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     worker, workers, local = worker_from_env()
     worker = worker if args.worker is None else args.worker
     workers = workers if args.num_workers is None else args.num_workers
     try:
+        expand_shards(args.data)
         device = args.device
         if device is None and args.model != "eda":
             import torch

@@ -242,8 +242,12 @@ def _load_pipeline(model: str, device: str, dtype: str) -> Any:
         from diffusers import DiffusionPipeline
     except ImportError as e:
         raise ImportError(f"geco image needs diffusers: pip install diffusers (or the [geco] extra); {e}") from e
-    torch_dtype = {"auto": torch.float16 if device.startswith("cuda") else torch.float32}.get(dtype) \
-        or getattr(torch, dtype)
+    if dtype == "auto":
+        torch_dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    elif isinstance(getattr(torch, dtype, None), torch.dtype):
+        torch_dtype = getattr(torch, dtype)
+    else:
+        raise ValueError(f"--dtype {dtype!r} is not a torch dtype (auto, float16, bfloat16, float32)")
     where = "folder" if os.path.isdir(model) else "Hugging Face cache entry"
     try:
         pipe = DiffusionPipeline.from_pretrained(
