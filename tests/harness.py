@@ -187,3 +187,26 @@ def _probe_first_vision_layer(module) -> dict:
         lambda _m, args, kwargs: probe.__setitem__("layer_input_shape", tuple(
             (args[0] if args else kwargs["hidden_states"]).shape)), with_kwargs=True)
     return probe
+
+
+def kill_mid_second_shard(argv: Sequence[str], out_dir, shard_names: Sequence[str], timeout: float = 60.0) -> None:
+    """Run ``argv`` (a GeCo shard loop writing ``shard_names`` into ``out_dir``) and SIGKILL it
+    once shard 0 is complete and shard 1 is half written (its ``.partial`` exists)."""
+    import os
+    import signal
+    import subprocess
+    import time
+    from pathlib import Path
+
+    out = Path(out_dir)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.Popen(list(argv), env={**os.environ, "PYTHONPATH": repo}, cwd=repo, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    try:
+        while not ((out / shard_names[0]).exists() and (out / (shard_names[1] + ".partial")).exists()):
+            assert proc.poll() is None and time.monotonic() < deadline, "worker ended before it could be killed"
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert not any((out / n).exists() for n in shard_names[1:]), "a shard after the kill point was completed"

@@ -10,13 +10,11 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
-import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
+from harness import kill_mid_second_shard
 
 from dataloaders.geco.rules import RuleTextGenerator, edit_caption
 from dataloaders.geco.run import run_geco_text, select_shards, shard_seed, worker_from_env
@@ -216,19 +214,8 @@ _SLOW_RUN = textwrap.dedent("""
 
 def test_kill_mid_run_then_rerun_loses_and_duplicates_nothing(small_shards, tmp_path) -> None:
     out = tmp_path / "out"
-    env = {**os.environ, "PYTHONPATH": REPO}
-    proc = subprocess.Popen([sys.executable, "-c", _SLOW_RUN, small_shards, str(out)], env=env, cwd=REPO)
     names = [os.path.basename(s) for s in expand_shards(small_shards)]
-    deadline = time.monotonic() + 60
-    try:
-        # kill once shard 0 is complete and shard 1 is half written
-        while not ((out / names[0]).exists() and (out / (names[1] + ".partial")).exists()):
-            assert proc.poll() is None and time.monotonic() < deadline, "worker ended before it could be killed"
-            time.sleep(0.02)
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait()
-    assert not (out / names[1]).exists() and not (out / names[2]).exists()
+    kill_mid_second_shard([sys.executable, "-c", _SLOW_RUN, small_shards, str(out)], out, names)
     first = (out / names[0]).read_bytes()
     summary = run_geco_text(small_shards, str(out), RuleTextGenerator(), seed=5, batch_size=2, progress=False)
     assert summary.skipped == [str(out / names[0])] and len(summary.written) == 2

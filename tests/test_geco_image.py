@@ -14,14 +14,12 @@ import json
 import math
 import os
 import random
-import signal
-import subprocess
 import sys
 import textwrap
-import time
 
 import numpy as np
 import pytest
+from harness import kill_mid_second_shard
 from PIL import Image
 
 from dataloaders.geco.image import (
@@ -340,19 +338,8 @@ def test_kill_mid_run_then_rerun_loses_and_duplicates_nothing(pix2pix, small_sha
     from dataloaders.geco.run import run_geco
 
     out = tmp_path / "out"
-    env = {**os.environ, "PYTHONPATH": REPO}
-    proc = subprocess.Popen([sys.executable, "-c", _SLOW_RUN, pix2pix, small_shards, str(out)], env=env, cwd=REPO,
-                            stderr=subprocess.DEVNULL)
     names = [os.path.basename(s) for s in expand_shards(small_shards)]
-    deadline = time.monotonic() + 120
-    try:
-        while not ((out / names[0]).exists() and (out / (names[1] + ".partial")).exists()):
-            assert proc.poll() is None and time.monotonic() < deadline, "worker ended before it could be killed"
-            time.sleep(0.02)
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait()
-    assert not (out / names[1]).exists() and not (out / names[2]).exists()
+    kill_mid_second_shard([sys.executable, "-c", _SLOW_RUN, pix2pix, small_shards, str(out)], out, names, 120)
     first = (out / names[0]).read_bytes()
 
     settings = ImageEditSettings(steps=2, resolution=64, pos_max_change=1.0, neg_min_change=0.0)
