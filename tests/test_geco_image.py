@@ -328,7 +328,7 @@ _SLOW_RUN = textwrap.dedent("""
             return super().edit(jobs)
 
     settings = ImageEditSettings(steps=2, resolution=64, pos_max_change=1.0, neg_min_change=0.0)
-    stage = ImageStage(Slow(sys.argv[1], settings), settings)
+    stage = ImageStage(Slow(sys.argv[1], settings))
     run_geco(sys.argv[2], sys.argv[3], stage, seed=5, batch_size=2, progress=False)
 """)
 
@@ -343,7 +343,7 @@ def test_kill_mid_run_then_rerun_loses_and_duplicates_nothing(pix2pix, small_sha
     first = (out / names[0]).read_bytes()
 
     settings = ImageEditSettings(steps=2, resolution=64, pos_max_change=1.0, neg_min_change=0.0)
-    stage = ImageStage(DiffusersImageEditor(pix2pix, settings), settings)
+    stage = ImageStage(DiffusersImageEditor(pix2pix, settings))
     summary = run_geco(small_shards, str(out), stage, seed=5, batch_size=2, progress=False)
     assert summary.skipped == [str(out / names[0])] and len(summary.written) == 2
     assert (out / names[0]).read_bytes() == first

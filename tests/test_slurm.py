@@ -220,7 +220,7 @@ def test_geco_scripts_split_shards_over_array_tasks_and_srun_tasks(geco_shards, 
     assert sorted(os.listdir(image_out)) == names
     settings = ImageEditSettings(steps=2, resolution=64, pos_max_change=1.0, neg_min_change=0.0)
     local = tmp_path / "image_local"
-    run_geco(str(text_out), str(local), ImageStage(DiffusersImageEditor(pipe, settings), settings), progress=False)
+    run_geco(str(text_out), str(local), ImageStage(DiffusersImageEditor(pipe, settings)), progress=False)
     for name in names:
         got, want = list(iter_samples(str(image_out / name))), list(iter_samples(str(local / name)))
         assert [s["__key__"] for s in got] == [s["__key__"] for s in want]

@@ -143,7 +143,7 @@ def _cmd_geco_image(args: argparse.Namespace) -> int:
     def stage(device: str) -> ImageStage:
         editor = DiffusersImageEditor(args.model, settings, device=device, dtype=args.dtype,
                                       batch_size=args.gen_batch)
-        return ImageStage(editor, settings)
+        return ImageStage(editor)
 
     return _geco_run(args, stage)
 

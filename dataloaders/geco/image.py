@@ -342,9 +342,10 @@ class ImageStage:
 
     name = "image"
 
-    def __init__(self, editor: ImageEditor, settings: ImageEditSettings = ImageEditSettings()) -> None:
+    def __init__(self, editor: ImageEditor, settings: Optional[ImageEditSettings] = None) -> None:
         self.editor = editor
-        self.settings = settings
+        # one settings object for both sides by default: the editor records what the stage used
+        self.settings = settings or getattr(editor, "settings", None) or ImageEditSettings()
         self.run_seed = 0
         self.shard_seed = 0
 
