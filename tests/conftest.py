@@ -26,3 +26,13 @@ def shapes_data(tmp_path_factory) -> dict:
     info = write_shapes_dataset(str(out), num_train=1024, num_val=128, samples_per_shard=128, image_size=32)
     tok = train_tokenizer_from_shards(info["train_spec"], str(out / "tokenizer"), vocab_size=1024)
     return {"train": info["train_spec"], "tokenizer": tok}
+
+
+@pytest.fixture()
+def small_shards(tmp_path) -> str:
+    """3 shards x 6 samples of 16 px shapes, with the generator's pos/neg jpg and json negatives
+    (the GeCo stage tests' input)."""
+    from dataloaders.synthetic import write_shapes_dataset
+
+    info = write_shapes_dataset(str(tmp_path / "in"), num_train=18, num_val=0, samples_per_shard=6, image_size=16)
+    return info["train_spec"]

@@ -210,3 +210,10 @@ def kill_mid_second_shard(argv: Sequence[str], out_dir, shard_names: Sequence[st
     finally:
         proc.wait()
     assert not any((out / n).exists() for n in shard_names[1:]), "a shard after the kill point was completed"
+
+
+def read_all(spec: str) -> dict[str, dict]:
+    """Every sample of the shards of ``spec`` by key (read with shards.iter_samples)."""
+    from dataloaders.shards import expand_shards, iter_samples
+
+    return {s["__key__"]: s for shard in expand_shards(spec) for s in iter_samples(shard)}

@@ -14,27 +14,15 @@ import sys
 import textwrap
 
 import pytest
-from harness import kill_mid_second_shard
+from harness import kill_mid_second_shard, read_all
 
 from dataloaders.geco.rules import RuleTextGenerator, edit_caption
 from dataloaders.geco.run import run_geco_text, select_shards, shard_seed, worker_from_env
 from dataloaders.geco.text import GenerationSettings, ModelNotFoundError, parse_output, validate_texts
 from dataloaders.shards import expand_shards, iter_samples
-from dataloaders.synthetic import write_shapes_dataset
 from tulip_mega.cli import main as cli_main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture()
-def small_shards(tmp_path) -> str:
-    """3 shards x 6 samples of 16 px shapes (with pos/neg jpg and json from the generator)."""
-    info = write_shapes_dataset(str(tmp_path / "in"), num_train=18, num_val=0, samples_per_shard=6, image_size=16)
-    return info["train_spec"]
-
-
-def read_all(spec: str) -> dict[str, dict]:
-    return {s["__key__"]: s for shard in expand_shards(spec) for s in iter_samples(shard)}
 
 
 # --------------------------------------------------------------------------- parsing / validation

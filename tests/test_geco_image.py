@@ -19,7 +19,7 @@ import textwrap
 
 import numpy as np
 import pytest
-from harness import kill_mid_second_shard
+from harness import kill_mid_second_shard, read_all
 from PIL import Image
 
 from dataloaders.geco.image import (
@@ -31,7 +31,6 @@ from dataloaders.geco.image import (
     negative_for,
 )
 from dataloaders.shards import expand_shards, iter_samples
-from dataloaders.synthetic import write_shapes_dataset
 from tulip_mega.cli import main as cli_main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -77,17 +76,6 @@ def pix2pix(tmp_path_factory) -> str:
     path = str(tmp_path_factory.mktemp("pix2pix") / "pipe")
     build_tiny_pix2pix(path)
     return path
-
-
-@pytest.fixture()
-def small_shards(tmp_path) -> str:
-    """3 shards x 6 samples of 16 px shapes (with pos/neg jpg and json negatives from the generator)."""
-    info = write_shapes_dataset(str(tmp_path / "in"), num_train=18, num_val=0, samples_per_shard=6, image_size=16)
-    return info["train_spec"]
-
-
-def read_all(spec: str) -> dict[str, dict]:
-    return {s["__key__"]: s for shard in expand_shards(spec) for s in iter_samples(shard)}
 
 
 def pixels(jpg: bytes) -> np.ndarray:

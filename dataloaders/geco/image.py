@@ -375,7 +375,7 @@ class ImageStage:
 
     def process(self, batch: Sequence[dict[str, Any]], summary: GecoSummary) -> list[Updates]:
         updates: list[Updates] = [{} for _ in batch]
-        planned = []  # (index, original size, source pixels at edit size, record, [(view, job)])
+        planned = []  # (index, original size, source pixels at edit size, old json, record, [(view, job)])
         for i, s in enumerate(batch):
             meta = meta_of(s)
             try:
