@@ -71,7 +71,8 @@ def make_batch(cfg, dev):
 class Ours:
     def __init__(self, cfg, use_te):
         from tulip_mega.models.build import build_model
-        from tulip_mega.training.step import TrainStep, make_optimizer, make_scheduler, wrap_ddp
+        from tulip_mega.training.optimizer import make_optimizer, make_scheduler
+        from tulip_mega.training.step import TrainStep, wrap_ddp
 
         self.model = wrap_ddp(build_model(cfg, use_te=use_te), cfg)
         optimizer = make_optimizer(cfg, self.model)

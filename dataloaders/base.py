@@ -1,4 +1,4 @@
-"""The loader interface shared by the simple (PIL) loader and the future DALI loader.
+"""The loader interface shared by the simple (PIL) loader and the DALI loader.
 
 Training code depends only on this Protocol, so swapping the CPU loader for a GPU decoding
 pipeline changes no training code: both yield ``Batch`` objects, expose their exact position
@@ -60,6 +60,14 @@ class Batch:
         """Move the tensors (keys stay on the host)."""
         moved = {k: v.to(device, non_blocking=non_blocking) for k, v in self.tensor_fields().items()}
         return replace(self, **moved)
+
+    @classmethod
+    def concat(cls, batches: list[Batch]) -> Batch:
+        """The samples of several micro-batches as one batch, in order (the global-batch
+        contrastive loss reads the GeCo validity masks of every micro-batch at once)."""
+        first = batches[0]
+        cat = {k: torch.cat([getattr(b, k) for b in batches]) for k in first.tensor_fields()}
+        return replace(first, keys=[k for b in batches for k in b.keys], **cat)
 
     def slice(self, start: int, stop: int) -> Batch:
         """Samples [start, stop) of every field (tests cut global batches into micro-batches)."""

@@ -11,7 +11,9 @@
 #   - forwards the pre-timeout warning (#SBATCH --signal=B:USR1@300 reaches this batch shell
 #     only) to every task: they checkpoint at the next step boundary and exit 75;
 #   - exit 75 from the step (stopped early after checkpointing) -> `scontrol requeue`, the
-#     next run resumes; 0 -> done; anything else -> the job fails with that code.
+#     next run resumes; 0 -> done; anything else -> the job fails with that code and is NOT
+#     requeued: 4 = too many consecutive non-finite steps (train.max_skipped_steps), 5 = pipeline
+#     stages read different samples, 2 = config error, 3 = checkpoint error (tulip_mega/train.py).
 #
 # Environment knobs (all optional):
 #   PYTHON           interpreter on the compute nodes (default python3; e.g. .venv/bin/python)
@@ -135,6 +137,13 @@ case $rc in
         # The requeue ends this batch shell; nothing after it runs.
         scontrol requeue "$JOB_ID" || { say "scontrol requeue failed"; exit "$rc"; }
         sleep 60
+        exit "$rc" ;;
+    4)
+        say "training stopped: train.max_skipped_steps consecutive non-finite steps (exit 4); not requeueing," \
+            "a resume would diverge the same way: lower the LR or resume from an earlier checkpoint"
+        exit "$rc" ;;
+    5)
+        say "training stopped: pipeline stages read different samples (exit 5); not requeueing"
         exit "$rc" ;;
     *)
         say "training failed with exit code $rc"

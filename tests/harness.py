@@ -96,6 +96,24 @@ def _shard_entries(model, attr: str) -> list[tuple]:
     return out
 
 
+def stack_layers(full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """assemble()'s 'key[layer]' tensors -> megatron's layer-stacked 'key' tensors (what the
+    converters in tulip_mega.convert read and write)."""
+    import re
+
+    stacked: dict[str, dict[int, torch.Tensor]] = {}
+    out = {}
+    for name, t in full.items():
+        m = re.fullmatch(r"(.*)\[(\d+)\]", name)
+        if m:
+            stacked.setdefault(m.group(1), {})[int(m.group(2))] = t
+        else:
+            out[name] = t
+    for key, layers in stacked.items():
+        out[key] = torch.stack([layers[i] for i in range(len(layers))])
+    return out
+
+
 def assemble(per_rank_entries: list[list[tuple]]) -> dict[str, torch.Tensor]:
     """Full tensors keyed 'key[layer]' from the shards reported by all ranks."""
     full: dict[str, torch.Tensor] = {}
@@ -116,7 +134,8 @@ def build_train_step(overrides: Sequence[str]):
 
     from tulip_mega.models.build import build_model
     from tulip_mega.parallel.init import init_parallel
-    from tulip_mega.training.step import TrainStep, make_optimizer, make_scheduler, wrap_ddp
+    from tulip_mega.training.optimizer import make_optimizer, make_scheduler
+    from tulip_mega.training.step import TrainStep, wrap_ddp
 
     cfg = make_cfg(list(overrides))
     if not parallel_state.model_parallel_is_initialized():
@@ -138,7 +157,7 @@ def step_worker(overrides: Sequence[str], steps: int = 1, optimizer_steps: bool 
     from megatron.core import parallel_state
 
     cfg, model, optimizer, scheduler, step = build_train_step(overrides)
-    num_micro = step.num_microbatches
+    initial = _shard_entries(model.module, "data")
     dp_size = parallel_state.get_data_parallel_world_size()
     it = rank_microbatches(cfg, global_batches(cfg, steps), parallel_state.get_data_parallel_rank(), dp_size)
     probe = _probe_first_vision_layer(model.module)
@@ -146,26 +165,16 @@ def step_worker(overrides: Sequence[str], steps: int = 1, optimizer_steps: bool 
     for i in range(steps):
         if optimizer_steps or i < steps - 1:
             metrics = step(it)
-            losses.append(metrics["loss"])
         else:
             # Last step: forward+backward only, so the gradients are still there to compare.
-            model.zero_grad_buffer()
-            optimizer.zero_grad()
-            kwargs = {"adjust_tensor_shapes_fn": step._shapes} if step.pp > 1 else {}
-            reports = step.forward_backward(
-                forward_step_func=step._forward_step, data_iterator=it, model=[model],
-                num_microbatches=num_micro, seq_length=step.packed_shape[0],
-                micro_batch_size=cfg.train.micro_batch_size, **kwargs,
-            )
-            from tulip_mega.training.step import reduce_reports
-
-            metrics = reduce_reports(reports, step.report_keys)
-            losses.append(metrics["loss"])
+            metrics = step.forward_backward(it)
+        losses.append(metrics["loss"])
     return {
         "rank": dist.get_rank(),
         "losses": losses,
         "metrics": metrics,
         "entries": _shard_entries(model.module, "data" if optimizer_steps else "grad"),
+        "initial": initial,
         "probe": probe,
     }
 

@@ -176,7 +176,7 @@ def test_bad_literal(tmp_path):
     with pytest.raises(ConfigError, match=r"precision.dtype expects 'auto' \| 'fp32' \| 'bf16', got 'fp16'"):
         load_config(None, ["precision.dtype=fp16"])
     path = _write(tmp_path, "loss:\n  sigmoid_impl: allreduce\n")
-    with pytest.raises(ConfigError, match=rf"{path}: loss.sigmoid_impl expects 'ring' \| 'gather'"):
+    with pytest.raises(ConfigError, match=rf"{path}: loss.sigmoid_impl expects 'auto' \| 'ring' \| 'gather'"):
         load_config(path)
 
 

@@ -6,8 +6,10 @@ Pure arithmetic on the resolved recipe (no torch / megatron import, so it answer
 - per-GPU memory: parameters, gradients, optimizer states (with/without the distributed
   optimizer) and activations under the chosen recompute, per Korthikanti et al. 2022,
   "Reducing Activation Recomputation in Large Transformer Models" (formulas below);
-- FLOPs per image-text pair (both towers), the contrastive batch of one micro-step, and the
-  step time / pairs per second at a stated MFU of a stated peak (H100 bf16 dense 989 TFLOP/s).
+- FLOPs per image-text pair (both towers), the contrastive batch (the whole global batch
+  under `loss.contrastive_batch=global`, whose embedding cache costs one more forward of the
+  contrastive streams per step), and the step time / pairs per second at a stated MFU of a
+  stated peak (H100 bf16 dense 989 TFLOP/s).
 
 Formulas (h = width, f = MLP width, a = heads, s = tokens, b = micro-batch, t = TP, p = PP,
 L = layers; both towers are summed, each with its own h, f, a, s, L):
@@ -30,9 +32,12 @@ L = layers; both towers are summed, each with its own h, f, a, s, L):
       view / text / decoder the loss terms switch on (tulip_mega.training.flops: the one
       source, also used for the trainer's MFU);
       training = 3 x forward (forward + backward); full recompute adds one more forward,
-      selective recompute adds the attention-score part (4 s^2 h per layer) once more.
-  step time                           global_batch x model FLOPs / (GPUs x peak x MFU)
-                                      (MFU counts model FLOPs: recompute is not useful work)
+      selective recompute adds the attention-score part (4 s^2 h per layer) once more;
+      the global contrastive batch (with accumulation > 1) adds one forward of the contrastive
+      streams (every view and text, no MAE stream or decoders).
+  step time                           global_batch x (model FLOPs + embedding-cache forward)
+                                      / (GPUs x peak x MFU) (MFU counts model FLOPs: recompute
+                                      and the cache forward are not useful work)
 
 Not counted: the sigmoid-loss logits (2 x contrastive batch x D per pair, small next to the
 towers), data loading, framework buffers (NCCL, allocator fragmentation: keep ~10% headroom),
@@ -46,7 +51,7 @@ import dataclasses
 import sys
 from typing import Optional, Sequence
 
-from tulip_mega.training.flops import count_flops
+from tulip_mega.training.flops import count_flops, embedding_cache_flops
 
 H100_BF16_DENSE_TFLOPS = 989.0
 GIB = 1024**3
@@ -132,6 +137,7 @@ class Plan:
     global_batch: int
     grad_accum: int
     contrastive_batch: int
+    contrastive_mode: str
     params_total: int
     params_per_gpu: float
     transformer_params_per_gpu: float
@@ -139,6 +145,7 @@ class Plan:
     flops_forward_per_sample: int
     flops_model_per_sample: int
     flops_hardware_per_sample: int
+    flops_cache_per_sample: int
     step_time_s: float
     samples_per_s: float
     mfu: float
@@ -195,14 +202,31 @@ def make_plan(cfg, nodes: int, gpus_per_node: int = 8, mfu: float = 0.40,
         hardware = model + sum(v for k, v in fwd_parts.items() if k.endswith("_attention"))
     else:
         hardware = model
-    step = gb * model / (gpus * peak_tflops * 1e12 * mfu)
+    accum = gb // (mb * dp)
+    cache = embedding_cache_flops(cfg, accum)
+    hardware += cache
+    step = gb * (model + cache) / (gpus * peak_tflops * 1e12 * mfu)
+    mode = cfg.loss.contrastive_batch
     return Plan(
-        gpus=gpus, dp=dp, tp=tp, pp=pp, micro_batch=mb, global_batch=gb, grad_accum=gb // (mb * dp),
-        contrastive_batch=mb * dp, params_total=total, params_per_gpu=params_per_gpu,
-        transformer_params_per_gpu=transformer_per_gpu, memory_gib=memory,
+        gpus=gpus, dp=dp, tp=tp, pp=pp, micro_batch=mb, global_batch=gb, grad_accum=accum,
+        contrastive_batch=gb if mode == "global" else mb * dp, contrastive_mode=mode, params_total=total,
+        params_per_gpu=params_per_gpu, transformer_params_per_gpu=transformer_per_gpu, memory_gib=memory,
         flops_forward_per_sample=fwd, flops_model_per_sample=model, flops_hardware_per_sample=hardware,
-        step_time_s=step, samples_per_s=gb / step, mfu=mfu, peak_tflops=peak_tflops,
+        flops_cache_per_sample=cache, step_time_s=step, samples_per_s=gb / step, mfu=mfu, peak_tflops=peak_tflops,
     )
+
+
+def contrastive_batch_line(plan: Plan) -> str:
+    """How many pairs each contrastive term compares, and what that costs (start-up log, plan)."""
+    if plan.contrastive_mode == "micro":
+        return (f"contrastive batch {plan.contrastive_batch} = micro x DP per micro-step "
+                "(loss.contrastive_batch=micro)")
+    if not plan.flops_cache_per_sample:
+        return f"contrastive batch {plan.contrastive_batch} = the global batch (one micro-batch per step)"
+    return (f"contrastive batch {plan.contrastive_batch} = the global batch (loss.contrastive_batch=global): "
+            f"embedding cache over {plan.grad_accum} accumulation steps, +1 forward of the contrastive streams "
+            f"= +{plan.flops_cache_per_sample / 1e9:.3f} GFLOP per pair "
+            f"(+{plan.flops_cache_per_sample / plan.flops_model_per_sample:.0%} over training FLOPs)")
 
 
 def format_plan(cfg, plan: Plan, fp8: Optional[str] = None) -> str:
@@ -216,7 +240,8 @@ def format_plan(cfg, plan: Plan, fp8: Optional[str] = None) -> str:
         f"layout: {plan.gpus} GPUs = TP {plan.tp} x PP {plan.pp} x DP {plan.dp}"
         f"{' (sequence parallel)' if par.sequence_parallel else ''}",
         f"batch: global {plan.global_batch} = micro {plan.micro_batch} x DP {plan.dp} x {plan.grad_accum} "
-        f"accumulation step(s); contrastive batch per micro-step = micro x DP = {plan.contrastive_batch}",
+        f"accumulation step(s)",
+        contrastive_batch_line(plan),
         "",
         f"memory per GPU (GiB), {'fp32' if cfg.precision.dtype == 'fp32' else 'bf16 mixed precision'}, "
         f"recompute={rc.granularity or 'off'}, distributed optimizer={'on' if par.distributed_optimizer else 'off'}:",
@@ -229,7 +254,7 @@ def format_plan(cfg, plan: Plan, fp8: Optional[str] = None) -> str:
         "",
         f"FLOPs per pair: forward {plan.flops_forward_per_sample / 1e9:.2f} GFLOP, "
         f"training (3x) {plan.flops_model_per_sample / 1e9:.2f} GFLOP, "
-        f"with recompute {plan.flops_hardware_per_sample / 1e9:.2f} GFLOP",
+        f"with recompute and the embedding cache {plan.flops_hardware_per_sample / 1e9:.2f} GFLOP",
         f"at {plan.mfu:.0%} MFU of {plan.peak_tflops:g} TFLOP/s per GPU: step {plan.step_time_s:.3f} s, "
         f"{plan.samples_per_s:,.0f} pairs/s, {plan.samples_per_s * 3600 / 1e6:.1f}M pairs/hour",
     ]

@@ -7,7 +7,11 @@ Exit codes (the SLURM scripts in slurm/ act on them):
   75  (EX_TEMPFAIL) stopped early after checkpointing: a stop signal (SIGUSR1/SIGTERM) or
       run.max_wall_time_minutes. Relaunching with --resume continues from that checkpoint;
   2   config error (nothing was run);
-  3   checkpoint error.
+  3   checkpoint error;
+  4   train.max_skipped_steps consecutive steps had a non-finite loss or gradient norm (each was
+      skipped, so the weights and checkpoints are those of the last finite step);
+  5   pipeline stages of a model replica read different samples (a data / loader bug).
+Only 75 is requeued by slurm/common.sh: 4 and 5 would fail the same way again.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from typing import Optional, Sequence
 EXIT_FINISHED = 0
 EXIT_CONFIG_ERROR = 2
 EXIT_CHECKPOINT_ERROR = 3
+EXIT_NON_FINITE = 4  # = tulip_mega.training.step.NonFiniteTraining.exit_code
+EXIT_DATA_MISMATCH = 5  # = tulip_mega.training.step.PipelineDataMismatch.exit_code
 EXIT_STOPPED_EARLY = 75  # EX_TEMPFAIL from sysexits.h: "try again later" (= requeue and --resume)
 
 
@@ -56,12 +62,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     warnings.filterwarnings("ignore", message="full scope is deprecated")
     from tulip_mega.training.checkpoint import CheckpointError
     from tulip_mega.training.loop import train
+    from tulip_mega.training.step import TrainingHalted
 
     try:
         summary = train(cfg)
     except CheckpointError as e:
         print(f"tulip-mega: checkpoint error: {e}", file=sys.stderr)
         return EXIT_CHECKPOINT_ERROR
+    except TrainingHalted as e:
+        print(f"tulip-mega: training stopped: {e}", file=sys.stderr)
+        return e.exit_code
     from tulip_mega.parallel.init import destroy_parallel
 
     destroy_parallel()

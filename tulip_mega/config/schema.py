@@ -214,9 +214,12 @@ class TrainConfig:
     steps: int = _f(100, "optimizer steps to run")
     global_batch_size: int = _f(32, "image-text pairs per step, all ranks together")
     micro_batch_size: int = _f(8, "pairs per forward/backward on one data-parallel rank")
+    max_skipped_steps: int = _f(10, "stop the run (exit code 4, not requeued) after this many consecutive steps "
+                                    "whose loss or gradient norm was not finite (each is skipped: no weight or "
+                                    "optimizer state changes)")
 
     def validate(self) -> None:
-        _at_least(self, "train", ("steps", "global_batch_size", "micro_batch_size"), 1)
+        _at_least(self, "train", ("steps", "global_batch_size", "micro_batch_size", "max_skipped_steps"), 1)
         g, m = self.global_batch_size, self.micro_batch_size
         _require(m <= g, f"train.micro_batch_size={m} must be <= train.global_batch_size={g}")
         _require(g % m == 0, f"train.global_batch_size={g} is not divisible by train.micro_batch_size={m}")
@@ -312,8 +315,16 @@ class LossWeights:
 
 @dataclass
 class LossConfig:
-    sigmoid_impl: Literal["ring", "gather"] = _f("ring", "sigmoid loss across DP: ring send/recv or all-gather")
+    contrastive_batch: Literal["global", "micro"] = _f(
+        "global", "pairs each contrastive term compares: global = the whole global batch (micro x DP x "
+                  "accumulation, as SigLIP/TULIP define the loss; costs one extra forward of the contrastive "
+                  "views per step, see docs/losses.md); micro = one micro-step (micro x DP), for memory-bound runs")
+    sigmoid_impl: Literal["auto", "ring", "gather"] = _f(
+        "auto", "plain image-text sigmoid loss across DP: ring send/recv or all-gather; auto = ring. The "
+                "weighted terms (hard negatives, image-image, text-text) always gather, so ring is refused with them")
     contrastive: Literal["sigmoid", "infonce"] = _f("sigmoid", "image-text term: SigLIP sigmoid or CLIP InfoNCE")
+    infonce_max_logit_scale: float = _f(100.0, "InfoNCE logit scales (image-text and aug) are clamped to at most "
+                                               "this (open_clip clamps at 100)")
     weights: LossWeights = _section(LossWeights, "weight of each loss term")
     hard_negatives: bool = _f(True, "GeCo caption negatives also enter the image-text sigmoid term (label -1)")
     mae_mask_ratio: float = _f(0.75, "fraction of view-0 patches masked for MAE")
@@ -327,6 +338,8 @@ class LossConfig:
         for name in ("label_smoothing", "aug_label_smoothing"):
             value = getattr(self, name)
             _require(0 <= value < 1, f"loss.{name}={value} must be in [0, 1)")
+        _require(self.infonce_max_logit_scale > 0,
+                 f"loss.infonce_max_logit_scale={self.infonce_max_logit_scale} must be > 0")
         _require(any(getattr(self.weights, n) > 0 for n in self.weights.__dataclass_fields__),
                  "every loss.weights.* is 0: at least one term must be switched on")
 
@@ -460,9 +473,30 @@ class Config:
                      f"loss.weights.aug_contrastive={w.aug_contrastive} pairs the second global crop with the EDA "
                      f"caption: needs data.views.global_crops >= 2 (got {views.global_crops}) and "
                      f"data.views.eda=true (got {views.eda})")
+        self._validate_sigmoid_impl()
         for name, dec in (("mae_decoder", self.model.mae_decoder), ("text_decoder", self.model.text_decoder)):
             for key, value in vars(dec).items():
                 _require(value is not None, f"model.{name}.{key} is unset; call resolve(cfg) before validate()")
+
+
+    def _validate_sigmoid_impl(self) -> None:
+        """loss.sigmoid_impl chooses how the PLAIN image-text sigmoid term crosses DP; a value that
+        nothing would honour is refused instead of silently ignored."""
+        loss, w, views = self.loss, self.loss.weights, self.data.views
+        if loss.sigmoid_impl == "auto":
+            return
+        plain_it = w.image_text > 0 and loss.contrastive == "sigmoid"
+        hard_negatives = plain_it and loss.hard_negatives and views.negatives > 0
+        weighted = [name for name, on in (("loss.hard_negatives (with data.views.negatives > 0)", hard_negatives),
+                                          ("loss.weights.image_image", w.image_image > 0),
+                                          ("loss.weights.text_text", w.text_text > 0)) if on]
+        _require(plain_it or weighted,
+                 f"loss.sigmoid_impl={loss.sigmoid_impl} has no effect: no sigmoid term is switched on "
+                 f"(loss.contrastive={loss.contrastive}); remove the key or set it to auto")
+        if loss.sigmoid_impl == "ring":
+            _require(not weighted,
+                     f"loss.sigmoid_impl=ring cannot be honoured: {', '.join(weighted)} use the weighted pair "
+                     "loss, which only has the all-gather implementation; set loss.sigmoid_impl=gather or auto")
 
 
 def data_parallel_size(cfg: Config, world_size: int) -> int:

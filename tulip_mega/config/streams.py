@@ -14,7 +14,7 @@ Pure Python (no torch) so config validation, `plan` and FLOP counts stay instant
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -64,6 +64,12 @@ class Streams:
     def image_views(self) -> int:
         """Views entering the image-image loss: every global and local view (edits included)."""
         return self.global_views + self.local_crops
+
+    def contrastive_only(self) -> "Streams":
+        """The streams the contrastive terms read: everything but the MAE visible patches and
+        the caption decoder. The embedding-cache forward of `loss.contrastive_batch=global`
+        runs only these (docs/losses.md)."""
+        return replace(self, mae_visible=0, text_recon=False)
 
     # --- text -----------------------------------------------------------------------------
     @property

@@ -50,7 +50,8 @@ def _reshard_worker(cfg, checkpoint: str, out: str) -> str:
     from tulip_mega.parallel.init import init_parallel
     from tulip_mega.training.checkpoint import load_checkpoint, save_checkpoint
     from tulip_mega.training.loop import model_shape
-    from tulip_mega.training.step import make_optimizer, make_scheduler, wrap_ddp
+    from tulip_mega.training.optimizer import make_optimizer, make_scheduler
+    from tulip_mega.training.step import wrap_ddp
 
     init_parallel(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel, cfg.run.seed)
     model = wrap_ddp(build_model(cfg), cfg)

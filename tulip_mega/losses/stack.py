@@ -9,9 +9,14 @@
 
 Only terms with a non-zero weight are computed (the model does not even run their inputs, see
 tulip_mega/config/streams.py). Every contrastive term sees the whole data-parallel batch of
-the micro-batch: the columns of other DP ranks are negatives (weight -1), or ignored (0) where
-a GeCo field is missing. The stack runs on the last pipeline stage; `forward` returns the
-weighted total and every (unweighted) term for logging.
+what it is given: the columns of other DP ranks are negatives (weight -1), or ignored (0)
+where a GeCo field is missing. With `loss.contrastive_batch=global` the training step hands
+the contrastive terms the embeddings of every micro-batch of the step at once (the global
+batch); the reconstruction terms always see one micro-batch. The stack runs on the last
+pipeline stage; `forward` returns the weighted total and every (unweighted) term for logging.
+
+InfoNCE logit scales are clamped at `loss.infonce_max_logit_scale` (100, as open_clip clamps
+its learnable temperature), so the clamp holds under any optimizer and sharding.
 """
 
 from __future__ import annotations
@@ -28,6 +33,10 @@ from tulip_mega.losses.reconstruction import causal_text_loss, mae_loss
 from tulip_mega.losses.sigmoid import DistributedSigmoidLoss
 
 TERMS = ("image_text", "image_image", "text_text", "mae", "text_recon", "aug_contrastive")
+# Terms over pairs of the batch (their value depends on the batch they see) vs terms that are a
+# mean over samples (the same for any split of the batch).
+CONTRASTIVE_TERMS = ("image_text", "image_image", "text_text", "aug_contrastive")
+RECONSTRUCTION_TERMS = ("mae", "text_recon")
 
 
 def pair_weights(
@@ -68,12 +77,15 @@ class TulipLossStack(torch.nn.Module):
         self.streams = streams
         self.weights = {name: float(getattr(loss.weights, name)) for name in TERMS}
         self.terms = tuple(name for name in TERMS if self.weights[name] > 0)
+        self.contrastive_terms = tuple(name for name in self.terms if name in CONTRASTIVE_TERMS)
+        self.reconstruction_terms = tuple(name for name in self.terms if name in RECONSTRUCTION_TERMS)
         self.contrastive = loss.contrastive
+        self.max_infonce_scale = float(loss.infonce_max_logit_scale)
         self.hard_negatives = bool(loss.hard_negatives and loss.contrastive == "sigmoid" and streams.negatives)
         self.patch_size = cfg.model.vision.patch_size
         self.mae_norm_pix = loss.mae_norm_pix
         self.pad_id = pad_id
-        self.sigmoid = DistributedSigmoidLoss(group=group, impl=loss.sigmoid_impl)
+        self.sigmoid = DistributedSigmoidLoss(group=group, impl="gather" if loss.sigmoid_impl == "gather" else "ring")
         self.pairwise = DistributedPairSigmoidLoss(group=group)
         self.infonce = DistributedInfoNCELoss(group=group, label_smoothing=loss.label_smoothing)
         self.aug_infonce = DistributedInfoNCELoss(group=group, label_smoothing=loss.aug_label_smoothing)
@@ -84,9 +96,13 @@ class TulipLossStack(torch.nn.Module):
         s = self.streams
         return bool(s.mae_visible or s.text_recon or s.geco_edits or s.paraphrases or s.negatives)
 
-    def forward(self, out: dict, batch=None, mae_idx=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(weighted total, {term: unweighted value}) for one micro-batch on this rank."""
-        values = {name: getattr(self, f"_{name}")(out, batch, mae_idx) for name in self.terms}
+    def forward(self, out: dict, batch=None, mae_idx=None,
+                terms: Optional[Sequence[str]] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(weighted total, {term: unweighted value}) on this rank, over the enabled `terms`
+        (default: all enabled terms; the training step passes the contrastive or the
+        reconstruction ones when it computes them separately)."""
+        names = self.terms if terms is None else terms
+        values = {name: getattr(self, f"_{name}")(out, batch, mae_idx) for name in names}
         total = sum(self.weights[name] * value for name, value in values.items())
         return total, values
 
@@ -94,7 +110,7 @@ class TulipLossStack(torch.nn.Module):
     def _image_text(self, out: dict, batch, mae_idx) -> torch.Tensor:
         image, text = out["image_emb"], out["text_emb"]
         if self.contrastive == "infonce":
-            return self.infonce(image, text, out["logit_scale"])
+            return self.infonce(image, text, out["logit_scale"].clamp(max=self.max_infonce_scale))
         if not self.hard_negatives:
             return self.sigmoid(image, text, out["logit_scale"], out["logit_bias"])
         s = self.streams
@@ -152,4 +168,5 @@ class TulipLossStack(torch.nn.Module):
         return causal_text_loss(out["text_logits"], batch.tokens.to(out["text_logits"].device), self.pad_id)
 
     def _aug_contrastive(self, out: dict, batch, mae_idx) -> torch.Tensor:
-        return self.aug_infonce(out["aug_image"], out["aug_text"], out["aug_logit_scale"])
+        scale = out["aug_logit_scale"].clamp(max=self.max_infonce_scale)
+        return self.aug_infonce(out["aug_image"], out["aug_text"], scale)

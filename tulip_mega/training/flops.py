@@ -30,9 +30,15 @@ Per sample, `tulip_mega.config.streams.input_streams(cfg)` says what feeds the t
       the L caption tokens, Linear(d -> vocab) over the L tokens
   aug projector (aug_contrastive on): image and text MLPs Linear(e -> H) + Linear(H -> e)
   contrastive logits: 2*e*C per switched-on contrastive term (image-text, image-image,
-      text-text, aug), C = the contrastive batch of one micro-step (micro_batch x DP). A
-      simplification (multi-view terms compare more pairs), tiny next to the towers; left
-      out when the contrastive batch is not given (as `plan` does).
+      text-text, aug), C = the contrastive batch (the global batch under
+      `loss.contrastive_batch=global`, micro_batch x DP under `micro`). A simplification
+      (multi-view terms compare more pairs), tiny next to the towers; left out when the
+      contrastive batch is not given (as `plan` does).
+
+The embedding cache of `loss.contrastive_batch=global` (training/step.py) runs one more
+forward of the contrastive streams per sample (no MAE stream, no decoders):
+`embedding_cache_flops`. Like recompute it is hardware work, not model work, so it is
+reported beside the model FLOPs and not counted in MFU.
 
 Pure Python, no torch: `plan` stays instant.
 """
@@ -42,7 +48,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from tulip_mega.config.streams import input_streams
+from tulip_mega.config.streams import Streams, input_streams
 
 TRAINING_MULTIPLIER = 3  # forward + backward (2x forward); recompute not counted
 
@@ -92,17 +98,18 @@ def _add(parts: dict[str, int], key: str, value: int) -> None:
     parts[key] = parts.get(key, 0) + value
 
 
-def count_flops(cfg, contrastive_batch: Optional[int] = None) -> FlopCount:
+def count_flops(cfg, contrastive_batch: Optional[int] = None, streams: Optional[Streams] = None) -> FlopCount:
     """Forward FLOPs of one sample of the recipe `cfg` (resolved), by part.
 
     contrastive_batch: columns of the contrastive logits (micro_batch x DP); None leaves the
     logits out. Keys: vision_layers_matmul, vision_layers_attention, vision_patch_embed,
     vision_map_head, text_layers_matmul, text_layers_attention, text_head, and when switched
     on mae_decoder_matmul / _attention, text_decoder_matmul / _attention, aug_projector,
-    contrastive_logits.
+    contrastive_logits. streams: what the towers encode (default: the recipe's training
+    streams, `input_streams(cfg)`).
     """
     v, t, m, w = cfg.model.vision, cfg.model.text, cfg.model, cfg.loss.weights
-    streams = input_streams(cfg)
+    streams = streams or input_streams(cfg)
     hv, ht, e, p = v.hidden_size, t.hidden_size, v.hidden_size, v.patch_size
     parts: dict[str, int] = {}
 
@@ -148,3 +155,19 @@ def tokens_per_sample(cfg) -> int:
     of `tokens_per_sec`."""
     streams = input_streams(cfg)
     return sum(s.views * s.seq for s in streams.vision) + streams.texts * cfg.model.text.context_length
+
+
+def uses_embedding_cache(cfg, accumulation: int) -> bool:
+    """Whether a step runs the embedding-cache forward: `loss.contrastive_batch=global`, more
+    than one micro-batch per step, and at least one contrastive term switched on."""
+    w = cfg.loss.weights
+    contrastive = any(getattr(w, name) > 0 for name in ("image_text", "image_image", "text_text", "aug_contrastive"))
+    return cfg.loss.contrastive_batch == "global" and accumulation > 1 and contrastive
+
+
+def embedding_cache_flops(cfg, accumulation: int) -> int:
+    """Forward FLOPs per sample of the embedding-cache pass (the contrastive streams only);
+    0 when the recipe does not run it. `accumulation` = micro-batches per step per DP rank."""
+    if not uses_embedding_cache(cfg, accumulation):
+        return 0
+    return count_flops(cfg, streams=input_streams(cfg).contrastive_only()).forward

@@ -36,7 +36,8 @@ from tulip_mega.training.throughput import (
     precision_name,
 )
 from tulip_mega.training.signals import PreemptionSignal
-from tulip_mega.training.step import TrainStep, make_optimizer, make_scheduler, wrap_ddp
+from tulip_mega.training.optimizer import make_optimizer, make_scheduler
+from tulip_mega.training.step import TrainStep, contrastive_batch_size, wrap_ddp
 
 log = logging.getLogger("tulip_mega")
 
@@ -76,6 +77,9 @@ def train(cfg: Config, env: Optional[LaunchEnv] = None) -> dict:
         cfg.train.global_batch_size, cfg.train.micro_batch_size, dp_size,
         cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp_size),
     )
+    from tulip_mega.plan import contrastive_batch_line, make_plan
+
+    log.info("%s", contrastive_batch_line(make_plan(cfg, 1, env.world_size)))
 
     model = wrap_ddp(build_model(cfg), cfg)
     optimizer = make_optimizer(cfg, model)
@@ -186,7 +190,7 @@ class _SpeedMeter:
     Every rank calls `metrics` at the same steps (it runs two small collectives)."""
 
     def __init__(self, cfg: Config, world_size: int, dp_size: int) -> None:
-        contrastive_batch = cfg.train.micro_batch_size * dp_size
+        contrastive_batch = contrastive_batch_size(cfg, dp_size)
         self.flops = count_flops(cfg, contrastive_batch)
         self.tokens = tokens_per_sample(cfg)
         self.world_size = world_size

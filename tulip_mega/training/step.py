@@ -1,15 +1,37 @@
 """One optimizer step with megatron's forward-backward schedule (1F1B when PP > 1).
 
-Owns the pieces that the schedule needs wired together: DDP wrapper, megatron optimizer and
-LR/WD scheduler, the forward_step_func and loss_func, and the p2p tensor shape of the packed
-two-tower activations. `TrainStep.__call__` returns the step's metrics, already reduced so
-that every rank holds the same numbers (loss over the global batch, grad norm, lr, ...).
+`TrainStep.forward_backward` leaves the gradients of one global batch in megatron's DDP
+buffers and returns the loss terms; `TrainStep.optimizer_step` applies them unless they are
+not finite; `TrainStep.__call__` does both.
+
+The contrastive batch (`loss.contrastive_batch`, docs/losses.md):
+
+  * `micro`: each micro-step's loss sees micro x DP pairs (megatron's usual accumulation).
+  * `global` (default): every contrastive term is computed once over micro x DP x
+    accumulation pairs, the batch SigLIP and TULIP define the loss on. With more than one
+    micro-batch per step that takes an embedding cache, as open_clip's `--accum-freq` does
+    without pipeline parallelism:
+      1. a forward-only pass of every micro-batch through megatron's schedule (any PP) runs
+         only the streams the contrastive terms read (no MAE stream, no decoders) and keeps
+         the embeddings on the last stage, no activations;
+      2. the contrastive terms over the concatenated embeddings (distributed over DP as
+         always), backward to the cached embeddings (and logit scales/biases);
+      3. the usual forward+backward per micro-batch, whose loss is the reconstruction terms
+         plus <embedding, cached gradient> for each contrastive output, so backpropagation
+         carries exactly the global loss's gradient into the towers.
+    Both passes use the same host batches (read once in pass 1), so every random choice
+    (crops, flips, EDA, GeCo picks; MAE masks are keyed by sample and step) is identical.
+
+Every step also checks that the pipeline stages that read batches read the same samples, and
+a step whose loss or gradient norm is not finite changes nothing (training/optimizer.py).
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import os
-
+import zlib
 from functools import partial
 from typing import Any, Callable, Iterator, Optional
 
@@ -17,14 +39,38 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
-from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from dataloaders.base import Batch
 from tulip_mega.losses.reconstruction import mae_mask
 from tulip_mega.losses.stack import TulipLossStack
 from tulip_mega.models.tulip import TulipModel
 from tulip_mega.parallel.init import device
+from tulip_mega.training.optimizer import guarded_step
+
+log = logging.getLogger("tulip_mega")
+
+# Outputs of the last stage that are one number per model (every micro-batch sees the same).
+SCALAR_OUTPUTS = ("logit_scale", "logit_bias", "ii_logit_scale", "ii_logit_bias", "tt_logit_scale",
+                  "tt_logit_bias", "aug_logit_scale")
+
+
+class TrainingHalted(RuntimeError):
+    """The run must stop and must not be requeued as is; `exit_code` is what tulip_mega.train returns."""
+
+    exit_code = 1
+
+
+class NonFiniteTraining(TrainingHalted):
+    """train.max_skipped_steps consecutive steps had a non-finite loss or gradient norm."""
+
+    exit_code = 4
+
+
+class PipelineDataMismatch(TrainingHalted):
+    """Pipeline stages of one model replica read different samples in the same step."""
+
+    exit_code = 5
 
 
 def wrap_ddp(model: TulipModel, cfg) -> DistributedDataParallel:
@@ -37,47 +83,14 @@ def wrap_ddp(model: TulipModel, cfg) -> DistributedDataParallel:
     return DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
 
 
-def make_optimizer(cfg, model: DistributedDataParallel):
-    """AdamW (decoupled weight decay; none on biases, norms and the logit scale/bias)."""
-    o = cfg.optim
-    opt_config = OptimizerConfig(
-        optimizer="adam",
-        lr=o.lr,
-        min_lr=o.min_lr,
-        weight_decay=o.weight_decay,
-        adam_beta1=o.betas[0],
-        adam_beta2=o.betas[1],
-        adam_eps=o.eps,
-        clip_grad=o.clip_grad,
-        bf16=model.config.bf16,
-        params_dtype=model.config.params_dtype,
-        use_distributed_optimizer=cfg.parallel.distributed_optimizer,
-    )
-    return get_megatron_optimizer(opt_config, [model])
-
-
-def make_scheduler(cfg, optimizer) -> OptimizerParamScheduler:
-    """Linear warmup from 0 to optim.lr, then cosine decay to optim.min_lr at train.steps."""
-    o, steps = cfg.optim, cfg.train.steps
-    return OptimizerParamScheduler(
-        optimizer,
-        init_lr=0.0,
-        max_lr=o.lr,
-        min_lr=o.min_lr,
-        lr_warmup_steps=o.warmup_steps,
-        lr_decay_steps=steps,
-        lr_decay_style="cosine",
-        start_wd=o.weight_decay,
-        end_wd=o.weight_decay,
-        wd_incr_steps=steps,
-        wd_incr_style="constant",
-        use_checkpoint_opt_param_scheduler=False,
-        override_opt_param_scheduler=True,
-    )
+def contrastive_batch_size(cfg, dp_size: int) -> int:
+    """Pairs each contrastive term compares per step under the recipe (see the module docstring)."""
+    micro = cfg.train.micro_batch_size * dp_size
+    return cfg.train.global_batch_size if cfg.loss.contrastive_batch == "global" else micro
 
 
 class TrainStep:
-    """Runs forward+backward over the micro-batches of one global batch and steps the optimizer."""
+    """Forward+backward over the micro-batches of one global batch, then a guarded optimizer step."""
 
     def __init__(self, cfg, model: DistributedDataParallel, optimizer, scheduler, num_microbatches: int) -> None:
         self.cfg = cfg
@@ -87,23 +100,40 @@ class TrainStep:
         self.num_microbatches = num_microbatches
         self.micro_batch_size = cfg.train.micro_batch_size
         self.module: TulipModel = model.module
-        # Optimizer steps done so far (the loop sets it after a resume); per-step randomness
-        # that must be identical on every rank and layout (the MAE mask) is keyed by it.
+        # Optimizer steps done so far, skipped ones included (the loop sets it after a resume);
+        # per-step randomness that must be identical on every rank and layout (the MAE mask)
+        # is keyed by it.
         self.completed_steps = 0
+        self.skipped_steps = 0
+        self.consecutive_skips = 0
+        self.max_skipped_steps = cfg.train.max_skipped_steps
         self.streams = self.module.train_streams
         self.loss = TulipLossStack(
             cfg, self.streams, group=parallel_state.get_data_parallel_group(), pad_id=_pad_id(cfg)
         )
-        self.report_keys = ("loss", *(f"loss/{name}" for name in self.loss.terms), "logit_scale", "logit_bias")
-        self.forward_backward = get_forward_backward_func()
+        # The embedding cache is needed only when a step has several micro-batches: with one,
+        # the micro-step's contrastive batch already is the global batch.
+        self.global_contrastive = (cfg.loss.contrastive_batch == "global" and num_microbatches > 1
+                                   and bool(self.loss.contrastive_terms))
+        self.cache_streams = self.streams.contrastive_only()
+        self.report_keys = (*(f"loss/{name}" for name in self.loss.terms), "logit_scale", "logit_bias")
+        self._schedule = get_forward_backward_func()
         self.pp = parallel_state.get_pipeline_model_parallel_world_size()
         config = model.config
         config.finalize_model_grads_func = finalize_model_grads
         config.no_sync_func = model.no_sync
         config.grad_scale_func = optimizer.scale_loss
         self.packed_shape = self.module.packed_shape(self.micro_batch_size, self.streams)
+        self.cache_packed_shape = self.module.packed_shape(self.micro_batch_size, self.cache_streams)
         if self.pp > 1:
             check_pipeline_shapes(self.packed_shape)
+        # Per-step state: the host batches this rank read (replayed by the second pass), and on
+        # the last stage the gradient of the global contrastive loss per micro-batch output.
+        self._batches: list[Batch] = []
+        self._keys: list[list[str]] = []
+        self._replay = False
+        self._micro = 0
+        self._cache_grads: list[dict[str, torch.Tensor]] = []
 
     @property
     def needs_input(self) -> bool:
@@ -112,69 +142,233 @@ class TrainStep:
         return self.module.pre_process or (self.module.post_process and self.loss.needs_batch)
 
     # --- megatron callbacks -------------------------------------------------------------
-    def _forward_step(self, data_iterator: Iterator, model) -> tuple[Any, Callable]:
+    def _next_batch(self, data_iterator: Optional[Iterator], m: int) -> Optional[Batch]:
+        """Micro-batch m's host batch: read (first pass) or replayed (second pass)."""
+        if not self.needs_input:
+            return None
+        if self._replay:
+            return self._batches[m]
+        batch = next(data_iterator)
+        self._keys.append(batch.keys)
+        if self.global_contrastive:  # kept for the second pass
+            self._batches.append(batch)
+        return batch
+
+    def _forward_step(self, data_iterator: Iterator, model, cache: bool = False) -> tuple[Any, Callable]:
+        micro = self._micro  # the schedule runs the forwards in micro-batch order on every stage
+        self._micro += 1
+        host = self._next_batch(data_iterator, micro)
         batch = images = tokens = mae_idx = None
-        if self.needs_input:
-            batch = next(data_iterator).to(device(), non_blocking=True)
+        streams = self.cache_streams if cache else self.streams
+        if host is not None:
+            batch = host.to(device(), non_blocking=True)
             images, tokens = batch.images, batch.tokens
-            if self.streams.mae_visible:
+            if streams.mae_visible:
                 # Keyed by sample and step, so every stage, rank and layout draws the same mask.
                 mae_idx = tuple(i.to(device()) for i in mae_mask(
                     batch.keys, self.completed_steps, self.cfg.run.seed, self.streams.patches, self.streams.mae_visible
                 ))
-        output = model(images, tokens, batch=batch, mae_idx=mae_idx, streams=self.streams)
-        return output, partial(self._loss_func, batch=batch, mae_idx=mae_idx)
+        output = model(images, tokens, batch=batch, mae_idx=mae_idx, streams=streams)
+        if cache:
+            return output, self._keep_embeddings
+        return output, partial(self._loss_func, batch=batch, mae_idx=mae_idx, micro=micro)
 
-    def _loss_func(self, output: dict, batch=None, mae_idx=None) -> tuple[torch.Tensor, dict]:
-        total, terms = self.loss(output, batch, mae_idx)
+    @staticmethod
+    def _keep_embeddings(output: dict) -> tuple[torch.Tensor, dict]:
+        """Pass 1 on the last stage: keep every tensor output (embeddings, scales), no graph."""
+        kept = {k: v.detach() for k, v in output.items() if isinstance(v, torch.Tensor)}
+        return torch.zeros((), device=kept["image_emb"].device), kept
+
+    def _loss_func(self, output: dict, batch=None, mae_idx=None, micro: int = 0) -> tuple[torch.Tensor, dict]:
+        terms = None if not self.global_contrastive else self.loss.reconstruction_terms
+        total, values = self.loss(output, batch, mae_idx, terms=terms)
+        if not isinstance(total, torch.Tensor):  # no reconstruction term switched on
+            total = torch.zeros((), device=output["image_emb"].device)
+        if self.global_contrastive:
+            # The schedule divides by the number of micro-batches; the surrogate's gradients
+            # must add up to the global loss's over the micro-batches, so undo that division.
+            total = total + self.num_microbatches * self._contrastive_surrogate(output, micro)
         # The schedule divides the returned loss in place: report clones.
-        report = {"loss": total.detach().clone()}
-        report.update({f"loss/{name}": value.detach().clone() for name, value in terms.items()})
+        report = {f"loss/{name}": value.detach().clone() for name, value in values.items()}
         report["logit_scale"] = output["logit_scale"].detach().clone()
         report["logit_bias"] = output["logit_bias"].detach().clone()
         return total, report
 
-    def _shapes(self, recv, send):
-        return [self.packed_shape], [self.packed_shape]
+    def _contrastive_surrogate(self, output: dict, micro: int) -> torch.Tensor:
+        """sum_k <output_k, dL_global/d output_k> for this micro-batch: its gradient with respect
+        to the weights is this micro-batch's share of the global contrastive loss's gradient."""
+        total = torch.zeros((), device=output["image_emb"].device)
+        for key, grad in self._cache_grads[micro].items():
+            total = total + (output[key].float() * grad).sum()
+        return total
 
-    # --- one step ----------------------------------------------------------------------
-    def __call__(self, data_iterator: Optional[Iterator], forward_only: bool = False) -> dict[str, float]:
-        self.model.zero_grad_buffer()
-        self.optimizer.zero_grad()
-        kwargs = {}
-        if self.pp > 1:
-            kwargs["adjust_tensor_shapes_fn"] = self._shapes
-        reports = self.forward_backward(
-            forward_step_func=self._forward_step,
+    def _shapes_for(self, shape):
+        return lambda recv, send: ([shape], [shape])
+
+    def _run_schedule(self, data_iterator, forward_step, shape, forward_only: bool) -> list:
+        kwargs = {"adjust_tensor_shapes_fn": self._shapes_for(shape)} if self.pp > 1 else {}
+        self._micro = 0
+        return self._schedule(
+            forward_step_func=forward_step,
             data_iterator=data_iterator,
             model=[self.model],
             num_microbatches=self.num_microbatches,
-            seq_length=self.packed_shape[0],
+            seq_length=shape[0],
             micro_batch_size=self.micro_batch_size,
             forward_only=forward_only,
             **kwargs,
         )
-        metrics: dict[str, float] = {}
-        if not forward_only:
-            ok, grad_norm, _ = self.optimizer.step()
-            if not ok:
-                raise FloatingPointError("optimizer step skipped: non-finite gradients")
-            self.scheduler.step(increment=1)
-            self.completed_steps += 1
-            metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
-            metrics["lr"] = self.optimizer.param_groups[0]["lr"]
-        metrics.update(reduce_reports(reports, self.report_keys))
+
+    # --- the global contrastive batch ----------------------------------------------------
+    def _global_contrastive_pass(self, data_iterator) -> dict[str, torch.Tensor]:
+        """Passes 1 and 2 of the module docstring: returns this rank's contrastive term values
+        (on the last stage; empty elsewhere) and leaves the per-micro-batch gradients."""
+        with torch.no_grad():
+            cached = self._run_schedule(data_iterator, partial(self._forward_step, cache=True),
+                                        self.cache_packed_shape, forward_only=True)
+        self._cache_grads = []
+        if not parallel_state.is_pipeline_last_stage():
+            return {}
+        b, n = self.micro_batch_size, self.num_microbatches
+        leaves = {}
+        for key in cached[0]:
+            parts = [c[key] for c in cached]
+            if key in SCALAR_OUTPUTS:
+                leaves[key] = parts[0].clone().requires_grad_()
+            else:  # [b, e] or view-/text-major [V, b, e]: micro-batches along the sample axis
+                leaves[key] = torch.cat(parts, dim=parts[0].dim() - 2).requires_grad_()
+        batch = Batch.concat(self._batches).to(device()) if self._batches else None
+        with torch.enable_grad():
+            total, values = self.loss(leaves, batch, None, terms=self.loss.contrastive_terms)
+            total.backward()
+        for m in range(n):
+            grads = {}
+            for key, leaf in leaves.items():
+                if leaf.grad is None:
+                    continue
+                if key in SCALAR_OUTPUTS:
+                    grads[key] = leaf.grad / n
+                else:
+                    grads[key] = leaf.grad.narrow(leaf.dim() - 2, m * b, b)
+            self._cache_grads.append(grads)
+        return {f"loss/{name}": value.detach() for name, value in values.items()}
+
+    # --- one step ------------------------------------------------------------------------
+    def forward_backward(self, data_iterator: Optional[Iterator]) -> dict[str, float]:
+        """Gradients of one global batch into the DDP buffers (not applied); returns the loss
+        and every term, reduced so that every rank holds the global values."""
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        self._batches, self._keys, self._replay = [], [], False
+        contrastive = {}
+        if self.global_contrastive:
+            contrastive = self._global_contrastive_pass(data_iterator)
+            self._check_lockstep()
+            self._replay = True
+        reports = self._run_schedule(data_iterator, self._forward_step, self.packed_shape, forward_only=False)
+        if not self.global_contrastive:
+            self._check_lockstep()
+        self._batches, self._keys, self._cache_grads, self._replay = [], [], [], False
+        metrics = reduce_reports(reports, self.report_keys, extra=contrastive)
+        metrics["loss"] = sum(self.loss.weights[name] * metrics[f"loss/{name}"] for name in self.loss.terms)
         return metrics
 
+    def optimizer_step(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Apply the gradients unless the loss or the gradient norm is not finite (then skip:
+        no weight, optimizer state or LR-schedule change; logged and counted). Raises
+        NonFiniteTraining after train.max_skipped_steps consecutive skips."""
+        loss_keys = ("loss", *(f"loss/{name}" for name in self.loss.terms))
+        loss_finite = all(math.isfinite(metrics[k]) for k in loss_keys)
+        applied, grad_norm = guarded_step(self.optimizer, loss_finite)
+        self.completed_steps += 1
+        out = {"grad_norm": grad_norm, "lr": self.optimizer.param_groups[0]["lr"]}
+        if applied:
+            self.scheduler.step(increment=1)
+            self.consecutive_skips = 0
+        else:
+            self.skipped_steps += 1
+            self.consecutive_skips += 1
+            bad = [f"{k}={metrics[k]}" for k in loss_keys if not math.isfinite(metrics[k])]
+            if not math.isfinite(grad_norm):
+                bad.append(f"grad_norm={grad_norm}")
+            log.warning("step %d skipped: non-finite %s; no weight or optimizer state changed "
+                        "(%d consecutive, %d this run; the run stops after train.max_skipped_steps=%d in a row)",
+                        self.completed_steps, ", ".join(bad), self.consecutive_skips, self.skipped_steps,
+                        self.max_skipped_steps)
+            if self.consecutive_skips >= self.max_skipped_steps:
+                raise NonFiniteTraining(
+                    f"{self.consecutive_skips} consecutive steps (up to step {self.completed_steps}) had a non-finite "
+                    f"loss or gradient norm ({', '.join(bad)}); the weights are those of the last finite step. "
+                    "Lower optim.lr, check the data, or resume from an earlier checkpoint")
+        out["train/skipped_steps"] = float(self.skipped_steps)
+        return out
 
-def reduce_reports(reports: list[dict], keys: tuple[str, ...]) -> dict[str, float]:
+    def __call__(self, data_iterator: Optional[Iterator]) -> dict[str, float]:
+        metrics = self.forward_backward(data_iterator)
+        metrics.update(self.optimizer_step(metrics))
+        return metrics
+
+    # --- pipeline lockstep ----------------------------------------------------------------
+    def _check_lockstep(self) -> None:
+        """Every stage of a model replica that read batches this step read the same samples.
+
+        One CRC32 of the keys per micro-batch, all-gathered over the pipeline group (cheap);
+        the keys themselves travel only on a mismatch, to name the first differing one."""
+        n = self.num_microbatches
+        reads = self.needs_input and len(self._keys) == n
+        mine = torch.full((n,), -1, dtype=torch.long)
+        if reads:
+            mine = torch.tensor([zlib.crc32("\0".join(keys).encode()) for keys in self._keys], dtype=torch.long)
+        mismatch = False
+        if self.pp > 1:
+            group = parallel_state.get_pipeline_model_parallel_group()
+            everyone = [torch.empty_like(mine).to(device()) for _ in range(self.pp)]
+            dist.all_gather(everyone, mine.to(device()), group=group)
+            rows = [row.cpu() for row in everyone if int(row[0]) >= 0]
+            mismatch = any(not torch.equal(row, rows[0]) for row in rows[1:])
+        flag = torch.tensor([1.0 if mismatch else 0.0], device=device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if not bool(flag.item()):
+            return
+        step = self.completed_steps + 1
+        if not mismatch:
+            raise PipelineDataMismatch(f"step {step}: pipeline stages of another data-parallel replica read "
+                                       "different samples (see that replica's error)")
+        keys = [k for micro in self._keys for k in micro] if reads else None
+        everyone_keys: list = [None] * self.pp
+        dist.all_gather_object(everyone_keys, keys, group=parallel_state.get_pipeline_model_parallel_group())
+        raise PipelineDataMismatch(_first_difference(step, everyone_keys, self.micro_batch_size))
+
+
+def _first_difference(step: int, keys_by_stage: list, micro: int) -> str:
+    """The message for a lockstep failure: the first position where two reading stages differ."""
+    readers = [(s, keys) for s, keys in enumerate(keys_by_stage) if keys is not None]
+    s0, ref = readers[0]
+    for s, keys in readers[1:]:
+        for i, (a, b) in enumerate(zip(ref, keys)):
+            if a != b:
+                return (f"step {step}: pipeline stages read different samples: micro-batch {i // micro}, sample "
+                        f"{i % micro}: stage {s0} has key {a!r}, stage {s} has {b!r}. The stages' loaders must "
+                        "see the same shards and settings (data.*, run.seed); targets and GeCo masks would misalign")
+        if len(ref) != len(keys):
+            return (f"step {step}: pipeline stages read different numbers of samples: stage {s0} {len(ref)}, "
+                    f"stage {s} {len(keys)}")
+    return f"step {step}: pipeline stages read different samples (checksums differ)"
+
+
+def reduce_reports(reports: list[dict], keys: tuple[str, ...], extra: Optional[dict] = None) -> dict[str, float]:
     """Average the last stage's per-micro-batch reports over micro-batches and DP ranks and
     make the result known on every rank (rank 0 logs it, but it may not be a last stage).
-    `keys` must be the same on every rank (the loss stack's terms come from the recipe)."""
+    `extra` holds values already computed once per step (the global contrastive terms); they
+    take precedence over the reports. `keys` must be the same on every rank."""
+    extra = extra or {}
     values = torch.zeros(len(keys), dtype=torch.float64)
     if parallel_state.is_pipeline_last_stage() and reports:
         for i, k in enumerate(keys):
-            values[i] = torch.stack([r[k].double().cpu() for r in reports]).mean()
+            if k in extra:
+                values[i] = extra[k].double().cpu()
+            else:
+                values[i] = torch.stack([r[k].double().cpu() for r in reports]).mean()
     values = values.to(device())
     # Only the last stage contributes: sum over the pipeline, mean over data parallel.
     dist.all_reduce(values, group=parallel_state.get_pipeline_model_parallel_group())
