@@ -46,10 +46,7 @@ Usage: python benchmarks/loss_memory.py [--quick] [--batch 1024] [--dim 512] [--
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
 import os
-import resource
 import statistics
 import sys
 import time
@@ -62,6 +59,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from benchmarks.peak_memory import peak_since, reset_peak  # noqa: E402
 from tulip_mega.losses import DistributedSigmoidLoss, sigmoid_loss  # noqa: E402
 from tulip_mega.parallel.spawn import run_distributed  # noqa: E402
 
@@ -72,44 +70,6 @@ DP_SIZES = (1, 2, 4)  # default; --dp-sizes overrides (the first one is the rati
 # --------------------------------------------------------------------------------------------
 # Per-process measurement
 # --------------------------------------------------------------------------------------------
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
-def _malloc_trim() -> None:
-    libc_name = ctypes.util.find_library("c")
-    if libc_name:
-        try:
-            ctypes.CDLL(libc_name).malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
-
-
-def _reset_peak() -> tuple[str, int]:
-    """Reset the peak-RSS counter if the kernel lets us; returns (method, rss_before in KiB)."""
-    _malloc_trim()
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return "VmHWM", _status_kib("VmRSS")
-    except OSError:
-        try:
-            rss = _status_kib("VmRSS")
-        except (OSError, KeyError):
-            rss = 0
-        return "ru_maxrss", rss
-
-
-def _peak_kib(method: str) -> int:
-    if method == "VmHWM":
-        return _status_kib("VmHWM")
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
 
 
 def _inputs(rows: int, dim: int, seed: int) -> tuple[torch.Tensor, ...]:
@@ -135,11 +95,11 @@ def _measure(step, inputs: tuple[torch.Tensor, ...], repeats: int, distributed: 
     for _ in range(repeats):
         if distributed:
             dist.barrier()
-        method, before = _reset_peak()
+        method, before = reset_peak()
         t0 = time.perf_counter()
         run_once()
         times.append(time.perf_counter() - t0)
-        peaks.append(max(0, _peak_kib(method) - before) * 1024.0)
+        peaks.append(float(peak_since(method, before)))
         for t in inputs:
             t.grad = None
     return {"peak_bytes": max(peaks), "times": times, "method": method}

@@ -23,6 +23,13 @@ Runs single-process: gloo on a CPU, NCCL on one CUDA GPU (picked at run time). E
   python benchmarks/train_step.py --size debug --micro-batch 32
   python benchmarks/train_step.py --size b16 --layers 2 --micro-batch 8          # B/16 widths, CPU
   python benchmarks/train_step.py --size g16 --layers 4 --micro-batch 32 --dtype bf16   # 1B shapes, H100
+
+`--contrastive-batch global|micro|both` compares instead our step in the two modes of
+`loss.contrastive_batch` (docs/losses.md) with `--accum` micro-batches per step: step time and
+peak memory per mode, alternating step by step, and their ratio against micro (the baseline)
+in the same run. Peak memory is benchmarks/peak_memory.py's (peak RSS on a CPU, started with
+MALLOC_MMAP_THRESHOLD_=131072; max allocated on a GPU). Add loss-stack overrides for the TULIP
+stack, e.g. `--contrastive-batch both --size b16 --layers 2 --micro-batch 4 --accum 4`.
 """
 
 from __future__ import annotations
@@ -42,11 +49,13 @@ warnings.filterwarnings("ignore", message="full scope is deprecated")
 import torch  # noqa: E402
 
 
-def build_cfg(args):
+def build_cfg(args, mode: str = "global"):
     from tulip_mega.config import load_config
 
+    accum = args.accum if args.contrastive_batch else 1
     o = [f"model.size={args.size}", f"train.micro_batch_size={args.micro_batch}",
-         f"train.global_batch_size={args.micro_batch}", f"precision.dtype={args.dtype}", "optim.warmup_steps=0",
+         f"train.global_batch_size={args.micro_batch * accum}", f"precision.dtype={args.dtype}",
+         f"loss.contrastive_batch={mode}", "optim.warmup_steps=0",
          f"train.steps={args.warmup + 2 * args.steps + 10}", "optim.lr=1e-4"]
     if args.layers:
         o += [f"model.vision.num_layers={args.layers}", f"model.text.num_layers={args.layers}"]
@@ -58,28 +67,51 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def make_batch(cfg, dev):
+def make_batch(cfg, dev, seed: int = 0):
+    """One micro-batch of random inputs with every field the recipe's loss terms need."""
     from dataloaders.base import Batch
+    from tulip_mega.config.streams import input_streams
 
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     b, s = cfg.train.micro_batch_size, cfg.model.vision.image_size
-    images = torch.randn(b, 3, s, s, generator=g)
-    tokens = torch.randint(3, cfg.model.text.vocab_size, (b, cfg.model.text.context_length), generator=g)
-    return Batch(images=images.to(dev), tokens=tokens.to(dev), keys=[str(i) for i in range(b)])
+    L, vocab = cfg.model.text.context_length, cfg.model.text.vocab_size
+    st = input_streams(cfg)
+
+    def tokens(*lead):
+        return torch.randint(3, vocab, (*lead, L), generator=g)
+
+    batch = Batch(images=torch.randn(b, 3, s, s, generator=g), tokens=tokens(b),
+                  keys=[f"{seed}-{i}" for i in range(b)])
+    if st.extra_global_crops:
+        batch.crops = torch.randn(b, st.extra_global_crops, 3, s, s, generator=g)
+    if st.local_crops:
+        batch.local_crops = torch.randn(b, st.local_crops, 3, st.local_size, st.local_size, generator=g)
+    if st.geco_edits:
+        batch.edits, batch.edit_valid = torch.randn(b, 2, 3, s, s, generator=g), torch.ones(b, 2, dtype=torch.bool)
+    if st.paraphrases:
+        batch.paraphrases = tokens(b, st.paraphrases)
+        batch.paraphrase_valid = torch.ones(b, st.paraphrases, dtype=torch.bool)
+    if st.negatives:
+        batch.negatives, batch.negative_valid = tokens(b, st.negatives), torch.ones(b, st.negatives, dtype=torch.bool)
+    if st.eda_caption:
+        batch.eda_tokens = tokens(b)
+    return batch.to(dev)
 
 
 class Ours:
-    def __init__(self, cfg, use_te):
+    def __init__(self, cfg, use_te, num_microbatches: int = 1):
         from tulip_mega.models.build import build_model
         from tulip_mega.training.optimizer import make_optimizer, make_scheduler
         from tulip_mega.training.step import TrainStep, wrap_ddp
 
         self.model = wrap_ddp(build_model(cfg, use_te=use_te), cfg)
         optimizer = make_optimizer(cfg, self.model)
-        self.step = TrainStep(cfg, self.model, optimizer, make_scheduler(cfg, optimizer), num_microbatches=1)
+        self.step = TrainStep(cfg, self.model, optimizer, make_scheduler(cfg, optimizer),
+                              num_microbatches=num_microbatches)
 
     def __call__(self, batch) -> float:
-        return self.step(iter([batch]))["loss"]
+        batches = batch if isinstance(batch, list) else [batch]
+        return self.step(iter(batches))["loss"]
 
 
 class Plain:
@@ -123,6 +155,50 @@ def timed(fn, batch) -> float:
     return time.perf_counter() - t0
 
 
+def compare_contrastive_modes(args, use_te) -> None:
+    """Our step with loss.contrastive_batch=global vs micro at --accum micro-batches per step."""
+    from benchmarks.peak_memory import peak_since, reset_peak
+    from tulip_mega.parallel.init import device as get_device
+    from tulip_mega.training.flops import count_flops, embedding_cache_flops
+
+    modes = ["micro", "global"] if args.contrastive_batch == "both" else [args.contrastive_batch]
+    dev = get_device()
+    cfgs = {m: build_cfg(args, m) for m in modes}
+    steps = {m: Ours(cfgs[m], use_te, num_microbatches=args.accum) for m in modes}
+    batches = [make_batch(cfgs[modes[0]], dev, seed=i) for i in range(args.accum)]
+    for _ in range(args.warmup):
+        for m in modes:
+            steps[m](batches)
+    times = {m: [] for m in modes}
+    peaks = {m: [] for m in modes}
+    method = "?"
+    for _ in range(args.steps):  # alternate step by step: drift of a shared machine hits both
+        for m in modes:
+            method, before = reset_peak()
+            times[m].append(timed(steps[m], batches))
+            peaks[m].append(peak_since(method, before))
+    cfg = cfgs[modes[0]]
+    fwd = count_flops(cfg).forward
+    cache = embedding_cache_flops(cfgs[modes[-1]], args.accum) if "global" in modes else 0
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
+    v, t = cfg.model.vision, cfg.model.text
+    print(f"device: {name} | {args.dtype} | torch {torch.__version__} | peak memory: {method}")
+    print(f"model: {args.size} vision {v.num_layers}L h{v.hidden_size} s{v.seq_length}, text {t.num_layers}L "
+          f"h{t.hidden_size} s{t.context_length} | loss terms: "
+          f"{', '.join(n for n in ('image_text', 'image_image', 'text_text', 'mae', 'text_recon', 'aug_contrastive') if getattr(cfg.loss.weights, n) > 0)}")
+    print(f"step = {args.accum} micro-batches of {args.micro_batch}; contrastive batch: micro {args.micro_batch}, "
+          f"global {args.micro_batch * args.accum}; embedding-cache forward = {cache / max(fwd, 1):.2f} x the "
+          f"training forward ({cache / (3 * max(fwd, 1)):.0%} of the 3x-forward model FLOPs)")
+    med = {m: statistics.median(times[m]) for m in modes}
+    peak = {m: max(peaks[m]) / 2**20 for m in modes}
+    for m in modes:
+        print(f"{m:>6}: median {1e3 * med[m]:9.2f} ms/step (min {1e3 * min(times[m]):.2f}, max "
+              f"{1e3 * max(times[m]):.2f}, n={len(times[m])}) | peak +{peak[m]:8.1f} MiB")
+    if len(modes) == 2:
+        print(f"ratio global / micro: step time {med['global'] / med['micro']:.3f}, "
+              f"peak memory {peak['global'] / max(peak['micro'], 1e-9):.3f}")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size", choices=["debug", "b16", "so400m", "g16"], default="debug")
@@ -134,6 +210,9 @@ def main() -> int:
     p.add_argument("--backend", choices=["auto", "local", "te"], default="auto",
                    help="our layers: TE when it imports (auto), megatron's local layers, or TE")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--contrastive-batch", choices=["global", "micro", "both"], default=None,
+                   help="compare our step in these loss.contrastive_batch modes instead of ours vs plain")
+    p.add_argument("--accum", type=int, default=4, help="micro-batches per step with --contrastive-batch")
     p.add_argument("overrides", nargs="*", help="extra recipe overrides key=value")
     args = p.parse_args()
 
@@ -149,6 +228,12 @@ def main() -> int:
     init_parallel(1, 1, cfg.run.seed)
     dev = get_device()
     use_te = {"auto": None, "local": False, "te": True}[args.backend]
+    if args.contrastive_batch:
+        compare_contrastive_modes(args, use_te)
+        from tulip_mega.parallel.init import destroy_parallel
+
+        destroy_parallel()
+        return 0
     ours, plain = Ours(cfg, use_te), Plain(cfg, dev)
     n_ours = sum(p.numel() for p in ours.model.parameters())
     n_plain = sum(p.numel() for p in plain.model.parameters())
@@ -187,4 +272,8 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    if "--contrastive-batch" in sys.argv and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        # Peak RSS tracks live tensors only if large blocks are unmapped on free (peak_memory.py).
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = "131072"
+        os.execv(sys.executable, [sys.executable, *sys.argv])
     sys.exit(main())
