@@ -155,6 +155,15 @@ def timed(fn, batch) -> float:
     return time.perf_counter() - t0
 
 
+def print_header(args, cfg, device_note: str, model_note: str) -> None:
+    """The device and model lines every report starts with."""
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
+    v, t = cfg.model.vision, cfg.model.text
+    print(f"device: {name} | {args.dtype} | torch {torch.__version__}" + (f" | {device_note}" if device_note else ""))
+    print(f"model: {args.size} vision {v.num_layers}L h{v.hidden_size} s{v.seq_length}, text {t.num_layers}L "
+          f"h{t.hidden_size} s{t.context_length} | {model_note}")
+
+
 def compare_contrastive_modes(args, use_te) -> None:
     """Our step with loss.contrastive_batch=global vs micro at --accum micro-batches per step."""
     from benchmarks.peak_memory import peak_since, reset_peak
@@ -180,12 +189,9 @@ def compare_contrastive_modes(args, use_te) -> None:
     cfg = cfgs[modes[0]]
     fwd = count_flops(cfg).forward
     cache = embedding_cache_flops(cfgs[modes[-1]], args.accum) if "global" in modes else 0
-    name = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
-    v, t = cfg.model.vision, cfg.model.text
-    print(f"device: {name} | {args.dtype} | torch {torch.__version__} | peak memory: {method}")
-    print(f"model: {args.size} vision {v.num_layers}L h{v.hidden_size} s{v.seq_length}, text {t.num_layers}L "
-          f"h{t.hidden_size} s{t.context_length} | loss terms: "
-          f"{', '.join(n for n in ('image_text', 'image_image', 'text_text', 'mae', 'text_recon', 'aug_contrastive') if getattr(cfg.loss.weights, n) > 0)}")
+    terms = [n for n in ("image_text", "image_image", "text_text", "mae", "text_recon", "aug_contrastive")
+             if getattr(cfg.loss.weights, n) > 0]
+    print_header(args, cfg, f"peak memory: {method}", f"loss terms: {', '.join(terms)}")
     print(f"step = {args.accum} micro-batches of {args.micro_batch}; contrastive batch: micro {args.micro_batch}, "
           f"global {args.micro_batch * args.accum}; embedding-cache forward = {cache / max(fwd, 1):.2f} x the "
           f"training forward ({cache / (3 * max(fwd, 1)):.0%} of the 3x-forward model FLOPs)")
@@ -248,12 +254,8 @@ def main() -> int:
 
     flops = count_flops(cfg, contrastive_batch=cfg.train.micro_batch_size)
     peak, note = device_peak(args.dtype)
-    name = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
-    v, t = cfg.model.vision, cfg.model.text
-    print(f"device: {name} | {args.dtype} | torch {torch.__version__}")
-    print(f"model: {args.size} vision {v.num_layers}L h{v.hidden_size} s{v.seq_length}, text {t.num_layers}L "
-          f"h{t.hidden_size} s{t.context_length} | micro-batch {cfg.train.micro_batch_size} | params ours "
-          f"{n_ours / 1e6:.2f}M, plain {n_plain / 1e6:.2f}M")
+    print_header(args, cfg, "", f"micro-batch {cfg.train.micro_batch_size} | params ours {n_ours / 1e6:.2f}M, "
+                                f"plain {n_plain / 1e6:.2f}M")
     print(f"model FLOPs per step: {flops.training * cfg.train.micro_batch_size / 1e12:.4f} TFLOP "
           f"({flops.training / 1e9:.3f} GFLOP per sample, 3x forward)")
     med = {k: statistics.median(v) for k, v in times.items()}

@@ -127,6 +127,21 @@ def assemble(per_rank_entries: list[list[tuple]]) -> dict[str, torch.Tensor]:
     return full
 
 
+def assert_same_training(out: list[dict], ref: list[dict], loss_rtol: float = 1e-4, weight_atol: float = 1e-4) -> None:
+    """Two step_worker(..., optimizer_steps=True) runs trained alike: the reference's loss fell,
+    every step's loss and every final weight agree. Float32 reduction-order differences grow
+    through Adam, hence the (measured, per test) bounds."""
+    import pytest
+
+    assert ref[0]["losses"][-1] < ref[0]["losses"][0], "the reference did not train"
+    for a, b in zip(out[0]["losses"], ref[0]["losses"]):
+        assert a == pytest.approx(b, rel=loss_rtol)
+    R = assemble([r["entries"] for r in ref])
+    W = assemble([r["entries"] for r in out])
+    for k in R:
+        torch.testing.assert_close(W[k], R[k], rtol=0, atol=weight_atol, msg=k)
+
+
 def build_train_step(overrides: Sequence[str]):
     """(cfg, DDP model, optimizer, scheduler, TrainStep) for the debug size plus `overrides`,
     initialising parallel state on first use (a worker may build several models)."""
