@@ -128,6 +128,8 @@ class ModelConfig:
     init_std: float = _f(0.02, "std of the normal weight init")
     init_from_hf: Optional[str] = _f(None, "start from a Hugging Face SiglipModel directory (its weights, any "
                                            "TP/PP); null = random init")
+    init_from_open_clip: Optional[str] = _f(None, "start from an open_clip folder (tulip-mega convert --to open_clip, "
+                                                  "or a TULIP release: open_clip_config.json + weights), any TP/PP")
     mae_decoder: DecoderConfig = _section(DecoderConfig, "MAE pixel decoder (built only when loss.weights.mae > 0)")
     text_decoder: DecoderConfig = _section(DecoderConfig, "causal caption decoder (built only when "
                                                           "loss.weights.text_recon > 0)")
@@ -139,6 +141,8 @@ class ModelConfig:
     def validate(self) -> None:
         self.vision.validate()
         self.text.validate()
+        _require(not (self.init_from_hf and self.init_from_open_clip),
+                 "model.init_from_hf and model.init_from_open_clip are both set: start from one of them")
         self.mae_decoder.validate("model.mae_decoder")
         self.text_decoder.validate("model.text_decoder")
         _at_least(self, "model", ("aug_projector_hidden",), 1)

@@ -193,15 +193,21 @@ def import_hf_siglip(hf_dir: Union[str, Path], model_cfg=None) -> dict[str, torc
     """
     cfg, state = load_hf_state(hf_dir)
     if model_cfg is not None:
-        diffs = [f"model.{tower}.{k}: {hf_dir} has {v!r}, the recipe {getattr(getattr(model_cfg, tower), k)!r}"
-                 for tower in ("vision", "text") for k, v in getattr(cfg, tower).items()
-                 if getattr(getattr(model_cfg, tower), k) != v]
-        if cfg.layernorm_eps != model_cfg.layernorm_eps:
-            diffs.append(f"model.layernorm_eps: {hf_dir} has {cfg.layernorm_eps!r}, the recipe {model_cfg.layernorm_eps!r}")
-        if diffs:
-            raise ConversionError("model.init_from_hf: the SiglipModel does not match the recipe:\n  " + "\n  ".join(diffs))
+        check_matches_recipe(cfg, model_cfg, hf_dir, "model.init_from_hf", "SiglipModel")
     return plain_to_megatron(
         state,
         num_layers={"vision": cfg.vision["num_layers"], "text": cfg.text["num_layers"]},
         num_heads={"vision": cfg.vision["num_heads"], "text": cfg.text["num_heads"]},
     )
+
+
+def check_matches_recipe(cfg: PlainConfig, model_cfg, source, key: str, what: str) -> None:
+    """Raise naming every recipe key whose value differs from the source model's architecture
+    (shape checks alone would miss e.g. the LayerNorm epsilon)."""
+    diffs = [f"model.{tower}.{k}: {source} has {v!r}, the recipe {getattr(getattr(model_cfg, tower), k)!r}"
+             for tower in ("vision", "text") for k, v in getattr(cfg, tower).items()
+             if getattr(getattr(model_cfg, tower), k) != v]
+    if cfg.layernorm_eps != model_cfg.layernorm_eps:
+        diffs.append(f"model.layernorm_eps: {source} has {cfg.layernorm_eps!r}, the recipe {model_cfg.layernorm_eps!r}")
+    if diffs:
+        raise ConversionError(f"{key}: the {what} does not match the recipe:\n  " + "\n  ".join(diffs))

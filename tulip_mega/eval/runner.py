@@ -175,7 +175,7 @@ def eval_config(checkpoint: Path, task: str, data: str, classes: Optional[str] =
                   "parallel.distributed_optimizer=false"]
     # --classes or the classes.json beside the shards, never the training run's eval.classes
     task_keys = [f"eval.{task}_shards={data}", f"eval.classes={classes or 'null'}", "eval.interval=0",
-                 "model.init_from_hf=null"]
+                 "model.init_from_hf=null", "model.init_from_open_clip=null"]
     other = "retrieval" if task == "zeroshot" else "zeroshot"
     return load_config(str(recipe), layout + [f"eval.{other}_shards=null"] + task_keys + list(overrides))
 
