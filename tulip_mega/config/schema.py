@@ -349,12 +349,33 @@ class CheckpointConfig:
 
 
 @dataclass
+class WandbConfig:
+    """Weights & Biases: the TensorBoard scalars, eval results and the resolved recipe (rank 0)."""
+
+    mode: Literal["online", "offline", "disabled"] = _f("disabled", "online | offline (files under the run "
+                                                                    "folder, `wandb sync` later) | disabled")
+    project: str = _f("tulip-mega", "wandb project")
+    entity: Optional[str] = _f(None, "wandb entity (team or user); null = your default")
+    name: Optional[str] = _f(None, "wandb run name; null = run.name")
+
+    def validate(self) -> None:
+        if self.mode != "disabled":
+            import importlib.util
+
+            _require(importlib.util.find_spec("wandb") is not None,
+                     f"logging.wandb.mode={self.mode} but wandb is not installed: pip install 'tulip-mega[wandb]' "
+                     "(or set logging.wandb.mode=disabled)")
+
+
+@dataclass
 class LoggingConfig:
     tensorboard: bool = _f(True, "write TensorBoard event files into the run folder")
     straggler_factor: float = _f(3.0, "warn when a step takes this many times the running median step time")
+    wandb: WandbConfig = _section(WandbConfig, "Weights & Biases logging (optional extra: tulip-mega[wandb])")
 
     def validate(self) -> None:
         _require(self.straggler_factor > 1, f"logging.straggler_factor={self.straggler_factor} must be > 1")
+        self.wandb.validate()
 
 
 @dataclass
