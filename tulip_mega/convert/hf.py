@@ -129,6 +129,9 @@ def write_processor(out: Path, tokenizer_model: Union[str, Path], cfg: PlainConf
         pad_token=sp.id_to_piece(PAD_ID),
         model_max_length=cfg.text["context_length"],
         do_lower_case=True,
+        # No attention_mask: our text tower attends to the padding too (as Google's SigLIP does, whose
+        # tokenizer config says the same); with a mask transformers would compute other embeddings.
+        model_input_names=["input_ids"],
     )
     size = cfg.vision["image_size"]
     images = SiglipImageProcessor(size={"height": size, "width": size}, image_mean=IMAGE_MEAN, image_std=IMAGE_STD)
