@@ -388,6 +388,11 @@ class EvalConfig:
     classes: Optional[str] = _f(None, "classes.json (class names + prompts, val_labels: key -> class); "
                                       "null = classes.json beside the zero-shot shards")
     retrieval_shards: Optional[str] = _f(None, "shards of the image-text retrieval set; null = no retrieval eval")
+    linear_probe_shards: Optional[str] = _f(None, "train shards of the linear probe (frozen image features -> "
+                                                  "logistic regression); null = no linear probe")
+    linear_probe_val_shards: Optional[str] = _f(None, "val shards the linear probe reports top-1 on")
+    linear_probe_classes: Optional[str] = _f(None, "classes.json of the probe (classes + labels / train_labels / "
+                                                   "val_labels: key -> class); null = beside the probe train shards")
     batch_size: Optional[int] = _f(None, "eval micro-batch per data-parallel rank; null = train.micro_batch_size")
     max_samples: Optional[int] = _f(None, "evaluate at most this many samples per task (split over DP ranks); "
                                           "null = all")
@@ -395,9 +400,11 @@ class EvalConfig:
     def validate(self) -> None:
         _at_least(self, "eval", ("interval",), 0)
         _at_least(self, "eval", ("batch_size", "max_samples"), 1)
-        _require(not self.interval or bool(self.zeroshot_shards or self.retrieval_shards),
-                 f"eval.interval={self.interval} but no eval set: set eval.zeroshot_shards and/or "
-                 "eval.retrieval_shards (or eval.interval=0)")
+        _require(not self.interval or bool(self.zeroshot_shards or self.retrieval_shards or self.linear_probe_shards),
+                 f"eval.interval={self.interval} but no eval set: set eval.zeroshot_shards, eval.retrieval_shards "
+                 "and/or eval.linear_probe_shards (or eval.interval=0)")
+        _require(bool(self.linear_probe_shards) == bool(self.linear_probe_val_shards),
+                 "eval.linear_probe_shards and eval.linear_probe_val_shards go together (train and val shards)")
 
 
 @dataclass
