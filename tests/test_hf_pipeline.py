@@ -51,15 +51,12 @@ def eval_worker(checkpoint: str, data: str, classes: str, out: str) -> dict:
 
 def one_prompt_classes(data_dir: Path) -> Path:
     """Background-colour classes with one prompt each (the pipeline scores one text per label)."""
-    from dataloaders.shards import iter_samples
     from dataloaders.synthetic import BACKGROUNDS
+    from harness import background_labels
 
     classes = [{"index": i, "name": bg, "prompts": [f"a shape on a {bg} background"]}
                for i, bg in enumerate(BACKGROUNDS)]
-    labels = {}
-    for shard in sorted(data_dir.glob("val-*.tar")):
-        for sample in iter_samples(str(shard)):
-            labels[sample["__key__"]] = BACKGROUNDS.index(json.loads(sample["json"])["background"])
+    labels = background_labels(data_dir, "val-*.tar")
     path = data_dir / "classes_one_prompt.json"
     path.write_text(json.dumps({"classes": classes, "val_labels": labels}))
     return path

@@ -104,18 +104,14 @@ def probe_worker(checkpoint: str, data: str, val: str, out: str) -> dict:
                                           "eval.batch_size=8"])["metrics"]
 
 
-def background_labels(data_dir: Path) -> Path:
+def probe_classes(data_dir: Path) -> Path:
     """classes.json over the synthetic backgrounds, labels for the train and val keys."""
-    from dataloaders.shards import iter_samples
     from dataloaders.synthetic import BACKGROUNDS
+    from harness import background_labels
 
-    labels = {}
-    for shard in sorted(data_dir.glob("*.tar")):
-        for sample in iter_samples(str(shard)):
-            labels[sample["__key__"]] = BACKGROUNDS.index(json.loads(sample["json"])["background"])
     path = data_dir / "classes.json"
     path.write_text(json.dumps({"classes": [{"index": i, "name": b} for i, b in enumerate(BACKGROUNDS)],
-                                "labels": labels}))
+                                "labels": background_labels(data_dir, "*.tar")}))
     return path
 
 
@@ -132,7 +128,7 @@ def test_eval_linear_probe_at_pp2_equals_probe_on_plain_features(shapes_data, tm
     data_dir.mkdir()
     for name in ("train-000000.tar", "val-000000.tar"):
         (data_dir / name).write_bytes((src / name).read_bytes())
-    classes = background_labels(data_dir)
+    classes = probe_classes(data_dir)
     train, val = str(data_dir / "train-000000.tar"), str(data_dir / "val-000000.tar")
     overrides = [f"data.train_shards={shapes_data['train']}", f"data.tokenizer={shapes_data['tokenizer']}",
                  f"run.output_dir={tmp_path}", "run.name=probe", "train.steps=2", "optim.warmup_steps=1",

@@ -25,15 +25,15 @@ def train_worker(overrides: list[str]) -> dict:
     return train(load_config(RECIPE, overrides))
 
 
-def read_wandb_history(path: Path) -> list[dict]:
-    """History rows of a .wandb file (wandb's LevelDB-log of `Record` protobufs), decoded here
-    because wandb ships no Python reader: a 7-byte header, then 32 KiB blocks of chunks
-    (crc32 4, length 2, type 1: full / first / middle / last)."""
+def read_wandb(path: Path) -> tuple[list[dict], dict]:
+    """(history rows, run config) of a .wandb file (wandb's LevelDB-log of `Record` protobufs),
+    decoded here because wandb ships no Python reader: a 7-byte header, then 32 KiB blocks of
+    chunks (crc32 4, length 2, type 1: full / first / middle / last)."""
     from wandb.proto import wandb_internal_pb2
 
     data = path.read_bytes()
     assert data[:4] == b":W&B", path
-    pos, block, rows, pending = 7, 32768, [], b""
+    pos, block, rows, config, pending = 7, 32768, [], {}, b""
     while pos + 7 <= len(data):
         left = block - pos % block
         if left < 7:  # block trailer padding
@@ -48,10 +48,16 @@ def read_wandb_history(path: Path) -> list[dict]:
         if kind in (1, 4):
             record = wandb_internal_pb2.Record()
             record.ParseFromString(pending)
-            if record.WhichOneof("record_type") == "history":
+            kind_name = record.WhichOneof("record_type")
+            if kind_name == "history":
                 rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
                              for item in record.history.item})
-    return rows
+            elif kind_name in ("run", "config"):
+                update = record.run.config.update if kind_name == "run" else record.config.update
+                for item in update:
+                    value = json.loads(item.value_json)  # stored as {"value": ..., "desc": ...}
+                    config[item.key] = value["value"] if isinstance(value, dict) and "value" in value else value
+    return rows, config
 
 
 def _overrides(shapes_data: dict, tmp_path: Path, steps: int, *extra: str) -> list[str]:
@@ -71,7 +77,10 @@ def test_offline_wandb_history_equals_metrics_jsonl_and_resume_appends(shapes_da
     run_id = (run / "wandb_run_id").read_text().strip()
     folders = sorted((run / "wandb").glob(f"offline-run-*-{run_id}"))
     assert len(folders) == 2, list((run / "wandb").iterdir())  # one per process lifetime, the same run id
-    history = [read_wandb_history(next(f.glob("*.wandb"))) for f in folders]
+    read = [read_wandb(next(f.glob("*.wandb"))) for f in folders]
+    history = [rows for rows, _ in read]
+    for _, config in read:  # the resolved recipe (sizes filled in from the size table) is the run config
+        assert config["model"]["text"]["context_length"] == 64 and config["train"]["steps"] in (3, 5), config
     wandb_loss = {row["_step"]: row["loss"] for rows in history for row in rows}
     jsonl_loss = {r["step"]: r["loss"] for r in read_metrics(run / "metrics.jsonl")}
     assert sorted(jsonl_loss) == [1, 2, 3, 4, 5]

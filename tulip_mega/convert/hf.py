@@ -19,7 +19,7 @@ from typing import Callable, Optional, Union
 
 import torch
 
-from tulip_mega.convert.megatron_to_plain import ConversionError, convert_checkpoint, plain_to_megatron
+from tulip_mega.convert.megatron_to_plain import ConversionError, convert_checkpoint, plain_model_to_megatron
 from tulip_mega.convert.plain_model import CONFIG_NAME, PlainConfig
 
 # Our tokenizer's ids (dataloaders/tokenizer.py): T5 / SigLIP style.
@@ -197,11 +197,7 @@ def import_hf_siglip(hf_dir: Union[str, Path], model_cfg=None) -> dict[str, torc
     cfg, state = load_hf_state(hf_dir)
     if model_cfg is not None:
         check_matches_recipe(cfg, model_cfg, hf_dir, "model.init_from_hf", "SiglipModel")
-    return plain_to_megatron(
-        state,
-        num_layers={"vision": cfg.vision["num_layers"], "text": cfg.text["num_layers"]},
-        num_heads={"vision": cfg.vision["num_heads"], "text": cfg.text["num_heads"]},
-    )
+    return plain_model_to_megatron(state, cfg)
 
 
 def check_matches_recipe(cfg: PlainConfig, model_cfg, source, key: str, what: str) -> None:

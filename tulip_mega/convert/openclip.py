@@ -37,7 +37,7 @@ from typing import Callable, Optional, Union
 
 import torch
 
-from tulip_mega.convert.megatron_to_plain import ConversionError, convert_checkpoint, plain_to_megatron
+from tulip_mega.convert.megatron_to_plain import ConversionError, convert_checkpoint, plain_model_to_megatron
 from tulip_mega.convert.plain_model import WEIGHTS_NAME, PlainConfig
 
 CONFIG_FILE = "open_clip_config.json"
@@ -327,9 +327,5 @@ def import_open_clip(folder: Union[str, Path], model_cfg=None) -> dict[str, torc
     cfg, state = load_open_clip_state(folder)
     if model_cfg is not None:
         check_matches_recipe(cfg, model_cfg, folder, "model.init_from_open_clip", "open_clip model")
-    return plain_to_megatron(
-        state,
-        num_layers={"vision": cfg.vision["num_layers"], "text": cfg.text["num_layers"]},
-        num_heads={"vision": cfg.vision["num_heads"], "text": cfg.text["num_heads"]},
-    )
+    return plain_model_to_megatron(state, cfg)
 
