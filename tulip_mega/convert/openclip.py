@@ -267,12 +267,15 @@ def export_open_clip(checkpoint: Union[str, Path], out: Union[str, Path], tokeni
         stats = convert_checkpoint(checkpoint, Path(tmp), layernorm_eps=layernorm_eps, log=log)
         plain = load_file(str(Path(tmp) / WEIGHTS_NAME))
     cfg: PlainConfig = stats["config"]
+    # open_clip's local-dir:/hf-hub: loaders take the tokenizer from the folder itself; the absolute
+    # path serves get_tokenizer for a config registered by name (open_clip.add_model_config).
     model_cfg = open_clip_model_config(cfg, hf_tokenizer_name=str(out.resolve()),
                                        init_logit_bias=_run_bias_init(checkpoint))
     save_file(plain_to_open_clip(plain, cfg), str(out / WEIGHTS_FILE), metadata={"format": "pt"})
     del plain
     write_processor(out, tokenizer, cfg)
-    preprocess = {"mean": list(IMAGE_MEAN), "std": list(IMAGE_STD), "interpolation": "bilinear",
+    # Bicubic squash resize, like tulip-mega eval's loader (dataloaders/simple_loader.py).
+    preprocess = {"mean": list(IMAGE_MEAN), "std": list(IMAGE_STD), "interpolation": "bicubic",
                   "resize_mode": "squash", "size": model_cfg["vision_cfg"]["image_size"]}
     (out / CONFIG_FILE).write_text(json.dumps(
         {"model_cfg": model_cfg, "preprocess_cfg": preprocess, "tulip_plain": cfg.to_json()}, indent=2) + "\n")
