@@ -28,8 +28,13 @@ setup(
         "dali": ["nvidia-dali-cuda120>=2.4"],
         # tulip-mega geco text (an HF causal LM) and geco image (a diffusers instruction editor).
         "geco": ["transformers>=4.49", "diffusers>=0.30"],
-        # transformers: convert tests (SiglipTextConfig.projection_size) and geco; diffusers: geco image tests.
-        "dev": ["pytest>=7", "pytest-timeout", "transformers>=4.49", "diffusers>=0.30"],
+        # logging.wandb (Weights & Biases); a recipe asking for it without this extra fails at start.
+        "wandb": ["wandb>=0.17"],
+        # transformers: convert tests (SiglipTextConfig.projection_size) and geco; diffusers: geco image tests;
+        # open_clip_torch + timm: convert --to open_clip tests; wandb: logging.wandb tests; scikit-learn: the
+        # reference logistic regression of the linear-probe tests.
+        "dev": ["pytest>=7", "pytest-timeout", "transformers>=4.49", "diffusers>=0.30", "open_clip_torch>=3.0",
+                "timm>=1.0.15", "wandb>=0.17", "scikit-learn"],
     },
     entry_points={"console_scripts": ["tulip-mega=tulip_mega.cli:main"]},
 )

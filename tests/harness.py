@@ -241,3 +241,19 @@ def read_all(spec: str) -> dict[str, dict]:
     from dataloaders.shards import expand_shards, iter_samples
 
     return {s["__key__"]: s for shard in expand_shards(spec) for s in iter_samples(shard)}
+
+
+def background_labels(data_dir, pattern: str) -> dict[str, int]:
+    """key -> index in synthetic.BACKGROUNDS of every sample in the shards data_dir/pattern (from each
+    sample's json metadata): the class a debug model learns first, for zero-shot / probe tests."""
+    import json
+    from pathlib import Path
+
+    from dataloaders.shards import iter_samples
+    from dataloaders.synthetic import BACKGROUNDS
+
+    labels = {}
+    for shard in sorted(Path(data_dir).glob(pattern)):
+        for sample in iter_samples(str(shard)):
+            labels[sample["__key__"]] = BACKGROUNDS.index(json.loads(sample["json"])["background"])
+    return labels

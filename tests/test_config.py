@@ -49,7 +49,7 @@ def test_defaults_load_and_resolve_from_size_table():
     cfg = load_config(None)
     assert cfg.model.size == "debug"
     assert cfg.model.vision.image_size == 32 and cfg.model.vision.patch_size == 8
-    assert cfg.model.text.vocab_size == 1024 and cfg.model.text.context_length == 16
+    assert cfg.model.text.vocab_size == 1024 and cfg.model.text.context_length == 64  # the HF pipeline pads SigLIP text to 64
     assert cfg.optim.betas == (0.9, 0.95) and cfg.train.steps == 100
     _model_fields_concrete(cfg)
     assert validate_layout(cfg, 1) == 1

@@ -271,9 +271,11 @@ def test_reshard_then_continue_matches(runs):
     assert len(a) == len(b) == 2
     # The first continued loss is a forward of identical weights (reduction order only: ~1e-7).
     # The second follows an AdamW step, which amplifies those float32 differences early in
-    # training (as in test_parallel.py: 1e-4 relative; measured 1.2e-5).
+    # training (as in test_parallel.py: 1e-4 relative; measured 1.2e-5 with 16 text tokens, 1.7e-4
+    # since the debug text context is 64: Adam's first steps turn near-zero gradient noise into
+    # lr-sized updates, and 4x more text positions give it more such entries).
     assert a[0] == pytest.approx(b[0], rel=1e-6)
-    assert a[1] == pytest.approx(b[1], rel=1e-4)
+    assert a[1] == pytest.approx(b[1], rel=1e-3)
 
 
 def test_load_full_tensors_names_the_bad_key(runs):

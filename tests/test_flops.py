@@ -19,7 +19,8 @@ from tulip_mega.training.throughput import (
     peak_tflops,
 )
 
-DEBUG = ["model.size=debug", "model.vision.image_size=32", "model.vision.patch_size=8"]
+DEBUG = ["model.size=debug", "model.vision.image_size=32", "model.vision.patch_size=8",
+         "model.text.context_length=16"]  # the hand counts below assume 16 text tokens = 16 patches
 
 
 def _layer(s: int, h: int, f: int) -> int:

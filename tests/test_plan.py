@@ -12,7 +12,8 @@ from tulip_mega.config import ConfigError, load_config
 from tulip_mega.plan import forward_flops_per_sample, main, make_plan
 
 REPO = Path(__file__).resolve().parents[1]
-DEBUG = ["model.size=debug", "model.vision.image_size=32", "model.vision.patch_size=8"]
+DEBUG = ["model.size=debug", "model.vision.image_size=32", "model.vision.patch_size=8",
+         "model.text.context_length=16"]  # the hand counts below assume 16 text tokens = 16 patches
 
 
 def _cfg(*overrides: str):

@@ -183,6 +183,10 @@ def _cmd_convert(args: argparse.Namespace) -> int:
             from tulip_mega.convert.hf import export_hf
 
             export_hf(args.checkpoint, args.out, tokenizer=args.tokenizer, layernorm_eps=args.layernorm_eps)
+        elif args.to == "open_clip":
+            from tulip_mega.convert.openclip import export_open_clip
+
+            export_open_clip(args.checkpoint, args.out, tokenizer=args.tokenizer, layernorm_eps=args.layernorm_eps)
         else:
             from tulip_mega.convert.megatron_to_plain import convert_checkpoint
 
@@ -296,13 +300,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a positive further from its source is dropped as too different")
     gi.set_defaults(func=_cmd_geco_image)
 
-    conv = sub.add_parser("convert", help="export a checkpoint to plain PyTorch or Hugging Face SiglipModel")
+    conv = sub.add_parser("convert", help="export a checkpoint to plain PyTorch, Hugging Face SiglipModel or open_clip")
     conv.add_argument("checkpoint", help="a dist checkpoint folder (e.g. runs/x/checkpoints/step_0000100)")
-    conv.add_argument("--to", choices=["pytorch", "hf"], required=True,
+    conv.add_argument("--to", choices=["pytorch", "hf", "open_clip"], required=True,
                       help="pytorch: model.safetensors + config.json for tulip_mega.convert.plain_model; "
-                           "hf: a transformers SiglipModel folder")
+                           "hf: a transformers SiglipModel folder; open_clip: an open_clip folder "
+                           "(create_model_and_transforms('local-dir:OUT'))")
     conv.add_argument("out", help="output folder")
-    conv.add_argument("--tokenizer", default=None, help="the run's SentencePiece .model (hf: adds processor files)")
+    conv.add_argument("--tokenizer", default=None, help="the run's SentencePiece .model (hf: adds processor files; open_clip: the tokenizer)")
     conv.add_argument("--layernorm-eps", type=float, default=None,
                       help="model.layernorm_eps when no run config.yaml sits beside the checkpoint")
     conv.set_defaults(func=_cmd_convert)

@@ -128,6 +128,8 @@ class ModelConfig:
     init_std: float = _f(0.02, "std of the normal weight init")
     init_from_hf: Optional[str] = _f(None, "start from a Hugging Face SiglipModel directory (its weights, any "
                                            "TP/PP); null = random init")
+    init_from_open_clip: Optional[str] = _f(None, "start from an open_clip folder (tulip-mega convert --to open_clip, "
+                                                  "or a TULIP release: open_clip_config.json + weights), any TP/PP")
     mae_decoder: DecoderConfig = _section(DecoderConfig, "MAE pixel decoder (built only when loss.weights.mae > 0)")
     text_decoder: DecoderConfig = _section(DecoderConfig, "causal caption decoder (built only when "
                                                           "loss.weights.text_recon > 0)")
@@ -139,6 +141,8 @@ class ModelConfig:
     def validate(self) -> None:
         self.vision.validate()
         self.text.validate()
+        _require(not (self.init_from_hf and self.init_from_open_clip),
+                 "model.init_from_hf and model.init_from_open_clip are both set: start from one of them")
         self.mae_decoder.validate("model.mae_decoder")
         self.text_decoder.validate("model.text_decoder")
         _at_least(self, "model", ("aug_projector_hidden",), 1)
@@ -358,12 +362,33 @@ class CheckpointConfig:
 
 
 @dataclass
+class WandbConfig:
+    """Weights & Biases: the TensorBoard scalars, eval results and the resolved recipe (rank 0)."""
+
+    mode: Literal["online", "offline", "disabled"] = _f("disabled", "online | offline (files under the run "
+                                                                    "folder, `wandb sync` later) | disabled")
+    project: str = _f("tulip-mega", "wandb project")
+    entity: Optional[str] = _f(None, "wandb entity (team or user); null = your default")
+    name: Optional[str] = _f(None, "wandb run name; null = run.name")
+
+    def validate(self) -> None:
+        if self.mode != "disabled":
+            import importlib.util
+
+            _require(importlib.util.find_spec("wandb") is not None,
+                     f"logging.wandb.mode={self.mode} but wandb is not installed: pip install 'tulip-mega[wandb]' "
+                     "(or set logging.wandb.mode=disabled)")
+
+
+@dataclass
 class LoggingConfig:
     tensorboard: bool = _f(True, "write TensorBoard event files into the run folder")
     straggler_factor: float = _f(3.0, "warn when a step takes this many times the running median step time")
+    wandb: WandbConfig = _section(WandbConfig, "Weights & Biases logging (optional extra: tulip-mega[wandb])")
 
     def validate(self) -> None:
         _require(self.straggler_factor > 1, f"logging.straggler_factor={self.straggler_factor} must be > 1")
+        self.wandb.validate()
 
 
 @dataclass
@@ -376,6 +401,11 @@ class EvalConfig:
     classes: Optional[str] = _f(None, "classes.json (class names + prompts, val_labels: key -> class); "
                                       "null = classes.json beside the zero-shot shards")
     retrieval_shards: Optional[str] = _f(None, "shards of the image-text retrieval set; null = no retrieval eval")
+    linear_probe_shards: Optional[str] = _f(None, "train shards of the linear probe (frozen image features -> "
+                                                  "logistic regression); null = no linear probe")
+    linear_probe_val_shards: Optional[str] = _f(None, "val shards the linear probe reports top-1 on")
+    linear_probe_classes: Optional[str] = _f(None, "classes.json of the probe (classes + labels / train_labels / "
+                                                   "val_labels: key -> class); null = beside the probe train shards")
     batch_size: Optional[int] = _f(None, "eval micro-batch per data-parallel rank; null = train.micro_batch_size")
     max_samples: Optional[int] = _f(None, "evaluate at most this many samples per task (split over DP ranks); "
                                           "null = all")
@@ -383,9 +413,11 @@ class EvalConfig:
     def validate(self) -> None:
         _at_least(self, "eval", ("interval",), 0)
         _at_least(self, "eval", ("batch_size", "max_samples"), 1)
-        _require(not self.interval or bool(self.zeroshot_shards or self.retrieval_shards),
-                 f"eval.interval={self.interval} but no eval set: set eval.zeroshot_shards and/or "
-                 "eval.retrieval_shards (or eval.interval=0)")
+        _require(not self.interval or bool(self.zeroshot_shards or self.retrieval_shards or self.linear_probe_shards),
+                 f"eval.interval={self.interval} but no eval set: set eval.zeroshot_shards, eval.retrieval_shards "
+                 "and/or eval.linear_probe_shards (or eval.interval=0)")
+        _require(bool(self.linear_probe_shards) == bool(self.linear_probe_val_shards),
+                 "eval.linear_probe_shards and eval.linear_probe_val_shards go together (train and val shards)")
 
 
 @dataclass

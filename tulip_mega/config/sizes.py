@@ -15,7 +15,7 @@ SIZES: dict[str, tuple[dict[str, int], dict[str, int]]] = {
     # Seconds-per-step on a laptop CPU; used by tests and recipes/tiny_cpu.yaml.
     "debug": (
         dict(image_size=32, patch_size=8, num_layers=2, hidden_size=64, num_heads=4, ffn_hidden_size=256),
-        dict(vocab_size=1024, context_length=16, num_layers=2, hidden_size=64, num_heads=4, ffn_hidden_size=256),
+        dict(vocab_size=1024, context_length=64, num_layers=2, hidden_size=64, num_heads=4, ffn_hidden_size=256),
     ),
     # ViT-B/16 towers (SigLIP B/16 at 224).
     "b16": (

@@ -19,7 +19,7 @@ from typing import Callable, Optional, Union
 
 import torch
 
-from tulip_mega.convert.megatron_to_plain import ConversionError, convert_checkpoint, plain_to_megatron
+from tulip_mega.convert.megatron_to_plain import ConversionError, convert_checkpoint, plain_model_to_megatron
 from tulip_mega.convert.plain_model import CONFIG_NAME, PlainConfig
 
 # Our tokenizer's ids (dataloaders/tokenizer.py): T5 / SigLIP style.
@@ -129,6 +129,9 @@ def write_processor(out: Path, tokenizer_model: Union[str, Path], cfg: PlainConf
         pad_token=sp.id_to_piece(PAD_ID),
         model_max_length=cfg.text["context_length"],
         do_lower_case=True,
+        # No attention_mask: our text tower attends to the padding too (as Google's SigLIP does, whose
+        # tokenizer config says the same); with a mask transformers would compute other embeddings.
+        model_input_names=["input_ids"],
     )
     size = cfg.vision["image_size"]
     images = SiglipImageProcessor(size={"height": size, "width": size}, image_mean=IMAGE_MEAN, image_std=IMAGE_STD)
@@ -193,15 +196,17 @@ def import_hf_siglip(hf_dir: Union[str, Path], model_cfg=None) -> dict[str, torc
     """
     cfg, state = load_hf_state(hf_dir)
     if model_cfg is not None:
-        diffs = [f"model.{tower}.{k}: {hf_dir} has {v!r}, the recipe {getattr(getattr(model_cfg, tower), k)!r}"
-                 for tower in ("vision", "text") for k, v in getattr(cfg, tower).items()
-                 if getattr(getattr(model_cfg, tower), k) != v]
-        if cfg.layernorm_eps != model_cfg.layernorm_eps:
-            diffs.append(f"model.layernorm_eps: {hf_dir} has {cfg.layernorm_eps!r}, the recipe {model_cfg.layernorm_eps!r}")
-        if diffs:
-            raise ConversionError("model.init_from_hf: the SiglipModel does not match the recipe:\n  " + "\n  ".join(diffs))
-    return plain_to_megatron(
-        state,
-        num_layers={"vision": cfg.vision["num_layers"], "text": cfg.text["num_layers"]},
-        num_heads={"vision": cfg.vision["num_heads"], "text": cfg.text["num_heads"]},
-    )
+        check_matches_recipe(cfg, model_cfg, hf_dir, "model.init_from_hf", "SiglipModel")
+    return plain_model_to_megatron(state, cfg)
+
+
+def check_matches_recipe(cfg: PlainConfig, model_cfg, source, key: str, what: str) -> None:
+    """Raise naming every recipe key whose value differs from the source model's architecture
+    (shape checks alone would miss e.g. the LayerNorm epsilon)."""
+    diffs = [f"model.{tower}.{k}: {source} has {v!r}, the recipe {getattr(getattr(model_cfg, tower), k)!r}"
+             for tower in ("vision", "text") for k, v in getattr(cfg, tower).items()
+             if getattr(getattr(model_cfg, tower), k) != v]
+    if cfg.layernorm_eps != model_cfg.layernorm_eps:
+        diffs.append(f"model.layernorm_eps: {source} has {cfg.layernorm_eps!r}, the recipe {model_cfg.layernorm_eps!r}")
+    if diffs:
+        raise ConversionError(f"{key}: the {what} does not match the recipe:\n  " + "\n  ".join(diffs))

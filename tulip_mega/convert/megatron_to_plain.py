@@ -120,6 +120,15 @@ def megatron_key_to_plain(key: str, tensor: torch.Tensor, num_heads: dict[str, i
     raise ConversionError(f"unknown model key {key!r}")
 
 
+def plain_model_to_megatron(plain: dict[str, torch.Tensor], config: PlainConfig) -> dict[str, torch.Tensor]:
+    """`plain_to_megatron` with the layer and head counts of a plain-model architecture."""
+    return plain_to_megatron(
+        plain,
+        num_layers={"vision": config.vision["num_layers"], "text": config.text["num_layers"]},
+        num_heads={"vision": config.vision["num_heads"], "text": config.text["num_heads"]},
+    )
+
+
 def plain_to_megatron(plain: dict[str, torch.Tensor], num_layers: dict[str, int],
                       num_heads: dict[str, int]) -> dict[str, torch.Tensor]:
     """Full plain/HF-named tensors -> full tensors in the megatron key space (layers stacked)."""

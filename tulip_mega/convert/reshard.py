@@ -36,7 +36,7 @@ def reshard_config(checkpoint: Path, tp: int, pp: int, overrides: Sequence[str] 
         raise ConversionError(f"{checkpoint} holds no model_config; was it saved by tulip-mega?")
     run_cfg = Path(checkpoint).resolve().parent.parent / "config.yaml"
     model_keys = [f"model.{tower}.{k}={v}" for tower in ("vision", "text") for k, v in mc[tower].items()]
-    layout = [f"parallel.tensor_parallel={tp}", f"parallel.pipeline_parallel={pp}", "model.init_from_hf=null"]
+    layout = [f"parallel.tensor_parallel={tp}", f"parallel.pipeline_parallel={pp}", "model.init_from_hf=null", "model.init_from_open_clip=null"]
     if tp == 1:
         layout.append("parallel.sequence_parallel=false")
     return load_config(str(run_cfg) if run_cfg.is_file() else None, model_keys + list(overrides) + layout)

@@ -1,4 +1,4 @@
-"""Zero-shot and retrieval evaluation: the in-training hook and `tulip-mega eval CHECKPOINT`.
+"""Zero-shot, retrieval and linear-probe evaluation: the in-training hook and `tulip-mega eval CHECKPOINT`.
 
 `Evaluator(cfg, model).run()` evaluates the recipe's eval sets (eval.zeroshot_shards,
 eval.retrieval_shards) with the model as laid out for training (any TP x PP x DP); every
@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import zlib
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -26,13 +27,15 @@ from dataloaders.simple_loader import SimpleLoader
 from dataloaders.tokenizer import Tokenizer
 from tulip_mega.config import Config, ConfigError
 from tulip_mega.eval.embed import Embedder, share_from_last_stage
+from tulip_mega.eval.linear_probe import linear_probe, load_probe_labels
 from tulip_mega.eval.retrieval import KS, retrieval_recall
 from tulip_mega.eval.zeroshot import class_embeddings, load_classes, zeroshot_accuracy
 from tulip_mega.parallel.init import device
 
 log = logging.getLogger("tulip_mega")
 
-TASKS = ("zeroshot", "retrieval")
+TASKS = ("zeroshot", "retrieval", "linear_probe")
+PROBE_KEYS = ("top1", "l2", "holdout_top1", "train_samples", "samples")
 ZEROSHOT_KEYS = ("top1", "top5", "samples")
 RETRIEVAL_KEYS = tuple(f"{d}_r{k}" for d in ("image_to_text", "text_to_image") for k in KS) + ("samples",)
 
@@ -47,16 +50,20 @@ class Evaluator:
 
     def __init__(self, cfg: Config, model, tasks: Optional[Sequence[str]] = None) -> None:
         e = cfg.eval
-        available = {"zeroshot": e.zeroshot_shards, "retrieval": e.retrieval_shards}
+        available = {"zeroshot": e.zeroshot_shards, "retrieval": e.retrieval_shards,
+                     "linear_probe": e.linear_probe_shards}
         self.tasks = [t for t in (tasks or TASKS) if available[t]]
         for t in tasks or ():
             if not available[t]:
                 raise ConfigError(f"eval task {t!r} needs eval.{t}_shards")
-        for t in self.tasks:  # a wrong path must fail now, not after hours of training
+        checked = {f"eval.{t}_shards": available[t] for t in self.tasks}
+        if "linear_probe" in self.tasks:
+            checked["eval.linear_probe_val_shards"] = e.linear_probe_val_shards
+        for key, spec in checked.items():  # a wrong path must fail now, not after hours of training
             try:
-                expand_shards(available[t])
+                expand_shards(spec)
             except (FileNotFoundError, ValueError) as err:
-                raise ConfigError(f"eval.{t}_shards={available[t]!r}: {err}") from err
+                raise ConfigError(f"{key}={spec!r}: {err}") from err
         self.cfg = cfg
         self.micro_batch = e.batch_size or cfg.train.micro_batch_size
         self.dp_rank = parallel_state.get_data_parallel_rank()
@@ -67,13 +74,16 @@ class Evaluator:
         self.classes = None
         if "zeroshot" in self.tasks:
             self.classes = load_classes(e.classes or default_classes_path(e.zeroshot_shards))
+        self.probe_labels = None
+        if "linear_probe" in self.tasks:
+            self.probe_labels = load_probe_labels(e.linear_probe_classes or default_classes_path(e.linear_probe_shards))
 
     def run(self) -> dict[str, float]:
         """Every task; metrics keyed eval/<task>/<metric> plus eval/seconds (same on every rank)."""
         t0 = time.perf_counter()
         out: dict[str, float] = {}
         for task in self.tasks:
-            metrics = self.zeroshot() if task == "zeroshot" else self.retrieval()
+            metrics = getattr(self, task)()
             out.update({f"eval/{task}/{k}": v for k, v in metrics.items()})
         seconds = torch.tensor([time.perf_counter() - t0], dtype=torch.float64, device=device())
         torch.distributed.all_reduce(seconds, op=torch.distributed.ReduceOp.MAX)  # identical on every rank
@@ -142,6 +152,34 @@ class Evaluator:
         return dict(zip(RETRIEVAL_KEYS, share_from_last_stage(values)))
 
 
+    def linear_probe(self) -> dict[str, float]:
+        """Val top-1 of a logistic regression on the frozen image embeddings of the probe's train set.
+
+        The embedder returns each DP rank's part in turn, so the row order depends on the layout;
+        rows are put in one canonical order (by crc32 of the sample key, carried with the label)
+        before the probe's seeded held-out split, so every layout fits the same problem."""
+        e, names = self.cfg.eval, self.probe_labels
+        n_cls = len(names.names)
+
+        def code(key: str) -> int:  # crc32(key) and the class in one non-negative int64
+            return zlib.crc32(key.encode()) * n_cls + names.label(key)
+
+        sets = [self.embedder.embed(self._shard_batches(shards, code, with_text=False) if self.first else None)
+                for shards in (e.linear_probe_shards, e.linear_probe_val_shards)]
+        values = [0.0] * len(PROBE_KEYS)
+        if sets[0] is not None:  # last stage
+            (train_x, train_y), (val_x, val_y) = [_canonical(s["image_emb"], s["labels"], n_cls) for s in sets]
+            result = linear_probe(train_x, train_y, val_x, val_y, n_cls, seed=self.cfg.run.seed)
+            values = [result[k] for k in PROBE_KEYS]
+        return dict(zip(PROBE_KEYS, share_from_last_stage(values)))
+
+
+def _canonical(features: torch.Tensor, codes: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows sorted by key hash (stable), and the class labels decoded from the codes."""
+    order = torch.sort(codes, stable=True).indices
+    return features[order], codes[order] % num_classes
+
+
 def write_results(path: Path, metrics: dict[str, float], **context) -> None:
     """One JSON file per evaluation (written atomically)."""
     path = Path(path)
@@ -158,7 +196,8 @@ def run_config_path(checkpoint: Path) -> Path:
 
 
 def eval_config(checkpoint: Path, task: str, data: str, classes: Optional[str] = None,
-                config: Optional[str] = None, overrides: Sequence[str] = (), world_size: int = 1) -> Config:
+                config: Optional[str] = None, overrides: Sequence[str] = (), world_size: int = 1,
+                val: Optional[str] = None) -> Config:
     """The run's recipe with the eval set swapped in; a single process runs at TP = PP = 1
     unless the overrides set a layout."""
     from tulip_mega.config import load_config
@@ -174,10 +213,18 @@ def eval_config(checkpoint: Path, task: str, data: str, classes: Optional[str] =
         layout = ["parallel.tensor_parallel=1", "parallel.pipeline_parallel=1", "parallel.sequence_parallel=false",
                   "parallel.distributed_optimizer=false"]
     # --classes or the classes.json beside the shards, never the training run's eval.classes
-    task_keys = [f"eval.{task}_shards={data}", f"eval.classes={classes or 'null'}", "eval.interval=0",
-                 "model.init_from_hf=null"]
-    other = "retrieval" if task == "zeroshot" else "zeroshot"
-    return load_config(str(recipe), layout + [f"eval.{other}_shards=null"] + task_keys + list(overrides))
+    task_keys = [f"eval.{task}_shards={data}", f"eval.classes={classes or 'null'}",
+                 f"eval.linear_probe_classes={classes or 'null'}", "eval.interval=0",
+                 "model.init_from_hf=null", "model.init_from_open_clip=null"]
+    if task == "linear_probe":
+        if not val:
+            raise ConfigError("--task linear_probe needs --val VAL_SHARDS (top-1 is reported on them; --data are "
+                              "the shards the probe is fitted on)")
+        task_keys.append(f"eval.linear_probe_val_shards={val}")
+    others = [f"eval.{t}_shards=null" for t in TASKS if t != task]
+    if task != "linear_probe":
+        others.append("eval.linear_probe_val_shards=null")
+    return load_config(str(recipe), layout + others + task_keys + list(overrides))
 
 
 def load_weights(checkpoint: Path, module, model_config: dict) -> None:
@@ -197,7 +244,7 @@ def load_weights(checkpoint: Path, module, model_config: dict) -> None:
 
 def evaluate_checkpoint(checkpoint: str, task: str, data: str, classes: Optional[str] = None,
                         config: Optional[str] = None, overrides: Sequence[str] = (),
-                        out: Optional[str] = None) -> dict:
+                        out: Optional[str] = None, val: Optional[str] = None) -> dict:
     """Evaluate `checkpoint` on one task; every rank returns {"metrics": ..., "out": json path}.
 
     Launch like training (single process, torchrun or srun); the layout is the recipe's (or
@@ -211,7 +258,7 @@ def evaluate_checkpoint(checkpoint: str, task: str, data: str, classes: Optional
 
     env = launch_env()
     checkpoint_path = Path(checkpoint)
-    cfg = eval_config(checkpoint_path, task, data, classes, config, overrides, env.world_size)
+    cfg = eval_config(checkpoint_path, task, data, classes, config, overrides, env.world_size, val)
     validate_layout(cfg, env.world_size)
     check_runtime_support(cfg)
     setup_logging(env.rank)
@@ -225,7 +272,7 @@ def evaluate_checkpoint(checkpoint: str, task: str, data: str, classes: Optional
         run = checkpoint_path.resolve().parent.parent
         out = str(run / "eval" / f"{checkpoint_path.name}_{task}.json")
     if env.rank == 0:
-        write_results(Path(out), metrics, checkpoint=str(checkpoint_path), task=task, data=data,
+        write_results(Path(out), metrics, checkpoint=str(checkpoint_path), task=task, data=data, val=val,
                       layout=[cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel,
                               parallel_state.get_data_parallel_world_size()])
         for k, v in metrics.items():
@@ -239,14 +286,17 @@ def build_parser():
 
     p = argparse.ArgumentParser(
         prog="tulip-mega eval",
-        description="Evaluate a training checkpoint: zero-shot classification or image-text retrieval. "
+        description="Evaluate a training checkpoint: zero-shot classification, image-text retrieval or a linear "
+                    "probe (logistic regression on frozen image features). "
                     "Runs single-process or under torchrun/srun (any TP x PP x DP layout via overrides).",
     )
     p.add_argument("checkpoint", help="a checkpoint folder, e.g. runs/tiny_cpu/checkpoints/step_0000200")
     p.add_argument("overrides", nargs="*", help="recipe overrides key.path=value (e.g. parallel.tensor_parallel=2)")
     p.add_argument("--task", choices=TASKS, required=True)
-    p.add_argument("--data", required=True, help="eval shards: brace range, glob or folder")
-    p.add_argument("--classes", default=None, help="zeroshot: classes.json (default: beside the shards)")
+    p.add_argument("--data", required=True, help="eval shards: brace range, glob or folder "
+                                                 "(linear_probe: the shards the probe is fitted on)")
+    p.add_argument("--val", default=None, help="linear_probe: the shards top-1 is reported on")
+    p.add_argument("--classes", default=None, help="zeroshot / linear_probe: classes.json (default: beside --data)")
     p.add_argument("--config", default=None, help="the run's recipe (default: <run>/config.yaml beside checkpoints/)")
     p.add_argument("--out", default=None, help="results JSON (default: <run>/eval/<checkpoint>_<task>.json)")
     return p
@@ -261,7 +311,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_intermixed_args(argv)
     try:
         result = evaluate_checkpoint(args.checkpoint, args.task, args.data, args.classes, args.config,
-                                     args.overrides, args.out)
+                                     args.overrides, args.out, val=args.val)
     except (ConfigError, FileNotFoundError, ValueError, KeyError) as e:
         print(f"tulip-mega: eval error: {e}", file=sys.stderr)
         return 2

@@ -17,7 +17,8 @@ def build_model(cfg, use_te: Optional[bool] = None) -> TulipModel:
 
     Needs megatron's parallel state initialised (tulip_mega.parallel.init.init_parallel).
     With `model.init_from_hf` set, the random init is then overwritten by that Hugging Face
-    SiglipModel's weights (each rank copies its own slice; the architecture must match).
+    SiglipModel's weights (each rank copies its own slice; the architecture must match), and
+    likewise with `model.init_from_open_clip` by an open_clip folder's.
     """
     vision_config = tower_config(cfg, "vision")
     text_config = tower_config(cfg, "text")
@@ -52,4 +53,8 @@ def build_model(cfg, use_te: Optional[bool] = None) -> TulipModel:
         from tulip_mega.convert.hf import import_hf_siglip
 
         load_full_tensors(model, import_hf_siglip(cfg.model.init_from_hf, cfg.model), optional=TRAINING_ONLY)
+    if cfg.model.init_from_open_clip:
+        from tulip_mega.convert.openclip import import_open_clip
+
+        load_full_tensors(model, import_open_clip(cfg.model.init_from_open_clip, cfg.model), optional=TRAINING_ONLY)
     return model

@@ -113,9 +113,11 @@ def load_full_tensors(model: torch.nn.Module, full: dict[str, torch.Tensor], opt
                 done.add(sh.data.data_ptr())  # training-only module the source lacks: keeps its init
                 continue
             if src is None:
-                raise KeyError(f"init_from_hf: no tensor for model key {sh.key!r} (global shape {tuple(sh.global_shape)})")
+                raise KeyError(f"model.init_from_hf / init_from_open_clip: no tensor for model key {sh.key!r} "
+                               f"(global shape {tuple(sh.global_shape)})")
             if tuple(src.shape) != tuple(sh.global_shape):
-                raise ValueError(f"init_from_hf: {sh.key!r} has shape {tuple(src.shape)} in the source but the model "
+                raise ValueError(f"model.init_from_hf / init_from_open_clip: {sh.key!r} has shape {tuple(src.shape)} "
+                                 "in the source but the model "
                                  f"expects {tuple(sh.global_shape)}")
             index = tuple(slice(o, o + n) for o, n in zip(sh.global_offset, (1,) * sh.prepend_axis_num + tuple(sh.local_shape)))
             local = src[index].reshape(sh.data.shape)

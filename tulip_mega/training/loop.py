@@ -26,6 +26,7 @@ from tulip_mega.training.checkpoint import load_checkpoint, read_latest, save_ch
 from tulip_mega.training.data import build_train_loader
 from tulip_mega.training.flops import count_flops, tokens_per_sample
 from tulip_mega.training.metrics import MetricsLogger, setup_logging
+from tulip_mega.training.wandb_logger import make_wandb_sink
 from tulip_mega.training.throughput import (
     StragglerDetector,
     TimedIterator,
@@ -118,7 +119,8 @@ def train(cfg: Config, env: Optional[LaunchEnv] = None) -> dict:
         log.info("resumed from %s at step %d", to_load, start_step)
 
     metrics_log = MetricsLogger(
-        out_dir, cfg.train.steps, enabled=env.rank == 0, tensorboard=cfg.logging.tensorboard, start_step=start_step
+        out_dir, cfg.train.steps, enabled=env.rank == 0, tensorboard=cfg.logging.tensorboard, start_step=start_step,
+        wandb=make_wandb_sink(cfg, out_dir, env.rank == 0),
     )
     data_iter = TimedIterator(iter(loader)) if loader is not None else None
     straggler = StragglerDetector(cfg.logging.straggler_factor)

@@ -1,4 +1,5 @@
-"""Metrics: metrics.jsonl (one JSON object per logged step), TensorBoard, and a progress line.
+"""Metrics: metrics.jsonl (one JSON object per logged step), TensorBoard, optionally Weights &
+Biases (training/wandb_logger.py), and a progress line.
 
 Only rank 0 writes. Every logged step carries step, loss and each loss term, lr, grad_norm,
 samples_per_sec, logit_scale and logit_bias (plus whatever else the step reports), and from
@@ -29,9 +30,11 @@ class MetricsLogger:
     """Writes metrics on rank 0; a no-op elsewhere."""
 
     def __init__(
-        self, run_dir: Path, total_steps: int, enabled: bool, tensorboard: bool, start_step: int = 0
+        self, run_dir: Path, total_steps: int, enabled: bool, tensorboard: bool, start_step: int = 0,
+        wandb=None,
     ) -> None:
         self.enabled = enabled
+        self._wandb = wandb  # a tulip_mega.training.wandb_logger.WandbSink (rank 0) or None
         self.total_steps = total_steps
         self.jsonl_path = Path(run_dir) / "metrics.jsonl"
         self.tb_dir = Path(run_dir) / "tensorboard"
@@ -54,10 +57,12 @@ class MetricsLogger:
             return
         record = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
         self._jsonl.write(json.dumps(record) + "\n")
+        scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         if self._tb is not None:
-            for k, v in metrics.items():
-                if isinstance(v, (int, float)):
-                    self._tb.add_scalar(k, v, step)
+            for k, v in scalars.items():
+                self._tb.add_scalar(k, v, step)
+        if self._wandb is not None:
+            self._wandb.log(step, scalars)
         elapsed = time.perf_counter() - self._t_start
         done = step - start_step
         eta = elapsed / max(done, 1) * (self.total_steps - step)
@@ -85,6 +90,8 @@ class MetricsLogger:
             self._jsonl.close()
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.close()
 
 
 def _jsonable(v):
