@@ -129,9 +129,9 @@ def test_micro_mode_equals_per_micro_batch_reference():
     errors = _relative_errors(stack_layers(assemble([r["entries"] for r in out])), grads)
     bad = {k: v for k, v in errors.items() if v > RTOL}
     assert not bad, f"gradients differ from the per-micro-batch reference: {bad}"
-    # At init (bias -10) the losses differ little (positives dominate), the gradients clearly.
-    global_loss, global_grads = _plain_float64_reference(out, chunks=1)
-    assert global_loss != pytest.approx(loss, rel=10 * RTOL)
+    # At init (bias -10) the losses differ little (1e-4 relative: the positives dominate), the
+    # gradients clearly: the two modes train different objectives.
+    _, global_grads = _plain_float64_reference(out, chunks=1)
     assert max(_relative_errors(grads, global_grads).values()) > 100 * RTOL
 
 
