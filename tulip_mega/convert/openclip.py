@@ -205,17 +205,26 @@ def plain_to_open_clip(state: dict[str, torch.Tensor], cfg: PlainConfig) -> dict
         in_proj = state[f"vision_model.head.attention.in_proj_{kind}"]
         out[f"visual.trunk.attn_pool.q.{kind}"] = in_proj[:h]
         out[f"visual.trunk.attn_pool.kv.{kind}"] = in_proj[h:]
+    for ours, theirs in _layer_names(cfg):
+        if isinstance(ours, tuple):  # q, k, v -> one fused in_proj
+            out[theirs] = torch.cat([state[name] for name in ours], dim=0)
+        else:
+            out[theirs] = state[ours]
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def _layer_names(cfg: PlainConfig):
+    """(plain name, open_clip name) of every per-layer tensor of both towers; for the attention
+    input projection the plain side is the (q, k, v) names of the one fused open_clip tensor."""
     for tower, n_layers, col in (("vision_model", cfg.vision["num_layers"], 0),
                                  ("text_model", cfg.text["num_layers"], 1)):
         for i in range(n_layers):
-            src, dst = f"{tower}.encoder.layers.{i}", f"{_PREFIX[tower]}.{i}"
-            for ours, theirs in _LAYER.items():
-                for kind in ("weight", "bias"):
-                    out[f"{dst}.{theirs[col]}.{kind}"] = state[f"{src}.{ours}.{kind}"]
+            ours, theirs = f"{tower}.encoder.layers.{i}", f"{_PREFIX[tower]}.{i}"
             for kind in ("weight", "bias"):
-                out[f"{dst}.{_QKV[tower].format(kind)}"] = torch.cat(
-                    [state[f"{src}.self_attn.{p}_proj.{kind}"] for p in "qkv"], dim=0)
-    return {k: v.contiguous() for k, v in out.items()}
+                for plain_sub, open_clip_sub in _LAYER.items():
+                    yield f"{ours}.{plain_sub}.{kind}", f"{theirs}.{open_clip_sub[col]}.{kind}"
+                yield (tuple(f"{ours}.self_attn.{p}_proj.{kind}" for p in "qkv"),
+                       f"{theirs}.{_QKV[tower].format(kind)}")
 
 
 def open_clip_to_plain(state: dict[str, torch.Tensor], cfg: PlainConfig) -> dict[str, torch.Tensor]:
@@ -231,16 +240,11 @@ def open_clip_to_plain(state: dict[str, torch.Tensor], cfg: PlainConfig) -> dict
         for kind in ("weight", "bias"):
             out[f"vision_model.head.attention.in_proj_{kind}"] = torch.cat(
                 [state.pop(f"visual.trunk.attn_pool.q.{kind}"), state.pop(f"visual.trunk.attn_pool.kv.{kind}")])
-        for tower, n_layers, col in (("vision_model", cfg.vision["num_layers"], 0),
-                                     ("text_model", cfg.text["num_layers"], 1)):
-            for i in range(n_layers):
-                dst, src = f"{tower}.encoder.layers.{i}", f"{_PREFIX[tower]}.{i}"
-                for ours, theirs in _LAYER.items():
-                    for kind in ("weight", "bias"):
-                        out[f"{dst}.{ours}.{kind}"] = state.pop(f"{src}.{theirs[col]}.{kind}")
-                for kind in ("weight", "bias"):
-                    q, k, v = state.pop(f"{src}.{_QKV[tower].format(kind)}").chunk(3, dim=0)
-                    out.update({f"{dst}.self_attn.{p}_proj.{kind}": t.contiguous() for p, t in zip("qkv", (q, k, v))})
+        for ours, theirs in _layer_names(cfg):
+            if isinstance(ours, tuple):  # one fused in_proj -> q, k, v
+                out.update({name: t.contiguous() for name, t in zip(ours, state.pop(theirs).chunk(3, dim=0))})
+            else:
+                out[ours] = state.pop(theirs)
     except KeyError as e:
         raise ConversionError(f"open_clip state dict has no {e.args[0]!r}: not a TULIP/SigLIP CustomTextCLIP "
                               "of the configured size") from None
