@@ -157,13 +157,16 @@ class DaliLoader(SimpleLoader):
                 return
             yield chunk
 
+    def _host_prep(self) -> HostPrep:
+        return HostPrep(self.plan, self.tokenizer, self.seed, self.dp_rank)
+
     def host_stream(self, epoch: int = 0, consumed: int = 0) -> Iterator[tuple[Entry, Result]]:
         """Every entry from a position on with its host result, in stream order.
 
         ``reader_workers`` = 0 runs ``HostPrep.prepare`` here; otherwise a ``ReaderPool`` runs
         it ahead in that many processes. Both give the same results (the host-only benchmark
         times this generator)."""
-        prep = HostPrep(self.plan, self.tokenizer, self.seed, self.dp_rank)
+        prep = self._host_prep()
         chunks = self._chunks(self._entries(epoch, consumed))
         if self.reader_workers == 0:
             for chunk in chunks:
