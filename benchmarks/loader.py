@@ -118,25 +118,26 @@ SAMPLE_SETS = {  # what each recipe family asks of the host per sample (shapes s
 }
 
 
-def _cpu_seconds() -> float:
-    """CPU time of this process plus its waited-for children (the reader workers, once closed)."""
-    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+def _cpu_seconds(dl: DaliLoader) -> float:
+    """CPU time of this process plus its reader workers (not its children under forkserver)."""
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    return me.ru_utime + me.ru_stime + (dl._pool.cpu_seconds() if dl._pool is not None else 0.0)
 
 
 def host_rate(shards: list[str], tok: Tokenizer, plan: ViewPlan, workers: int, samples: int,
               batch_size: int) -> tuple[float, float]:
     """(samples/s, samples per CPU-second) of ``DaliLoader.host_stream``: every host result,
-    no decode. Timed from the first result on (worker start-up excluded); the stream is closed
-    (workers joined) before the CPU time is read, so it includes theirs."""
+    no decode. Timed from the first result on (worker start-up excluded); CPU time is this
+    process's plus the workers'."""
     dl = DaliLoader(shards, batch_size, plan, tok, gpu=False, shuffle_buffer=256, reader_workers=workers)
     stream = dl.host_stream()
     next(stream)
-    cpu, t = _cpu_seconds(), time.perf_counter()
+    cpu, t = _cpu_seconds(dl), time.perf_counter()
     n = sum(1 for (_, _, item), _ in itertools.islice(stream, samples) if item is not None)
     wall = time.perf_counter() - t
+    used = _cpu_seconds(dl) - cpu
     stream.close()
-    return n / wall, n / (_cpu_seconds() - cpu)
+    return n / wall, n / used
 
 
 def host_only(args: argparse.Namespace, shards: list[str], tok: Tokenizer) -> None:

@@ -127,8 +127,9 @@ class DaliLoader(SimpleLoader):
         self.threads = threads
         self.prefetch = prefetch
         self.reader_workers = reader_workers  # processes for the host work; 0 = in the loader's thread
-        self.chunk_size = chunk_size  # stream entries per unit of host work (and per worker message)
+        self.chunk_size = chunk_size  # samples per unit of host work (and per worker message)
         self.gpu = gpu
+        self._pool: Optional[ReaderPool] = None  # reader workers while an iteration runs
         self._pipe = None  # built lazily; dropped (rebuilt) after a failed run
         self._rebuilds = 0
 
@@ -160,24 +161,29 @@ class DaliLoader(SimpleLoader):
     def _host_prep(self) -> HostPrep:
         return HostPrep(self.plan, self.tokenizer, self.seed, self.dp_rank)
 
+    def _read_shards(self, shards: list[str]) -> Iterator[dict[str, Any] | _Damage]:
+        if self._pool is None:  # no reader workers: read here, inspect later in prepare()
+            return super()._read_shards(shards)
+        return self._pool.read(shards)
+
     def host_stream(self, epoch: int = 0, consumed: int = 0) -> Iterator[tuple[Entry, Result]]:
         """Every entry from a position on with its host result, in stream order.
 
-        ``reader_workers`` = 0 runs ``HostPrep.prepare`` here; otherwise a ``ReaderPool`` runs
-        it ahead in that many processes. Both give the same results (the host-only benchmark
-        times this generator)."""
+        With ``reader_workers`` > 0 a ``ReaderPool`` reads and inspects the shards ahead in
+        that many processes; the shuffle buffer and ``HostPrep.prepare`` (the draws that depend
+        on the position) run here either way, so results do not depend on the worker count.
+        The host-only benchmark times this generator."""
         prep = self._host_prep()
-        chunks = self._chunks(self._entries(epoch, consumed))
-        if self.reader_workers == 0:
-            for chunk in chunks:
-                yield from zip(chunk, prep.prepare(chunk))
-            return
-        pool = ReaderPool(prep, self.reader_workers, name=f"dali-reader-dp{self.dp_rank}")
+        if self.reader_workers:
+            self._pool = ReaderPool(prep, self.reader_workers, chunk_size=self.chunk_size,
+                                    name=f"dali-reader-dp{self.dp_rank}")
         try:
-            for chunk, results in pool.map(chunks):
-                yield from zip(chunk, results)
+            for chunk in self._chunks(self._entries(epoch, consumed)):
+                yield from zip(chunk, prep.prepare(chunk))
         finally:
-            pool.close()
+            if self._pool is not None:
+                self._pool.close()
+                self._pool = None
 
     # ------------------------------------------------------------------ DALI side
 
@@ -223,7 +229,7 @@ class DaliLoader(SimpleLoader):
 
     def _collate(self, samples: list[_Prepared], outs: list[torch.Tensor]) -> Batch:  # type: ignore[override]
         plan = self.plan
-        hosts = [s.host for s in samples]
+        hosts = [s.host.info for s in samples]
         batch = Batch(images=outs[0], tokens=_stack([h.tokens for h in hosts]), keys=[s.key for s in samples])
         rest = iter(outs[1:])
         if plan.crops:
@@ -242,7 +248,7 @@ class DaliLoader(SimpleLoader):
             batch.negatives = _stack([h.negatives for h in hosts])  # [B, N, L]
             batch.negative_valid = _stack([h.negative_valid for h in hosts])
         if plan.eda:
-            batch.eda_tokens = _stack([h.eda_tokens for h in hosts])
+            batch.eda_tokens = _stack([s.host.eda_tokens for s in samples])
         return batch
 
     # ------------------------------------------------------------------ iteration
@@ -301,8 +307,8 @@ class DaliLoader(SimpleLoader):
                 continue
             pending.append(_Prepared(
                 key=item["__key__"], shard=item["__shard__"], jpg=item["jpg"], host=result,
-                pos=item.get("pos.jpg") if result.has_pos else None,
-                neg=item.get("neg.jpg") if result.has_neg else None,
+                pos=item.get("pos.jpg") if result.info.has_pos else None,
+                neg=item.get("neg.jpg") if result.info.has_neg else None,
             ))
             good += 1
             if len(pending) == self.batch_size:

@@ -1,17 +1,20 @@
-"""The DALI loader's per-sample host work, as a pure function of (sample, epoch, position).
+"""The DALI loader's per-sample host work, split by what it depends on.
 
-Everything the host computes for a sample except reading the tar and decoding its images:
-caption checks (``read_caption``), the GeCo ``key.json`` parse, the JPEG header read (image
-size, and an early "is this an image" check), the sample's random view parameters and EDA
-copy (from generators seeded by (seed, DP rank, epoch, position)), and the tokenisation of
-caption, GeCo texts and EDA copy, batched over a chunk of samples.
+Everything the host computes for a sample except reading the tar and decoding its images, in
+two parts:
 
-Why a module of its own: the same ``HostPrep.prepare`` runs in the loader's thread
-(``data.reader_workers=0``) or in reader worker processes (``dataloaders.reader_pool``), so a
-sample's result cannot depend on where it ran or on how many workers there are; only image
-bytes stay with the reader (the result carries no bytes back). Tokenisation is row-independent
-(each text is encoded, truncated and padded on its own), so batching it per chunk instead of per
-batch gives bit-identical token tensors.
+- ``inspect`` depends on the sample alone: caption checks (``read_caption``), the GeCo
+  ``key.json`` parse, the JPEG header read (image size, and an early "is this an image"
+  check), and the tokenisation of the caption and GeCo texts. Reader workers run it right
+  after reading a shard, before the shuffle buffer (``dataloaders.reader_pool``).
+- ``finish`` depends on the sample's position too: its random view parameters and EDA copy,
+  drawn from generators seeded by (seed, DP rank, epoch, index in epoch), and the EDA copy's
+  tokens. The loader runs it after the shuffle buffer has fixed the position.
+
+Why: the same two functions run whether or not there are worker processes, so a sample's
+result cannot depend on where it ran or on the worker count. Tokenisation is row-independent
+(each text is encoded, truncated and padded on its own), so batching it per chunk instead of
+per batch gives bit-identical token tensors.
 """
 
 from __future__ import annotations
@@ -30,18 +33,22 @@ from dataloaders.eda import eda
 from dataloaders.simple_loader import _Damage, read_caption
 from dataloaders.tokenizer import Tokenizer
 
-__all__ = ["Entry", "HostPrep", "HostSample", "Result"]
+__all__ = ["HOST", "Entry", "HostPrep", "HostSample", "Inspected", "Result"]
 
-# One unit of host work: (epoch, index in epoch, raw sample dict or _Damage marker); the end
-# of an epoch is (epoch, -1, None) and its result is None.
+# The key under which a reader worker stores a sample's ``inspect`` result in the sample dict.
+HOST = "__host__"
+# One unit of position-dependent work: (epoch, index in epoch, sample dict or _Damage marker);
+# the end of an epoch is (epoch, -1, None) and its result is None.
 Entry = tuple[int, int, Union[dict[str, Any], _Damage, None]]
 
 
 @dataclass
-class HostSample:
-    """A sample that passed the host-side checks: its view parameters and token rows."""
+class Inspected:
+    """What ``inspect`` learns from a good sample alone (no random draws)."""
 
-    params: np.ndarray  # float32 [views, len(PARAMS)]
+    caption: str
+    width: int
+    height: int
     tokens: np.ndarray  # int64 [L] the caption
     has_pos: bool = False  # GeCo edits present and non-empty (an empty file = missing edit)
     has_neg: bool = False
@@ -49,6 +56,14 @@ class HostSample:
     paraphrase_valid: Optional[np.ndarray] = None  # bool [P]
     negatives: Optional[np.ndarray] = None  # int64 [N, L]
     negative_valid: Optional[np.ndarray] = None  # bool [N]
+
+
+@dataclass
+class HostSample:
+    """A sample that passed the host-side checks, with every random choice made."""
+
+    info: Inspected
+    params: np.ndarray  # float32 [views, len(PARAMS)]
     eda_tokens: Optional[np.ndarray] = None  # int64 [L]
 
 
@@ -63,31 +78,18 @@ def _texts(meta: dict[str, Any], name: str) -> tuple[str, ...]:
     return tuple(t for t in value if t.strip())
 
 
-@dataclass
-class _Checked:
-    """Between the per-sample checks and the chunk's one tokeniser call."""
-
-    params: np.ndarray
-    caption: str
-    paraphrases: tuple[str, ...]
-    negatives: tuple[str, ...]
-    eda: Optional[str]
-    has_pos: bool
-    has_neg: bool
-
-
 class HostPrep:
-    """Picklable settings + ``prepare(entries)``: what a reader worker (or the loader) runs."""
+    """Picklable settings + ``inspect`` (reader workers) and ``prepare`` (the loader)."""
 
     def __init__(self, plan: ViewPlan, tokenizer: Tokenizer, seed: int, dp_rank: int) -> None:
         self.plan, self.tokenizer, self.seed, self.dp_rank = plan, tokenizer, seed, dp_rank
+        # Without random views nothing is drawn: one shared parameter matrix, no generator per sample.
+        self._plain = None if plan.uses_params else sample_params(None, 1, 1, plan)  # type: ignore[arg-type]
 
-    def check(self, item: dict[str, Any] | _Damage, epoch: int, index: int) -> _Checked | str | None:
-        """Every per-sample check and random draw (no tokenisation)."""
+    def _check(self, item: dict[str, Any]) -> tuple[str, tuple[str, ...], tuple[str, ...], int, int] | str | None:
         caption = read_caption(item)
         if not isinstance(caption, tuple):
             return caption
-        caption = caption[0]
         plan = self.plan
         paraphrases: tuple[str, ...] = ()
         negatives: tuple[str, ...] = ()
@@ -104,49 +106,84 @@ class HostPrep:
                 width, height = im.size
         except Exception as e:  # noqa: BLE001 - PIL raises many types for garbage
             return f"undecodable image ({type(e).__name__}: {e})"
-        rng = np.random.default_rng([self.seed, self.dp_rank, epoch, index])
-        text_rng = random.Random(f"eda/{self.seed}/{self.dp_rank}/{epoch}/{index}")
-        return _Checked(
-            params=sample_params(rng, width, height, plan), caption=caption,
-            paraphrases=paraphrases[: plan.paraphrases], negatives=negatives[: plan.negatives],
-            eda=eda(caption, text_rng, plan.eda_config) if plan.eda else None,
-            has_pos=bool(item.get("pos.jpg")) if plan.edits else False,
-            has_neg=bool(item.get("neg.jpg")) if plan.edits else False,
-        )
+        return caption[0], paraphrases[: plan.paraphrases], negatives[: plan.negatives], width, height
 
-    def prepare(self, entries: list[Entry]) -> list[Result]:
-        """One result per entry, in order; the chunk's texts go through the tokeniser once."""
+    def inspect(self, items: list[dict[str, Any]]) -> list[Inspected | str | None]:
+        """One result per sample dict: Inspected, a reason string (counted skip) or None
+        (uncounted drop); the texts of all good samples go through the tokeniser once."""
         plan = self.plan
-        checked = [self.check(item, epoch, index) if item is not None else None for epoch, index, item in entries]
-        good = [c for c in checked if isinstance(c, _Checked)]
+        checked = [self._check(item) for item in items]
         texts: list[str] = []
-        for c in good:
-            texts.append(c.caption)
-            texts += list(c.paraphrases) + [""] * (plan.paraphrases - len(c.paraphrases))
-            texts += list(c.negatives) + [""] * (plan.negatives - len(c.negatives))
-            if plan.eda:
-                texts.append(c.eda or c.caption)
+        for c in checked:
+            if isinstance(c, tuple):
+                caption, paraphrases, negatives, _, _ = c
+                texts.append(caption)
+                texts += list(paraphrases) + [""] * (plan.paraphrases - len(paraphrases))
+                texts += list(negatives) + [""] * (plan.negatives - len(negatives))
         rows = self.tokenizer.encode(texts).numpy() if texts else None  # [texts, L]
         pad = self.tokenizer.pad_id
-        out: list[Result] = []
+        out: list[Inspected | str | None] = []
         r = 0
-        for c in checked:
-            if not isinstance(c, _Checked):
+        for item, c in zip(items, checked):
+            if not isinstance(c, tuple):
                 out.append(c)
                 continue
-            s = HostSample(params=c.params, tokens=rows[r], has_pos=c.has_pos, has_neg=c.has_neg)
+            caption, paraphrases, negatives, width, height = c
+            info = Inspected(caption=caption, width=width, height=height, tokens=rows[r],
+                             has_pos=bool(item.get("pos.jpg")) if plan.edits else False,
+                             has_neg=bool(item.get("neg.jpg")) if plan.edits else False)
             r += 1
-            for name, count, got in (("paraphrases", plan.paraphrases, c.paraphrases),
-                                     ("negatives", plan.negatives, c.negatives)):
+            for name, count, got in (("paraphrases", plan.paraphrases, paraphrases),
+                                     ("negatives", plan.negatives, negatives)):
                 if count:
                     valid = np.arange(count) < len(got)
                     block = rows[r : r + count].copy()
                     block[~valid] = pad
-                    setattr(s, name, block)
-                    setattr(s, "paraphrase_valid" if name == "paraphrases" else "negative_valid", valid)
+                    setattr(info, name, block)
+                    setattr(info, "paraphrase_valid" if name == "paraphrases" else "negative_valid", valid)
                     r += count
-            if plan.eda:
-                s.eda_tokens = rows[r]
-                r += 1
-            out.append(s)
+            out.append(info)
         return out
+
+    def record(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """What a reader worker sends back: each sample dict with its ``inspect`` result under
+        ``HOST`` and without the text files (already parsed and tokenised)."""
+        return [{**{k: v for k, v in item.items() if k not in ("txt", "json")}, HOST: info}
+                for item, info in zip(items, self.inspect(items))]
+
+    def prepare(self, entries: list[Entry]) -> list[Result]:
+        """One result per entry, in order: ``inspect`` where a worker has not yet, then the
+        position-dependent draws; the chunk's EDA copies go through the tokeniser once."""
+        plan = self.plan
+        raw = [item for _, _, item in entries if isinstance(item, dict) and HOST not in item]
+        fresh = iter(self.inspect(raw) if raw else [])
+        infos: list[Inspected | str | None] = []
+        for _, _, item in entries:
+            if item is None:
+                infos.append(None)
+            elif isinstance(item, _Damage):
+                infos.append(item.message)
+            else:
+                infos.append(item[HOST] if HOST in item else next(fresh))
+        out: list[Result] = []
+        eda_texts: list[str] = []
+        for (epoch, index, _), info in zip(entries, infos):
+            if not isinstance(info, Inspected):
+                out.append(info)
+                continue
+            if self._plain is None:
+                rng = np.random.default_rng([self.seed, self.dp_rank, epoch, index])
+                params = sample_params(rng, info.width, info.height, plan)
+            else:
+                params = self._plain
+            if plan.eda:
+                text_rng = random.Random(f"eda/{self.seed}/{self.dp_rank}/{epoch}/{index}")
+                eda_texts.append(eda(info.caption, text_rng, plan.eda_config) or info.caption)
+            out.append(HostSample(info=info, params=params))
+        if eda_texts:
+            rows = iter(self.tokenizer.encode(eda_texts).numpy())
+            for s in out:
+                if isinstance(s, HostSample):
+                    s.eda_tokens = next(rows)
+        return out
+

@@ -1,22 +1,28 @@
-"""Reader worker processes: an ordered, bounded, crash-aware map of ``HostPrep.prepare``.
+"""Reader worker processes: read and inspect whole shards ahead, hand samples back in order.
 
-Why processes with a deterministic split: the host work per sample (JSON, JPEG header,
-random view parameters, EDA, tokenisation) is Python and holds the GIL, so threads do not
-scale it. Chunk c of the position-ordered stream goes to worker ``c % W`` and comes back on
-that worker's own queue; each queue is FIFO, so reading chunk c's answer from queue ``c % W``
-restores the stream order with no reorder buffer, and no result depends on W (each is a pure
-function of its entries). The tar read and the shuffle buffer stay in the loader, sequential,
+Why processes, and why by shard: the host work per sample is Python holding the GIL (threads
+do not scale it), and the largest part of it is parsing the tar itself (tarfile's header
+parsing and checksums: about 80% of the loader thread's time once the rest moved out). So a
+worker takes whole shards: it reads one with ``shards.iter_samples`` (the same reader, so the
+same samples, the same partial last sample and the same damage message), runs
+``HostPrep.record`` on chunks of it (JSON, JPEG header, tokenising) and sends the records back.
+Shard k of the read order goes to worker ``k % W`` and is read back from that worker's own FIFO
+queue, so the loader sees exactly the item sequence a sequential read gives, whatever W is;
+the shuffle buffer and the position-dependent draws (``HostPrep.prepare``) stay in the loader,
 because the buffer's order depends on every item before it.
 
 - Start method: ``forkserver`` (the trainer holds torch / gloo threads, under which ``fork``
   is unsafe) with this module preloaded, so a worker starts in milliseconds instead of
-  re-importing torch; ``spawn`` where forkserver does not exist.
-- Bounded: at most ``inflight`` chunks per worker are outstanding, so a run never reads far
-  ahead (memory) and closing the iterator stops the workers promptly.
-- Worker death (OOM kill, segfault) is not a hang: the loader waits with a timeout and checks
-  ``Process.exitcode``; it raises naming the worker and the shards of the chunks it held. An
-  exception inside a worker comes back as a message with its traceback and is raised the same
-  way. Workers exit by themselves when the loader process is gone.
+  re-importing torch; ``spawn`` where forkserver does not exist. As with any non-fork start
+  method, a script that builds the loader needs an ``if __name__ == "__main__":`` guard.
+- Bounded: at most ``ahead`` shards per worker are requested, and each worker's queue holds
+  at most ``queue_chunks`` chunks, so memory stays bounded whatever the shard size.
+- Worker death (OOM kill, segfault) is not a hang: the loader waits with a timeout, checks
+  ``Process.exitcode`` and raises naming the worker and the shard it was reading; it holds no
+  write end of a worker's result pipe, so a worker killed in the middle of sending a message
+  is an end-of-file, not a read that blocks forever. An exception
+  inside a worker comes back with its traceback and is raised the same way. Workers exit by
+  themselves when the loader process is gone.
 """
 
 from __future__ import annotations
@@ -27,10 +33,11 @@ import queue
 import traceback
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
-from dataloaders.host_prep import Entry, HostPrep, Result
+from dataloaders.host_prep import HostPrep
+from dataloaders.shards import ShardReadError, iter_samples
+from dataloaders.simple_loader import _Damage
 
 __all__ = ["ReaderPool", "ReaderWorkerError"]
 
@@ -41,42 +48,65 @@ class ReaderWorkerError(RuntimeError):
     """A reader worker died or raised; the message names the worker and the shards it held."""
 
 
-@dataclass
-class _Crash:
-    """An exception raised in a worker, sent back instead of a result."""
-
-    text: str
-
-
-def _shards_of(entries: list[Entry]) -> list[str]:
-    out: list[str] = []
-    for _, _, item in entries:
-        if item is None:
-            continue
-        shard = item.shard if not isinstance(item, dict) else item.get("__shard__", "?")
-        if shard not in out:
-            out.append(shard)
-    return out
+def _loader_alive(parent: int) -> bool:
+    """Whether the process that started this worker still runs (under forkserver the OS parent
+    is the fork server, so ``os.getppid`` would not tell)."""
+    proc = mp.parent_process()
+    if proc is not None:
+        return proc.is_alive()
+    try:
+        os.kill(parent, 0)
+    except OSError:
+        return False
+    return True
 
 
-def _worker_main(prep: HostPrep, inbox: Any, outbox: Any, parent: int) -> None:
+def _put(outbox: Any, msg: Any, parent: int) -> bool:
+    """Put with a bounded queue, giving up when the loader process is gone."""
+    while True:
+        try:
+            outbox.put(msg, timeout=1.0)
+            return True
+        except queue.Full:
+            if not _loader_alive(parent):
+                return False
+
+
+def _read(prep: HostPrep, shard: str, chunk_size: int, outbox: Any, parent: int) -> bool:
+    chunk: list[Any] = []
+    try:
+        for item in iter_samples(shard):
+            chunk.append(item)
+            if len(chunk) == chunk_size:
+                if not _put(outbox, ("items", prep.record(chunk)), parent):
+                    return False
+                chunk = []
+    except ShardReadError as e:  # exactly what SimpleLoader._raw does in-process
+        chunk = prep.record(chunk) + [_Damage(shard, str(e))]
+        return _put(outbox, ("items", chunk), parent) and _put(outbox, ("end", None), parent)
+    if chunk and not _put(outbox, ("items", prep.record(chunk)), parent):
+        return False
+    return _put(outbox, ("end", None), parent)
+
+
+def _worker_main(prep: HostPrep, chunk_size: int, inbox: Any, outbox: Any, parent: int) -> None:
     import torch
 
     torch.set_num_threads(1)  # the tokeniser's small tensors; never compete with the trainer
     while True:
         try:
-            msg = inbox.get(timeout=1.0)
+            shard = inbox.get(timeout=1.0)
         except queue.Empty:
-            if os.getppid() != parent:  # the loader process is gone: do not linger
+            if not _loader_alive(parent):  # the loader process is gone: do not linger
                 return
             continue
-        if msg is None:
+        if shard is None:
             return
         try:
-            out: Any = prep.prepare(msg)
+            if not _read(prep, shard, chunk_size, outbox, parent):
+                return
         except BaseException:  # noqa: BLE001 - reported to the loader, which raises it
-            out = _Crash(traceback.format_exc())
-        outbox.put(out)
+            _put(outbox, ("crash", traceback.format_exc()), parent)
 
 
 def _context() -> mp.context.BaseContext:
@@ -88,65 +118,94 @@ def _context() -> mp.context.BaseContext:
 
 
 class ReaderPool:
-    """``W`` worker processes running ``prep.prepare`` on chunks, answers in chunk order."""
+    """``W`` worker processes reading shards ahead; ``read`` yields their items in order."""
 
-    def __init__(self, prep: HostPrep, workers: int, inflight: int = 2, name: str = "reader") -> None:
-        if workers < 1 or inflight < 1:
-            raise ValueError(f"workers and inflight must be >= 1, got {workers}, {inflight}")
+    def __init__(self, prep: HostPrep, workers: int, chunk_size: int = 64, ahead: int = 2,
+                 queue_chunks: int = 8, name: str = "reader") -> None:
+        if workers < 1 or chunk_size < 1 or ahead < 1 or queue_chunks < 1:
+            raise ValueError(f"workers, chunk_size, ahead and queue_chunks must be >= 1, got "
+                             f"{workers}, {chunk_size}, {ahead}, {queue_chunks}")
         ctx = _context()
-        self.inflight = inflight
+        self.ahead = ahead
         self._inbox = [ctx.Queue() for _ in range(workers)]
-        self._outbox = [ctx.Queue() for _ in range(workers)]
+        self._outbox = [ctx.Queue(maxsize=queue_chunks) for _ in range(workers)]
         self._procs = [
-            ctx.Process(target=_worker_main, args=(prep, self._inbox[w], self._outbox[w], os.getpid()),
+            ctx.Process(target=_worker_main, args=(prep, chunk_size, self._inbox[w], self._outbox[w], os.getpid()),
                         name=f"{name}-{w}", daemon=True)
             for w in range(workers)
         ]
-        for p in self._procs:
+        for p, q in zip(self._procs, self._outbox):
             p.start()
+            # Keep no write end of the worker's result pipe here: when the worker dies, even
+            # in the middle of a message, reading gets EOF instead of blocking forever.
+            q._writer.close()  # noqa: SLF001 - the parent never puts to a result queue
+        self._sent = self._received = 0  # shards requested / fully read back, over all calls
+        self._broken = False
 
     @property
     def workers(self) -> int:
         return len(self._procs)
 
-    def _get(self, w: int, held: list[Entry]) -> list[Result]:
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the live workers so far (Linux /proc; 0 elsewhere). Under
+        forkserver the workers are not this process's children, so getrusage misses them."""
+        total = 0.0
+        tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        for p in self._procs:
+            try:
+                with open(f"/proc/{p.pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+            except (OSError, IndexError, ValueError):
+                pass
+        return total
+
+    def _get(self, w: int, shard: str) -> tuple[str, Any]:
         while True:
             try:
-                out = self._outbox[w].get(timeout=_POLL_S)
-            except queue.Empty:
+                kind, payload = self._outbox[w].get(timeout=_POLL_S)
+            except (queue.Empty, EOFError, OSError) as e:
+                closed = not isinstance(e, queue.Empty)  # the pipe closed: the worker is gone
+                if closed:
+                    self._procs[w].join(timeout=5.0)
                 code = self._procs[w].exitcode
-                if code is not None:
+                if code is not None or closed:
                     raise ReaderWorkerError(
                         f"loader reader worker {w} (pid {self._procs[w].pid}) died with exit code {code} "
-                        f"while preparing samples from shard(s) {_shards_of(held)}"
+                        f"while reading shard {shard}"
                     ) from None
                 continue
-            if isinstance(out, _Crash):
-                raise ReaderWorkerError(
-                    f"loader reader worker {w} failed on samples from shard(s) {_shards_of(held)}:\n{out.text}"
-                )
-            return out
+            if kind == "crash":
+                raise ReaderWorkerError(f"loader reader worker {w} failed while reading shard {shard}:\n{payload}")
+            return kind, payload
 
-    def map(self, chunks: Iterator[list[Entry]]) -> Iterator[tuple[list[Entry], list[Result]]]:
-        """(chunk, results) in the order of ``chunks``, computed ahead by the workers."""
-        pending: deque[list[Entry]] = deque()
-        sent = received = 0
-        exhausted = False
+    def read(self, shards: list[str]) -> Iterator[dict[str, Any] | _Damage]:
+        """The items of ``shards`` in order (sample records with ``HOST`` set, and a _Damage
+        after a damaged shard's good samples), as ``iter_samples`` would give them."""
+        if self._broken:
+            raise RuntimeError("ReaderPool.read: an earlier read was abandoned mid-way; build a new pool")
+        self._broken = True  # until this read completes: its replies would be misaligned
+        pending: deque[str] = deque()
+        todo = iter(shards)
         while True:
-            while not exhausted and len(pending) < self.inflight * self.workers:
-                chunk = next(chunks, None)
-                if chunk is None:
-                    exhausted = True
+            while len(pending) < self.ahead * self.workers:
+                shard = next(todo, None)
+                if shard is None:
                     break
-                self._inbox[sent % self.workers].put(chunk)
-                pending.append(chunk)
-                sent += 1
+                self._inbox[self._sent % self.workers].put(shard)
+                self._sent += 1
+                pending.append(shard)
             if not pending:
-                return
-            chunk = pending.popleft()
-            results = self._get(received % self.workers, chunk)
-            received += 1
-            yield chunk, results
+                break
+            shard = pending.popleft()
+            w = self._received % self.workers
+            while True:
+                kind, payload = self._get(w, shard)
+                if kind == "end":
+                    break
+                yield from payload
+            self._received += 1
+        self._broken = False
 
     def close(self) -> None:
         """Stop the workers (queued work is dropped); safe to call twice."""
@@ -158,7 +217,7 @@ class ReaderPool:
                     pass
         for p in self._procs:
             p.join(timeout=0.5)
-            if p.is_alive():  # still busy with queued chunks nobody will read
+            if p.is_alive():  # still busy with queued shards nobody will read
                 p.terminate()
                 p.join(timeout=2.0)
         for q in self._inbox + self._outbox:

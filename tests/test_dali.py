@@ -446,6 +446,9 @@ def test_reader_workers_give_identical_batches_across_epochs_and_resume(two_shar
     ref = [b for _, b in zip(range(7), make(0))]
     for workers in (1, 2, 3):
         _same(ref, [b for _, b in zip(range(7), make(workers))])
+    # fewer shards than DP ranks: every rank reads every shard and keeps every dp_size-th sample
+    few = [loader(two_shards, tok, batch=16, seed=7, dp_rank=1, dp_size=3, reader_workers=w) for w in (0, 2)]
+    _same(*[[b for _, b in zip(range(3), dl)] for dl in few])
     first = make(2)
     it = iter(first)
     for _ in range(3):
@@ -491,16 +494,19 @@ def test_bad_data_skipped_and_counted_alike_with_any_worker_count(two_shards, to
 
 
 class _DyingPrep:
-    """Wraps a HostPrep; ends its worker process (exit code 3) or raises at one key."""
+    """Wraps a HostPrep; its reader worker exits (code 3) or raises on reaching one key."""
 
     def __init__(self, prep, key: str, how: str) -> None:
         self.prep, self.key, self.how = prep, key, how
 
-    def prepare(self, entries):
-        if any(isinstance(item, dict) and item["__key__"] == self.key for _, _, item in entries):
+    def record(self, items):
+        if any(item["__key__"] == self.key for item in items):
             if self.how == "exit":
                 os._exit(3)
             raise ValueError(f"planted failure at {self.key}")
+        return self.prep.record(items)
+
+    def prepare(self, entries):
         return self.prep.prepare(entries)
 
 
