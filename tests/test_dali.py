@@ -418,10 +418,12 @@ def test_training_on_planted_corruption_finishes_and_reports_skips(shapes_data, 
         "data.shuffle_buffer=0", "model.size=debug", "model.vision.image_size=32", "model.vision.patch_size=8",
         "train.steps=3", "train.global_batch_size=32", "train.micro_batch_size=16", "optim.warmup_steps=0",
         f"run.output_dir={tmp_path}", "run.name=bad", "logging.tensorboard=false", "run.log_interval=3",
+        "data.reader_workers=2",  # worker processes under the real trainer (gloo, torch threads)
     ])[0]
     assert out["finished"] and out["step"] == 3
     assert out["metrics"]["data/skipped"] == len(bad)
     assert out["metrics"]["data/samples"] == 96
+    assert 0 <= out["metrics"]["data_wait_fraction"] and "loader_wait_fraction" in out
 
 
 # --------------------------------------------------------------------------- reader workers
