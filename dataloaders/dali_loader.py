@@ -25,6 +25,17 @@ checkpointing, or a Python shard reader feeding ``fn.external_source``; this is 
   the sample is still good); a missing or empty GeCo edit is not bad data (zeros, valid False),
   a corrupt one is (the whole sample is skipped, since its views could not all be built).
 
+Host work in parallel (``reader_workers``, issue #18): next to a GPU the Python host path is
+the ceiling, and profiling it showed ~80% of the loader thread in tarfile's header parsing. So
+with ``reader_workers`` = W > 0, W processes (``dataloaders.reader_pool``) each read whole
+shards (shard k of the read order on worker k % W, read back in that order) and do the
+per-sample work that needs no position (``HostPrep.record``: JSON, JPEG header, tokenising);
+the shuffle buffer and the position-seeded draws (``HostPrep.prepare``) stay here. The items,
+their order and every random number are those of the sequential read, for any W, so resume
+(even under another W) and the TP/PP lockstep hold. DALI's own ``fn.readers.webdataset`` was
+not used for the same reasons as above (no per-sample skip, resume needs DALI checkpointing,
+and the per-position view parameters come from Python anyway).
+
 Decode runs on the GPU (``device="mixed"``: nvJPEG / hardware decoder) when
 ``tulip_mega.parallel.init.use_cuda()`` is true, on the CPU otherwise; image tensors then live
 on that device, token tensors on the host. Text (caption, GeCo paraphrases and negatives, EDA
