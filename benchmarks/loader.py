@@ -16,7 +16,7 @@ sample sets with 0 (in the loader thread), 1 and 2 reader worker processes, all 
 samples/s per rank, samples per CPU-second (loader + workers: the "host rate" that
 ``tulip-mega plan --host-samples-per-core`` takes), and the ratio to the same run's 0-worker figure.
 
-    python benchmarks/loader.py --host-only --samples 4096 --workers 0,1,2
+    python benchmarks/loader.py --host-only --image-size 32 --samples 4096 --samples-per-shard 1024
 """
 
 from __future__ import annotations
@@ -171,13 +171,14 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--samples-per-shard", type=int, default=128)
     ap.add_argument("--host-only", action="store_true", help="time the host path alone (see above)")
     ap.add_argument("--workers", default="0,1,2", help="reader worker counts for --host-only (first = baseline)")
     ap.add_argument("--reader-workers", type=int, default=0, help="reader workers of the DALI loader (end to end)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
-        info = write_shapes_dataset(tmp, num_train=args.samples, num_val=16, samples_per_shard=128,
+        info = write_shapes_dataset(tmp, num_train=args.samples, num_val=16, samples_per_shard=args.samples_per_shard,
                                     image_size=args.image_size)
         tok = Tokenizer(train_tokenizer_from_shards(info["train_spec"], os.path.join(tmp, "tok")), 64)
         plan = ViewPlan(image_size=args.image_size, crops=args.global_crops - 1, local_crops=args.local_crops,

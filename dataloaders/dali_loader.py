@@ -48,6 +48,7 @@ import contextlib
 import io
 import itertools
 import logging
+import os
 import queue
 import threading
 from collections.abc import Iterator
@@ -98,6 +99,40 @@ def _placeholder_jpeg() -> np.ndarray:
     return np.frombuffer(buf.getvalue(), dtype=np.uint8)
 
 
+class _ShardFiles:
+    """Image bytes of a sample, from the sample dict or, where a reader worker sent only
+    ``__offsets__``, read back from its shard with ``os.pread`` (open files kept per shard)."""
+
+    def __init__(self, keep: int = 16) -> None:
+        self.keep = keep
+        self._fds: dict[str, int] = {}
+
+    def get(self, item: dict[str, Any], ext: str) -> Optional[bytes]:
+        data = item.get(ext)
+        if data is not None:
+            return data
+        where = item.get("__offsets__", {}).get(ext)
+        if where is None:
+            return None
+        shard = item["__shard__"]
+        fd = self._fds.get(shard)
+        if fd is None:
+            if len(self._fds) >= self.keep:
+                os.close(self._fds.pop(next(iter(self._fds))))
+            fd = self._fds[shard] = os.open(shard, os.O_RDONLY)
+        offset, size = where
+        data = os.pread(fd, size, offset)
+        if len(data) != size:
+            raise OSError(f"shard {shard} changed while reading: {ext} of {item['__key__']!r} at byte {offset} "
+                          f"has {len(data)} of {size} bytes")
+        return data
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
 def _stack(rows: list[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(np.stack(rows))
 
@@ -141,6 +176,7 @@ class DaliLoader(SimpleLoader):
         self.chunk_size = chunk_size  # samples per unit of host work (and per worker message)
         self.gpu = gpu
         self._pool: Optional[ReaderPool] = None  # reader workers while an iteration runs
+        self._files = _ShardFiles()  # image bytes the workers left in the shard (offsets only)
         self._pipe = None  # built lazily; dropped (rebuilt) after a failed run
         self._rebuilds = 0
 
@@ -195,6 +231,7 @@ class DaliLoader(SimpleLoader):
             if self._pool is not None:
                 self._pool.close()
                 self._pool = None
+            self._files.close()
 
     # ------------------------------------------------------------------ DALI side
 
@@ -317,9 +354,9 @@ class DaliLoader(SimpleLoader):
                 skip(item, result)
                 continue
             pending.append(_Prepared(
-                key=item["__key__"], shard=item["__shard__"], jpg=item["jpg"], host=result,
-                pos=item.get("pos.jpg") if result.info.has_pos else None,
-                neg=item.get("neg.jpg") if result.info.has_neg else None,
+                key=item["__key__"], shard=item["__shard__"], jpg=self._files.get(item, "jpg"), host=result,
+                pos=self._files.get(item, "pos.jpg") if result.info.has_pos else None,
+                neg=self._files.get(item, "neg.jpg") if result.info.has_neg else None,
             ))
             good += 1
             if len(pending) == self.batch_size:

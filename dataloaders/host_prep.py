@@ -33,8 +33,9 @@ from dataloaders.eda import eda
 from dataloaders.simple_loader import _Damage, read_caption
 from dataloaders.tokenizer import Tokenizer
 
-__all__ = ["HOST", "Entry", "HostPrep", "HostSample", "Inspected", "Result"]
+__all__ = ["HOST", "IMAGE_FILES", "Entry", "HostPrep", "HostSample", "Inspected", "Result"]
 
+IMAGE_FILES = ("jpg", "pos.jpg", "neg.jpg")  # the files DALI decodes
 # The key under which a reader worker stores a sample's ``inspect`` result in the sample dict.
 HOST = "__host__"
 # One unit of position-dependent work: (epoch, index in epoch, sample dict or _Damage marker);
@@ -147,9 +148,17 @@ class HostPrep:
 
     def record(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """What a reader worker sends back: each sample dict with its ``inspect`` result under
-        ``HOST`` and without the text files (already parsed and tokenised)."""
-        return [{**{k: v for k, v in item.items() if k not in ("txt", "json")}, HOST: info}
-                for item, info in zip(items, self.inspect(items))]
+        ``HOST``, without the text files (already parsed and tokenised) and, where
+        ``__offsets__`` says where they are (``iter_samples(offsets=True)``), without the image
+        bytes: the loader reads those back with ``read_file`` when it feeds DALI, so a worker's
+        queue holds ~1 KB per sample and can run a whole shard ahead."""
+        drop = {"txt", "json"}
+        out = []
+        for item, info in zip(items, self.inspect(items)):
+            where = item.get("__offsets__", {})
+            gone = drop | {ext for ext in IMAGE_FILES if ext in where}
+            out.append({**{k: v for k, v in item.items() if k not in gone}, HOST: info})
+        return out
 
     def prepare(self, entries: list[Entry]) -> list[Result]:
         """One result per entry, in order: ``inspect`` where a worker has not yet, then the

@@ -16,7 +16,10 @@ because the buffer's order depends on every item before it.
   re-importing torch; ``spawn`` where forkserver does not exist. As with any non-fork start
   method, a script that builds the loader needs an ``if __name__ == "__main__":`` guard.
 - Bounded: at most ``ahead`` shards per worker are requested, and each worker's queue holds
-  at most ``queue_chunks`` chunks, so memory stays bounded whatever the shard size.
+  at most ``queue_chunks`` chunks. A worker must be able to run a whole shard ahead of the
+  loader (which drains shard k from one worker while the next worker reads shard k+1), so
+  records carry the image files' offsets rather than their bytes (~1 KB per sample: 256
+  chunks of 64 is ~16k samples, ~20 MB); compressed shards, which have no offsets, carry bytes.
 - Worker death (OOM kill, segfault) is not a hang: the loader waits with a timeout, checks
   ``Process.exitcode`` and raises naming the worker and the shard it was reading; it holds no
   write end of a worker's result pipe, so a worker killed in the middle of sending a message
@@ -75,7 +78,7 @@ def _put(outbox: Any, msg: Any, parent: int) -> bool:
 def _read(prep: HostPrep, shard: str, chunk_size: int, outbox: Any, parent: int) -> bool:
     chunk: list[Any] = []
     try:
-        for item in iter_samples(shard):
+        for item in iter_samples(shard, offsets=True):
             chunk.append(item)
             if len(chunk) == chunk_size:
                 if not _put(outbox, ("items", prep.record(chunk)), parent):
@@ -121,7 +124,7 @@ class ReaderPool:
     """``W`` worker processes reading shards ahead; ``read`` yields their items in order."""
 
     def __init__(self, prep: HostPrep, workers: int, chunk_size: int = 64, ahead: int = 2,
-                 queue_chunks: int = 8, name: str = "reader") -> None:
+                 queue_chunks: int = 256, name: str = "reader") -> None:
         if workers < 1 or chunk_size < 1 or ahead < 1 or queue_chunks < 1:
             raise ValueError(f"workers, chunk_size, ahead and queue_chunks must be >= 1, got "
                              f"{workers}, {chunk_size}, {ahead}, {queue_chunks}")

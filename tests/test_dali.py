@@ -528,3 +528,13 @@ def test_a_dying_reader_worker_is_a_clear_error_naming_the_shard(two_shards, tok
     message = str(err.value)
     assert two_shards[0] in message  # the shard holding train0000040
     assert ("exit code 3" in message) if how == "exit" else ("planted failure at train0000040" in message)
+
+
+def test_offsets_point_at_the_files_bytes(two_shards) -> None:
+    """Reader workers send offsets instead of image bytes; reading there gives the same bytes."""
+    with open(two_shards[0], "rb") as f:
+        for s in iter_samples(two_shards[0], offsets=True):
+            for ext, (offset, size) in s["__offsets__"].items():
+                f.seek(offset)
+                assert f.read(size) == s[ext], (s["__key__"], ext)
+            assert set(s["__offsets__"]) == {k for k in s if not k.startswith("__")}
