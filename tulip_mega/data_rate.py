@@ -27,8 +27,10 @@ from typing import Optional
 
 __all__ = ["HOST_CORE_SHARE", "HOST_SAMPLES_PER_CORE", "DataRate", "data_rate", "format_data_rate", "sample_set"]
 
-# Samples per CPU-second of the host path, benchmarks/loader.py --host-only (benchmarks/RESULTS.md).
-HOST_SAMPLES_PER_CORE: dict[str, float] = {"siglip": 3500.0, "clip_rocket": 2900.0, "tulip": 1900.0}
+# Samples per CPU-second of the host path with reader workers, measured by
+# `benchmarks/loader.py --host-only --image-size 32 --samples 4096 --samples-per-shard 1024`
+# on 2 cores of a shared cloud VM, 2026-11-30 (benchmarks/RESULTS.md: 5458 / 3468 / 2153, rounded down).
+HOST_SAMPLES_PER_CORE: dict[str, float] = {"siglip": 5400.0, "clip_rocket": 3400.0, "tulip": 2100.0}
 HOST_CORE_SHARE = 0.8  # plan reader workers for this fraction of a core each (headroom for the loader thread)
 
 
