@@ -217,16 +217,29 @@ class DaliLoader(SimpleLoader):
         """Every entry from a position on with its host result, in stream order.
 
         With ``reader_workers`` > 0 a ``ReaderPool`` reads and inspects the shards ahead in
-        that many processes; the shuffle buffer and ``HostPrep.prepare`` (the draws that depend
-        on the position) run here either way, so results do not depend on the worker count.
-        The host-only benchmark times this generator."""
+        that many processes, and once the shuffle buffer here has fixed the positions, its
+        workers also make the position-dependent draws (``HostPrep.draw``) for chunks of them;
+        the values are the same wherever they are computed, so results do not depend on the
+        worker count. The host-only benchmark times this generator."""
         prep = self._host_prep()
         if self.reader_workers:
             self._pool = ReaderPool(prep, self.reader_workers, chunk_size=self.chunk_size,
                                     name=f"dali-reader-dp{self.dp_rank}")
         try:
-            for chunk in self._chunks(self._entries(epoch, consumed)):
-                yield from zip(chunk, prep.prepare(chunk))
+            chunks = self._chunks(self._entries(epoch, consumed))
+            if self._pool is None or not prep.draws_anything:
+                for chunk in chunks:
+                    yield from zip(chunk, prep.prepare(chunk))
+                return
+
+            def requests() -> Iterator[tuple[Any, str, list]]:
+                for chunk in chunks:
+                    infos = prep.infos(chunk)
+                    shard = next((e[2]["__shard__"] for e in chunk if isinstance(e[2], dict)), "?")
+                    yield (chunk, infos), shard, prep.requests(chunk, infos)
+
+            for (chunk, infos), drawn in self._pool.draw(requests()):  # the draws, in the workers
+                yield from zip(chunk, prep.assemble(infos, drawn))
         finally:
             if self._pool is not None:
                 self._pool.close()

@@ -7,9 +7,10 @@ two parts:
   ``key.json`` parse, the JPEG header read (image size, and an early "is this an image"
   check), and the tokenisation of the caption and GeCo texts. Reader workers run it right
   after reading a shard, before the shuffle buffer (``dataloaders.reader_pool``).
-- ``finish`` depends on the sample's position too: its random view parameters and EDA copy,
+- ``draw`` depends on the sample's position too: its random view parameters and EDA copy,
   drawn from generators seeded by (seed, DP rank, epoch, index in epoch), and the EDA copy's
-  tokens. The loader runs it after the shuffle buffer has fixed the position.
+  tokens. It can only run once the shuffle buffer has fixed the position; the loader then
+  runs it itself or hands chunks of positions to the reader workers.
 
 Why: the same two functions run whether or not there are worker processes, so a sample's
 result cannot depend on where it ran or on the worker count. Tokenisation is row-independent
@@ -33,7 +34,7 @@ from dataloaders.eda import eda
 from dataloaders.simple_loader import _Damage, read_caption
 from dataloaders.tokenizer import Tokenizer
 
-__all__ = ["HOST", "IMAGE_FILES", "Entry", "HostPrep", "HostSample", "Inspected", "Result"]
+__all__ = ["HOST", "IMAGE_FILES", "Drawn", "Entry", "HostPrep", "HostSample", "Inspected", "Request", "Result"]
 
 IMAGE_FILES = ("jpg", "pos.jpg", "neg.jpg")  # the files DALI decodes
 # The key under which a reader worker stores a sample's ``inspect`` result in the sample dict.
@@ -70,6 +71,10 @@ class HostSample:
 
 # A HostSample, a reason string (a counted skip) or None (an uncounted drop).
 Result = Union[HostSample, str, None]
+# What ``draw`` needs per good sample: (epoch, index in epoch, width, height, caption) ...
+Request = tuple[int, int, int, int, str]
+# ... and what it gives back: (view parameters [views, len(PARAMS)], EDA tokens [L] or None).
+Drawn = tuple[np.ndarray, Optional[np.ndarray]]
 
 
 def _texts(meta: dict[str, Any], name: str) -> tuple[str, ...]:
@@ -160,39 +165,65 @@ class HostPrep:
             out.append({**{k: v for k, v in item.items() if k not in gone}, HOST: info})
         return out
 
-    def prepare(self, entries: list[Entry]) -> list[Result]:
-        """One result per entry, in order: ``inspect`` where a worker has not yet, then the
-        position-dependent draws; the chunk's EDA copies go through the tokeniser once."""
-        plan = self.plan
+    def infos(self, entries: list[Entry]) -> list[Inspected | str | None]:
+        """``inspect`` results for a chunk: taken from the records a worker made, computed
+        here for raw samples (no workers), the damage message for a _Damage."""
         raw = [item for _, _, item in entries if isinstance(item, dict) and HOST not in item]
         fresh = iter(self.inspect(raw) if raw else [])
-        infos: list[Inspected | str | None] = []
+        out: list[Inspected | str | None] = []
         for _, _, item in entries:
             if item is None:
-                infos.append(None)
+                out.append(None)
             elif isinstance(item, _Damage):
-                infos.append(item.message)
+                out.append(item.message)
             else:
-                infos.append(item[HOST] if HOST in item else next(fresh))
-        out: list[Result] = []
-        eda_texts: list[str] = []
-        for (epoch, index, _), info in zip(entries, infos):
-            if not isinstance(info, Inspected):
-                out.append(info)
-                continue
-            if self._plain is None:
-                rng = np.random.default_rng([self.seed, self.dp_rank, epoch, index])
-                params = sample_params(rng, info.width, info.height, plan)
-            else:
-                params = self._plain
-            if plan.eda:
-                text_rng = random.Random(f"eda/{self.seed}/{self.dp_rank}/{epoch}/{index}")
-                eda_texts.append(eda(info.caption, text_rng, plan.eda_config) or info.caption)
-            out.append(HostSample(info=info, params=params))
-        if eda_texts:
-            rows = iter(self.tokenizer.encode(eda_texts).numpy())
-            for s in out:
-                if isinstance(s, HostSample):
-                    s.eda_tokens = next(rows)
+                out.append(item[HOST] if HOST in item else next(fresh))
         return out
 
+    @property
+    def draws_anything(self) -> bool:
+        """False when no sample draws a random number (plain SigLIP): nothing worth shipping."""
+        return self._plain is None or self.plan.eda
+
+    @staticmethod
+    def requests(entries: list[Entry], infos: list[Inspected | str | None]) -> list[Request]:
+        """What ``draw`` needs for the good samples of a chunk: position, image size, caption."""
+        return [(epoch, index, info.width, info.height, info.caption)
+                for (epoch, index, _), info in zip(entries, infos) if isinstance(info, Inspected)]
+
+    def draw(self, requests: list[Request]) -> list[Drawn]:
+        """The position-dependent draws: view parameters from a generator seeded by (seed, DP
+        rank, epoch, index), the EDA copy from one seeded the same way, and the EDA copies'
+        tokens (one tokeniser call). Runs in the loader or in a reader worker (same values)."""
+        plan = self.plan
+        params: list[np.ndarray] = []
+        eda_texts: list[str] = []
+        for epoch, index, width, height, caption in requests:
+            if self._plain is None:
+                rng = np.random.default_rng([self.seed, self.dp_rank, epoch, index])
+                params.append(sample_params(rng, width, height, plan))
+            else:
+                params.append(self._plain)
+            if plan.eda:
+                text_rng = random.Random(f"eda/{self.seed}/{self.dp_rank}/{epoch}/{index}")
+                eda_texts.append(eda(caption, text_rng, plan.eda_config) or caption)
+        rows = list(self.tokenizer.encode(eda_texts).numpy()) if eda_texts else [None] * len(params)
+        return list(zip(params, rows))
+
+    @staticmethod
+    def assemble(infos: list[Inspected | str | None], drawn: list[Drawn]) -> list[Result]:
+        """One result per entry: a HostSample for each good sample (in order), else its reason."""
+        answers = iter(drawn)
+        out: list[Result] = []
+        for info in infos:
+            if isinstance(info, Inspected):
+                params, eda_tokens = next(answers)
+                out.append(HostSample(info=info, params=params, eda_tokens=eda_tokens))
+            else:
+                out.append(info)
+        return out
+
+    def prepare(self, entries: list[Entry]) -> list[Result]:
+        """One result per entry, in order, all computed here (``infos``, ``draw``, ``assemble``)."""
+        infos = self.infos(entries)
+        return self.assemble(infos, self.draw(self.requests(entries, infos)))

@@ -38,7 +38,7 @@ from collections import deque
 from collections.abc import Iterator
 from typing import Any
 
-from dataloaders.host_prep import HostPrep
+from dataloaders.host_prep import Drawn, HostPrep, Request
 from dataloaders.shards import ShardReadError, iter_samples
 from dataloaders.simple_loader import _Damage
 
@@ -92,10 +92,33 @@ def _read(prep: HostPrep, shard: str, chunk_size: int, outbox: Any, parent: int)
     return _put(outbox, ("end", None), parent)
 
 
-def _worker_main(prep: HostPrep, chunk_size: int, inbox: Any, outbox: Any, parent: int) -> None:
+def _serve_draws(prep: HostPrep, inbox: Any, outbox: Any, parent: int) -> None:
+    """The worker's second thread: position-dependent draws for chunks the loader sends."""
+    while True:
+        try:
+            requests = inbox.get(timeout=1.0)
+        except queue.Empty:
+            if not _loader_alive(parent):
+                return
+            continue
+        if requests is None:
+            return
+        try:
+            answer: Any = ("drawn", prep.draw(requests))
+        except BaseException:  # noqa: BLE001 - reported to the loader, which raises it
+            answer = ("crash", traceback.format_exc())
+        if not _put(outbox, answer, parent):
+            return
+
+
+def _worker_main(prep: HostPrep, chunk_size: int, inbox: Any, outbox: Any, draw_in: Any, draw_out: Any,
+                 parent: int) -> None:
+    import threading
+
     import torch
 
     torch.set_num_threads(1)  # the tokeniser's small tensors; never compete with the trainer
+    threading.Thread(target=_serve_draws, args=(prep, draw_in, draw_out, parent), daemon=True).start()
     while True:
         try:
             shard = inbox.get(timeout=1.0)
@@ -132,16 +155,22 @@ class ReaderPool:
         self.ahead = ahead
         self._inbox = [ctx.Queue() for _ in range(workers)]
         self._outbox = [ctx.Queue(maxsize=queue_chunks) for _ in range(workers)]
+        self._draw_in = [ctx.Queue() for _ in range(workers)]
+        self._draw_out = [ctx.Queue() for _ in range(workers)]  # bounded by the loader's lookahead
         self._procs = [
-            ctx.Process(target=_worker_main, args=(prep, chunk_size, self._inbox[w], self._outbox[w], os.getpid()),
+            ctx.Process(target=_worker_main, args=(prep, chunk_size, self._inbox[w], self._outbox[w], self._draw_in[w],
+                                                   self._draw_out[w], os.getpid()),
                         name=f"{name}-{w}", daemon=True)
             for w in range(workers)
         ]
-        for p, q in zip(self._procs, self._outbox):
+        for w, p in enumerate(self._procs):
             p.start()
-            # Keep no write end of the worker's result pipe here: when the worker dies, even
+            # Keep no write end of the worker's result pipes here: when the worker dies, even
             # in the middle of a message, reading gets EOF instead of blocking forever.
-            q._writer.close()  # noqa: SLF001 - the parent never puts to a result queue
+            for q in (self._outbox[w], self._draw_out[w]):
+                q._writer.close()  # noqa: SLF001 - the parent never puts to a result queue
+        self._reading: list[deque[str]] = [deque() for _ in range(workers)]  # shards each worker holds
+        self._drawn = 0  # draw chunks sent, over all calls (chunk c goes to worker c % W)
         self._sent = self._received = 0  # shards requested / fully read back, over all calls
         self._broken = False
 
@@ -163,23 +192,27 @@ class ReaderPool:
                 pass
         return total
 
-    def _get(self, w: int, shard: str) -> tuple[str, Any]:
+    def _get(self, w: int, shard: str, draws: bool = False) -> tuple[str, Any]:
+        box = self._draw_out[w] if draws else self._outbox[w]
         while True:
             try:
-                kind, payload = self._outbox[w].get(timeout=_POLL_S)
+                kind, payload = box.get(timeout=_POLL_S)
             except (queue.Empty, EOFError, OSError) as e:
                 closed = not isinstance(e, queue.Empty)  # the pipe closed: the worker is gone
                 if closed:
                     self._procs[w].join(timeout=5.0)
                 code = self._procs[w].exitcode
                 if code is not None or closed:
+                    reading = list(self._reading[w])
                     raise ReaderWorkerError(
                         f"loader reader worker {w} (pid {self._procs[w].pid}) died with exit code {code} "
-                        f"while reading shard {shard}"
+                        f"while {'drawing view parameters for samples of' if draws else 'reading'} shard {shard}"
+                        + (f"; it was reading shard(s) {reading}" if draws and reading else "")
                     ) from None
                 continue
             if kind == "crash":
-                raise ReaderWorkerError(f"loader reader worker {w} failed while reading shard {shard}:\n{payload}")
+                what = "drawing view parameters for samples of" if draws else "reading"
+                raise ReaderWorkerError(f"loader reader worker {w} failed while {what} shard {shard}:\n{payload}")
             return kind, payload
 
     def read(self, shards: list[str]) -> Iterator[dict[str, Any] | _Damage]:
@@ -196,6 +229,7 @@ class ReaderPool:
                 if shard is None:
                     break
                 self._inbox[self._sent % self.workers].put(shard)
+                self._reading[self._sent % self.workers].append(shard)
                 self._sent += 1
                 pending.append(shard)
             if not pending:
@@ -207,8 +241,34 @@ class ReaderPool:
                 if kind == "end":
                     break
                 yield from payload
+            self._reading[w].popleft()
             self._received += 1
         self._broken = False
+
+    def draw(self, chunks: Iterator[tuple[Any, str, list[Request]]], inflight: int = 2) -> Iterator[tuple[Any, list[Drawn]]]:
+        """``(tag, shard, requests)`` -> ``(tag, HostPrep.draw(requests))`` in order; chunk c is
+        drawn by worker c % W (its draw thread), up to ``inflight`` chunks per worker ahead.
+        ``shard`` only names the data in an error."""
+        pending: deque[tuple[Any, str]] = deque()
+        exhausted = False
+        sent = received = self._drawn
+        while True:
+            while not exhausted and len(pending) < inflight * self.workers:
+                nxt = next(chunks, None)
+                if nxt is None:
+                    exhausted = True
+                    break
+                tag, shard, requests = nxt
+                self._draw_in[sent % self.workers].put(requests)
+                sent += 1
+                pending.append((tag, shard))
+            if not pending:
+                return
+            tag, shard = pending.popleft()
+            _, drawn = self._get(received % self.workers, shard, draws=True)
+            received += 1
+            self._drawn = received
+            yield tag, drawn
 
     def close(self) -> None:
         """Stop the workers (queued work is dropped); safe to call twice."""
@@ -216,6 +276,7 @@ class ReaderPool:
             if p.is_alive():
                 try:
                     self._inbox[w].put(None)
+                    self._draw_in[w].put(None)
                 except (OSError, ValueError):
                     pass
         for p in self._procs:
@@ -223,6 +284,6 @@ class ReaderPool:
             if p.is_alive():  # still busy with queued shards nobody will read
                 p.terminate()
                 p.join(timeout=2.0)
-        for q in self._inbox + self._outbox:
+        for q in self._inbox + self._outbox + self._draw_in + self._draw_out:
             q.cancel_join_thread()
             q.close()

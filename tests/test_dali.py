@@ -508,8 +508,15 @@ class _DyingPrep:
             raise ValueError(f"planted failure at {self.key}")
         return self.prep.record(items)
 
-    def prepare(self, entries):
-        return self.prep.prepare(entries)
+    def draw(self, requests):
+        if self.how == "draw" and any(index == 40 for _, index, *_ in requests):
+            raise ValueError("planted failure in draw")
+        return self.prep.draw(requests)
+
+    def __getattr__(self, name):  # everything else: the real HostPrep
+        if name == "prep":
+            raise AttributeError(name)
+        return getattr(self.prep, name)
 
 
 class _DyingLoader(DaliLoader):
@@ -517,7 +524,7 @@ class _DyingLoader(DaliLoader):
         return _DyingPrep(super()._host_prep(), "train0000040", self.how)
 
 
-@pytest.mark.parametrize("how", ["exit", "raise"])
+@pytest.mark.parametrize("how", ["exit", "raise", "draw"])
 def test_a_dying_reader_worker_is_a_clear_error_naming_the_shard(two_shards, tok, how) -> None:
     from dataloaders.reader_pool import ReaderWorkerError
 
@@ -526,8 +533,11 @@ def test_a_dying_reader_worker_is_a_clear_error_naming_the_shard(two_shards, tok
     with pytest.raises(ReaderWorkerError) as err:
         list(zip(range(20), dl))
     message = str(err.value)
-    assert two_shards[0] in message  # the shard holding train0000040
-    assert ("exit code 3" in message) if how == "exit" else ("planted failure at train0000040" in message)
+    # the shard holding key train0000040 (exit, raise) or position 40 of epoch 0 (draw; no shuffle)
+    assert (dl.epoch_shards(0)[0] if how == "draw" else two_shards[0]) in message
+    expected = {"exit": "exit code 3", "raise": "planted failure at train0000040",
+                "draw": "drawing view parameters"}[how]
+    assert expected in message
 
 
 def test_offsets_point_at_the_files_bytes(two_shards) -> None:
