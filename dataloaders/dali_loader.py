@@ -217,8 +217,8 @@ class DaliLoader(SimpleLoader):
         """Every entry from a position on with its host result, in stream order.
 
         With ``reader_workers`` > 0 a ``ReaderPool`` reads and inspects the shards ahead in
-        that many processes, and once the shuffle buffer here has fixed the positions, its
-        workers also make the position-dependent draws (``HostPrep.draw``) for chunks of them;
+        that many processes, and once the shuffle buffer here has fixed the positions, two or
+        more workers also make the position-dependent draws (``HostPrep.draw``) for chunks of them;
         the values are the same wherever they are computed, so results do not depend on the
         worker count. The host-only benchmark times this generator."""
         prep = self._host_prep()
@@ -227,7 +227,10 @@ class DaliLoader(SimpleLoader):
                                     name=f"dali-reader-dp{self.dp_rank}")
         try:
             chunks = self._chunks(self._entries(epoch, consumed))
-            if self._pool is None or not prep.draws_anything:
+            # One worker reading and drawing is slower than the worker reading while this thread
+            # draws (clip-rocket set: ~2,400 vs ~4,900 samples/s, benchmarks/RESULTS.md): a
+            # worker's reader and draw threads share one GIL. From 2 workers on, they draw.
+            if self._pool is None or not prep.draws_anything or self._pool.workers < 2:
                 for chunk in chunks:
                     yield from zip(chunk, prep.prepare(chunk))
                 return
