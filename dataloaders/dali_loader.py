@@ -30,9 +30,10 @@ the ceiling, and profiling it showed ~80% of the loader thread in tarfile's head
 with ``reader_workers`` = W > 0, W processes (``dataloaders.reader_pool``) each read whole
 shards (shard k of the read order on worker k % W, read back in that order) and do the
 per-sample work that needs no position (``HostPrep.record``: JSON, JPEG header, tokenising);
-the shuffle buffer and the position-seeded draws (``HostPrep.prepare``) stay here. The items,
-their order and every random number are those of the sequential read, for any W, so resume
-(even under another W) and the TP/PP lockstep hold. DALI's own ``fn.readers.webdataset`` was
+the shuffle buffer stays here, and from 2 workers on the position-seeded draws
+(``HostPrep.draw``) go back to the workers in chunks of positions. The items, their order and
+every random number are those of the sequential read, for any W, so resume (even under
+another W) and the TP/PP lockstep hold. DALI's own ``fn.readers.webdataset`` was
 not used for the same reasons as above (no per-sample skip, resume needs DALI checkpointing,
 and the per-position view parameters come from Python anyway).
 

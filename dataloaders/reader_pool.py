@@ -7,9 +7,10 @@ worker takes whole shards: it reads one with ``shards.iter_samples`` (the same r
 same samples, the same partial last sample and the same damage message), runs
 ``HostPrep.record`` on chunks of it (JSON, JPEG header, tokenising) and sends the records back.
 Shard k of the read order goes to worker ``k % W`` and is read back from that worker's own FIFO
-queue, so the loader sees exactly the item sequence a sequential read gives, whatever W is;
-the shuffle buffer and the position-dependent draws (``HostPrep.prepare``) stay in the loader,
-because the buffer's order depends on every item before it.
+queue, so the loader sees exactly the item sequence a sequential read gives, whatever W is.
+The shuffle buffer stays in the loader (its order depends on every item before it); once it
+has fixed the positions, ``draw`` hands chunks of them back to the workers (chunk c to worker
+c % W, a second thread in each worker) for the position-seeded view parameters and EDA copies.
 
 - Start method: ``forkserver`` (the trainer holds torch / gloo threads, under which ``fork``
   is unsafe) with this module preloaded, so a worker starts in milliseconds instead of
