@@ -9,13 +9,23 @@ in memory (a conservative comparison). Printed as a ratio; on a GPU machine (use
 DALI loader decodes with device="mixed" and a second line reports it.
 
     python benchmarks/loader.py --image-size 224 --samples 512 --threads 2
+
+``--host-only`` times the DALI loader's host path alone (tar read, shuffle, JSON, JPEG header,
+view parameters, EDA, tokenising; no decode) for the plain SigLIP, clip-rocket and full TULIP
+sample sets with 0 (in the loader thread), 1 and 2 reader worker processes, all in one run:
+samples/s per rank, samples per CPU-second (loader + workers: the "host rate" that
+``tulip-mega plan --host-samples-per-core`` takes), and the ratio to the same run's 0-worker figure.
+
+    python benchmarks/loader.py --host-only --image-size 32 --samples 4096 --samples-per-shard 1024
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -72,9 +82,11 @@ class PilViews(torch.utils.data.Dataset):
         img = Image.open(io.BytesIO(s["jpg"])).convert("RGB")
         S = p.image_size
         out = {"images": self._tensor(img.resize((S, S), Image.Resampling.BILINEAR))}
-        out["crops"] = torch.stack([self._aug(img, rng, S, p.global_scale) for _ in range(p.crops)])
-        out["local_crops"] = torch.stack([self._aug(img, rng, p.local_size, p.local_scale)
-                                          for _ in range(p.local_crops)])
+        if p.crops:  # torch.stack refuses an empty list (--global-crops 1 / --local-crops 0)
+            out["crops"] = torch.stack([self._aug(img, rng, S, p.global_scale) for _ in range(p.crops)])
+        if p.local_crops:
+            out["local_crops"] = torch.stack([self._aug(img, rng, p.local_size, p.local_scale)
+                                              for _ in range(p.local_crops)])
         edits = [Image.open(io.BytesIO(s[k])).convert("RGB").resize((S, S), Image.Resampling.BILINEAR)
                  for k in ("pos.jpg", "neg.jpg")]
         out["edits"] = torch.stack([self._tensor(e) for e in edits])
@@ -99,6 +111,55 @@ def measure(make, batches: int, batch_size: int, warmup: int) -> float:
     return ips
 
 
+SAMPLE_SETS = {  # what each recipe family asks of the host per sample (shapes set, 32 px)
+    "siglip": dict(),
+    "clip_rocket": dict(crops=1, first_view_crop=True, eda=True),
+    "tulip": dict(crops=1, local_crops=8, local_size=16, edits=True, paraphrases=2, negatives=2),
+}
+
+
+def _cpu_seconds(dl: DaliLoader) -> float:
+    """CPU time of this process plus its reader workers (not its children under forkserver)."""
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    return me.ru_utime + me.ru_stime + (dl._pool.cpu_seconds() if dl._pool is not None else 0.0)
+
+
+def host_rate(shards: list[str], tok: Tokenizer, plan: ViewPlan, workers: int, samples: int,
+              batch_size: int) -> tuple[float, float]:
+    """(samples/s, samples per CPU-second) of ``DaliLoader.host_stream``: every host result,
+    no decode. Timed from the first result on (worker start-up excluded); CPU time is this
+    process's plus the workers'."""
+    dl = DaliLoader(shards, batch_size, plan, tok, gpu=False, shuffle_buffer=256, reader_workers=workers)
+    stream = dl.host_stream()
+    next(stream)
+    cpu, t = _cpu_seconds(dl), time.perf_counter()
+    n = sum(1 for (_, _, item), _ in itertools.islice(stream, samples) if item is not None)
+    wall = time.perf_counter() - t
+    used = _cpu_seconds(dl) - cpu
+    stream.close()
+    return n / wall, n / used
+
+
+def host_only(args: argparse.Namespace, shards: list[str], tok: Tokenizer) -> None:
+    workers = [int(w) for w in args.workers.split(",")]
+    load = os.getloadavg()
+    print(f"host path only (no decode), {args.samples} samples per figure, best of {args.rounds}; "
+          f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; {os.cpu_count()} CPUs")
+    print(f"{'sample set':<12} {'workers':>7} {'samples/s':>10} {'per CPU-s':>10} {'vs 0 workers':>13}")
+    for name, extra in SAMPLE_SETS.items():
+        plan = ViewPlan(image_size=args.image_size, **extra)
+        best: dict[int, tuple[float, float]] = {}
+        for _ in range(args.rounds):  # alternate the worker counts: load hits them alike
+            for w in workers:
+                rate, per_cpu = host_rate(shards, tok, plan, w, args.samples, args.batch_size)
+                if rate > best.get(w, (0.0, 0.0))[0]:
+                    best[w] = (rate, per_cpu)
+        base = best[workers[0]][0]
+        for w in workers:
+            rate, per_cpu = best[w]
+            print(f"{name:<12} {w:>7} {rate:>10.0f} {per_cpu:>10.0f} {rate / base:>12.2f}x")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--image-size", type=int, default=224)
@@ -110,16 +171,24 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--samples-per-shard", type=int, default=128)
+    ap.add_argument("--host-only", action="store_true", help="time the host path alone (see above)")
+    ap.add_argument("--workers", default="0,1,2", help="reader worker counts for --host-only (first = baseline)")
+    ap.add_argument("--reader-workers", type=int, default=0, help="reader workers of the DALI loader (end to end)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
-        info = write_shapes_dataset(tmp, num_train=args.samples, num_val=16, samples_per_shard=128,
+        info = write_shapes_dataset(tmp, num_train=args.samples, num_val=16, samples_per_shard=args.samples_per_shard,
                                     image_size=args.image_size)
         tok = Tokenizer(train_tokenizer_from_shards(info["train_spec"], os.path.join(tmp, "tok")), 64)
         plan = ViewPlan(image_size=args.image_size, crops=args.global_crops - 1, local_crops=args.local_crops,
                         local_size=args.local_size, edits=True, global_scale=(0.4, 1.0))
         shards = expand_shards(info["train_spec"])
-        dali_loader = DaliLoader(shards, args.batch_size, plan, tok, gpu=False, threads=args.threads, shuffle_buffer=64)
+        if args.host_only:
+            host_only(args, shards, tok)
+            return
+        dali_loader = DaliLoader(shards, args.batch_size, plan, tok, gpu=False, threads=args.threads, shuffle_buffer=64,
+                                 reader_workers=args.reader_workers)
         samples = [s for sh in shards for s in iter_samples(sh)]
         dl = torch.utils.data.DataLoader(PilViews(samples, plan), batch_size=args.batch_size, shuffle=True,
                                          num_workers=args.threads, drop_last=True)
@@ -135,7 +204,8 @@ def main() -> None:
             dali_ips = max(dali_ips, measure(dali, args.batches, args.batch_size, args.threads + 1))
             pil_ips = max(pil_ips, measure(pil, args.batches, args.batch_size, args.threads + 1))
         views = f"{args.global_crops} global @{args.image_size} + {args.local_crops} local @{args.local_size} + 2 edits"
-        print(f"views: {views}; batch {args.batch_size}; {args.threads} CPU threads each")
+        print(f"views: {views}; batch {args.batch_size}; {args.threads} CPU threads each; "
+              f"DALI reader workers {args.reader_workers}; load average {os.getloadavg()[0]:.2f}")
         print(f"DALI (cpu decode): {dali_ips:8.1f} img/s")
         print(f"PIL + DataLoader : {pil_ips:8.1f} img/s")
         print(f"ratio DALI / PIL : {dali_ips / pil_ips:8.2f}x")

@@ -25,6 +25,18 @@ checkpointing, or a Python shard reader feeding ``fn.external_source``; this is 
   the sample is still good); a missing or empty GeCo edit is not bad data (zeros, valid False),
   a corrupt one is (the whole sample is skipped, since its views could not all be built).
 
+Host work in parallel (``reader_workers``, issue #18): next to a GPU the Python host path is
+the ceiling, and profiling it showed ~80% of the loader thread in tarfile's header parsing. So
+with ``reader_workers`` = W > 0, W processes (``dataloaders.reader_pool``) each read whole
+shards (shard k of the read order on worker k % W, read back in that order) and do the
+per-sample work that needs no position (``HostPrep.record``: JSON, JPEG header, tokenising);
+the shuffle buffer stays here, and from 2 workers on the position-seeded draws
+(``HostPrep.draw``) go back to the workers in chunks of positions. The items, their order and
+every random number are those of the sequential read, for any W, so resume (even under
+another W) and the TP/PP lockstep hold. DALI's own ``fn.readers.webdataset`` was
+not used for the same reasons as above (no per-sample skip, resume needs DALI checkpointing,
+and the per-position view parameters come from Python anyway).
+
 Decode runs on the GPU (``device="mixed"``: nvJPEG / hardware decoder) when
 ``tulip_mega.parallel.init.use_cuda()`` is true, on the CPU otherwise; image tensors then live
 on that device, token tensors on the host. Text (caption, GeCo paraphrases and negatives, EDA
@@ -33,11 +45,12 @@ copy) is tokenised on the host to ``tokenizer.context_length``.
 
 from __future__ import annotations
 
+import contextlib
 import io
-import json
+import itertools
 import logging
+import os
 import queue
-import random
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -49,9 +62,10 @@ import torch
 from PIL import Image
 
 from dataloaders.base import Batch
-from dataloaders.dali_pipeline import ViewPlan, build_pipeline, sample_params, to_torch
-from dataloaders.eda import eda
-from dataloaders.simple_loader import SimpleLoader, _Damage, read_caption
+from dataloaders.dali_pipeline import ViewPlan, build_pipeline, to_torch
+from dataloaders.host_prep import Entry, HostPrep, HostSample, Result
+from dataloaders.reader_pool import ReaderPool
+from dataloaders.simple_loader import SimpleLoader, _Damage
 from dataloaders.tokenizer import Tokenizer
 
 __all__ = ["DaliLoader"]
@@ -61,18 +75,14 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class _Prepared:
-    """A sample that passed the host-side checks, with all its random choices made."""
+    """A sample that passed the host-side checks: its bytes (kept by the reader) + host results."""
 
     key: str
     shard: str
     jpg: bytes
-    caption: str
-    params: np.ndarray  # [views, len(PARAMS)]
+    host: HostSample
     pos: Optional[bytes] = None
     neg: Optional[bytes] = None
-    paraphrases: tuple[str, ...] = ()
-    negatives: tuple[str, ...] = ()
-    eda: Optional[str] = None
 
 
 @dataclass
@@ -90,11 +100,42 @@ def _placeholder_jpeg() -> np.ndarray:
     return np.frombuffer(buf.getvalue(), dtype=np.uint8)
 
 
-def _texts(meta: dict[str, Any], name: str) -> tuple[str, ...]:
-    value = meta.get(name, [])
-    if not isinstance(value, list) or not all(isinstance(t, str) for t in value):
-        raise ValueError(f"json field {name!r} must be a list of strings, got {type(value).__name__}")
-    return tuple(t for t in value if t.strip())
+class _ShardFiles:
+    """Image bytes of a sample, from the sample dict or, where a reader worker sent only
+    ``__offsets__``, read back from its shard with ``os.pread`` (open files kept per shard)."""
+
+    def __init__(self, keep: int = 16) -> None:
+        self.keep = keep
+        self._fds: dict[str, int] = {}
+
+    def get(self, item: dict[str, Any], ext: str) -> Optional[bytes]:
+        data = item.get(ext)
+        if data is not None:
+            return data
+        where = item.get("__offsets__", {}).get(ext)
+        if where is None:
+            return None
+        shard = item["__shard__"]
+        fd = self._fds.get(shard)
+        if fd is None:
+            if len(self._fds) >= self.keep:
+                os.close(self._fds.pop(next(iter(self._fds))))
+            fd = self._fds[shard] = os.open(shard, os.O_RDONLY)
+        offset, size = where
+        data = os.pread(fd, size, offset)
+        if len(data) != size:
+            raise OSError(f"shard {shard} changed while reading: {ext} of {item['__key__']!r} at byte {offset} "
+                          f"has {len(data)} of {size} bytes")
+        return data
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+def _stack(rows: list[np.ndarray]) -> torch.Tensor:
+    return torch.from_numpy(np.stack(rows))
 
 
 class DaliLoader(SimpleLoader):
@@ -114,11 +155,14 @@ class DaliLoader(SimpleLoader):
         threads: int = 2,
         gpu: bool | None = None,
         prefetch: int = 1,
+        reader_workers: int = 0,
+        chunk_size: int = 64,
     ) -> None:
         super().__init__(shards, batch_size, plan.image_size, tokenizer, dp_rank, dp_size, seed,
                          shuffle_buffer, num_epochs)
-        if threads < 1 or prefetch < 0:
-            raise ValueError(f"threads must be >= 1 and prefetch >= 0, got {threads}, {prefetch}")
+        if threads < 1 or prefetch < 0 or reader_workers < 0 or chunk_size < 1:
+            raise ValueError(f"threads and chunk_size must be >= 1, prefetch and reader_workers >= 0, got "
+                             f"{threads}, {chunk_size}, {prefetch}, {reader_workers}")
         if gpu is None:
             from tulip_mega.parallel.init import use_cuda
 
@@ -129,47 +173,82 @@ class DaliLoader(SimpleLoader):
         self.device_id = torch.cuda.current_device() if gpu else None
         self.threads = threads
         self.prefetch = prefetch
+        self.reader_workers = reader_workers  # processes for the host work; 0 = in the loader's thread
+        self.chunk_size = chunk_size  # samples per unit of host work (and per worker message)
         self.gpu = gpu
+        self._pool: Optional[ReaderPool] = None  # reader workers while an iteration runs
+        self._files = _ShardFiles()  # image bytes the workers left in the shard (offsets only)
         self._pipe = None  # built lazily; dropped (rebuilt) after a failed run
         self._rebuilds = 0
 
     # ------------------------------------------------------------------ host side
 
-    def _rng_seed(self, epoch: int, index: int) -> list[int]:
-        return [self.seed, self.dp_rank, epoch, index]
+    def _entries(self, epoch: int, consumed: int) -> Iterator[Entry]:
+        """(epoch, index, item) from a position on, sequentially: tar read + shuffle buffer.
 
-    def _prepare(self, item: dict[str, Any] | _Damage, epoch: int, index: int) -> _Prepared | str | None:
-        """A prepared sample, a reason string (counted skip) or None (uncounted drop)."""
-        caption = read_caption(item)
-        if not isinstance(caption, tuple):
-            return caption
-        caption = caption[0]
-        plan = self.plan
-        paraphrases: tuple[str, ...] = ()
-        negatives: tuple[str, ...] = ()
-        if plan.needs_json and "json" in item:
-            try:
-                meta = json.loads(item["json"].decode("utf-8"))
-                if not isinstance(meta, dict):
-                    raise ValueError(f"expected a JSON object, got {type(meta).__name__}")
-                paraphrases, negatives = _texts(meta, "paraphrases"), _texts(meta, "negatives")
-            except (UnicodeDecodeError, ValueError) as e:
-                return f"malformed json ({e})"
-        try:  # header only: the size for the crop windows, and an early check that it is an image
-            with Image.open(io.BytesIO(item["jpg"])) as im:
-                width, height = im.size
-        except Exception as e:  # noqa: BLE001 - PIL raises many types for garbage
-            return f"undecodable image ({type(e).__name__}: {e})"
-        rng = np.random.default_rng(self._rng_seed(epoch, index))
-        text_rng = random.Random(f"eda/{self.seed}/{self.dp_rank}/{epoch}/{index}")
-        return _Prepared(
-            key=item["__key__"], shard=item["__shard__"], jpg=item["jpg"], caption=caption,
-            params=sample_params(rng, width, height, plan),
-            pos=(item.get("pos.jpg") or None) if plan.edits else None,  # empty file = missing edit
-            neg=(item.get("neg.jpg") or None) if plan.edits else None,
-            paraphrases=paraphrases[: plan.paraphrases], negatives=negatives[: plan.negatives],
-            eda=eda(caption, text_rng, plan.eda_config) if plan.eda else None,
-        )
+        An epoch's end is the entry (epoch, -1, None). This part stays in the loader's thread:
+        the shuffle buffer's order depends on every item read before."""
+        while self.num_epochs is None or epoch < self.num_epochs:
+            stream = self._stream(epoch)
+            for _ in range(consumed):  # replay without decoding
+                if next(stream, None) is None:
+                    break
+            for item in stream:
+                yield epoch, consumed, item
+                consumed += 1
+            yield epoch, -1, None
+            epoch, consumed = epoch + 1, 0
+
+    def _chunks(self, entries: Iterator[Entry]) -> Iterator[list[Entry]]:
+        while True:
+            chunk = list(itertools.islice(entries, self.chunk_size))
+            if not chunk:
+                return
+            yield chunk
+
+    def _host_prep(self) -> HostPrep:
+        return HostPrep(self.plan, self.tokenizer, self.seed, self.dp_rank)
+
+    def _read_shards(self, shards: list[str]) -> Iterator[dict[str, Any] | _Damage]:
+        if self._pool is None:  # no reader workers: read here, inspect later in prepare()
+            return super()._read_shards(shards)
+        return self._pool.read(shards)
+
+    def host_stream(self, epoch: int = 0, consumed: int = 0) -> Iterator[tuple[Entry, Result]]:
+        """Every entry from a position on with its host result, in stream order.
+
+        With ``reader_workers`` > 0 a ``ReaderPool`` reads and inspects the shards ahead in
+        that many processes, and once the shuffle buffer here has fixed the positions, two or
+        more workers also make the position-dependent draws (``HostPrep.draw``) for chunks of them;
+        the values are the same wherever they are computed, so results do not depend on the
+        worker count. The host-only benchmark times this generator."""
+        prep = self._host_prep()
+        if self.reader_workers:
+            self._pool = ReaderPool(prep, self.reader_workers, chunk_size=self.chunk_size,
+                                    name=f"dali-reader-dp{self.dp_rank}")
+        try:
+            chunks = self._chunks(self._entries(epoch, consumed))
+            # One worker reading and drawing is slower than the worker reading while this thread
+            # draws (clip-rocket set: ~2,400 vs ~4,900 samples/s, benchmarks/RESULTS.md): a
+            # worker's reader and draw threads share one GIL. From 2 workers on, they draw.
+            if self._pool is None or not prep.draws_anything or self._pool.workers < 2:
+                for chunk in chunks:
+                    yield from zip(chunk, prep.prepare(chunk))
+                return
+
+            def requests() -> Iterator[tuple[Any, str, list]]:
+                for chunk in chunks:
+                    infos = prep.infos(chunk)
+                    shard = next((e[2]["__shard__"] for e in chunk if isinstance(e[2], dict)), "?")
+                    yield (chunk, infos), shard, prep.requests(chunk, infos)
+
+            for (chunk, infos), drawn in self._pool.draw(requests()):  # the draws, in the workers
+                yield from zip(chunk, prep.assemble(infos, drawn))
+        finally:
+            if self._pool is not None:
+                self._pool.close()
+                self._pool = None
+            self._files.close()
 
     # ------------------------------------------------------------------ DALI side
 
@@ -181,7 +260,7 @@ class DaliLoader(SimpleLoader):
         pipe = self._pipe
         pipe.feed_input("jpg", [np.frombuffer(s.jpg, dtype=np.uint8) for s in samples])
         if self.plan.uses_params:
-            pipe.feed_input("params", [s.params for s in samples])
+            pipe.feed_input("params", [s.host.params for s in samples])
         if self.plan.edits:
             for name in ("pos", "neg"):
                 data = [getattr(s, name) for s in samples]
@@ -214,28 +293,27 @@ class DaliLoader(SimpleLoader):
             return None, bad
 
     def _collate(self, samples: list[_Prepared], outs: list[torch.Tensor]) -> Batch:  # type: ignore[override]
-        plan, tok = self.plan, self.tokenizer
-        B = len(samples)
-        batch = Batch(images=outs[0], tokens=tok.encode([s.caption for s in samples]), keys=[s.key for s in samples])
+        plan = self.plan
+        hosts = [s.host.info for s in samples]
+        batch = Batch(images=outs[0], tokens=_stack([h.tokens for h in hosts]), keys=[s.key for s in samples])
         rest = iter(outs[1:])
         if plan.crops:
             batch.crops = next(rest)  # [B, G-1, 3, H, W]
         if plan.local_crops:
             batch.local_crops = next(rest)  # [B, n, 3, h, w]
         if plan.edits:
-            valid = torch.tensor([[s.pos is not None, s.neg is not None] for s in samples], dtype=torch.bool)
+            valid = torch.tensor([[h.has_pos, h.has_neg] for h in hosts], dtype=torch.bool)
             edits = next(rest)  # [B, 2, 3, H, W]; a placeholder was decoded where an edit is missing
             edits[~valid.to(edits.device)] = 0.0
             batch.edits, batch.edit_valid = edits, valid
-        for name, count in (("paraphrases", plan.paraphrases), ("negatives", plan.negatives)):
-            if count:
-                texts = [list(getattr(s, name)) + [""] * (count - len(getattr(s, name))) for s in samples]
-                tokens = tok.encode([t for row in texts for t in row]).view(B, count, -1)  # [B, P, L]
-                valid = torch.tensor([[j < len(getattr(s, name)) for j in range(count)] for s in samples])
-                setattr(batch, name, tokens.masked_fill(~valid[:, :, None], tok.pad_id))
-                setattr(batch, "paraphrase_valid" if name == "paraphrases" else "negative_valid", valid)
+        if plan.paraphrases:
+            batch.paraphrases = _stack([h.paraphrases for h in hosts])  # [B, P, L]
+            batch.paraphrase_valid = _stack([h.paraphrase_valid for h in hosts])
+        if plan.negatives:
+            batch.negatives = _stack([h.negatives for h in hosts])  # [B, N, L]
+            batch.negative_valid = _stack([h.negative_valid for h in hosts])
         if plan.eda:
-            batch.eda_tokens = tok.encode([s.eda or s.caption for s in samples])
+            batch.eda_tokens = _stack([s.host.eda_tokens for s in samples])
         return batch
 
     # ------------------------------------------------------------------ iteration
@@ -275,35 +353,34 @@ class DaliLoader(SimpleLoader):
             pending = []
             return batch
 
-        while self.num_epochs is None or epoch < self.num_epochs:
-            stream = self._stream(epoch)
-            resumed = consumed > 0
-            for _ in range(consumed):  # replay without decoding
-                if next(stream, None) is None:
-                    break
-            good = 0
-            for item in stream:
-                consumed += 1
-                result = self._prepare(item, epoch, consumed - 1)
-                if result is None:
-                    continue
-                if isinstance(result, str):
-                    skip(item, result)
-                    continue
-                pending.append(result)
-                good += 1
-                if len(pending) == self.batch_size:
-                    batch = flush()
-                    if batch is not None:
-                        samples += len(batch)
-                        yield batch, (epoch, consumed, samples, skipped)
-            if good == 0 and not resumed:
-                raise RuntimeError(
-                    f"dp rank {self.dp_rank}/{self.dp_size}: epoch {epoch} produced no usable samples "
-                    f"from shards {self.epoch_shards(epoch)[:4]}... ({skipped} skipped so far); "
-                    f"check the data (and that there are at least dp_size samples)"
-                )
-            epoch, consumed = epoch + 1, 0
+        resumed, good = consumed > 0, 0
+        for (ep, index, item), result in self.host_stream(epoch, consumed):
+            if item is None:  # the end of epoch ep
+                if good == 0 and not resumed:
+                    raise RuntimeError(
+                        f"dp rank {self.dp_rank}/{self.dp_size}: epoch {ep} produced no usable samples "
+                        f"from shards {self.epoch_shards(ep)[:4]}... ({skipped} skipped so far); "
+                        f"check the data (and that there are at least dp_size samples)"
+                    )
+                epoch, consumed, resumed, good = ep + 1, 0, False, 0
+                continue
+            consumed = index + 1
+            if result is None:
+                continue
+            if isinstance(result, str):
+                skip(item, result)
+                continue
+            pending.append(_Prepared(
+                key=item["__key__"], shard=item["__shard__"], jpg=self._files.get(item, "jpg"), host=result,
+                pos=self._files.get(item, "pos.jpg") if result.info.has_pos else None,
+                neg=self._files.get(item, "neg.jpg") if result.info.has_neg else None,
+            ))
+            good += 1
+            if len(pending) == self.batch_size:
+                batch = flush()
+                if batch is not None:
+                    samples += len(batch)
+                    yield batch, (epoch, consumed, samples, skipped)
         while pending:  # finite runs: the short last batch (after dropping any bad samples)
             batch = flush()
             if batch is not None:
@@ -322,10 +399,11 @@ class DaliLoader(SimpleLoader):
         positions are identical to the synchronous path, which ``prefetch=0`` runs.
         """
         if self.prefetch == 0:
-            for batch, position in self._produce():
-                self._commit(position)
-                if batch is not None:
-                    yield batch
+            with contextlib.closing(self._produce()) as produced:  # closing stops the reader workers
+                for batch, position in produced:
+                    self._commit(position)
+                    if batch is not None:
+                        yield batch
             return
         q: queue.Queue = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
@@ -343,9 +421,10 @@ class DaliLoader(SimpleLoader):
             if self.gpu:
                 torch.cuda.set_device(self.device_id)
             try:
-                for item in self._produce():
-                    if not put(item):
-                        return
+                with contextlib.closing(self._produce()) as produced:  # closing stops the reader workers
+                    for item in produced:
+                        if not put(item):
+                            return
             except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
                 put(_Failure(e))
 

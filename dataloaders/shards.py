@@ -165,7 +165,7 @@ def _end_marker_ok(fileobj: Any, offset: int) -> bool:
     return len(block) == _BLOCK and block.count(0) == _BLOCK
 
 
-def iter_samples(path: str) -> Iterator[dict[str, Any]]:
+def iter_samples(path: str, offsets: bool = False) -> Iterator[dict[str, Any]]:
     """Yield the samples of one shard as ``{"__key__", "__shard__", ext: bytes, ...}``.
 
     Files of one sample must be consecutive in the tar (WebDataset convention). On damage
@@ -177,6 +177,10 @@ def iter_samples(path: str) -> Iterator[dict[str, Any]]:
     it is yielded with ``"__partial__": True`` holding only the files read intact: a consumer
     keeps it when everything it needs is there (no good sample lost) and otherwise drops it as
     part of the one shard-level error (so the damage is counted once wherever the cut fell).
+
+    ``offsets=True`` adds ``"__offsets__": {ext: (byte offset, size)}`` for each file read intact
+    of an uncompressed tar, so a file can be read again later with ``os.pread`` (the DALI
+    loader's reader workers send offsets instead of image bytes between processes).
     """
     path = os.fspath(path)
     num_good = 0
@@ -222,6 +226,8 @@ def iter_samples(path: str) -> Iterator[dict[str, Any]]:
             if pending is None:
                 pending = {"__key__": key, "__shard__": path}
             pending[ext] = data
+            if offsets and not compressed:
+                pending.setdefault("__offsets__", {})[ext] = (member.offset_data, len(data))
         if error is None and not compressed and not _end_marker_ok(tf.fileobj, tf.offset):
             error = f"no end-of-archive marker at byte {tf.offset} (file cut off or garbled header)"
     if pending is not None:

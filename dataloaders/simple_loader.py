@@ -167,18 +167,20 @@ class SimpleLoader:
         random.Random(f"shards/{self.seed}/{epoch}").shuffle(order)
         return order if self.sample_level else order[self.dp_rank :: self.dp_size]
 
-    def _raw(self, epoch: int) -> Iterator[dict[str, Any] | _Damage]:
-        def read_all() -> Iterator[dict[str, Any] | _Damage]:
-            for shard in self.epoch_shards(epoch):
-                try:
-                    yield from iter_samples(shard)
-                except ShardReadError as e:
-                    yield _Damage(shard, str(e))
+    def _read_shards(self, shards: list[str]) -> Iterator[dict[str, Any] | _Damage]:
+        """The samples of ``shards`` in order, a _Damage after a damaged shard's good samples
+        (the DALI loader overrides this to read in worker processes)."""
+        for shard in shards:
+            try:
+                yield from iter_samples(shard)
+            except ShardReadError as e:
+                yield _Damage(shard, str(e))
 
+    def _raw(self, epoch: int) -> Iterator[dict[str, Any] | _Damage]:
         if not self.sample_level:
-            yield from read_all()
+            yield from self._read_shards(self.epoch_shards(epoch))
             return
-        for i, item in enumerate(read_all()):
+        for i, item in enumerate(self._read_shards(self.epoch_shards(epoch))):
             if i % self.dp_size == self.dp_rank:
                 yield item
 

@@ -418,7 +418,133 @@ def test_training_on_planted_corruption_finishes_and_reports_skips(shapes_data, 
         "data.shuffle_buffer=0", "model.size=debug", "model.vision.image_size=32", "model.vision.patch_size=8",
         "train.steps=3", "train.global_batch_size=32", "train.micro_batch_size=16", "optim.warmup_steps=0",
         f"run.output_dir={tmp_path}", "run.name=bad", "logging.tensorboard=false", "run.log_interval=3",
+        "data.reader_workers=2",  # worker processes under the real trainer (gloo, torch threads)
     ])[0]
     assert out["finished"] and out["step"] == 3
     assert out["metrics"]["data/skipped"] == len(bad)
     assert out["metrics"]["data/samples"] == 96
+    assert 0 <= out["metrics"]["data_wait_fraction"] and "loader_wait_fraction" in out
+
+
+# --------------------------------------------------------------------------- reader workers
+
+
+def _same(xs, ys) -> None:
+    assert len(xs) == len(ys)
+    for x, y in zip(xs, ys):
+        assert x.keys == y.keys
+        assert x.tensor_fields().keys() == y.tensor_fields().keys()
+        for name, t in x.tensor_fields().items():
+            assert torch.equal(t, getattr(y, name)), name
+
+
+def test_reader_workers_give_identical_batches_across_epochs_and_resume(two_shards, tok) -> None:
+    """0 (in the loader thread), 1, 2 and 3 worker processes: the same keys and bit-identical
+    tensors batch by batch over the epoch boundary (7 x 48 > 256 samples); a state saved under
+    2 workers resumes under 3 (and 0) with the very batches of the uninterrupted run."""
+    def make(workers: int) -> DaliLoader:  # chunks of 16 entries: every worker holds several
+        return loader(two_shards, tok, batch=48, seed=7, reader_workers=workers, chunk_size=16)
+
+    ref = [b for _, b in zip(range(7), make(0))]
+    for workers in (1, 2, 3):
+        _same(ref, [b for _, b in zip(range(7), make(workers))])
+    # fewer shards than DP ranks: every rank reads every shard and keeps every dp_size-th sample
+    few = [loader(two_shards, tok, batch=16, seed=7, dp_rank=1, dp_size=3, reader_workers=w) for w in (0, 2)]
+    _same(*[[b for _, b in zip(range(3), dl)] for dl in few])
+    first = make(2)
+    it = iter(first)
+    for _ in range(3):
+        next(it)
+    state = json.loads(json.dumps(first.state_dict()))
+    it.close()
+    for workers in (3, 0):
+        resumed = make(workers)
+        resumed.load_state_dict(state)
+        _same(ref[3:], [b for _, b in zip(range(4), resumed)])
+        assert resumed.stats()["samples"] == 7 * 48
+
+
+def test_bad_data_skipped_and_counted_alike_with_any_worker_count(two_shards, tok, tmp_path) -> None:
+    a, b = str(tmp_path / "a.tar"), str(tmp_path / "b.tar")
+    jpg = _jpeg_bytes()
+    bad = {"train0000004": ("jpg", jpg[: len(jpg) // 2]),  # truncated JPEG: fails in DALI
+           "train0000011": ("txt", b"caf\xe9 \xff bad utf-8"),
+           "train0000023": ("json", b'{"negatives": ["x", '),
+           "train0000031": ("jpg", b"garbage" * 20)}
+
+    def edit(s):
+        if s["__key__"] in bad:
+            field, value = bad[s["__key__"]]
+            s[field] = value
+        return s
+
+    _plant(two_shards[0], a, edit)
+    shutil.copy(two_shards[1], b)
+    with open(b, "r+b") as f:  # a cut shard
+        f.truncate(os.path.getsize(b) // 3)
+    runs = {}
+    for workers in (0, 2, 3):
+        dl = loader([a, b], tok, batch=16, num_epochs=1, reader_workers=workers, chunk_size=8)
+        runs[workers] = (list(dl), dl.stats())
+    ref_batches, ref_stats = runs[0]
+    keys = [k for x in ref_batches for k in x.keys]
+    assert not set(bad) & set(keys) and ref_stats["skipped"] == len(bad) + 1  # + the cut shard
+    for workers in (2, 3):
+        batches, stats = runs[workers]
+        _same(ref_batches, batches)
+        assert (stats["samples"], stats["skipped"]) == (ref_stats["samples"], ref_stats["skipped"])
+
+
+class _DyingPrep:
+    """Wraps a HostPrep; its reader worker exits (code 3) or raises on reaching one key."""
+
+    def __init__(self, prep, key: str, how: str) -> None:
+        self.prep, self.key, self.how = prep, key, how
+
+    def record(self, items):
+        if any(item["__key__"] == self.key for item in items):
+            if self.how == "exit":
+                os._exit(3)
+            raise ValueError(f"planted failure at {self.key}")
+        return self.prep.record(items)
+
+    def draw(self, requests):
+        if self.how == "draw" and any(index == 40 for _, index, *_ in requests):
+            raise ValueError("planted failure in draw")
+        return self.prep.draw(requests)
+
+    def __getattr__(self, name):  # everything else: the real HostPrep
+        if name == "prep":
+            raise AttributeError(name)
+        return getattr(self.prep, name)
+
+
+class _DyingLoader(DaliLoader):
+    def _host_prep(self):
+        return _DyingPrep(super()._host_prep(), "train0000040", self.how)
+
+
+@pytest.mark.parametrize("how", ["exit", "raise", "draw"])
+def test_a_dying_reader_worker_is_a_clear_error_naming_the_shard(two_shards, tok, how) -> None:
+    from dataloaders.reader_pool import ReaderWorkerError
+
+    dl = _DyingLoader(two_shards, 16, FULL, tok, gpu=False, shuffle_buffer=0, reader_workers=2, chunk_size=8)
+    dl.how = how
+    with pytest.raises(ReaderWorkerError) as err:
+        list(zip(range(20), dl))
+    message = str(err.value)
+    # the shard holding key train0000040 (exit, raise) or position 40 of epoch 0 (draw; no shuffle)
+    assert (dl.epoch_shards(0)[0] if how == "draw" else two_shards[0]) in message
+    expected = {"exit": "exit code 3", "raise": "planted failure at train0000040",
+                "draw": "drawing view parameters"}[how]
+    assert expected in message
+
+
+def test_offsets_point_at_the_files_bytes(two_shards) -> None:
+    """Reader workers send offsets instead of image bytes; reading there gives the same bytes."""
+    with open(two_shards[0], "rb") as f:
+        for s in iter_samples(two_shards[0], offsets=True):
+            for ext, (offset, size) in s["__offsets__"].items():
+                f.seek(offset)
+                assert f.read(size) == s[ext], (s["__key__"], ext)
+            assert set(s["__offsets__"]) == {k for k in s if not k.startswith("__")}

@@ -39,6 +39,9 @@ L = layers; both towers are summed, each with its own h, f, a, s, L):
                                       / (GPUs x peak x MFU) (MFU counts model FLOPs: recompute
                                       and the cache forward are not useful work)
 
+The data rate the speed estimate implies (samples/s, JPEG decodes/s and host CPU cores per
+loading rank) comes from tulip_mega.data_rate and is printed after it.
+
 Not counted: the sigmoid-loss logits (2 x contrastive batch x D per pair, small next to the
 towers), data loading, framework buffers (NCCL, allocator fragmentation: keep ~10% headroom),
 and FP8 weight copies (TE keeps 1-byte copies + transposes: about +2 bytes per parameter).
@@ -51,6 +54,7 @@ import dataclasses
 import sys
 from typing import Optional, Sequence
 
+from tulip_mega.data_rate import data_rate, format_data_rate
 from tulip_mega.training.flops import count_flops, embedding_cache_flops
 
 H100_BF16_DENSE_TFLOPS = 989.0
@@ -293,6 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mfu", type=float, default=0.40, help="model FLOPs utilisation to assume (default 0.40)")
     p.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS,
                    help=f"per-GPU peak (default {H100_BF16_DENSE_TFLOPS:g} = H100 SXM bf16 dense)")
+    p.add_argument("--host-samples-per-core", type=float, default=None,
+                   help="samples per CPU-second of the loader's host path on your CPUs (measure with "
+                        "benchmarks/loader.py --host-only); default: tulip_mega.data_rate.HOST_SAMPLES_PER_CORE")
     return p
 
 
@@ -307,10 +314,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # fp8 validation probes Transformer Engine (a torch import); the plan only reports it.
         cfg = load_config(args.recipe, list(args.overrides) + ["precision.fp8=null"])
         plan = make_plan(cfg, args.nodes, args.gpus_per_node, args.mfu, args.peak_tflops)
-    except (ConfigError, OSError) as e:
+        rate = data_rate(cfg, plan, args.host_samples_per_core)
+    except (ConfigError, OSError, ValueError) as e:
         print(f"tulip-mega: plan refused: {e}", file=sys.stderr)
         return 2
     print(format_plan(cfg, plan, fp8))
+    print(format_data_rate(rate, default_rate=args.host_samples_per_core is None))
     return 0
 
 

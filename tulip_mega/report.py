@@ -4,6 +4,8 @@ Panels (each drawn only when the run logged something for it):
   losses      `loss` and every `loss/<term>` (log scale when all positive)
   lr          the learning rate
   throughput  samples/s (left axis) and TFLOP/s per device (right axis); MFU in the legend
+  loader wait `data_wait_fraction`: time the step waited for data / step time, in %, with the
+              2% line above which the trainer warns (tulip_mega.training.throughput.LoaderWait)
   eval        every `eval/<task>/<metric>` except sample counts and timings
 Reads metrics.jsonl only, so it works on a copied run folder and while a run is going.
 """
@@ -14,6 +16,8 @@ import json
 import math
 from pathlib import Path
 from typing import Optional, Union
+
+from tulip_mega.training.throughput import LOADER_WAIT_WARN  # torch-free import
 
 SKIP_EVAL = ("samples", "seconds")
 
@@ -37,6 +41,7 @@ def panels(records: list[dict]) -> dict[str, list[str]]:
         "losses": [k for k in keys if k == "loss" or k.startswith("loss/")],
         "lr": [k for k in keys if k == "lr"],
         "throughput": [k for k in keys if k in ("samples_per_sec", "tflops_per_device")],
+        "loader wait": [k for k in keys if k == "data_wait_fraction"],
         "eval": [k for k in keys if k.startswith("eval/") and k.rsplit("/", 1)[-1] not in SKIP_EVAL],
     }
     return {name: ks for name, ks in out.items() if ks}
@@ -69,6 +74,9 @@ def make_report(run_dir: Union[str, Path], out: Optional[Union[str, Path]] = Non
         if name == "throughput":
             _throughput(ax, records, keys)
             continue
+        if name == "loader wait":
+            _loader_wait(ax, records)
+            continue
         positive = True
         for k in keys:
             xs, ys = _series(records, k)
@@ -100,3 +108,13 @@ def _throughput(ax, records: list[dict], keys: list[str]) -> None:
         twin.plot(xs, ys, color="tab:orange", linestyle="--", label=label)
         twin.set_ylabel("TFLOP/s")
         twin.legend(fontsize=7, loc="upper right")
+
+
+def _loader_wait(ax, records: list[dict]) -> None:
+    xs, ys = _series(records, "data_wait_fraction")
+    ax.plot(xs, [100 * y for y in ys], color="tab:red", label="waiting for data (% of step time)")
+    ax.axhline(100 * LOADER_WAIT_WARN, color="grey", linestyle=":", label=f"{LOADER_WAIT_WARN:.0%}: the trainer warns")
+    ax.set_ylabel("% of step time")
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=7, loc="best")
+

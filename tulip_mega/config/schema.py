@@ -288,13 +288,15 @@ class DataConfig:
         "(view 0 + caption only); dali / simple force one")
     threads: int = _f(2, "DALI worker threads per rank for decode and augmentation")
     prefetch: int = _f(2, "batches the DALI loader prepares ahead in a background thread; 0 = synchronous")
+    reader_workers: int = _f(0, "processes per rank for the DALI loader's host work (JSON, view params, EDA, "
+                                "tokenising); 0 = in the loader thread; see benchmarks/RESULTS.md")
     views: ViewsConfig = _section(ViewsConfig, "views and GeCo fields emitted per sample")
     augment: AugmentConfig = _section(AugmentConfig, "image and text augmentation")
 
     def validate(self) -> None:
         _require(bool(self.train_shards.strip()), "data.train_shards must not be empty")
         _require(bool(self.tokenizer.strip()), "data.tokenizer must not be empty")
-        _at_least(self, "data", ("shuffle_buffer", "prefetch"), 0)
+        _at_least(self, "data", ("shuffle_buffer", "prefetch", "reader_workers"), 0)
         _at_least(self, "data", ("threads",), 1)
         self.views.validate()
         self.augment.validate()

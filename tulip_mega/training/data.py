@@ -53,5 +53,6 @@ def build_train_loader(cfg: Config, dp_rank: int, dp_size: int) -> BatchLoader:
     if use_dali(cfg):
         from dataloaders.dali_loader import DaliLoader
 
-        return DaliLoader(shards, plan=plan, threads=cfg.data.threads, prefetch=cfg.data.prefetch, **common)
+        return DaliLoader(shards, plan=plan, threads=cfg.data.threads, prefetch=cfg.data.prefetch,
+                          reader_workers=cfg.data.reader_workers, **common)
     return SimpleLoader(shards, image_size=cfg.model.vision.image_size, fields=plan.fields(), **common)

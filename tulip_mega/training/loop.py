@@ -28,6 +28,7 @@ from tulip_mega.training.flops import count_flops, tokens_per_sample
 from tulip_mega.training.metrics import MetricsLogger, setup_logging
 from tulip_mega.training.wandb_logger import make_wandb_sink
 from tulip_mega.training.throughput import (
+    LoaderWait,
     StragglerDetector,
     TimedIterator,
     achieved_tflops,
@@ -124,6 +125,7 @@ def train(cfg: Config, env: Optional[LaunchEnv] = None) -> dict:
     )
     data_iter = TimedIterator(iter(loader)) if loader is not None else None
     straggler = StragglerDetector(cfg.logging.straggler_factor)
+    loader_wait = LoaderWait()
     t0 = time.perf_counter()
     t_last, step_last = t0, start_step
     window = {"step_time": 0.0, "data_wait": 0.0, "steps": 0}
@@ -138,7 +140,9 @@ def train(cfg: Config, env: Optional[LaunchEnv] = None) -> dict:
             step_time = time.perf_counter() - t_step
             step += 1
             window["step_time"] += step_time
-            window["data_wait"] += data_iter.pop_wait() if data_iter is not None else 0.0
+            wait = data_iter.pop_wait() if data_iter is not None else 0.0
+            window["data_wait"] += wait
+            _track_loader_wait(loader_wait, step_time, wait, env.rank)
             window["steps"] += 1
             slow = straggler.update(step, step_time)
             if slow:
@@ -154,6 +158,7 @@ def train(cfg: Config, env: Optional[LaunchEnv] = None) -> dict:
                     cfg.train.global_batch_size * (step - step_last) / max(now - t_last - eval_seconds, 1e-9)
                 )
                 metrics.update(speed.metrics(metrics["samples_per_sec"], window, loader))
+                metrics["data_wait_fraction"] = metrics["data_wait"] / max(metrics["step_time"], 1e-9)
                 window = {"step_time": 0.0, "data_wait": 0.0, "steps": 0}
                 t_last, step_last = now, step
                 metrics_log.log(step, metrics, start_step)
@@ -171,6 +176,7 @@ def train(cfg: Config, env: Optional[LaunchEnv] = None) -> dict:
                 why = "signal" if preempt.received is not None else "wall time" if out_of_time else "another rank"
                 log.warning("stopping at step %d (%s) after checkpointing", step, why)
                 break
+    _log_loader_wait(loader_wait, env.rank)
     log.info("run folder: %s", out_dir.resolve())
     log.info("  metrics:     %s", metrics_log.jsonl_path.resolve())
     if cfg.logging.tensorboard:
@@ -183,7 +189,25 @@ def train(cfg: Config, env: Optional[LaunchEnv] = None) -> dict:
         "metrics": metrics,
         "run_dir": str(out_dir),
         "checkpoint": str(last_saved) if last_saved else None,
+        "loader_wait_fraction": loader_wait.fraction,
     }
+
+
+def _track_loader_wait(tracker: LoaderWait, step_time: float, wait: float, rank: int) -> None:
+    """Add one step; warn (once) when the wait after warm-up passes the threshold."""
+    tracker.update(step_time, wait)
+    message = tracker.check()
+    if message:
+        log.warning("rank %d: %s", rank, message)
+
+
+def _log_loader_wait(tracker: LoaderWait, rank: int) -> None:
+    """The end-of-run loader-wait line (a warning above the threshold)."""
+    line, bad = tracker.summary()
+    if bad:
+        log.warning("rank %d: %s", rank, line)
+    else:
+        log.info("%s", line)
 
 
 class _SpeedMeter:

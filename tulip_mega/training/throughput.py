@@ -32,6 +32,8 @@ GPU_PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
     ("H100", 989.0),  # SXM (device name e.g. "NVIDIA H100 80GB HBM3")
     ("A100", 312.0),
 )
+# Above this fraction of step time spent waiting for data (after warm-up) the trainer warns.
+LOADER_WAIT_WARN = 0.02
 _DTYPE_FACTOR = {"bf16": 1.0, "fp16": 1.0, "fp8": 2.0, "fp32": 0.5}
 
 
@@ -142,3 +144,57 @@ class StragglerDetector:
         if message is None:  # keep outliers out of the baseline
             self._times.append(seconds)
         return message
+
+
+class LoaderWait:
+    """Time the training step waited for the loader, as a fraction of step time after warm-up.
+
+    The steps of the first ``warmup`` (loader start, pipeline build, reader workers filling
+    their queues, allocator growth) are left out. Above ``threshold`` (2%) the loader is holding
+    back the accelerator: ``check`` warns once during the run, ``summary`` at the end says it
+    again with what to change.
+    """
+
+    def __init__(self, warmup: int = 5, threshold: float = LOADER_WAIT_WARN) -> None:
+        self.warmup, self.threshold = warmup, threshold
+        self.steps = 0
+        self.wait = 0.0  # seconds, after warm-up
+        self.step_time = 0.0
+        self._warned = False
+
+    def update(self, step_time: float, wait: float) -> None:
+        self.steps += 1
+        if self.steps > self.warmup:
+            self.wait += wait
+            self.step_time += step_time
+
+    @property
+    def fraction(self) -> Optional[float]:
+        """Wait / step time after warm-up; None before any step past warm-up."""
+        return self.wait / self.step_time if self.step_time > 0 else None
+
+    def _advice(self) -> str:
+        return ("the loader is the bottleneck: raise data.reader_workers (host path: tar, JSON, tokenising; "
+                "`tulip-mega plan` says how many cores a recipe needs), data.threads (DALI decode) or "
+                "data.prefetch, or give the job more CPU cores per GPU")
+
+    def check(self) -> Optional[str]:
+        """A warning message the first time the fraction so far exceeds the threshold."""
+        f = self.fraction
+        if self._warned or f is None or f <= self.threshold:
+            return None
+        self._warned = True
+        return (f"waiting for data: {f:.1%} of step time over {self.steps - self.warmup} steps after warm-up "
+                f"(> {self.threshold:.0%}); {self._advice()}")
+
+    def summary(self) -> tuple[str, bool]:
+        """(one line for the end of the run, whether it is a warning)."""
+        f = self.fraction
+        if f is None:
+            return f"loader wait: not measured (run of {self.steps} steps, warm-up {self.warmup})", False
+        line = (f"loader wait: {self.wait:.2f} s of {self.step_time:.2f} s step time after {self.warmup} warm-up "
+                f"steps = {f:.2%} (threshold {self.threshold:.0%})")
+        if f > self.threshold:
+            return f"{line}; {self._advice()}", True
+        return line, False
+

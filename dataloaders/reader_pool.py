@@ -1,0 +1,290 @@
+"""Reader worker processes: read and inspect whole shards ahead, hand samples back in order.
+
+Why processes, and why by shard: the host work per sample is Python holding the GIL (threads
+do not scale it), and the largest part of it is parsing the tar itself (tarfile's header
+parsing and checksums: about 80% of the loader thread's time once the rest moved out). So a
+worker takes whole shards: it reads one with ``shards.iter_samples`` (the same reader, so the
+same samples, the same partial last sample and the same damage message), runs
+``HostPrep.record`` on chunks of it (JSON, JPEG header, tokenising) and sends the records back.
+Shard k of the read order goes to worker ``k % W`` and is read back from that worker's own FIFO
+queue, so the loader sees exactly the item sequence a sequential read gives, whatever W is.
+The shuffle buffer stays in the loader (its order depends on every item before it); once it
+has fixed the positions, ``draw`` hands chunks of them back to the workers (chunk c to worker
+c % W, a second thread in each worker) for the position-seeded view parameters and EDA copies.
+
+- Start method: ``forkserver`` (the trainer holds torch / gloo threads, under which ``fork``
+  is unsafe) with this module preloaded, so a worker starts in milliseconds instead of
+  re-importing torch; ``spawn`` where forkserver does not exist. As with any non-fork start
+  method, a script that builds the loader needs an ``if __name__ == "__main__":`` guard.
+- Bounded: at most ``ahead`` shards per worker are requested, and each worker's queue holds
+  at most ``queue_chunks`` chunks. A worker must be able to run a whole shard ahead of the
+  loader (which drains shard k from one worker while the next worker reads shard k+1), so
+  records carry the image files' offsets rather than their bytes (~1 KB per sample: 256
+  chunks of 64 is ~16k samples, ~20 MB); compressed shards, which have no offsets, carry bytes.
+- Worker death (OOM kill, segfault) is not a hang: the loader waits with a timeout, checks
+  ``Process.exitcode`` and raises naming the worker and the shard it was reading; it holds no
+  write end of a worker's result pipe, so a worker killed in the middle of sending a message
+  is an end-of-file, not a read that blocks forever. An exception
+  inside a worker comes back with its traceback and is raised the same way. Workers exit by
+  themselves when the loader process is gone.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import traceback
+from collections import deque
+from collections.abc import Iterator
+from typing import Any
+
+from dataloaders.host_prep import Drawn, HostPrep, Request
+from dataloaders.shards import ShardReadError, iter_samples
+from dataloaders.simple_loader import _Damage
+
+__all__ = ["ReaderPool", "ReaderWorkerError"]
+
+_POLL_S = 0.2  # how often a waiting loader checks that its workers are alive
+
+
+class ReaderWorkerError(RuntimeError):
+    """A reader worker died or raised; the message names the worker and the shards it held."""
+
+
+def _loader_alive(parent: int) -> bool:
+    """Whether the process that started this worker still runs (under forkserver the OS parent
+    is the fork server, so ``os.getppid`` would not tell)."""
+    proc = mp.parent_process()
+    if proc is not None:
+        return proc.is_alive()
+    try:
+        os.kill(parent, 0)
+    except OSError:
+        return False
+    return True
+
+
+def _put(outbox: Any, msg: Any, parent: int) -> bool:
+    """Put with a bounded queue, giving up when the loader process is gone."""
+    while True:
+        try:
+            outbox.put(msg, timeout=1.0)
+            return True
+        except queue.Full:
+            if not _loader_alive(parent):
+                return False
+
+
+def _read(prep: HostPrep, shard: str, chunk_size: int, outbox: Any, parent: int) -> bool:
+    chunk: list[Any] = []
+    try:
+        for item in iter_samples(shard, offsets=True):
+            chunk.append(item)
+            if len(chunk) == chunk_size:
+                if not _put(outbox, ("items", prep.record(chunk)), parent):
+                    return False
+                chunk = []
+    except ShardReadError as e:  # exactly what SimpleLoader._raw does in-process
+        chunk = prep.record(chunk) + [_Damage(shard, str(e))]
+        return _put(outbox, ("items", chunk), parent) and _put(outbox, ("end", None), parent)
+    if chunk and not _put(outbox, ("items", prep.record(chunk)), parent):
+        return False
+    return _put(outbox, ("end", None), parent)
+
+
+def _serve_draws(prep: HostPrep, inbox: Any, outbox: Any, parent: int) -> None:
+    """The worker's second thread: position-dependent draws for chunks the loader sends."""
+    while True:
+        try:
+            requests = inbox.get(timeout=1.0)
+        except queue.Empty:
+            if not _loader_alive(parent):
+                return
+            continue
+        if requests is None:
+            return
+        try:
+            answer: Any = ("drawn", prep.draw(requests))
+        except BaseException:  # noqa: BLE001 - reported to the loader, which raises it
+            answer = ("crash", traceback.format_exc())
+        if not _put(outbox, answer, parent):
+            return
+
+
+def _worker_main(prep: HostPrep, chunk_size: int, inbox: Any, outbox: Any, draw_in: Any, draw_out: Any,
+                 parent: int) -> None:
+    import threading
+
+    import torch
+
+    torch.set_num_threads(1)  # the tokeniser's small tensors; never compete with the trainer
+    threading.Thread(target=_serve_draws, args=(prep, draw_in, draw_out, parent), daemon=True).start()
+    while True:
+        try:
+            shard = inbox.get(timeout=1.0)
+        except queue.Empty:
+            if not _loader_alive(parent):  # the loader process is gone: do not linger
+                return
+            continue
+        if shard is None:
+            return
+        try:
+            if not _read(prep, shard, chunk_size, outbox, parent):
+                return
+        except BaseException:  # noqa: BLE001 - reported to the loader, which raises it
+            _put(outbox, ("crash", traceback.format_exc()), parent)
+
+
+def _context() -> mp.context.BaseContext:
+    if "forkserver" in mp.get_all_start_methods():
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload([__name__])  # only takes effect before the server starts
+        return ctx
+    return mp.get_context("spawn")
+
+
+class ReaderPool:
+    """``W`` worker processes reading shards ahead; ``read`` yields their items in order."""
+
+    def __init__(self, prep: HostPrep, workers: int, chunk_size: int = 64, ahead: int = 2,
+                 queue_chunks: int = 256, name: str = "reader") -> None:
+        if workers < 1 or chunk_size < 1 or ahead < 1 or queue_chunks < 1:
+            raise ValueError(f"workers, chunk_size, ahead and queue_chunks must be >= 1, got "
+                             f"{workers}, {chunk_size}, {ahead}, {queue_chunks}")
+        ctx = _context()
+        self.ahead = ahead
+        self._inbox = [ctx.Queue() for _ in range(workers)]
+        self._outbox = [ctx.Queue(maxsize=queue_chunks) for _ in range(workers)]
+        self._draw_in = [ctx.Queue() for _ in range(workers)]
+        self._draw_out = [ctx.Queue() for _ in range(workers)]  # bounded by the loader's lookahead
+        self._procs = [
+            ctx.Process(target=_worker_main, args=(prep, chunk_size, self._inbox[w], self._outbox[w], self._draw_in[w],
+                                                   self._draw_out[w], os.getpid()),
+                        name=f"{name}-{w}", daemon=True)
+            for w in range(workers)
+        ]
+        for w, p in enumerate(self._procs):
+            p.start()
+            # Keep no write end of the worker's result pipes here: when the worker dies, even
+            # in the middle of a message, reading gets EOF instead of blocking forever.
+            for q in (self._outbox[w], self._draw_out[w]):
+                q._writer.close()  # noqa: SLF001 - the parent never puts to a result queue
+        self._reading: list[deque[str]] = [deque() for _ in range(workers)]  # shards each worker holds
+        self._drawn = 0  # draw chunks sent, over all calls (chunk c goes to worker c % W)
+        self._sent = self._received = 0  # shards requested / fully read back, over all calls
+        self._broken = False
+
+    @property
+    def workers(self) -> int:
+        return len(self._procs)
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the live workers so far (Linux /proc; 0 elsewhere). Under
+        forkserver the workers are not this process's children, so getrusage misses them."""
+        total = 0.0
+        tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        for p in self._procs:
+            try:
+                with open(f"/proc/{p.pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+            except (OSError, IndexError, ValueError):
+                pass
+        return total
+
+    def _get(self, w: int, shard: str, draws: bool = False) -> tuple[str, Any]:
+        box = self._draw_out[w] if draws else self._outbox[w]
+        while True:
+            try:
+                kind, payload = box.get(timeout=_POLL_S)
+            except (queue.Empty, EOFError, OSError) as e:
+                closed = not isinstance(e, queue.Empty)  # the pipe closed: the worker is gone
+                if closed:
+                    self._procs[w].join(timeout=5.0)
+                code = self._procs[w].exitcode
+                if code is not None or closed:
+                    reading = list(self._reading[w])
+                    raise ReaderWorkerError(
+                        f"loader reader worker {w} (pid {self._procs[w].pid}) died with exit code {code} "
+                        f"while {'drawing view parameters for samples of' if draws else 'reading'} shard {shard}"
+                        + (f"; it was reading shard(s) {reading}" if draws and reading else "")
+                    ) from None
+                continue
+            if kind == "crash":
+                what = "drawing view parameters for samples of" if draws else "reading"
+                raise ReaderWorkerError(f"loader reader worker {w} failed while {what} shard {shard}:\n{payload}")
+            return kind, payload
+
+    def read(self, shards: list[str]) -> Iterator[dict[str, Any] | _Damage]:
+        """The items of ``shards`` in order (sample records with ``HOST`` set, and a _Damage
+        after a damaged shard's good samples), as ``iter_samples`` would give them."""
+        if self._broken:
+            raise RuntimeError("ReaderPool.read: an earlier read was abandoned mid-way; build a new pool")
+        self._broken = True  # until this read completes: its replies would be misaligned
+        pending: deque[str] = deque()
+        todo = iter(shards)
+        while True:
+            while len(pending) < self.ahead * self.workers:
+                shard = next(todo, None)
+                if shard is None:
+                    break
+                self._inbox[self._sent % self.workers].put(shard)
+                self._reading[self._sent % self.workers].append(shard)
+                self._sent += 1
+                pending.append(shard)
+            if not pending:
+                break
+            shard = pending.popleft()
+            w = self._received % self.workers
+            while True:
+                kind, payload = self._get(w, shard)
+                if kind == "end":
+                    break
+                yield from payload
+            self._reading[w].popleft()
+            self._received += 1
+        self._broken = False
+
+    def draw(self, chunks: Iterator[tuple[Any, str, list[Request]]], inflight: int = 2) -> Iterator[tuple[Any, list[Drawn]]]:
+        """``(tag, shard, requests)`` -> ``(tag, HostPrep.draw(requests))`` in order; chunk c is
+        drawn by worker c % W (its draw thread), up to ``inflight`` chunks per worker ahead.
+        ``shard`` only names the data in an error."""
+        pending: deque[tuple[Any, str]] = deque()
+        exhausted = False
+        sent = received = self._drawn
+        while True:
+            while not exhausted and len(pending) < inflight * self.workers:
+                nxt = next(chunks, None)
+                if nxt is None:
+                    exhausted = True
+                    break
+                tag, shard, requests = nxt
+                self._draw_in[sent % self.workers].put(requests)
+                sent += 1
+                pending.append((tag, shard))
+            if not pending:
+                return
+            tag, shard = pending.popleft()
+            _, drawn = self._get(received % self.workers, shard, draws=True)
+            received += 1
+            self._drawn = received
+            yield tag, drawn
+
+    def close(self) -> None:
+        """Stop the workers (queued work is dropped); safe to call twice."""
+        for w, p in enumerate(self._procs):
+            if p.is_alive():
+                try:
+                    self._inbox[w].put(None)
+                    self._draw_in[w].put(None)
+                except (OSError, ValueError):
+                    pass
+        for p in self._procs:
+            p.join(timeout=0.5)
+            if p.is_alive():  # still busy with queued shards nobody will read
+                p.terminate()
+                p.join(timeout=2.0)
+        for q in self._inbox + self._outbox + self._draw_in + self._draw_out:
+            q.cancel_join_thread()
+            q.close()
