@@ -6,12 +6,14 @@ import json
 
 from PIL import Image
 
-from tulip_mega.report import make_report, panels
-from tulip_mega.training.throughput import LOADER_WAIT_WARN, LoaderWait
+from tulip_mega.config.schema import LoggingConfig
+from tulip_mega.report import loader_wait_threshold, make_report, panels
+from tulip_mega.training.throughput import LoaderWait
 
 
 def test_warm_up_is_left_out_and_the_warning_comes_once_above_two_percent() -> None:
-    t = LoaderWait(warmup=2)
+    assert LoggingConfig().loader_wait_warn == 0.02  # the recipe default the trainer passes
+    t = LoaderWait(warmup=2, threshold=0.02)
     t.update(1.0, 0.9)  # warm-up: pipeline build, workers starting
     t.update(1.0, 0.9)
     assert t.fraction is None and t.check() is None
@@ -28,7 +30,6 @@ def test_warm_up_is_left_out_and_the_warning_comes_once_above_two_percent() -> N
     assert t.check() is None  # once
     line, bad = t.summary()
     assert bad and "3.00%" in line and "data.reader_workers" in line
-    assert LoaderWait().threshold == LOADER_WAIT_WARN == 0.02
 
 
 def test_report_draws_the_loader_wait_panel(tmp_path) -> None:
@@ -40,3 +41,6 @@ def test_report_draws_the_loader_wait_panel(tmp_path) -> None:
     assert panels(records)["loader wait"] == ["data_wait_fraction"]
     with Image.open(make_report(run)) as im:
         assert im.size == (900, 3 * 320)  # losses, throughput, loader wait
+    assert loader_wait_threshold(run) == 0.02  # no config.yaml: the default
+    (run / "config.yaml").write_text("logging:\n  loader_wait_warn: 0.05\n")
+    assert loader_wait_threshold(run) == 0.05  # the run's own threshold

@@ -55,7 +55,7 @@ import sys
 from typing import Optional, Sequence
 
 from tulip_mega.data_rate import data_rate, format_data_rate
-from tulip_mega.training.flops import count_flops, embedding_cache_flops
+from tulip_mega.training.flops import contrastive_batch_size, count_flops, embedding_cache_flops
 
 H100_BF16_DENSE_TFLOPS = 989.0
 GIB = 1024**3
@@ -213,7 +213,7 @@ def make_plan(cfg, nodes: int, gpus_per_node: int = 8, mfu: float = 0.40,
     mode = cfg.loss.contrastive_batch
     return Plan(
         gpus=gpus, dp=dp, tp=tp, pp=pp, micro_batch=mb, global_batch=gb, grad_accum=accum,
-        contrastive_batch=gb if mode == "global" else mb * dp, contrastive_mode=mode, params_total=total,
+        contrastive_batch=contrastive_batch_size(cfg, dp), contrastive_mode=mode, params_total=total,
         params_per_gpu=params_per_gpu, transformer_params_per_gpu=transformer_per_gpu, memory_gib=memory,
         flops_forward_per_sample=fwd, flops_model_per_sample=model, flops_hardware_per_sample=hardware,
         flops_cache_per_sample=cache, step_time_s=step, samples_per_s=gb / step, mfu=mfu, peak_tflops=peak_tflops,

@@ -5,9 +5,10 @@ Panels (each drawn only when the run logged something for it):
   lr          the learning rate
   throughput  samples/s (left axis) and TFLOP/s per device (right axis); MFU in the legend
   loader wait `data_wait_fraction`: time the step waited for data / step time, in %, with the
-              2% line above which the trainer warns (tulip_mega.training.throughput.LoaderWait)
+              line above which the trainer warns (the run's logging.loader_wait_warn, 2% by default)
   eval        every `eval/<task>/<metric>` except sample counts and timings
-Reads metrics.jsonl only, so it works on a copied run folder and while a run is going.
+Reads metrics.jsonl (and config.yaml for the loader-wait threshold), so it works on a copied
+run folder and while a run is going.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import math
 from pathlib import Path
 from typing import Optional, Union
 
-from tulip_mega.training.throughput import LOADER_WAIT_WARN  # torch-free import
 
 SKIP_EVAL = ("samples", "seconds")
 
@@ -75,7 +75,7 @@ def make_report(run_dir: Union[str, Path], out: Optional[Union[str, Path]] = Non
             _throughput(ax, records, keys)
             continue
         if name == "loader wait":
-            _loader_wait(ax, records)
+            _loader_wait(ax, records, loader_wait_threshold(run_dir))
             continue
         positive = True
         for k in keys:
@@ -110,10 +110,24 @@ def _throughput(ax, records: list[dict], keys: list[str]) -> None:
         twin.legend(fontsize=7, loc="upper right")
 
 
-def _loader_wait(ax, records: list[dict]) -> None:
+def loader_wait_threshold(run_dir: Union[str, Path]) -> float:
+    """The run's logging.loader_wait_warn (its config.yaml), else the schema default."""
+    from tulip_mega.config.schema import LoggingConfig
+
+    path = Path(run_dir) / "config.yaml"
+    if path.is_file():
+        import yaml
+
+        value = ((yaml.safe_load(path.read_text()) or {}).get("logging") or {}).get("loader_wait_warn")
+        if isinstance(value, (int, float)):
+            return float(value)
+    return LoggingConfig().loader_wait_warn
+
+
+def _loader_wait(ax, records: list[dict], threshold: float) -> None:
     xs, ys = _series(records, "data_wait_fraction")
     ax.plot(xs, [100 * y for y in ys], color="tab:red", label="waiting for data (% of step time)")
-    ax.axhline(100 * LOADER_WAIT_WARN, color="grey", linestyle=":", label=f"{LOADER_WAIT_WARN:.0%}: the trainer warns")
+    ax.axhline(100 * threshold, color="grey", linestyle=":", label=f"{threshold:.0%}: the trainer warns")
     ax.set_ylabel("% of step time")
     ax.set_ylim(bottom=0)
     ax.legend(fontsize=7, loc="best")

@@ -386,10 +386,16 @@ class WandbConfig:
 class LoggingConfig:
     tensorboard: bool = _f(True, "write TensorBoard event files into the run folder")
     straggler_factor: float = _f(3.0, "warn when a step takes this many times the running median step time")
+    loader_wait_warn: float = _f(0.02, "warn when the step waits for data longer than this fraction of step time "
+                                       "(after logging.loader_wait_warmup_steps)")
+    loader_wait_warmup_steps: int = _f(5, "first steps left out of the loader-wait fraction (loader start, queues "
+                                          "filling)")
     wandb: WandbConfig = _section(WandbConfig, "Weights & Biases logging (optional extra: tulip-mega[wandb])")
 
     def validate(self) -> None:
         _require(self.straggler_factor > 1, f"logging.straggler_factor={self.straggler_factor} must be > 1")
+        _require(0 < self.loader_wait_warn < 1, f"logging.loader_wait_warn={self.loader_wait_warn} must be in (0, 1)")
+        _at_least(self, "logging", ("loader_wait_warmup_steps",), 0)
         self.wandb.validate()
 
 

@@ -17,6 +17,18 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 
+# The loss terms (loss.weights.*), split by what their value depends on: the contrastive terms
+# compare pairs of the batch they see (so the batch matters, loss.contrastive_batch); the
+# reconstruction terms are means over samples (the same for any split of the batch).
+CONTRASTIVE_TERMS = ("image_text", "image_image", "text_text", "aug_contrastive")
+RECONSTRUCTION_TERMS = ("mae", "text_recon")
+
+
+def contrastive_terms_on(cfg) -> tuple[str, ...]:
+    """The contrastive terms the recipe switches on."""
+    return tuple(name for name in CONTRASTIVE_TERMS if getattr(cfg.loss.weights, name) > 0)
+
+
 @dataclass(frozen=True)
 class VisionStream:
     name: str  # "global" | "local" | "mae"

@@ -26,17 +26,13 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from tulip_mega.config.streams import Streams
+from tulip_mega.config.streams import CONTRASTIVE_TERMS, RECONSTRUCTION_TERMS, Streams
 from tulip_mega.losses.infonce import DistributedInfoNCELoss
 from tulip_mega.losses.pairwise import DistributedPairSigmoidLoss, same_sample_weights
 from tulip_mega.losses.reconstruction import causal_text_loss, mae_loss
 from tulip_mega.losses.sigmoid import DistributedSigmoidLoss
 
 TERMS = ("image_text", "image_image", "text_text", "mae", "text_recon", "aug_contrastive")
-# Terms over pairs of the batch (their value depends on the batch they see) vs terms that are a
-# mean over samples (the same for any split of the batch).
-CONTRASTIVE_TERMS = ("image_text", "image_image", "text_text", "aug_contrastive")
-RECONSTRUCTION_TERMS = ("mae", "text_recon")
 
 
 def pair_weights(

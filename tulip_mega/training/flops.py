@@ -48,7 +48,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from tulip_mega.config.streams import Streams, input_streams
+from tulip_mega.config.streams import Streams, contrastive_terms_on, input_streams
 
 TRAINING_MULTIPLIER = 3  # forward + backward (2x forward); recompute not counted
 
@@ -144,8 +144,7 @@ def count_flops(cfg, contrastive_batch: Optional[int] = None, streams: Optional[
         hidden = m.aug_projector_hidden
         parts["aug_projector"] = 2 * (2 * e * hidden + 2 * hidden * e)
     if contrastive_batch is not None:
-        terms = sum(1 for name in ("image_text", "image_image", "text_text", "aug_contrastive")
-                    if getattr(w, name) > 0)
+        terms = len(contrastive_terms_on(cfg))
         parts["contrastive_logits"] = terms * 2 * e * contrastive_batch
     return FlopCount(parts)
 
@@ -157,12 +156,18 @@ def tokens_per_sample(cfg) -> int:
     return sum(s.views * s.seq for s in streams.vision) + streams.texts * cfg.model.text.context_length
 
 
+def contrastive_batch_size(cfg, dp_size: int) -> int:
+    """Pairs each contrastive term compares per step: the global batch under
+    `loss.contrastive_batch=global`, one micro-step (micro x DP) under `micro`."""
+    if cfg.loss.contrastive_batch == "global":
+        return cfg.train.global_batch_size
+    return cfg.train.micro_batch_size * dp_size
+
+
 def uses_embedding_cache(cfg, accumulation: int) -> bool:
     """Whether a step runs the embedding-cache forward: `loss.contrastive_batch=global`, more
     than one micro-batch per step, and at least one contrastive term switched on."""
-    w = cfg.loss.weights
-    contrastive = any(getattr(w, name) > 0 for name in ("image_text", "image_image", "text_text", "aug_contrastive"))
-    return cfg.loss.contrastive_batch == "global" and accumulation > 1 and contrastive
+    return cfg.loss.contrastive_batch == "global" and accumulation > 1 and bool(contrastive_terms_on(cfg))
 
 
 def embedding_cache_flops(cfg, accumulation: int) -> int:

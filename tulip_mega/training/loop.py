@@ -24,7 +24,7 @@ from tulip_mega.models.build import build_model
 from tulip_mega.parallel.init import LaunchEnv, check_runtime_support, device, init_parallel, launch_env
 from tulip_mega.training.checkpoint import load_checkpoint, read_latest, save_checkpoint
 from tulip_mega.training.data import build_train_loader
-from tulip_mega.training.flops import count_flops, tokens_per_sample
+from tulip_mega.training.flops import contrastive_batch_size, count_flops, tokens_per_sample
 from tulip_mega.training.metrics import MetricsLogger, setup_logging
 from tulip_mega.training.wandb_logger import make_wandb_sink
 from tulip_mega.training.throughput import (
@@ -39,7 +39,7 @@ from tulip_mega.training.throughput import (
 )
 from tulip_mega.training.signals import PreemptionSignal
 from tulip_mega.training.optimizer import make_optimizer, make_scheduler
-from tulip_mega.training.step import TrainStep, contrastive_batch_size, wrap_ddp
+from tulip_mega.training.step import TrainStep, wrap_ddp
 
 log = logging.getLogger("tulip_mega")
 
@@ -125,7 +125,7 @@ def train(cfg: Config, env: Optional[LaunchEnv] = None) -> dict:
     )
     data_iter = TimedIterator(iter(loader)) if loader is not None else None
     straggler = StragglerDetector(cfg.logging.straggler_factor)
-    loader_wait = LoaderWait()
+    loader_wait = LoaderWait(cfg.logging.loader_wait_warmup_steps, cfg.logging.loader_wait_warn)
     t0 = time.perf_counter()
     t_last, step_last = t0, start_step
     window = {"step_time": 0.0, "data_wait": 0.0, "steps": 0}

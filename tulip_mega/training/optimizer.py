@@ -108,7 +108,11 @@ def guarded_step(optimizer, loss_is_finite: bool) -> tuple[bool, float]:
 
 
 def weight_decay_table(model: torch.nn.Module, optimizer: Optional[object] = None) -> dict[str, float]:
-    """{parameter name: effective weight decay} as the optimizer will apply it (tests and docs)."""
+    """{parameter name: weight decay of the optimizer group holding it} (tests and docs).
+
+    Groups are matched by parameter identity, which holds when the optimizer steps the model's
+    own fp32 parameters (the CPU case); under bf16 megatron's optimizer holds fp32 copies, and
+    those parameters map to NaN."""
     by_param = {}
     if optimizer is not None:
         for group in optimizer.param_groups:

@@ -46,14 +46,10 @@ from tulip_mega.losses.reconstruction import mae_mask
 from tulip_mega.losses.stack import TulipLossStack
 from tulip_mega.models.tulip import TulipModel
 from tulip_mega.parallel.init import device
+from tulip_mega.training.flops import uses_embedding_cache
 from tulip_mega.training.optimizer import guarded_step
 
 log = logging.getLogger("tulip_mega")
-
-# Outputs of the last stage that are one number per model (every micro-batch sees the same).
-SCALAR_OUTPUTS = ("logit_scale", "logit_bias", "ii_logit_scale", "ii_logit_bias", "tt_logit_scale",
-                  "tt_logit_bias", "aug_logit_scale")
-
 
 class TrainingHalted(RuntimeError):
     """The run must stop and must not be requeued as is; `exit_code` is what tulip_mega.train returns."""
@@ -83,12 +79,6 @@ def wrap_ddp(model: TulipModel, cfg) -> DistributedDataParallel:
     return DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
 
 
-def contrastive_batch_size(cfg, dp_size: int) -> int:
-    """Pairs each contrastive term compares per step under the recipe (see the module docstring)."""
-    micro = cfg.train.micro_batch_size * dp_size
-    return cfg.train.global_batch_size if cfg.loss.contrastive_batch == "global" else micro
-
-
 class TrainStep:
     """Forward+backward over the micro-batches of one global batch, then a guarded optimizer step."""
 
@@ -113,8 +103,7 @@ class TrainStep:
         )
         # The embedding cache is needed only when a step has several micro-batches: with one,
         # the micro-step's contrastive batch already is the global batch.
-        self.global_contrastive = (cfg.loss.contrastive_batch == "global" and num_microbatches > 1
-                                   and bool(self.loss.contrastive_terms))
+        self.global_contrastive = uses_embedding_cache(cfg, num_microbatches)
         self.cache_streams = self.streams.contrastive_only()
         self.report_keys = (*(f"loss/{name}" for name in self.loss.terms), "logit_scale", "logit_bias")
         self._schedule = get_forward_backward_func()
@@ -233,7 +222,7 @@ class TrainStep:
         leaves = {}
         for key in cached[0]:
             parts = [c[key] for c in cached]
-            if key in SCALAR_OUTPUTS:
+            if parts[0].dim() == 0:  # a logit scale or bias: the same in every micro-batch
                 leaves[key] = parts[0].clone().requires_grad_()
             else:  # [b, e] or view-/text-major [V, b, e]: micro-batches along the sample axis
                 leaves[key] = torch.cat(parts, dim=parts[0].dim() - 2).requires_grad_()
@@ -246,7 +235,7 @@ class TrainStep:
             for key, leaf in leaves.items():
                 if leaf.grad is None:
                     continue
-                if key in SCALAR_OUTPUTS:
+                if leaf.dim() == 0:
                     grads[key] = leaf.grad / n
                 else:
                     grads[key] = leaf.grad.narrow(leaf.dim() - 2, m * b, b)

@@ -32,8 +32,6 @@ GPU_PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
     ("H100", 989.0),  # SXM (device name e.g. "NVIDIA H100 80GB HBM3")
     ("A100", 312.0),
 )
-# Above this fraction of step time spent waiting for data (after warm-up) the trainer warns.
-LOADER_WAIT_WARN = 0.02
 _DTYPE_FACTOR = {"bf16": 1.0, "fp16": 1.0, "fp8": 2.0, "fp32": 0.5}
 
 
@@ -149,13 +147,13 @@ class StragglerDetector:
 class LoaderWait:
     """Time the training step waited for the loader, as a fraction of step time after warm-up.
 
-    The steps of the first ``warmup`` (loader start, pipeline build, reader workers filling
-    their queues, allocator growth) are left out. Above ``threshold`` (2%) the loader is holding
-    back the accelerator: ``check`` warns once during the run, ``summary`` at the end says it
-    again with what to change.
+    The first ``warmup`` steps (loader start, pipeline build, reader workers filling their
+    queues, allocator growth) are left out. Above ``threshold`` the loader is holding back the
+    accelerator: ``check`` warns once during the run, ``summary`` at the end says it again with
+    what to change. Both come from the recipe (logging.loader_wait_warmup_steps / _warn).
     """
 
-    def __init__(self, warmup: int = 5, threshold: float = LOADER_WAIT_WARN) -> None:
+    def __init__(self, warmup: int, threshold: float) -> None:
         self.warmup, self.threshold = warmup, threshold
         self.steps = 0
         self.wait = 0.0  # seconds, after warm-up
