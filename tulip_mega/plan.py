@@ -55,6 +55,7 @@ import sys
 from typing import Optional, Sequence
 
 from tulip_mega.data_rate import data_rate, format_data_rate
+from tulip_mega.training.flops import contrastive_batch_line as flops_contrastive_batch_line
 from tulip_mega.training.flops import contrastive_batch_size, count_flops, embedding_cache_flops
 
 H100_BF16_DENSE_TFLOPS = 989.0
@@ -222,15 +223,8 @@ def make_plan(cfg, nodes: int, gpus_per_node: int = 8, mfu: float = 0.40,
 
 def contrastive_batch_line(plan: Plan) -> str:
     """How many pairs each contrastive term compares, and what that costs (start-up log, plan)."""
-    if plan.contrastive_mode == "micro":
-        return (f"contrastive batch {plan.contrastive_batch} = micro x DP per micro-step "
-                "(loss.contrastive_batch=micro)")
-    if not plan.flops_cache_per_sample:
-        return f"contrastive batch {plan.contrastive_batch} = the global batch (one micro-batch per step)"
-    return (f"contrastive batch {plan.contrastive_batch} = the global batch (loss.contrastive_batch=global): "
-            f"embedding cache over {plan.grad_accum} accumulation steps, +1 forward of the contrastive streams "
-            f"= +{plan.flops_cache_per_sample / 1e9:.3f} GFLOP per pair "
-            f"(+{plan.flops_cache_per_sample / plan.flops_model_per_sample:.0%} over training FLOPs)")
+    return flops_contrastive_batch_line(plan.contrastive_mode, plan.contrastive_batch, plan.grad_accum,
+                                        plan.flops_cache_per_sample, plan.flops_model_per_sample)
 
 
 def format_plan(cfg, plan: Plan, fp8: Optional[str] = None) -> str:

@@ -137,6 +137,8 @@ class ModelConfig:
     aug_temperature_init: float = _f(10.0, "inverse temperature of the aug <-> aug InfoNCE at init (1/0.1)")
     separate_logit_params: bool = _f(True, "image-image and text-text sigmoid terms learn their own scale/bias "
                                            "(init like the image-text ones); false = share the image-text ones")
+    transformer_impl: Literal["auto", "te", "local"] = _f("auto", "layer implementation: auto = Transformer Engine "
+                                                                  "when it imports, else megatron-core's local layers")
 
     def validate(self) -> None:
         self.vision.validate()
@@ -177,7 +179,7 @@ class PrecisionConfig:
 
     def validate(self) -> None:
         # Whether this machine has Transformer Engine for FP8 is checked at launch, with the
-        # other machine checks (tulip_mega.parallel.init.check_runtime_support): a recipe for
+        # other machine checks (tulip_mega.models.specs.check_layer_support): a recipe for
         # H100s must still load, print and plan anywhere.
         _at_least(self, "precision", ("fp8_amax_history_len",), 1)
 
