@@ -45,7 +45,8 @@ def _at_least(obj: Any, prefix: str, names: tuple[str, ...], minimum: int) -> No
 class RunConfig:
     name: str = _f("tulip", "run name; run folder = output_dir/name")
     output_dir: str = _f("runs", "parent folder of run folders")
-    seed: int = _f(1234, "random seed (offset per rank where ranks must differ)")
+    seed: int = _f(1234, "random seed: weight init, data order and augmentation (keyed by seed and DP rank), "
+                              "MAE masks (keyed by seed, step and sample)")
     log_interval: int = _f(1, "steps between metric lines")
     max_wall_time_minutes: Optional[float] = _f(None, "stop cleanly (and checkpoint) after this long")
 

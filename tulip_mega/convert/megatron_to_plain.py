@@ -200,18 +200,6 @@ def single_process_group():
             dist.destroy_process_group()
 
 
-def iter_checkpoint_model_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """(key, full tensor) for every model tensor of a dist checkpoint, read one at a time.
-
-    Needs a process group (see `single_process_group`)."""
-    from megatron.core import dist_checkpointing
-
-    meta = dist_checkpointing.load_tensors_metadata(str(path))
-    for key in sorted(k for k in meta if is_model_key(k) and not k.endswith("_extra_state")):
-        loaded = dist_checkpointing.load({key: meta[key]}, str(path), validate_access_integrity=False)
-        yield key, loaded[key]
-
-
 _ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
               torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
 
