@@ -170,12 +170,13 @@ def uses_embedding_cache(cfg, accumulation: int) -> bool:
     return cfg.loss.contrastive_batch == "global" and accumulation > 1 and bool(contrastive_terms_on(cfg))
 
 
-def embedding_cache_flops(cfg, accumulation: int) -> int:
+def embedding_cache_flops(cfg, accumulation: int, streams: Optional[Streams] = None) -> int:
     """Forward FLOPs per sample of the embedding-cache pass (the contrastive streams only);
-    0 when the recipe does not run it. `accumulation` = micro-batches per step per DP rank."""
+    0 when the recipe does not run it. `accumulation` = micro-batches per step per DP rank;
+    `streams`: the run's resolved streams (default: `input_streams(cfg)`)."""
     if not uses_embedding_cache(cfg, accumulation):
         return 0
-    return count_flops(cfg, streams=input_streams(cfg).contrastive_only()).forward
+    return count_flops(cfg, streams=(streams or input_streams(cfg)).contrastive_only()).forward
 
 
 def contrastive_batch_line(mode: str, contrastive_batch: int, accumulation: int, cache_flops: float,

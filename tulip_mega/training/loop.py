@@ -114,7 +114,7 @@ def _build(cfg: Config, env: LaunchEnv, dp_size: int) -> _Run:
     """The input streams (once), model stage, optimizer, scheduler, train step and loader."""
     streams = input_streams(cfg)
     use_te = use_transformer_engine(cfg.model.transformer_impl)
-    stage = build_model(cfg, use_te=use_te)
+    stage = build_model(cfg, use_te=use_te, streams=streams)
     load_pretrained(stage, cfg.model)
     model = wrap_ddp(stage, cfg)
     optimizer = make_optimizer(cfg, model)
@@ -122,7 +122,7 @@ def _build(cfg: Config, env: LaunchEnv, dp_size: int) -> _Run:
     num_micro = cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp_size)
     step_fn = TrainStep(cfg, model, optimizer, scheduler, num_micro)
     loader = build_train_loader(
-        cfg, parallel_state.get_data_parallel_rank(), dp_size
+        cfg, parallel_state.get_data_parallel_rank(), dp_size, streams
     ) if step_fn.needs_input else None
     return _Run(model, optimizer, scheduler, step_fn, loader, streams, use_te)
 
@@ -134,7 +134,7 @@ def _log_startup_facts(cfg: Config, env: LaunchEnv, dp_size: int, run: _Run, out
     n_params = sum(p.numel() for p in run.model.parameters())
     v, t = cfg.model.vision, cfg.model.text
     flops = count_flops(cfg, contrastive_batch_size(cfg, dp_size), streams=run.streams)
-    cache = embedding_cache_flops(cfg, num_micro)
+    cache = embedding_cache_flops(cfg, num_micro, run.streams)
     loader = type(run.loader).__name__ if run.loader is not None else "none on this rank"
     for line in (
         f"layout: world {env.world_size} = TP {par.tensor_parallel} x PP {par.pipeline_parallel} x DP {dp_size}",
