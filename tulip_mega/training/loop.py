@@ -1,9 +1,11 @@
 """The training loop: recipe in, trained checkpoint + metrics out.
 
-Order matters and is the same on every rank: validate the recipe and layout (before any
-process group), initialise parallel state, build the model stage, DDP, optimizer, scheduler
-and loader, restore the newest checkpoint if asked, then step until `train.steps`, logging
-and checkpointing on the way. Uses megatron-core directly (no megatron.training globals).
+`train()` is a short list of named phases, the same order on every rank: check the recipe,
+layout and machine (before any process group), start the run (logging, process groups, run
+folder), build (streams once, model stage, DDP, optimizer, scheduler, step, loader), log the
+start-up facts, restore a checkpoint if asked, run the steps, finish. After each step three
+hooks run, one job each: `EvalHook`, `CheckpointHook`, `PreemptionHook`. Uses megatron-core
+directly (no megatron.training globals).
 """
 
 from __future__ import annotations
