@@ -19,7 +19,8 @@ SOURCES = ("tulip_mega", "dataloaders")
 
 OWNERS = {
     r"torch\.cuda\.is_available\(": {"tulip_mega/parallel/init.py"},
-    r"import_module\(\s*[\"']transformer_engine|^\s*(import|from) transformer_engine": {"tulip_mega/models/specs.py"},
+    r"(import_module|find_spec)\(\s*[\"']transformer_engine|^\s*(import|from) transformer_engine\b"
+    r"|^\s*from megatron\.core\.extensions\.transformer_engine\b": {"tulip_mega/models/specs.py"},
 }
 
 

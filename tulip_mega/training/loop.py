@@ -65,7 +65,7 @@ def train(cfg: Config, env: Optional[LaunchEnv] = None) -> dict:
     env = env or launch_env()
     dp_size = _check_before_launch(cfg, env)
     out_dir = _start_run(cfg, env)
-    run = _build(cfg, env, dp_size)
+    run = _build(cfg, dp_size)
     _log_startup_facts(cfg, env, dp_size, run, out_dir)
     start_step = _restore(cfg, run)
     hooks = _Hooks(
@@ -112,7 +112,7 @@ class _Run:
     use_te: bool
 
 
-def _build(cfg: Config, env: LaunchEnv, dp_size: int) -> _Run:
+def _build(cfg: Config, dp_size: int) -> _Run:
     """The input streams (once), model stage, optimizer, scheduler, train step and loader."""
     streams = input_streams(cfg)
     use_te = use_transformer_engine(cfg.model.transformer_impl)

@@ -119,15 +119,17 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 DEBUG_LOG_NAME = "debug.log"
-# Library chatter that is not a fact about the run: megatron's parameter-bucket listing and
-# its INFO lines, and Python warnings (Transformer Engine / Apex "not installed", deprecation
-# notices), which megatron repeats once per importing module on every rank.
-_DEBUG_ONLY = ("megatron", "py.warnings")
+# Library chatter that is not a fact about the run: megatron's INFO records (the
+# parameter-bucket listing) and Python warnings (Transformer Engine / Apex "not installed",
+# deprecation notices), which megatron repeats once per importing module on every rank.
+# megatron's own WARNING and ERROR records still reach the console.
 
 
 class _NotLibraryChatter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.name.startswith(_DEBUG_ONLY)
+        if record.name.startswith("py.warnings"):
+            return False
+        return not (record.name.startswith("megatron") and record.levelno < logging.WARNING)
 
 
 def capture_warnings_early() -> None:
