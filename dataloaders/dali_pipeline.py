@@ -74,11 +74,14 @@ class ViewPlan:
     eda_config: EdaConfig = field(default_factory=EdaConfig.default)
 
     @classmethod
-    def from_config(cls, cfg) -> ViewPlan:
-        """Exactly the fields ``input_streams(cfg)`` says the non-zero loss terms need."""
-        from tulip_mega.config.streams import input_streams
+    def from_config(cls, cfg, streams=None) -> ViewPlan:
+        """Exactly the fields the resolved input streams (``tulip_mega.config.streams.Streams``)
+        say the non-zero loss terms need; `streams` defaults to ``input_streams(cfg)``."""
+        if streams is None:
+            from tulip_mega.config.streams import input_streams
 
-        s, v, a = input_streams(cfg), cfg.data.views, cfg.data.augment
+            streams = input_streams(cfg)
+        s, v, a = streams, cfg.data.views, cfg.data.augment
         return cls(
             image_size=cfg.model.vision.image_size, crops=s.extra_global_crops,
             global_scale=tuple(v.global_scale), local_crops=s.local_crops, local_size=v.local_size,

@@ -1,6 +1,6 @@
 """EDA ("easy data augmentation") of captions, as used by the improved CLIP baseline (clip-rocket).
 
-Each of the four operations is applied to a caption with its own probability (DESIGN.md §5:
+Each of the four operations is applied to a caption with its own probability (docs/losses.md, clip-rocket:
 synonym 0.4, swap 0.4, deletion 0.2, stop-word removal 0.8; recipe keys data.augment.eda_*):
 
 - synonym replacement: ``n = max(1, round(alpha * words))`` words that have synonyms in
@@ -43,7 +43,7 @@ class EdaConfig:
 
     @classmethod
     def default(cls) -> EdaConfig:
-        """The recipe defaults (DESIGN.md section 5), read from the config schema."""
+        """The recipe defaults (docs/losses.md), read from the config schema."""
         from tulip_mega.config.schema import AugmentConfig
 
         return cls.from_augment(AugmentConfig())

@@ -107,16 +107,3 @@ def shard_stats(spec: str | list[str]) -> dict[str, Any]:
         "caption_words_mean": float(np.mean(words)) if words else 0.0,
         "caption_words_max": int(max(words)) if words else 0,
     }
-
-
-def inspect_recipe(recipe: str | None, overrides: list[str], out_png: str, rows: int = 8) -> str:
-    """Grid of the first batch the recipe's training loader yields on DP rank 0 (seed included)."""
-    from tulip_mega.config import load_config
-    from tulip_mega.training.data import build_train_loader
-
-    # one micro-batch of `rows` samples (the global batch only has to stay a multiple of it)
-    cfg = load_config(recipe, [*overrides, f"train.micro_batch_size={rows}", f"train.global_batch_size={rows}"])
-    loader = build_train_loader(cfg, dp_rank=0, dp_size=1)
-    batch = next(iter(loader))
-    tok = getattr(loader, "tokenizer")
-    return batch_grid(batch, tok.decode(batch.tokens), out_png, max_rows=rows)

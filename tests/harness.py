@@ -147,6 +147,7 @@ def build_train_step(overrides: Sequence[str]):
     initialising parallel state on first use (a worker may build several models)."""
     from megatron.core import parallel_state
 
+    from tulip_mega.convert.pretrained import load_pretrained
     from tulip_mega.models.build import build_model
     from tulip_mega.parallel.init import init_parallel
     from tulip_mega.training.optimizer import make_optimizer, make_scheduler
@@ -156,7 +157,9 @@ def build_train_step(overrides: Sequence[str]):
     if not parallel_state.model_parallel_is_initialized():
         init_parallel(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel, cfg.run.seed)
     dp_size = parallel_state.get_data_parallel_world_size()
-    model = wrap_ddp(build_model(cfg), cfg)
+    stage = build_model(cfg)
+    load_pretrained(stage, cfg.model)
+    model = wrap_ddp(stage, cfg)
     optimizer = make_optimizer(cfg, model)
     scheduler = make_scheduler(cfg, optimizer)
     num_micro = cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp_size)

@@ -49,7 +49,7 @@ def parallel_worker(root: str, hf_dir: str) -> dict:
 
     warnings.filterwarnings("ignore")
     from tulip_mega.training.checkpoint import save_checkpoint
-    from tulip_mega.training.loop import model_shape
+    from tulip_mega.training.checkpoint import model_shape
 
     cfg, model, opt, sch, step = build_train_step(PARALLEL + EXTRA)
     it = _batches(cfg, 0, 2)
@@ -73,7 +73,7 @@ def serial_worker(checkpoint: str, resharded: str, hf_dir: str) -> dict:
     from tulip_mega.convert.hf import import_hf_siglip
     from tulip_mega.models.init import load_full_tensors
     from tulip_mega.training.checkpoint import load_checkpoint
-    from tulip_mega.training.loop import model_shape
+    from tulip_mega.training.checkpoint import model_shape
 
     # The original TP=2 x PP=2 checkpoint, loaded under TP=1 x PP=1: reference embeddings.
     cfg, model, opt, sch, _ = build_train_step(SERIAL + EXTRA)
@@ -133,7 +133,7 @@ def runs(tmp_path_factory) -> dict:
     pytest.importorskip("transformers")
     from transformers import SiglipModel
 
-    from tulip_mega.convert.reshard import reshard
+    from tulip_mega.training.reshard import reshard
 
     root = tmp_path_factory.mktemp("convert")
     torch.manual_seed(0)

@@ -183,7 +183,8 @@ def standalone_worker(checkpoint: str, val: str, classes: str, out_dir: str) -> 
     import warnings
 
     warnings.filterwarnings("ignore")
-    from tulip_mega.eval.runner import Evaluator, evaluate_checkpoint
+    from tulip_mega.eval.runner import Evaluator
+    from tulip_mega.evaluate import evaluate_checkpoint
 
     tp2 = ["parallel.tensor_parallel=2", "parallel.pipeline_parallel=1", f"eval.batch_size={EVAL_BATCH}"]
     zs = evaluate_checkpoint(checkpoint, "zeroshot", val, classes, overrides=tp2, out=f"{out_dir}/zs.json")
@@ -193,7 +194,7 @@ def standalone_worker(checkpoint: str, val: str, classes: str, out_dir: str) -> 
     box = evaluate_checkpoint(checkpoint, "zeroshot", val, overrides=layout, out=f"{out_dir}/box.json")
 
     # The shard reader with label = sample index ("val0000042" -> 42), on the same DP=2 layout.
-    from tulip_mega.eval.runner import eval_config
+    from tulip_mega.evaluate import eval_config
     from tulip_mega.models.build import build_model
 
     cfg = eval_config(Path(checkpoint), "retrieval", val, overrides=layout, world_size=2)

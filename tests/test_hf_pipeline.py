@@ -44,7 +44,7 @@ def eval_worker(checkpoint: str, data: str, classes: str, out: str) -> dict:
     import warnings
 
     warnings.filterwarnings("ignore")
-    from tulip_mega.eval.runner import evaluate_checkpoint
+    from tulip_mega.evaluate import evaluate_checkpoint
 
     return evaluate_checkpoint(checkpoint, "zeroshot", data, classes=classes, out=out)["metrics"]
 

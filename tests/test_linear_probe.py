@@ -97,7 +97,7 @@ def probe_worker(checkpoint: str, data: str, val: str, out: str) -> dict:
     import warnings
 
     warnings.filterwarnings("ignore")
-    from tulip_mega.eval.runner import evaluate_checkpoint
+    from tulip_mega.evaluate import evaluate_checkpoint
 
     return evaluate_checkpoint(checkpoint, "linear_probe", data, val=val, out=out,
                                overrides=["parallel.tensor_parallel=1", "parallel.pipeline_parallel=2",

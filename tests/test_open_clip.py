@@ -86,7 +86,7 @@ def import_worker(root: str, source: str) -> str:
     warnings.filterwarnings("ignore")
     from harness import build_train_step
     from tulip_mega.training.checkpoint import save_checkpoint
-    from tulip_mega.training.loop import model_shape
+    from tulip_mega.training.checkpoint import model_shape
 
     cfg, model, opt, sch, _ = build_train_step(LAYOUT + [f"model.init_from_open_clip={source}"])
     return str(save_checkpoint(Path(root) / "imported", 0, model, opt, sch, None, model_shape(cfg)))

@@ -116,3 +116,28 @@ def test_1b_recipe_fits_on_64_nodes_and_plan_imports_no_torch():
     assert out.returncode == 0, out.stderr
     assert "512 GPUs = TP 2 x PP 1 x DP 256" in out.stdout
     assert "fp8=hybrid" in out.stdout and "warning" not in out.stdout
+
+
+def test_recipe_plan_comments_are_what_plan_prints():
+    """Every recipe's expected numbers are a `# plan:` block whose first line is the command;
+    re-running it must print the same block (regenerate with that command + --recipe-comment).
+    The GPU recipes must carry one."""
+    import shlex
+
+    from tulip_mega.config import load_config
+    from tulip_mega.plan import RECIPE_COMMENT_PREFIX, build_parser, make_plan, plan_command, recipe_comment
+
+    checked = []
+    for recipe in sorted((REPO / "recipes").glob("*.yaml")):
+        lines = [ln.rstrip("\n") for ln in recipe.read_text().splitlines() if ln.startswith(RECIPE_COMMENT_PREFIX)]
+        if not lines:
+            continue
+        words = shlex.split(lines[0][len(RECIPE_COMMENT_PREFIX):])
+        assert words[:2] == ["tulip-mega", "plan"], (recipe.name, lines[0])
+        args = build_parser().parse_intermixed_args(words[2:])
+        cfg = load_config(str(REPO / args.recipe), list(args.overrides) + ["precision.fp8=null"])
+        plan = make_plan(cfg, args.nodes, args.gpus_per_node, args.mfu, args.peak_tflops)
+        expected = recipe_comment(cfg, plan, plan_command(args))
+        assert lines == expected, f"{recipe.name}: the # plan: block differs from plan's output:\n" + "\n".join(expected)
+        checked.append(recipe.stem)
+    assert {"tulip_b16", "tulip_so400m", "tulip_1b", "clip_rocket_b16"} <= set(checked), checked

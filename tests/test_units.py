@@ -92,12 +92,24 @@ def test_cpu_compat_only_applies_without_cuda():
 def test_fp8_needs_transformer_engine_at_launch(monkeypatch, te):
     import tulip_mega.models.specs as specs
     from tulip_mega.config import ConfigError, load_config
-    from tulip_mega.parallel.init import check_runtime_support
 
     monkeypatch.setattr(specs, "transformer_engine_available", lambda: te)
     cfg = load_config(None, ["precision.fp8=e4m3"])
     if te:
-        check_runtime_support(cfg)
+        specs.check_layer_support(cfg.model, cfg.precision)
     else:
         with pytest.raises(ConfigError, match=r"precision.fp8='e4m3' needs Transformer Engine"):
-            check_runtime_support(cfg)
+            specs.check_layer_support(cfg.model, cfg.precision)
+
+
+def test_transformer_impl_te_without_te_names_the_key(monkeypatch):
+    import tulip_mega.models.specs as specs
+    from tulip_mega.config import ConfigError, load_config
+
+    monkeypatch.setattr(specs, "transformer_engine_available", lambda: False)
+    cfg = load_config(None, ["model.transformer_impl=te"])
+    with pytest.raises(ConfigError, match=r"model.transformer_impl=te needs Transformer Engine"):
+        specs.check_layer_support(cfg.model, cfg.precision)
+    assert specs.use_transformer_engine("auto") is False
+    monkeypatch.setattr(specs, "transformer_engine_available", lambda: True)
+    assert specs.use_transformer_engine("local") is False and specs.use_transformer_engine("auto") is True

@@ -41,8 +41,21 @@ def _cmd_data_index(args: argparse.Namespace) -> int:
     return 1 if damaged else 0
 
 
+def inspect_recipe(recipe: str | None, overrides: list[str], out_png: str, rows: int = 8) -> str:
+    """Grid of the first batch the recipe's training loader yields on DP rank 0 (seed included)."""
+    from dataloaders.inspect import batch_grid
+    from tulip_mega.config import load_config
+    from tulip_mega.training.data import build_train_loader
+
+    # one micro-batch of `rows` samples (the global batch only has to stay a multiple of it)
+    cfg = load_config(recipe, [*overrides, f"train.micro_batch_size={rows}", f"train.global_batch_size={rows}"])
+    loader = build_train_loader(cfg, dp_rank=0, dp_size=1)
+    batch = next(iter(loader))
+    tok = getattr(loader, "tokenizer")
+    return batch_grid(batch, tok.decode(batch.tokens), out_png, max_rows=rows)
+
+
 def _cmd_data_inspect(args: argparse.Namespace) -> int:
-    from dataloaders.inspect import inspect_recipe
     from tulip_mega.config import ConfigError
 
     overrides = list(args.overrides)
@@ -202,7 +215,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 def _cmd_reshard(args: argparse.Namespace) -> int:
     from tulip_mega.config import ConfigError
     from tulip_mega.convert.megatron_to_plain import ConversionError
-    from tulip_mega.convert.reshard import main as reshard_main
+    from tulip_mega.training.reshard import main as reshard_main
 
     try:
         return reshard_main(args.checkpoint, args.tp, args.pp, args.out, args.overrides)
@@ -345,7 +358,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for pattern in (".*(Transformer Engine|Apex).*not installed.*", "full scope is deprecated",
                         ".*(deprecat|DTensor).*"):
             warnings.filterwarnings("ignore", message=pattern)
-        from tulip_mega.eval.runner import main as eval_main
+        from tulip_mega.evaluate import main as eval_main
 
         return eval_main(argv[1:])
     args = build_parser().parse_args(argv)

@@ -55,6 +55,7 @@ import sys
 from typing import Optional, Sequence
 
 from tulip_mega.data_rate import data_rate, format_data_rate
+from tulip_mega.training.flops import contrastive_batch_line as flops_contrastive_batch_line
 from tulip_mega.training.flops import contrastive_batch_size, count_flops, embedding_cache_flops
 
 H100_BF16_DENSE_TFLOPS = 989.0
@@ -222,15 +223,8 @@ def make_plan(cfg, nodes: int, gpus_per_node: int = 8, mfu: float = 0.40,
 
 def contrastive_batch_line(plan: Plan) -> str:
     """How many pairs each contrastive term compares, and what that costs (start-up log, plan)."""
-    if plan.contrastive_mode == "micro":
-        return (f"contrastive batch {plan.contrastive_batch} = micro x DP per micro-step "
-                "(loss.contrastive_batch=micro)")
-    if not plan.flops_cache_per_sample:
-        return f"contrastive batch {plan.contrastive_batch} = the global batch (one micro-batch per step)"
-    return (f"contrastive batch {plan.contrastive_batch} = the global batch (loss.contrastive_batch=global): "
-            f"embedding cache over {plan.grad_accum} accumulation steps, +1 forward of the contrastive streams "
-            f"= +{plan.flops_cache_per_sample / 1e9:.3f} GFLOP per pair "
-            f"(+{plan.flops_cache_per_sample / plan.flops_model_per_sample:.0%} over training FLOPs)")
+    return flops_contrastive_batch_line(plan.contrastive_mode, plan.contrastive_batch, plan.grad_accum,
+                                        plan.flops_cache_per_sample, plan.flops_model_per_sample)
 
 
 def format_plan(cfg, plan: Plan, fp8: Optional[str] = None) -> str:
@@ -271,6 +265,55 @@ def format_plan(cfg, plan: Plan, fp8: Optional[str] = None) -> str:
     return "\n".join(lines)
 
 
+RECIPE_COMMENT_PREFIX = "# plan: "
+
+
+def _flops(x: float) -> str:
+    for unit, scale in (("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
+        if x >= scale:
+            return f"{x / scale:.3g} {unit}"
+    return f"{x:.3g} FLOP"
+
+
+def _count(x: float) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if x >= scale:
+            return f"{x / scale:.3g}{unit}"
+    return f"{x:.3g}"
+
+
+def _duration(seconds: float) -> str:
+    if seconds >= 2 * 86400:
+        return f"{seconds / 86400:.3g} days"
+    if seconds >= 2 * 3600:
+        return f"{seconds / 3600:.3g} hours"
+    return f"{seconds / 60:.3g} minutes"
+
+
+def recipe_comment(cfg, plan: Plan, command: str) -> list[str]:
+    """The `# plan:` block a recipe carries as its expected numbers: the command, then one line
+    per number. tests/test_plan.py re-runs the command and checks the block is what it prints
+    (regenerate with `tulip-mega plan RECIPE --nodes N --recipe-comment`)."""
+    v, t = cfg.model.vision, cfg.model.text
+    pairs = cfg.train.steps * plan.global_batch
+    cache = plan.flops_cache_per_sample
+    lines = [
+        command,
+        f"  model {cfg.model.size}: {_count(plan.params_total)} parameters "
+        f"(vision {v.num_layers}L h{v.hidden_size}, text {t.num_layers}L h{t.hidden_size})",
+        f"  layout: {plan.gpus} GPUs = TP {plan.tp} x PP {plan.pp} x DP {plan.dp}; global batch {plan.global_batch} "
+        f"= micro {plan.micro_batch} x DP {plan.dp} x {plan.grad_accum}",
+        f"  memory per GPU: {plan.memory_gib['total']:.1f} GiB (before ~10% headroom)",
+        f"  training {_flops(plan.flops_model_per_sample)} per pair"
+        + (f" + {_flops(cache)} embedding-cache forward (+{cache / plan.flops_model_per_sample:.0%})" if cache else ""),
+        f"  at {plan.mfu:.0%} MFU of {plan.peak_tflops:g} TFLOP/s per GPU: {plan.step_time_s:.3g} s per step, "
+        f"{_count(plan.samples_per_s)} pairs/s",
+        f"  train.steps {cfg.train.steps:,} x {plan.global_batch} = {_count(pairs)} pairs: "
+        f"{_duration(plan.step_time_s * cfg.train.steps)} on {plan.gpus} GPUs",
+    ]
+    return [RECIPE_COMMENT_PREFIX + line for line in lines]
+
+
 def _requested_fp8(recipe: Optional[str], overrides: Sequence[str]) -> Optional[str]:
     """precision.fp8 as the recipe/overrides ask for it (validation needs TE, which we skip)."""
     value = None
@@ -300,7 +343,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host-samples-per-core", type=float, default=None,
                    help="samples per CPU-second of the loader's host path on your CPUs (measure with "
                         "benchmarks/loader.py --host-only); default: tulip_mega.data_rate.HOST_SAMPLES_PER_CORE")
+    p.add_argument("--recipe-comment", action="store_true",
+                   help="print only the `# plan:` block a recipe carries as its expected numbers")
     return p
+
+
+def plan_command(args: argparse.Namespace) -> str:
+    """The `tulip-mega plan ...` command line that reproduces `args` (for the recipe block)."""
+    parts = ["tulip-mega plan", args.recipe, *args.overrides, f"--nodes {args.nodes}"]
+    defaults = build_parser().parse_args(["x", "--nodes", "1"])
+    for flag in ("gpus_per_node", "mfu", "peak_tflops"):
+        if getattr(args, flag) != getattr(defaults, flag):
+            parts.append(f"--{flag.replace('_', '-')} {getattr(args, flag):g}")
+    return " ".join(parts)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -318,6 +373,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ConfigError, OSError, ValueError) as e:
         print(f"tulip-mega: plan refused: {e}", file=sys.stderr)
         return 2
+    if args.recipe_comment:
+        print("\n".join(recipe_comment(cfg, plan, plan_command(args))))
+        return 0
     print(format_plan(cfg, plan, fp8))
     print(format_data_rate(rate, default_rate=args.host_samples_per_core is None))
     return 0

@@ -43,21 +43,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    from tulip_mega.training.metrics import capture_warnings_early
+
+    capture_warnings_early()  # megatron's import-time TE/Apex warnings go to the run's debug.log
     from tulip_mega.config import ConfigError, load_config
 
     overrides = list(args.overrides) + (["checkpoint.resume=true"] if args.resume else [])
     try:
         cfg = load_config(args.recipe, overrides)
         from tulip_mega.config import validate_layout
+        from tulip_mega.models.specs import check_layer_support
         from tulip_mega.parallel.init import check_runtime_support, launch_env
 
         validate_layout(cfg, launch_env().world_size)
         check_runtime_support(cfg)
+        check_layer_support(cfg.model, cfg.precision)
     except ConfigError as e:
         print(f"tulip-mega: config error: {e}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
-    # megatron-core warns at import that TE/apex are missing; on a CPU that is expected.
-    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex) (and Apex )?(are|is) not installed.*")
     # megatron-core 0.16's own TransformerConfig default triggers this deprecation notice.
     warnings.filterwarnings("ignore", message="full scope is deprecated")
     from tulip_mega.training.checkpoint import CheckpointError

@@ -45,7 +45,8 @@ def _at_least(obj: Any, prefix: str, names: tuple[str, ...], minimum: int) -> No
 class RunConfig:
     name: str = _f("tulip", "run name; run folder = output_dir/name")
     output_dir: str = _f("runs", "parent folder of run folders")
-    seed: int = _f(1234, "random seed (offset per rank where ranks must differ)")
+    seed: int = _f(1234, "random seed: weight init, data order and augmentation (keyed by seed and DP rank), "
+                              "MAE masks (keyed by seed, step and sample)")
     log_interval: int = _f(1, "steps between metric lines")
     max_wall_time_minutes: Optional[float] = _f(None, "stop cleanly (and checkpoint) after this long")
 
@@ -137,6 +138,8 @@ class ModelConfig:
     aug_temperature_init: float = _f(10.0, "inverse temperature of the aug <-> aug InfoNCE at init (1/0.1)")
     separate_logit_params: bool = _f(True, "image-image and text-text sigmoid terms learn their own scale/bias "
                                            "(init like the image-text ones); false = share the image-text ones")
+    transformer_impl: Literal["auto", "te", "local"] = _f("auto", "layer implementation: auto = Transformer Engine "
+                                                                  "when it imports, else megatron-core's local layers")
 
     def validate(self) -> None:
         self.vision.validate()
@@ -177,7 +180,7 @@ class PrecisionConfig:
 
     def validate(self) -> None:
         # Whether this machine has Transformer Engine for FP8 is checked at launch, with the
-        # other machine checks (tulip_mega.parallel.init.check_runtime_support): a recipe for
+        # other machine checks (tulip_mega.models.specs.check_layer_support): a recipe for
         # H100s must still load, print and plan anywhere.
         _at_least(self, "precision", ("fp8_amax_history_len",), 1)
 

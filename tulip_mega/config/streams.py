@@ -72,11 +72,6 @@ class Streams:
             out.append(VisionStream("mae", self.image_size, 1, self.mae_visible))
         return tuple(out)
 
-    @property
-    def image_views(self) -> int:
-        """Views entering the image-image loss: every global and local view (edits included)."""
-        return self.global_views + self.local_crops
-
     def contrastive_only(self) -> "Streams":
         """The streams the contrastive terms read: everything but the MAE visible patches and
         the caption decoder. The embedding-cache forward of `loss.contrastive_batch=global`
@@ -109,6 +104,33 @@ def _part_slice(sizes: dict[str, int], part: str, stream: str) -> slice:
             return slice(start, start + n)
         start += n
     raise KeyError(f"unknown {stream} part {part!r}; valid: {', '.join(sizes)}")
+
+
+@dataclass(frozen=True)
+class Heads:
+    """Which loss-only parameters and modules the model's last stage holds, derived once
+    from the recipe's loss weights (`model_heads`). The loss stack gives them their meaning:
+    the ii/tt logit scale and bias are the image-image / text-text sigmoid terms' own (else
+    those terms use the image-text ones), the aug projectors and scale serve the clip-rocket
+    aug InfoNCE, the decoders the reconstruction terms."""
+
+    image_image_logit: bool  # own ii_logit_scale / ii_logit_bias
+    text_text_logit: bool  # own tt_logit_scale / tt_logit_bias
+    aug_projector: bool  # aug_image/text_projector + aug_logit_scale
+    mae_decoder: bool
+    text_decoder: bool
+
+
+def model_heads(cfg) -> Heads:
+    """The heads the recipe's non-zero loss terms need (see `Heads`)."""
+    w, separate = cfg.loss.weights, cfg.model.separate_logit_params
+    return Heads(
+        image_image_logit=separate and w.image_image > 0,
+        text_text_logit=separate and w.text_text > 0,
+        aug_projector=w.aug_contrastive > 0,
+        mae_decoder=w.mae > 0,
+        text_decoder=w.text_recon > 0,
+    )
 
 
 def mae_visible_patches(patches: int, mask_ratio: float) -> int:

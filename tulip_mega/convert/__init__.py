@@ -4,7 +4,8 @@
   SigLIP parameter names, loadable from `model.safetensors` + `config.json`.
 - `megatron_to_plain`: dist checkpoint (any TP/PP) -> plain safetensors, tensor by tensor.
 - `hf`: export to / import from `transformers.SiglipModel` directories.
-- `reshard`: rewrite a checkpoint for another TP x PP layout.
+- resharding a checkpoint for another TP x PP layout is tulip_mega/training/reshard.py (it builds the
+  model and optimizer like the trainer).
 
 Only `plain_model` is imported here, so `import tulip_mega.convert` stays megatron-free.
 """

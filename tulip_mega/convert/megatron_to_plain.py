@@ -25,6 +25,7 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from tulip_mega.convert.plain_model import CONFIG_NAME, WEIGHTS_NAME, PlainConfig
+from tulip_mega.models.te_names import canonical_key  # TE's fused LayerNorm names -> local-spec names
 
 TOWERS = {"vision": "vision_model", "text": "text_model"}
 
@@ -44,7 +45,7 @@ _DIRECT = {
 }
 _SCALARS = ("logit_scale", "logit_bias")  # megatron: shape [], plain/HF: shape [1]
 
-# Per-layer renames, megatron sub-key (local spec; TE aliases below) -> plain sub-key.
+# Per-layer renames, megatron sub-key (local spec; TE names: models/te_names.py) -> plain sub-key.
 _LAYER = {
     "input_layernorm.weight": "layer_norm1.weight",
     "input_layernorm.bias": "layer_norm1.bias",
@@ -57,26 +58,11 @@ _LAYER = {
     "mlp.linear_fc2.weight": "mlp.fc2.weight",
     "mlp.linear_fc2.bias": "mlp.fc2.bias",
 }
-# Transformer Engine spec: the LayerNorms are fused into the following linear.
-TE_ALIASES = {
-    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
-    "self_attention.linear_qkv.layer_norm_bias": "input_layernorm.bias",
-    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
-    "mlp.linear_fc1.layer_norm_bias": "pre_mlp_layernorm.bias",
-}
 _QKV = ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias")
 
 
 class ConversionError(RuntimeError):
     """A checkpoint or model that cannot be converted; the message says why."""
-
-
-def canonical_key(key: str) -> str:
-    """TE names -> local-spec names (the canonical megatron key space used here)."""
-    for te, local in TE_ALIASES.items():
-        if key.endswith(te):
-            return key[: -len(te)] + local
-    return key
 
 
 def is_model_key(key: str) -> bool:
@@ -212,18 +198,6 @@ def single_process_group():
             yield
         finally:
             dist.destroy_process_group()
-
-
-def iter_checkpoint_model_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """(key, full tensor) for every model tensor of a dist checkpoint, read one at a time.
-
-    Needs a process group (see `single_process_group`)."""
-    from megatron.core import dist_checkpointing
-
-    meta = dist_checkpointing.load_tensors_metadata(str(path))
-    for key in sorted(k for k in meta if is_model_key(k) and not k.endswith("_extra_state")):
-        loaded = dist_checkpointing.load({key: meta[key]}, str(path), validate_access_integrity=False)
-        yield key, loaded[key]
 
 
 _ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",

@@ -1,13 +1,13 @@
-"""Zero-shot, retrieval and linear-probe evaluation: the in-training hook and `tulip-mega eval CHECKPOINT`.
+"""Zero-shot, retrieval and linear-probe evaluation of a model as laid out for training.
 
 `Evaluator(cfg, model).run()` evaluates the recipe's eval sets (eval.zeroshot_shards,
 eval.retrieval_shards) with the model as laid out for training (any TP x PP x DP); every
 rank returns the same metrics, keyed `eval/zeroshot/top1`, `eval/retrieval/image_to_text_r1`,
 ... The trainer calls it every eval.interval steps and at the end (tulip_mega/training/loop.py).
 
-`evaluate_checkpoint(...)` is the standalone command: it rebuilds the model from the run's
-config.yaml (beside the checkpoint folder, or --config), loads only the weights (any layout:
-dist_checkpointing reshards), evaluates one task and writes a JSON file.
+The standalone command `tulip-mega eval CHECKPOINT` (loads a checkpoint, then runs this
+Evaluator) is tulip_mega/evaluate.py: this package does not import the trainer or its
+checkpoint code.
 """
 
 from __future__ import annotations
@@ -187,140 +187,3 @@ def write_results(path: Path, metrics: dict[str, float], **context) -> None:
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps({**context, "metrics": metrics}, indent=1, sort_keys=True) + "\n")
     tmp.replace(path)
-
-
-# --- standalone: tulip-mega eval CHECKPOINT -----------------------------------------------
-def run_config_path(checkpoint: Path) -> Path:
-    """The run's resolved config.yaml: <run>/checkpoints/step_N -> <run>/config.yaml."""
-    return Path(checkpoint).resolve().parent.parent / "config.yaml"
-
-
-def eval_config(checkpoint: Path, task: str, data: str, classes: Optional[str] = None,
-                config: Optional[str] = None, overrides: Sequence[str] = (), world_size: int = 1,
-                val: Optional[str] = None) -> Config:
-    """The run's recipe with the eval set swapped in; a single process runs at TP = PP = 1
-    unless the overrides set a layout."""
-    from tulip_mega.config import load_config
-
-    if task not in TASKS:
-        raise ConfigError(f"--task must be one of {', '.join(TASKS)}, got {task!r}")
-    recipe = Path(config) if config else run_config_path(checkpoint)
-    if not recipe.is_file():
-        raise ConfigError(f"no run config at {recipe}: pass --config RECIPE (the recipe the checkpoint was "
-                          "trained with)")
-    layout: list[str] = []
-    if world_size == 1 and not any(o.startswith("parallel.") for o in overrides):
-        layout = ["parallel.tensor_parallel=1", "parallel.pipeline_parallel=1", "parallel.sequence_parallel=false",
-                  "parallel.distributed_optimizer=false"]
-    # --classes or the classes.json beside the shards, never the training run's eval.classes
-    task_keys = [f"eval.{task}_shards={data}", f"eval.classes={classes or 'null'}",
-                 f"eval.linear_probe_classes={classes or 'null'}", "eval.interval=0",
-                 "model.init_from_hf=null", "model.init_from_open_clip=null"]
-    if task == "linear_probe":
-        if not val:
-            raise ConfigError("--task linear_probe needs --val VAL_SHARDS (top-1 is reported on them; --data are "
-                              "the shards the probe is fitted on)")
-        task_keys.append(f"eval.linear_probe_val_shards={val}")
-    others = [f"eval.{t}_shards=null" for t in TASKS if t != task]
-    if task != "linear_probe":
-        others.append("eval.linear_probe_val_shards=null")
-    return load_config(str(recipe), layout + others + task_keys + list(overrides))
-
-
-def load_weights(checkpoint: Path, module, model_config: dict) -> None:
-    """Only the model's weights from a training checkpoint, into this rank's stage (any layout)."""
-    from megatron.core import dist_checkpointing
-
-    from tulip_mega.training.checkpoint import CheckpointError, check_model_config
-
-    checkpoint = Path(checkpoint)
-    if not dist_checkpointing.check_is_distributed_checkpoint(str(checkpoint)):
-        raise CheckpointError(f"{checkpoint} is not a dist_checkpointing checkpoint (no metadata.json)")
-    common = dist_checkpointing.load_common_state_dict(str(checkpoint))
-    check_model_config(checkpoint, common.get("model_config", {}), model_config)
-    loaded = dist_checkpointing.load({"model": module.sharded_state_dict()}, str(checkpoint))
-    module.load_state_dict(loaded["model"])
-
-
-def evaluate_checkpoint(checkpoint: str, task: str, data: str, classes: Optional[str] = None,
-                        config: Optional[str] = None, overrides: Sequence[str] = (),
-                        out: Optional[str] = None, val: Optional[str] = None) -> dict:
-    """Evaluate `checkpoint` on one task; every rank returns {"metrics": ..., "out": json path}.
-
-    Launch like training (single process, torchrun or srun); the layout is the recipe's (or
-    TP = PP = 1 in a single process) and need not match the one the checkpoint was saved with.
-    """
-    from tulip_mega.config import validate_layout
-    from tulip_mega.models.build import build_model
-    from tulip_mega.parallel.init import check_runtime_support, init_parallel, launch_env
-    from tulip_mega.training.loop import model_shape
-    from tulip_mega.training.metrics import setup_logging
-
-    env = launch_env()
-    checkpoint_path = Path(checkpoint)
-    cfg = eval_config(checkpoint_path, task, data, classes, config, overrides, env.world_size, val)
-    validate_layout(cfg, env.world_size)
-    check_runtime_support(cfg)
-    setup_logging(env.rank)
-    if parallel_state.model_parallel_is_initialized():  # a caller evaluating several checkpoints
-        parallel_state.destroy_model_parallel()
-    init_parallel(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel, cfg.run.seed, env)
-    model = build_model(cfg)
-    load_weights(checkpoint_path, model, model_shape(cfg))
-    metrics = Evaluator(cfg, model, tasks=[task]).run()
-    if out is None:
-        run = checkpoint_path.resolve().parent.parent
-        out = str(run / "eval" / f"{checkpoint_path.name}_{task}.json")
-    if env.rank == 0:
-        write_results(Path(out), metrics, checkpoint=str(checkpoint_path), task=task, data=data, val=val,
-                      layout=[cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel,
-                              parallel_state.get_data_parallel_world_size()])
-        for k, v in metrics.items():
-            log.info("%s = %.4f", k, v)
-        log.info("results: %s", Path(out).resolve())
-    return {"metrics": metrics, "out": out}
-
-
-def build_parser():
-    import argparse
-
-    p = argparse.ArgumentParser(
-        prog="tulip-mega eval",
-        description="Evaluate a training checkpoint: zero-shot classification, image-text retrieval or a linear "
-                    "probe (logistic regression on frozen image features). "
-                    "Runs single-process or under torchrun/srun (any TP x PP x DP layout via overrides).",
-    )
-    p.add_argument("checkpoint", help="a checkpoint folder, e.g. runs/tiny_cpu/checkpoints/step_0000200")
-    p.add_argument("overrides", nargs="*", help="recipe overrides key.path=value (e.g. parallel.tensor_parallel=2)")
-    p.add_argument("--task", choices=TASKS, required=True)
-    p.add_argument("--data", required=True, help="eval shards: brace range, glob or folder "
-                                                 "(linear_probe: the shards the probe is fitted on)")
-    p.add_argument("--val", default=None, help="linear_probe: the shards top-1 is reported on")
-    p.add_argument("--classes", default=None, help="zeroshot / linear_probe: classes.json (default: beside --data)")
-    p.add_argument("--config", default=None, help="the run's recipe (default: <run>/config.yaml beside checkpoints/)")
-    p.add_argument("--out", default=None, help="results JSON (default: <run>/eval/<checkpoint>_<task>.json)")
-    return p
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """`tulip-mega eval`: exit 0 done, 2 config/data error, 3 checkpoint error."""
-    import sys
-
-    from tulip_mega.training.checkpoint import CheckpointError
-
-    args = build_parser().parse_intermixed_args(argv)
-    try:
-        result = evaluate_checkpoint(args.checkpoint, args.task, args.data, args.classes, args.config,
-                                     args.overrides, args.out, val=args.val)
-    except (ConfigError, FileNotFoundError, ValueError, KeyError) as e:
-        print(f"tulip-mega: eval error: {e}", file=sys.stderr)
-        return 2
-    except CheckpointError as e:
-        print(f"tulip-mega: checkpoint error: {e}", file=sys.stderr)
-        return 3
-    from tulip_mega.parallel.init import destroy_parallel, launch_env
-
-    if launch_env().rank == 0:
-        print(json.dumps(result["metrics"], indent=1, sort_keys=True))
-    destroy_parallel()
-    return 0

@@ -24,8 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from tulip_mega.losses.pairwise import check_embeddings, rank_and_world
-from tulip_mega.losses.sigmoid import ScalarLike, _AllGatherRows, _as_scalar, _compute_dtype
+from tulip_mega.losses.common import AllGatherRows, ScalarLike, as_scalar, check_embeddings, compute_dtype, rank_and_world
 
 __all__ = ["DistributedInfoNCELoss", "infonce_loss"]
 
@@ -48,7 +47,7 @@ def _rows_ce(rows: torch.Tensor, cols: torch.Tensor, scale: torch.Tensor, offset
     The matmul stays in the embeddings' dtype; softmax and reduction run in float32 (or
     float64), like the sigmoid loss.
     """
-    cdtype = _compute_dtype(rows.dtype)
+    cdtype = compute_dtype(rows.dtype)
     logits = (rows @ cols.T).to(cdtype) * scale.reshape(()).to(cdtype)  # [B, N]
     target = torch.arange(offset, offset + rows.shape[0], device=rows.device)  # [B]
     return F.cross_entropy(logits, target, label_smoothing=label_smoothing)
@@ -64,7 +63,7 @@ def infonce_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: S
     DistributedInfoNCELoss and the path it takes with one rank.
     """
     _check_inputs(image_emb, text_emb, label_smoothing)
-    scale = _as_scalar("logit_scale", logit_scale, image_emb)
+    scale = as_scalar("logit_scale", logit_scale, image_emb)
     return 0.5 * (_rows_ce(image_emb, text_emb, scale, 0, label_smoothing)
                   + _rows_ce(text_emb, image_emb, scale, 0, label_smoothing))
 
@@ -100,12 +99,12 @@ class DistributedInfoNCELoss(torch.nn.Module):
     ) -> torch.Tensor:
         """Per-rank loss for local [B_local, D] image/text pairs (see the class docstring)."""
         _check_inputs(image_emb, text_emb, self.label_smoothing)
-        scale = _as_scalar("logit_scale", logit_scale, image_emb)
+        scale = as_scalar("logit_scale", logit_scale, image_emb)
         rank, world = rank_and_world(self.group)
         if world == 1:
             return infonce_loss(image_emb, text_emb, scale, self.label_smoothing)
-        all_images = _AllGatherRows.apply(image_emb, self.group, world)  # [W*B, D]
-        all_texts = _AllGatherRows.apply(text_emb, self.group, world)  # [W*B, D]
+        all_images = AllGatherRows.apply(image_emb, self.group, world)  # [W*B, D]
+        all_texts = AllGatherRows.apply(text_emb, self.group, world)  # [W*B, D]
         offset = rank * image_emb.shape[0]  # my pairs' position in the global batch
         return 0.5 * (_rows_ce(image_emb, all_texts, scale, offset, self.label_smoothing)
                       + _rows_ce(text_emb, all_images, scale, offset, self.label_smoothing))

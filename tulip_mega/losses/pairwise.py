@@ -29,12 +29,15 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from tulip_mega.losses.sigmoid import (
+from tulip_mega.losses.common import (
+    AllGatherRows,
     ScalarLike,
-    _AllGatherRows,
-    _as_scalar,
-    _compute_dtype,
-    _logits,
+    as_scalar,
+    check_embeddings,
+    check_weights,
+    compute_dtype,
+    pair_logits,
+    rank_and_world,
 )
 
 __all__ = ["DistributedPairSigmoidLoss", "pair_sigmoid_loss", "same_sample_weights"]
@@ -45,56 +48,10 @@ __all__ = ["DistributedPairSigmoidLoss", "pair_sigmoid_loss", "same_sample_weigh
 # --------------------------------------------------------------------------------------------
 
 
-def rank_and_world(group: Optional[dist.ProcessGroup]) -> tuple[int, int]:
-    """(rank in `group`, size of `group`); (0, 1) when torch.distributed is not initialised.
-
-    Lets every loss run unchanged in a single process (unit tests, DP=1 debugging).
-    """
-    if not (dist.is_available() and dist.is_initialized()):
-        if group is not None:
-            raise RuntimeError("a process group was given but torch.distributed is not initialised")
-        return 0, 1
-    rank = dist.get_rank(group)
-    if rank < 0:
-        raise RuntimeError("this process is not a member of the given data-parallel group")
-    return rank, dist.get_world_size(group)
-
-
-def check_embeddings(names: tuple[str, str], a: torch.Tensor, b: torch.Tensor) -> None:
-    """Both 2-D with the same embedding dim; the message names the two arguments."""
-    if a.dim() != 2 or b.dim() != 2:
-        raise ValueError(
-            f"{names[0]} and {names[1]} must be 2-D [batch, dim], got shapes "
-            f"{tuple(a.shape)} and {tuple(b.shape)}"
-        )
-    if a.shape[1] != b.shape[1]:
-        raise ValueError(
-            f"{names[0]} and {names[1]} must have the same embedding dim, got shapes "
-            f"{tuple(a.shape)} and {tuple(b.shape)}"
-        )
-
-
-def _check_weights(name: str, w: torch.Tensor, shape: tuple[int, ...], allowed: tuple[float, ...]) -> None:
-    """Shape, numeric dtype and values of a weight tensor (reading the values syncs the device)."""
-    if tuple(w.shape) != shape:
-        raise ValueError(f"{name} must have shape {shape}, got {tuple(w.shape)}")
-    if w.dtype == torch.bool or w.is_complex():
-        # True/False would silently read as positive/ignored, never as negative.
-        raise ValueError(
-            f"{name} must be a numeric (float or int) tensor with entries in {allowed}, got {w.dtype}"
-        )
-    valid = torch.zeros_like(w, dtype=torch.bool)
-    for v in allowed:
-        valid |= w == v  # NaN matches nothing, so it is rejected too
-    if not bool(valid.all()):
-        bad = w[~valid].flatten()[:5].tolist()
-        raise ValueError(f"{name} entries must be in {allowed}, found e.g. {bad}")
-
-
 def _weighted_loss(rows: torch.Tensor, cols: torch.Tensor, weights: torch.Tensor,
                    scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """(1/R) * sum |w| * softplus(-w * logits), element-wise part in float32 (or float64)."""
-    logits = _logits(rows, cols, scale, bias)  # [R, C]
+    logits = pair_logits(rows, cols, scale, bias)  # [R, C]
     w = weights.to(device=logits.device, dtype=logits.dtype)  # [R, C]
     # |w| zeroes the ignored pairs, and their gradient, exactly.
     return (w.abs() * F.softplus(-w * logits)).sum() / rows.shape[0]
@@ -115,9 +72,9 @@ def pair_sigmoid_loss(rows: torch.Tensor, cols: torch.Tensor, weights: torch.Ten
     rescales the others.
     """
     check_embeddings(("rows", "cols"), rows, cols)
-    _check_weights("weights", weights, (rows.shape[0], cols.shape[0]), (1.0, -1.0, 0.0))
-    scale = _as_scalar("logit_scale", logit_scale, rows)
-    bias = _as_scalar("logit_bias", logit_bias, rows)
+    check_weights("weights", weights, (rows.shape[0], cols.shape[0]), (1.0, -1.0, 0.0))
+    scale = as_scalar("logit_scale", logit_scale, rows)
+    bias = as_scalar("logit_bias", logit_bias, rows)
     return _weighted_loss(rows, cols, weights, scale, bias)
 
 
@@ -158,7 +115,7 @@ def same_sample_weights(
         if t.dim() != 1 or t.is_floating_point() or t.dtype == torch.bool:
             raise ValueError(f"{name} must be a 1-D integer tensor, got {t.dtype} of shape {tuple(t.shape)}")
     num_cols = col_sample.shape[0]
-    _check_weights("col_weight", col_weight, (num_cols,), (1.0, -1.0, 0.0))
+    check_weights("col_weight", col_weight, (num_cols,), (1.0, -1.0, 0.0))
     if col_valid is None:
         col_valid = col_weight != 0
     elif col_valid.dtype != torch.bool or tuple(col_valid.shape) != (num_cols,):
@@ -228,13 +185,13 @@ class DistributedPairSigmoidLoss(torch.nn.Module):
         """
         check_embeddings(("rows", "cols"), rows, cols)
         num_rows, num_cols = rows.shape[0], cols.shape[0]
-        _check_weights("local_weights", local_weights, (num_rows, num_cols), (1.0, -1.0, 0.0))
-        _check_weights("remote_col_weights", remote_col_weights, (num_cols,), (-1.0, 0.0))
+        check_weights("local_weights", local_weights, (num_rows, num_cols), (1.0, -1.0, 0.0))
+        check_weights("remote_col_weights", remote_col_weights, (num_cols,), (-1.0, 0.0))
         if row_valid is not None and (row_valid.dtype != torch.bool or tuple(row_valid.shape) != (num_rows,)):
             raise ValueError(f"row_valid must be a bool tensor of shape ({num_rows},), got "
                              f"{row_valid.dtype} of shape {tuple(row_valid.shape)}")
-        scale = _as_scalar("logit_scale", logit_scale, rows)
-        bias = _as_scalar("logit_bias", logit_bias, rows)
+        scale = as_scalar("logit_scale", logit_scale, rows)
+        bias = as_scalar("logit_bias", logit_bias, rows)
         rank, world = rank_and_world(self.group)
         if world == 1:
             weights = local_weights
@@ -242,8 +199,8 @@ class DistributedPairSigmoidLoss(torch.nn.Module):
                 weights = weights * row_valid.to(device=weights.device, dtype=weights.dtype)[:, None]
             return _weighted_loss(rows, cols, weights, scale, bias)
 
-        all_cols = _AllGatherRows.apply(cols, self.group, world)  # [W*C, D]
-        cdtype = _compute_dtype(rows.dtype)
+        all_cols = AllGatherRows.apply(cols, self.group, world)  # [W*C, D]
+        cdtype = compute_dtype(rows.dtype)
         remote = remote_col_weights.detach().to(device=cols.device, dtype=cdtype).contiguous()
         all_remote = remote.new_empty(world * num_cols)  # [W*C]
         gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from dataloaders.tokenizer import PAD_ID
+from tulip_mega.losses.common import require_all
 
 __all__ = ["PAD_ID", "causal_text_loss", "mae_loss", "mae_mask", "mae_targets", "patchify"]
 
@@ -159,10 +160,9 @@ def causal_text_loss(logits: torch.Tensor, targets: torch.Tensor, pad_id: int = 
     if parallel_state.model_parallel_is_initialized():
         tp = parallel_state.get_tensor_model_parallel_world_size()
     vocab = v_local * tp
-    if bool(((targets < 0) | (targets >= vocab)).any()):
-        bad = targets[(targets < 0) | (targets >= vocab)][:5].tolist()
-        raise ValueError(f"targets must be token ids in [0, {vocab}) (V_local={v_local} x tp={tp}), "
-                         f"found e.g. {bad}")
+    in_vocab = (targets >= 0) & (targets < vocab)
+    require_all(in_vocab, lambda: f"targets must be token ids in [0, {vocab}) (V_local={v_local} x tp={tp}), "
+                                  f"found e.g. {targets[~in_vocab][:5].tolist()}")
 
     tokens = targets.T.contiguous()  # [L, B], the logits' layout
     if parallel_state.model_parallel_is_initialized():

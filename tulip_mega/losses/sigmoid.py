@@ -23,15 +23,25 @@ Implementation notes shared by the dense and the ring code:
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from tulip_mega.losses.common import (
+    AllGatherRows,
+    ScalarLike,
+    as_scalar,
+    check_embeddings,
+    check_weights,
+    compute_dtype,
+    pair_logits,
+    rank_and_world,
+)
+
 __all__ = ["sigmoid_loss", "DistributedSigmoidLoss"]
 
-ScalarLike = Union[torch.Tensor, float]
 
 # P2P tags. NCCL ignores tags (it matches messages per peer in issue order, which our fixed
 # schedule keeps identical on all ranks); gloo matches on (peer, tag), and with 2 ranks the left
@@ -51,61 +61,6 @@ _IMPLS = ("ring", "gather")
 # --------------------------------------------------------------------------------------------
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float32 for half types, otherwise the input dtype (float64 stays float64)."""
-    return torch.promote_types(dtype, torch.float32)
-
-
-def _as_scalar(name: str, value: ScalarLike, like: torch.Tensor) -> torch.Tensor:
-    """A one-element tensor for `logit_scale` / `logit_bias`, keeping a caller's tensor as is.
-
-    The caller's tensor must be returned unchanged (not reshaped/cast) so autograd delivers the
-    gradient to it; the casts to the compute dtype happen inside the loss.
-    """
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"{name} must hold exactly one element, got shape {tuple(value.shape)}")
-        return value
-    return torch.tensor(float(value), dtype=_compute_dtype(like.dtype), device=like.device)
-
-
-def _check_pair(image_emb: torch.Tensor, text_emb: torch.Tensor) -> None:
-    if image_emb.dim() != 2 or text_emb.dim() != 2:
-        raise ValueError(
-            "image_emb and text_emb must be 2-D [batch, dim], got shapes "
-            f"{tuple(image_emb.shape)} and {tuple(text_emb.shape)}"
-        )
-    if image_emb.shape[1] != text_emb.shape[1]:
-        raise ValueError(
-            "image_emb and text_emb must have the same embedding dim, got shapes "
-            f"{tuple(image_emb.shape)} and {tuple(text_emb.shape)}"
-        )
-
-
-def _check_pair_weights(pair_weights: torch.Tensor, rows: int, cols: int) -> None:
-    if pair_weights.shape != (rows, cols):
-        raise ValueError(
-            f"pair_weights must have shape [B, N] = ({rows}, {cols}) to match image_emb/text_emb, "
-            f"got {tuple(pair_weights.shape)}"
-        )
-    if pair_weights.dtype == torch.bool:
-        # True/False would silently read as positive/ignored, never as negative.
-        raise ValueError("pair_weights must be numeric with entries in {-1, 0, +1}, got a bool tensor")
-    valid = (pair_weights == 1) | (pair_weights == 0) | (pair_weights == -1)  # also rejects NaN
-    if not bool(valid.all()):
-        bad = pair_weights[~valid].flatten()[:5].tolist()
-        raise ValueError(f"pair_weights entries must be -1, 0 or +1, found e.g. {bad}")
-
-
-def _logits(
-    x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor
-) -> torch.Tensor:
-    """s * x @ y.T + b in the compute dtype. x [B, D], y [N, D] -> [B, N]."""
-    cdtype = _compute_dtype(x.dtype)
-    raw = (x @ y.T).to(cdtype)  # [B, N]
-    return scale.reshape(()).to(cdtype) * raw + bias.reshape(()).to(cdtype)
-
-
 def _diag_positive_loss(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -120,7 +75,7 @@ def _diag_positive_loss(
     y is the gathered global text batch and col_offset the rank's first global row.
     """
     rows = x.shape[0]
-    logits = _logits(x, y, scale, bias)  # [B, N]
+    logits = pair_logits(x, y, scale, bias)  # [B, N]
     positives = logits[:, col_offset : col_offset + rows].diagonal()  # [B]
     return (F.softplus(logits).sum() - positives.sum()) / rows
 
@@ -156,9 +111,9 @@ def sigmoid_loss(
         number of rows, also when pairs are ignored, so that masking a pair never rescales the
         other terms.
     """
-    _check_pair(image_emb, text_emb)
-    scale = _as_scalar("logit_scale", logit_scale, image_emb)
-    bias = _as_scalar("logit_bias", logit_bias, image_emb)
+    check_embeddings(("image_emb", "text_emb"), image_emb, text_emb)
+    scale = as_scalar("logit_scale", logit_scale, image_emb)
+    bias = as_scalar("logit_bias", logit_bias, image_emb)
     rows, cols = image_emb.shape[0], text_emb.shape[0]
     if pair_weights is None:
         if rows != cols:
@@ -169,8 +124,8 @@ def sigmoid_loss(
             )
         return _diag_positive_loss(image_emb, text_emb, scale, bias)
 
-    _check_pair_weights(pair_weights, rows, cols)
-    logits = _logits(image_emb, text_emb, scale, bias)  # [B, N]
+    check_weights("pair_weights", pair_weights, (rows, cols), (1.0, -1.0, 0.0))
+    logits = pair_logits(image_emb, text_emb, scale, bias)  # [B, N]
     z = pair_weights.to(device=logits.device, dtype=logits.dtype)  # [B, N] in {-1, 0, 1}
     # -log sigmoid(z*l) = softplus(-z*l); |z| zeroes the ignored pairs (their gradient too).
     return (z.abs() * F.softplus(-z * logits)).sum() / rows
@@ -243,7 +198,7 @@ def _block_grads(
     d/dl softplus(l) = sigmoid(l) for negatives, sigmoid(l) - 1 on a positive diagonal.
     Returns (d/dx [B, D], d/dy [B, D], d/ds, d/db) in the compute dtype.
     """
-    cdtype = _compute_dtype(x.dtype)
+    cdtype = compute_dtype(x.dtype)
     raw = (x @ y.T).to(cdtype)  # [B_x, B_y]
     dlogits = torch.sigmoid(raw * scale + bias)  # [B_x, B_y]
     if positive_diagonal:
@@ -296,7 +251,7 @@ class _RingSigmoidLoss(torch.autograd.Function):
     ) -> torch.Tensor:
         ctx.save_for_backward(x, y, scale, bias)
         ctx.group, ctx.rank, ctx.world = group, rank, world
-        cdtype = _compute_dtype(x.dtype)
+        cdtype = compute_dtype(x.dtype)
         s = scale.detach().reshape(()).to(cdtype)
         b = bias.detach().reshape(()).to(cdtype)
         x, y = x.detach(), y.detach().contiguous()
@@ -329,7 +284,7 @@ class _RingSigmoidLoss(torch.autograd.Function):
         x, y, scale, bias = ctx.saved_tensors
         group, sched = ctx.group, _RingSchedule(ctx.group, ctx.rank, ctx.world)
         need_x, need_y = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        cdtype = _compute_dtype(x.dtype)
+        cdtype = compute_dtype(x.dtype)
         s = scale.detach().reshape(()).to(cdtype)
         b = bias.detach().reshape(()).to(cdtype)
         x, y = x.detach(), y.detach().contiguous()
@@ -422,34 +377,6 @@ class _RingSigmoidLoss(torch.autograd.Function):
 # --------------------------------------------------------------------------------------------
 
 
-class _AllGatherRows(torch.autograd.Function):
-    """[B, D] per rank -> [W*B, D] in group-rank order; backward reduce-scatters (sums).
-
-    The sum is right for the DP contract: every rank differentiates its own loss, so the
-    gradient for rank r's block is the sum over ranks of their contributions.
-    """
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx, t: torch.Tensor, group: Optional[dist.ProcessGroup], world: int
-    ) -> torch.Tensor:
-        ctx.group = group
-        t = t.contiguous()
-        out = t.new_empty((world * t.shape[0],) + tuple(t.shape[1:]))  # [W*B, D]
-        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-        gather(out, t, group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        grad = grad.contiguous()  # [W*B, D]
-        world = dist.get_world_size(ctx.group)
-        out = grad.new_empty((grad.shape[0] // world,) + tuple(grad.shape[1:]))  # [B, D]
-        scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-        scatter(out, grad, op=dist.ReduceOp.SUM, group=ctx.group)
-        return out, None, None
-
-
 # --------------------------------------------------------------------------------------------
 # Public module
 # --------------------------------------------------------------------------------------------
@@ -492,16 +419,6 @@ class DistributedSigmoidLoss(torch.nn.Module):
     def extra_repr(self) -> str:
         return f"impl={self.impl!r}"
 
-    def _rank_and_world(self) -> tuple[int, int]:
-        if not (dist.is_available() and dist.is_initialized()):
-            if self.group is not None:
-                raise RuntimeError("a process group was given but torch.distributed is not initialised")
-            return 0, 1
-        rank = dist.get_rank(self.group)
-        if rank < 0:
-            raise RuntimeError("this process is not a member of the given data-parallel group")
-        return rank, dist.get_world_size(self.group)
-
     def forward(
         self,
         image_emb_local: torch.Tensor,
@@ -510,22 +427,22 @@ class DistributedSigmoidLoss(torch.nn.Module):
         logit_bias: ScalarLike,
     ) -> torch.Tensor:
         """Per-rank loss for local [B_local, D] image/text pairs (see the class docstring)."""
-        _check_pair(image_emb_local, text_emb_local)
+        check_embeddings(("image_emb", "text_emb"), image_emb_local, text_emb_local)
         if image_emb_local.shape[0] != text_emb_local.shape[0]:
             raise ValueError(
                 "image_emb_local and text_emb_local must hold the same pairs, got shapes "
                 f"{tuple(image_emb_local.shape)} and {tuple(text_emb_local.shape)}"
             )
-        scale = _as_scalar("logit_scale", logit_scale, image_emb_local)
-        bias = _as_scalar("logit_bias", logit_bias, image_emb_local)
-        rank, world = self._rank_and_world()
+        scale = as_scalar("logit_scale", logit_scale, image_emb_local)
+        bias = as_scalar("logit_bias", logit_bias, image_emb_local)
+        rank, world = rank_and_world(self.group)
         if world == 1:
             return _diag_positive_loss(image_emb_local, text_emb_local, scale, bias)
         if self.impl == "ring":
             return _RingSigmoidLoss.apply(
                 image_emb_local, text_emb_local, scale, bias, self.group, rank, world
             )
-        texts = _AllGatherRows.apply(text_emb_local, self.group, world)  # [W*B_local, D]
+        texts = AllGatherRows.apply(text_emb_local, self.group, world)  # [W*B_local, D]
         return _diag_positive_loss(
             image_emb_local, texts, scale, bias, col_offset=rank * image_emb_local.shape[0]
         )

@@ -6,32 +6,40 @@ from typing import Optional
 
 from megatron.core import parallel_state
 
-from tulip_mega.models.init import initialize_parameters, load_full_tensors
+from tulip_mega.config.streams import Streams, input_streams, model_heads
+from tulip_mega.models.init import initialize_parameters
 from tulip_mega.models.megatron_config import decoder_config, tower_config
-from tulip_mega.models.tulip import TRAINING_ONLY, TulipModel
+from tulip_mega.models.specs import use_transformer_engine
+from tulip_mega.models.tulip import TulipModel
 from tulip_mega.parallel.init import device
 
 
-def build_model(cfg, use_te: Optional[bool] = None) -> TulipModel:
+def build_model(cfg, use_te: Optional[bool] = None, streams: Optional[Streams] = None) -> TulipModel:
     """The TulipModel stage for this pipeline rank, initialised layout-invariantly, on device.
 
     Needs megatron's parallel state initialised (tulip_mega.parallel.init.init_parallel).
-    With `model.init_from_hf` set, the random init is then overwritten by that Hugging Face
-    SiglipModel's weights (each rank copies its own slice; the architecture must match), and
-    likewise with `model.init_from_open_clip` by an open_clip folder's.
+    Layers are Transformer Engine or local per `model.transformer_impl` (models/specs.py);
+    `use_te` overrides that (benchmarks). Starting from released weights (`model.init_from_hf`
+    / `init_from_open_clip`) is a separate step: tulip_mega.convert.pretrained.load_pretrained.
+    `streams`: the run's resolved input streams (the trainer derives them once; default:
+    `input_streams(cfg)`). The model itself gets only `cfg.model`, the streams and its heads.
     """
+    if use_te is None:
+        use_te = use_transformer_engine(cfg.model.transformer_impl)
     vision_config = tower_config(cfg, "vision")
     text_config = tower_config(cfg, "text")
-    weights = cfg.loss.weights
+    heads = model_heads(cfg)
     decoder_configs = {}
-    if weights.mae > 0:
+    if heads.mae_decoder:
         decoder_configs["mae"] = decoder_config(cfg, "mae")
-    if weights.text_recon > 0:
+    if heads.text_decoder:
         decoder_configs["text"] = decoder_config(cfg, "text")
     model = TulipModel(
         vision_config,
         text_config,
-        cfg,
+        cfg.model,
+        streams or input_streams(cfg),
+        heads,
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
         use_te=use_te,
@@ -49,12 +57,4 @@ def build_model(cfg, use_te: Optional[bool] = None) -> TulipModel:
             "text_decoder": cfg.model.text_decoder.num_layers,
         },
     )
-    if cfg.model.init_from_hf:
-        from tulip_mega.convert.hf import import_hf_siglip
-
-        load_full_tensors(model, import_hf_siglip(cfg.model.init_from_hf, cfg.model), optional=TRAINING_ONLY)
-    if cfg.model.init_from_open_clip:
-        from tulip_mega.convert.openclip import import_open_clip
-
-        load_full_tensors(model, import_open_clip(cfg.model.init_from_open_clip, cfg.model), optional=TRAINING_ONLY)
     return model

@@ -18,6 +18,8 @@ import torch
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from megatron.core.dist_checkpointing.utils import extract_sharded_tensors
 
+from tulip_mega.models.te_names import canonical_key
+
 # Output projections of residual branches get a std scaled by 1/sqrt(2 * num_layers) (GPT-2).
 _RESIDUAL_OUTPUTS = ("linear_proj.weight", "linear_fc2.weight")
 # Keys the model initialises itself from recipe constants (logit scale/bias).
@@ -98,8 +100,6 @@ def load_full_tensors(model: torch.nn.Module, full: dict[str, torch.Tensor], opt
     source cannot have, e.g. the training-only decoders), which keep their values. Returns the
     number of tensors copied.
     """
-    from tulip_mega.convert.megatron_to_plain import canonical_key
-
     by_canonical = {canonical_key(k): v for k, v in full.items()}
     sharded = extract_sharded_tensors(model.sharded_state_dict())[0]
     done: set[int] = set()

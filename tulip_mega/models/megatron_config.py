@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from tulip_mega.parallel.init import use_cuda
+from tulip_mega.parallel.init import compute_dtype, use_cuda
 
 Tower = Literal["vision", "text"]
 DecoderName = Literal["mae", "text"]
@@ -27,11 +27,8 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
 
 
 def params_dtype(cfg) -> torch.dtype:
-    """Compute dtype: 'auto' is bf16 on a GPU and fp32 on a CPU."""
-    dtype = cfg.precision.dtype
-    if dtype == "auto":
-        dtype = "bf16" if use_cuda() else "fp32"
-    return torch.bfloat16 if dtype == "bf16" else torch.float32
+    """Compute dtype of the recipe's `precision.dtype` (the 'auto' rule is parallel.init.compute_dtype)."""
+    return torch.bfloat16 if compute_dtype(cfg.precision.dtype) == "bf16" else torch.float32
 
 
 def tower_config(cfg, tower: Tower) -> TransformerConfig:

@@ -1,4 +1,11 @@
-"""Layer specs: Transformer Engine when it imports, megatron-core's local (pure PyTorch) otherwise."""
+"""Layer specs: Transformer Engine when it imports, megatron-core's local (pure PyTorch) otherwise.
+
+The one place the layer implementation is decided: `use_transformer_engine(impl)` reads the
+recipe's `model.transformer_impl` (auto | te | local) and is the only caller of the TE import
+probe; every block (towers, decoders) and its final norm get their spec from `block_spec`.
+What TE needs is checked here too (`check_layer_support`: FP8 GEMMs and `transformer_impl:
+te`), and the parameter names the TE spec uses are in models/te_names.py beside it.
+"""
 
 from __future__ import annotations
 
@@ -32,6 +39,37 @@ def transformer_engine_available() -> bool:
     except Exception:  # ImportError, OSError (missing libcudnn), RuntimeError (no CUDA)
         return False
     return True
+
+
+def use_transformer_engine(impl: str = "auto") -> bool:
+    """The single TE-vs-local decision for `model.transformer_impl`: 'auto' = TE when it
+    imports, 'te' = TE or a clear error, 'local' = megatron-core's local layers."""
+    if impl == "local":
+        return False
+    available = transformer_engine_available()
+    if impl == "te" and not available:
+        from tulip_mega.config import ConfigError
+
+        raise ConfigError("model.transformer_impl=te needs Transformer Engine, which does not import on this "
+                          "machine; set model.transformer_impl=auto (or local), or install tulip-mega[gpu] on a GPU machine")
+    if impl not in ("auto", "te"):
+        raise ValueError(f"model.transformer_impl={impl!r}: expected auto, te or local")
+    return available
+
+
+def check_layer_support(model_cfg, precision) -> None:
+    """The FP8 gate: recipe settings the layer implementation of this machine cannot run,
+    refused at launch before any process group exists. FP8 GEMMs need Transformer Engine layers."""
+    from tulip_mega.config import ConfigError
+
+    use_te = use_transformer_engine(model_cfg.transformer_impl)
+    if precision.fp8 is not None and not use_te:
+        why = ("model.transformer_impl=local" if model_cfg.transformer_impl == "local"
+               else "Transformer Engine, which does not import on this machine")
+        raise ConfigError(
+            f"precision.fp8={precision.fp8!r} needs Transformer Engine layers, but this run uses local layers "
+            f"({why}); set precision.fp8=null, or install tulip-mega[gpu] on a GPU machine"
+        )
 
 
 class SequenceParallelLayerNorm(torch.nn.LayerNorm):
@@ -123,9 +161,9 @@ def final_norm_cls(use_te: bool):
 
 
 def encoder_layer_spec(use_te: Optional[bool] = None, *, causal: bool = False) -> ModuleSpec:
-    """The single TE-vs-local decision: TE when it imports (unless told otherwise)."""
+    """One encoder layer's spec; use_te=None means `use_transformer_engine()` ('auto')."""
     if use_te is None:
-        use_te = transformer_engine_available()
+        use_te = use_transformer_engine()
     return te_layer_spec(causal) if use_te else local_layer_spec(causal)
 
 
@@ -139,7 +177,7 @@ def block_spec(
     pipeline_model_parallel_size=1 (models/megatron_config.decoder_config) gets all its layers.
     """
     if use_te is None:
-        use_te = transformer_engine_available()
+        use_te = use_transformer_engine()
     return TransformerBlockSubmodules(
         layer_specs=[encoder_layer_spec(use_te, causal=causal)] * get_num_layers_to_build(config),
         layer_norm=final_norm_cls(use_te),

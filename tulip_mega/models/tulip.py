@@ -10,8 +10,10 @@ tensor (models/packing.py).
 One step may call each tower several times: the vision tower once per *stream* (full-size
 views: view 0 + extra global crops + GeCo edits; low-resolution local crops; MAE visible
 patches) and the text tower once over all texts (caption, paraphrases, negatives, EDA
-caption). Which streams run is decided by the loss weights (tulip_mega/config/streams.py);
-`forward` without a `streams` argument runs only view 0 and the caption (evaluation).
+caption). Which streams run, and which loss-only heads exist, is decided from the recipe once
+(tulip_mega/config/streams.py: `input_streams`, `model_heads`) and handed to the model, which
+takes only its own settings (`model.*`), never the whole recipe. `forward` without a
+`streams` argument runs only view 0 and the caption (evaluation).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from tulip_mega.config.streams import Streams, input_streams
+from tulip_mega.config.streams import Heads, Streams
 from tulip_mega.models.decoders import AugProjector, CausalTextDecoder, MAEDecoder
 from tulip_mega.models.packing import ActivationPacker, PackedPart
 from tulip_mega.models.specs import block_spec
@@ -69,7 +71,9 @@ class TulipModel(MegatronModule):
         self,
         vision_config: TransformerConfig,
         text_config: TransformerConfig,
-        cfg,
+        model_cfg,
+        streams: Streams,
+        heads: Heads,
         pre_process: bool = True,
         post_process: bool = True,
         use_te: Optional[bool] = None,
@@ -79,13 +83,12 @@ class TulipModel(MegatronModule):
         super().__init__(config=vision_config)
         self.model_type = ModelType.encoder_or_decoder  # one pipeline of stages (both towers per stage)
         self.share_embeddings_and_output_weights = False  # no tied input/output embedding to sync across PP
-        model_cfg = cfg.model
-        v, t, w = model_cfg.vision, model_cfg.text, cfg.loss.weights
+        v, t = model_cfg.vision, model_cfg.text
         self.pre_process = pre_process
         self.post_process = post_process
         self.text_config = text_config
         self.context_length = t.context_length
-        self.train_streams = input_streams(cfg)
+        self.train_streams = streams
         self.eval_streams = base_streams(self.train_streams)
         self._sp_tp = vision_config.tensor_model_parallel_size if vision_config.sequence_parallel else 1
         self._received: Optional[torch.Tensor] = None
@@ -111,21 +114,20 @@ class TulipModel(MegatronModule):
             self.text_head = torch.nn.Linear(t.hidden_size, embed_dim)
             self.logit_scale = torch.nn.Parameter(torch.tensor(math.log(model_cfg.temperature_init)))
             self.logit_bias = torch.nn.Parameter(torch.tensor(float(model_cfg.bias_init)))
-            if model_cfg.separate_logit_params:
-                for prefix, on in (("ii", w.image_image > 0), ("tt", w.text_text > 0)):
-                    if on:
-                        setattr(self, f"{prefix}_logit_scale",
-                                torch.nn.Parameter(torch.tensor(math.log(model_cfg.temperature_init))))
-                        setattr(self, f"{prefix}_logit_bias", torch.nn.Parameter(torch.tensor(float(model_cfg.bias_init))))
-            if w.aug_contrastive > 0:
+            for prefix, on in (("ii", heads.image_image_logit), ("tt", heads.text_text_logit)):
+                if on:
+                    setattr(self, f"{prefix}_logit_scale",
+                            torch.nn.Parameter(torch.tensor(math.log(model_cfg.temperature_init))))
+                    setattr(self, f"{prefix}_logit_bias", torch.nn.Parameter(torch.tensor(float(model_cfg.bias_init))))
+            if heads.aug_projector:
                 self.aug_image_projector = AugProjector(embed_dim, model_cfg.aug_projector_hidden)
                 self.aug_text_projector = AugProjector(embed_dim, model_cfg.aug_projector_hidden)
                 self.aug_logit_scale = torch.nn.Parameter(torch.tensor(math.log(model_cfg.aug_temperature_init)))
-            if w.mae > 0:
+            if heads.mae_decoder:
                 self.mae_decoder = MAEDecoder(
                     decoder_configs["mae"], v.hidden_size, self.train_streams.patches, v.patch_size, use_te
                 )
-            if w.text_recon > 0:
+            if heads.text_decoder:
                 self.text_decoder = CausalTextDecoder(
                     decoder_configs["text"], embed_dim, t.vocab_size, t.context_length, use_te
                 )

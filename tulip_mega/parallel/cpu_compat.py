@@ -168,7 +168,9 @@ _PROXY: _CpuTorch | None = None
 
 def needed() -> bool:
     """True when there is no CUDA device, i.e. when the patches must be applied."""
-    return not torch.cuda.is_available()
+    from tulip_mega.parallel.init import use_cuda
+
+    return not use_cuda()
 
 
 def _patch_rng(random_mod: types.ModuleType) -> None:
@@ -208,7 +210,7 @@ def apply() -> bool:
         _PROXY = _CpuTorch()
         # CUDA stream advice that means nothing without CUDA.
         warnings.filterwarnings("ignore", message=".*CUDA_DEVICE_MAX_CONNECTIONS.*")
-        log.info("CUDA not available: applying megatron-core CPU compatibility patches")
+        log.debug("CUDA not available: applying megatron-core CPU compatibility patches")
     for name in _MODULES:
         try:
             importlib.import_module(name)

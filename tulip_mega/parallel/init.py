@@ -1,5 +1,10 @@
 """Process-group set-up from torchrun or SLURM, and the one GPU-vs-CPU decision.
 
+Every device fact is decided here and nowhere else: `use_cuda()` (GPU or CPU), `device()`,
+the process-group backend (NCCL or gloo, in `init_parallel`) and `compute_dtype()` (what
+`precision.dtype: auto` means on this machine). A test (tests/test_structure.py) fails when
+another module calls `torch.cuda.is_available()`.
+
 `launch_env()` reads rank/world/master from torchrun's variables, or from SLURM's when the
 job was started by a plain `srun` (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID and the first
 host of SLURM_JOB_NODELIST), or falls back to a single process. `init_parallel()` creates
@@ -75,6 +80,14 @@ def use_cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def compute_dtype(name: str) -> str:
+    """The `precision.dtype` rule: 'auto' is bf16 on a GPU and fp32 on a CPU; 'bf16' and
+    'fp32' stay as they are."""
+    if name == "auto":
+        return "bf16" if use_cuda() else "fp32"
+    return name
+
+
 def device() -> torch.device:
     """The device this rank computes on."""
     if use_cuda():
@@ -131,20 +144,14 @@ def destroy_parallel() -> None:
 
 
 def check_runtime_support(cfg) -> None:
-    """Recipe settings this machine cannot run, refused before any process group exists.
+    """Recipe settings this machine's device cannot run, refused before any process group exists.
 
     megatron's DistributedOptimizer only accepts 'torch.cuda.*Tensor' parameters, so ZeRO-1
-    needs CUDA; the CPU path uses the plain (replicated) optimizer instead. FP8 GEMMs need
-    Transformer Engine.
+    needs CUDA; the CPU path uses the plain (replicated) optimizer instead. What the layer
+    implementation needs (Transformer Engine for FP8 or `model.transformer_impl: te`) is
+    checked next to that decision, by `tulip_mega.models.specs.check_layer_support`.
     """
     from tulip_mega.config import ConfigError
-    from tulip_mega.models.specs import transformer_engine_available
-
-    if cfg.precision.fp8 is not None and not transformer_engine_available():
-        raise ConfigError(
-            f"precision.fp8={cfg.precision.fp8!r} needs Transformer Engine, which does not import on "
-            "this machine; set precision.fp8=null or install tulip-mega[gpu] on a GPU machine"
-        )
 
     if cfg.parallel.distributed_optimizer and not use_cuda():
         raise ConfigError(

@@ -18,6 +18,7 @@ message naming the differing keys instead of a tensor-shape error.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -30,6 +31,8 @@ from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
+from tulip_mega.parallel.init import use_cuda
+
 log = logging.getLogger(__name__)
 
 LATEST = "latest"
@@ -37,6 +40,16 @@ LATEST = "latest"
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be loaded into this run; the message says why."""
+
+
+def model_shape(cfg) -> dict:
+    """The checkpoint fingerprint: the architecture keys a checkpoint must match on load (and
+    that conversion reads back). Saved in the checkpoint's common state as `model_config`."""
+    return {
+        "vision": dataclasses.asdict(cfg.model.vision),
+        "text": dataclasses.asdict(cfg.model.text),
+        "layernorm_eps": cfg.model.layernorm_eps,
+    }
 
 
 def _rank0() -> bool:
@@ -61,14 +74,14 @@ def read_latest(root: Path) -> Optional[Path]:
 def _rng_state() -> dict:
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "cuda": torch.cuda.get_rng_state() if use_cuda() else None,
         "tracker": get_cuda_rng_tracker().get_states(),
     }
 
 
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
+    if state.get("cuda") is not None and use_cuda():
         torch.cuda.set_rng_state(state["cuda"])
     get_cuda_rng_tracker().set_states(state["tracker"])
 

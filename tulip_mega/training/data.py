@@ -10,12 +10,15 @@ seed, randomness a function of the position only), so they see identical batches
 
 from __future__ import annotations
 
+from typing import Optional
+
 from dataloaders.base import BatchLoader
 from dataloaders.dali_pipeline import ViewPlan, dali_available
 from dataloaders.shards import expand_shards
 from dataloaders.simple_loader import SimpleLoader
 from dataloaders.tokenizer import Tokenizer
 from tulip_mega.config import Config, ConfigError
+from tulip_mega.config.streams import Streams
 
 
 def use_dali(cfg: Config) -> bool:
@@ -31,8 +34,9 @@ def use_dali(cfg: Config) -> bool:
     return available
 
 
-def build_train_loader(cfg: Config, dp_rank: int, dp_size: int) -> BatchLoader:
-    """The loader yielding this DP rank's micro-batches (size train.micro_batch_size)."""
+def build_train_loader(cfg: Config, dp_rank: int, dp_size: int, streams: Optional[Streams] = None) -> BatchLoader:
+    """The loader yielding this DP rank's micro-batches (size train.micro_batch_size), with the
+    fields the run's resolved input `streams` need (default: derived from `cfg`)."""
     tokenizer = Tokenizer(cfg.data.tokenizer, context_length=cfg.model.text.context_length)
     if tokenizer.vocab_size > cfg.model.text.vocab_size:
         raise ConfigError(
@@ -40,7 +44,7 @@ def build_train_loader(cfg: Config, dp_rank: int, dp_size: int) -> BatchLoader:
             f"model.text.vocab_size={cfg.model.text.vocab_size}; raise model.text.vocab_size "
             f"(a multiple of parallel.tensor_parallel) or train a smaller tokenizer"
         )
-    plan = ViewPlan.from_config(cfg)
+    plan = ViewPlan.from_config(cfg, streams)
     common = dict(
         batch_size=cfg.train.micro_batch_size,
         tokenizer=tokenizer,

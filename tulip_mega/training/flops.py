@@ -149,10 +149,10 @@ def count_flops(cfg, contrastive_batch: Optional[int] = None, streams: Optional[
     return FlopCount(parts)
 
 
-def tokens_per_sample(cfg) -> int:
+def tokens_per_sample(cfg, streams: Optional[Streams] = None) -> int:
     """Tokens one sample feeds through the two towers (every view and every text): the unit
-    of `tokens_per_sec`."""
-    streams = input_streams(cfg)
+    of `tokens_per_sec`. `streams`: the run's resolved streams (default: `input_streams(cfg)`)."""
+    streams = streams or input_streams(cfg)
     return sum(s.views * s.seq for s in streams.vision) + streams.texts * cfg.model.text.context_length
 
 
@@ -170,9 +170,26 @@ def uses_embedding_cache(cfg, accumulation: int) -> bool:
     return cfg.loss.contrastive_batch == "global" and accumulation > 1 and bool(contrastive_terms_on(cfg))
 
 
-def embedding_cache_flops(cfg, accumulation: int) -> int:
+def embedding_cache_flops(cfg, accumulation: int, streams: Optional[Streams] = None) -> int:
     """Forward FLOPs per sample of the embedding-cache pass (the contrastive streams only);
-    0 when the recipe does not run it. `accumulation` = micro-batches per step per DP rank."""
+    0 when the recipe does not run it. `accumulation` = micro-batches per step per DP rank;
+    `streams`: the run's resolved streams (default: `input_streams(cfg)`)."""
     if not uses_embedding_cache(cfg, accumulation):
         return 0
-    return count_flops(cfg, streams=input_streams(cfg).contrastive_only()).forward
+    return count_flops(cfg, streams=(streams or input_streams(cfg)).contrastive_only()).forward
+
+
+def contrastive_batch_line(mode: str, contrastive_batch: int, accumulation: int, cache_flops: float,
+                           model_flops: float) -> str:
+    """How many pairs each contrastive term compares, and what that costs (start-up log and
+    `tulip-mega plan`). cache_flops / model_flops: per sample, from `embedding_cache_flops` and
+    `count_flops(...).training`."""
+    if mode == "micro":
+        return f"contrastive batch {contrastive_batch} = micro x DP per micro-step (loss.contrastive_batch=micro)"
+    if not cache_flops:
+        return f"contrastive batch {contrastive_batch} = the global batch (one micro-batch per step)"
+    return (f"contrastive batch {contrastive_batch} = the global batch (loss.contrastive_batch=global): "
+            f"embedding cache over {accumulation} accumulation steps, +1 forward of the contrastive streams "
+            f"= +{cache_flops / 1e9:.3f} GFLOP per pair "
+            f"(+{cache_flops / model_flops:.0%} over training FLOPs)")
+

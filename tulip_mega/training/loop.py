@@ -1,9 +1,11 @@
 """The training loop: recipe in, trained checkpoint + metrics out.
 
-Order matters and is the same on every rank: validate the recipe and layout (before any
-process group), initialise parallel state, build the model stage, DDP, optimizer, scheduler
-and loader, restore the newest checkpoint if asked, then step until `train.steps`, logging
-and checkpointing on the way. Uses megatron-core directly (no megatron.training globals).
+`train()` is a short list of named phases, the same order on every rank: check the recipe,
+layout and machine (before any process group), start the run (logging, process groups, run
+folder), build (streams once, model stage, DDP, optimizer, scheduler, step, loader), log the
+start-up facts, restore a checkpoint if asked, run the steps, finish. After each step three
+hooks run, one job each: `EvalHook`, `CheckpointHook`, `PreemptionHook`. Uses megatron-core
+directly (no megatron.training globals).
 """
 
 from __future__ import annotations
@@ -13,19 +15,25 @@ import dataclasses
 import logging
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
 from tulip_mega.config import Config, save_config, validate_layout
+from tulip_mega.config.streams import Streams, input_streams
+from tulip_mega.convert.pretrained import load_pretrained
 from tulip_mega.models.build import build_model
-from tulip_mega.parallel.init import LaunchEnv, check_runtime_support, device, init_parallel, launch_env
-from tulip_mega.training.checkpoint import load_checkpoint, read_latest, save_checkpoint
+from tulip_mega.eval.runner import Evaluator, write_results
+from tulip_mega.models.specs import check_layer_support, use_transformer_engine
+from tulip_mega.parallel.init import (LaunchEnv, check_runtime_support, compute_dtype, device, init_parallel,
+                                      launch_env, use_cuda)
+from tulip_mega.training.checkpoint import load_checkpoint, model_shape, read_latest, save_checkpoint
 from tulip_mega.training.data import build_train_loader
-from tulip_mega.training.flops import contrastive_batch_size, count_flops, tokens_per_sample
-from tulip_mega.training.metrics import MetricsLogger, setup_logging
+from tulip_mega.training.flops import (contrastive_batch_line, contrastive_batch_size, count_flops,
+                                      embedding_cache_flops, tokens_per_sample)
+from tulip_mega.training.metrics import DEBUG_LOG_NAME, MetricsLogger, setup_logging
 from tulip_mega.training.wandb_logger import make_wandb_sink
 from tulip_mega.training.throughput import (
     LoaderWait,
@@ -52,56 +60,103 @@ def checkpoint_root(cfg: Config) -> Path:
     return Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else run_dir(cfg) / "checkpoints"
 
 
-def model_shape(cfg: Config) -> dict:
-    """The architecture keys a checkpoint must match (and that conversion reads back)."""
-    return {
-        "vision": dataclasses.asdict(cfg.model.vision),
-        "text": dataclasses.asdict(cfg.model.text),
-        "layernorm_eps": cfg.model.layernorm_eps,
-    }
-
-
 def train(cfg: Config, env: Optional[LaunchEnv] = None) -> dict:
     """Train per the recipe; returns a summary (final metrics, paths) on every rank."""
     env = env or launch_env()
-    dp_size = validate_layout(cfg, env.world_size)  # fails before any process group exists
+    dp_size = _check_before_launch(cfg, env)
+    out_dir = _start_run(cfg, env)
+    run = _build(cfg, dp_size)
+    _log_startup_facts(cfg, env, dp_size, run, out_dir)
+    start_step = _restore(cfg, run)
+    hooks = _Hooks(
+        evaluation=EvalHook(cfg, run.model, out_dir, env.rank) if cfg.eval.interval else None,
+        checkpoint=CheckpointHook(cfg, run),
+    )
+    with PreemptionHook(cfg) as preemption:
+        step, metrics, metrics_log, loader_wait = _run_steps(cfg, env, dp_size, run, start_step, out_dir,
+                                                             hooks, preemption)
+    return _finish(cfg, env, out_dir, step, metrics, metrics_log, loader_wait, hooks.checkpoint.last_saved)
+
+
+# --- phases of train() ---------------------------------------------------------------------
+def _check_before_launch(cfg: Config, env: LaunchEnv) -> int:
+    """Recipe, layout and machine checks, before any process group exists; returns DP size."""
+    dp_size = validate_layout(cfg, env.world_size)
     check_runtime_support(cfg)
-    setup_logging(env.rank)
-    init_parallel(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel, cfg.run.seed, env)
+    check_layer_support(cfg.model, cfg.precision)
+    return dp_size
+
+
+def _start_run(cfg: Config, env: LaunchEnv) -> Path:
+    """Logging (console + the run folder's debug.log), process groups, the run folder with
+    the resolved config."""
     out_dir = run_dir(cfg)
+    setup_logging(env.rank, debug_log=out_dir / DEBUG_LOG_NAME)
+    init_parallel(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel, cfg.run.seed, env)
     if env.rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / "config.yaml")
     dist.barrier()
-    log.info(
-        "world %d = TP %d x PP %d x DP %d | global batch %d = micro %d x DP %d x %d micro-batches",
-        env.world_size, cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel, dp_size,
-        cfg.train.global_batch_size, cfg.train.micro_batch_size, dp_size,
-        cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp_size),
-    )
-    from tulip_mega.plan import contrastive_batch_line, make_plan
+    return out_dir
 
-    log.info("%s", contrastive_batch_line(make_plan(cfg, 1, env.world_size)))
 
-    model = wrap_ddp(build_model(cfg), cfg)
+@dataclasses.dataclass
+class _Run:
+    """What one rank trains with: its model stage (in DDP), optimizer, scheduler, step and loader."""
+
+    model: Any
+    optimizer: Any
+    scheduler: Any
+    step_fn: TrainStep
+    loader: Any
+    streams: Streams
+    use_te: bool
+
+
+def _build(cfg: Config, dp_size: int) -> _Run:
+    """The input streams (once), model stage, optimizer, scheduler, train step and loader."""
+    streams = input_streams(cfg)
+    use_te = use_transformer_engine(cfg.model.transformer_impl)
+    stage = build_model(cfg, use_te=use_te, streams=streams)
+    load_pretrained(stage, cfg.model)
+    model = wrap_ddp(stage, cfg)
     optimizer = make_optimizer(cfg, model)
     scheduler = make_scheduler(cfg, optimizer)
     num_micro = cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp_size)
     step_fn = TrainStep(cfg, model, optimizer, scheduler, num_micro)
     loader = build_train_loader(
-        cfg, parallel_state.get_data_parallel_rank(), dp_size
+        cfg, parallel_state.get_data_parallel_rank(), dp_size, streams
     ) if step_fn.needs_input else None
-    n_params = sum(p.numel() for p in model.parameters())
-    log.info("this rank's model stage holds %.2fM parameters", n_params / 1e6)
-    speed = _SpeedMeter(cfg, env.world_size, dp_size)
-    evaluator = None
-    if cfg.eval.interval:
-        from tulip_mega.eval.runner import Evaluator
+    return _Run(model, optimizer, scheduler, step_fn, loader, streams, use_te)
 
-        evaluator = Evaluator(cfg, model)
 
+def _log_startup_facts(cfg: Config, env: LaunchEnv, dp_size: int, run: _Run, out_dir: Path) -> None:
+    """One line per fact on rank 0 (other ranks log warnings only)."""
+    par, tr = cfg.parallel, cfg.train
+    num_micro = run.step_fn.num_microbatches
+    n_params = sum(p.numel() for p in run.model.parameters())
+    v, t = cfg.model.vision, cfg.model.text
+    flops = count_flops(cfg, contrastive_batch_size(cfg, dp_size), streams=run.streams)
+    cache = embedding_cache_flops(cfg, num_micro, run.streams)
+    loader = type(run.loader).__name__ if run.loader is not None else "none on this rank"
+    for line in (
+        f"layout: world {env.world_size} = TP {par.tensor_parallel} x PP {par.pipeline_parallel} x DP {dp_size}",
+        f"batch: global {tr.global_batch_size} = micro {tr.micro_batch_size} x DP {dp_size} x {num_micro} micro-batches",
+        contrastive_batch_line(cfg.loss.contrastive_batch, contrastive_batch_size(cfg, dp_size), num_micro, cache,
+                               flops.training),
+        f"model {cfg.model.size}: vision {v.num_layers}L h{v.hidden_size}, text {t.num_layers}L h{t.hidden_size}; "
+        f"{n_params / 1e6:.2f}M parameters in rank 0's stage",
+        f"backend: {'nccl on CUDA' if use_cuda() else 'gloo on CPU'}, dtype {compute_dtype(cfg.precision.dtype)}",
+        f"layers: {'Transformer Engine' if run.use_te else 'megatron-core local'} "
+        f"(model.transformer_impl={cfg.model.transformer_impl})",
+        f"loader: {loader}",
+        f"run folder: {out_dir.resolve()} (debug log: {DEBUG_LOG_NAME})",
+    ):
+        log.info("%s", line)
+
+
+def _restore(cfg: Config, run: _Run) -> int:
+    """Load the newest checkpoint (checkpoint.resume) or checkpoint.load; returns the step."""
     ckpt_root = checkpoint_root(cfg)
-    start_step = 0
     to_load = None
     if cfg.checkpoint.resume:
         to_load = read_latest(ckpt_root)
@@ -109,34 +164,40 @@ def train(cfg: Config, env: Optional[LaunchEnv] = None) -> dict:
             log.info("resume: no checkpoint under %s yet, starting from scratch", ckpt_root)
     if to_load is None and cfg.checkpoint.load:
         to_load = Path(cfg.checkpoint.load)
-    if to_load is not None:
-        restored = load_checkpoint(
-            to_load, model, optimizer, scheduler, loader.state_dict() if loader else None, model_shape(cfg)
-        )
-        start_step = restored["step"]
-        step_fn.completed_steps = start_step
-        if loader is not None and restored["loader"] is not None:
-            loader.load_state_dict(restored["loader"])
-        log.info("resumed from %s at step %d", to_load, start_step)
+    if to_load is None:
+        return 0
+    loader = run.loader
+    restored = load_checkpoint(
+        to_load, run.model, run.optimizer, run.scheduler, loader.state_dict() if loader else None, model_shape(cfg)
+    )
+    start_step = restored["step"]
+    run.step_fn.completed_steps = start_step
+    if loader is not None and restored["loader"] is not None:
+        loader.load_state_dict(restored["loader"])
+    log.info("resumed from %s at step %d", to_load, start_step)
+    return start_step
 
+
+def _run_steps(cfg: Config, env: LaunchEnv, dp_size: int, run: _Run, start_step: int, out_dir: Path,
+               hooks: "_Hooks", preemption: "PreemptionHook"):
+    """Step until train.steps (or a stop); after each step: timing, eval, logging,
+    checkpoint, stop. Returns (step, last metrics, metrics logger, loader-wait tracker)."""
+    speed = _SpeedMeter(cfg, env.world_size, dp_size, run.streams)
     metrics_log = MetricsLogger(
         out_dir, cfg.train.steps, enabled=env.rank == 0, tensorboard=cfg.logging.tensorboard, start_step=start_step,
         wandb=make_wandb_sink(cfg, out_dir, env.rank == 0),
     )
-    data_iter = TimedIterator(iter(loader)) if loader is not None else None
+    data_iter = TimedIterator(iter(run.loader)) if run.loader is not None else None
     straggler = StragglerDetector(cfg.logging.straggler_factor)
     loader_wait = LoaderWait(cfg.logging.loader_wait_warmup_steps, cfg.logging.loader_wait_warn)
-    t0 = time.perf_counter()
-    t_last, step_last = t0, start_step
+    t_last, step_last = time.perf_counter(), start_step
     window = {"step_time": 0.0, "data_wait": 0.0, "steps": 0}
     metrics: dict = {}
-    last_saved = None
-    deadline = t0 + 60 * cfg.run.max_wall_time_minutes if cfg.run.max_wall_time_minutes else None
     step = start_step
-    with PreemptionSignal() as preempt, contextlib.closing(metrics_log):
+    with contextlib.closing(metrics_log):
         while step < cfg.train.steps:
             t_step = time.perf_counter()
-            metrics = step_fn(data_iter)
+            metrics = run.step_fn(data_iter)
             step_time = time.perf_counter() - t_step
             step += 1
             window["step_time"] += step_time
@@ -147,35 +208,30 @@ def train(cfg: Config, env: Optional[LaunchEnv] = None) -> dict:
             slow = straggler.update(step, step_time)
             if slow:
                 log.warning("rank %d: %s", env.rank, slow)
-            eval_now = evaluator is not None and (step % cfg.eval.interval == 0 or step == cfg.train.steps)
-            if eval_now:
-                metrics.update(evaluator.run())
-                _write_eval(out_dir, step, metrics, env.rank)
+            eval_now = hooks.evaluation is not None and hooks.evaluation(step, metrics)
             if step % cfg.run.log_interval == 0 or step == cfg.train.steps or eval_now:
                 now = time.perf_counter()
                 eval_seconds = metrics.get("eval/seconds", 0.0) if eval_now else 0.0
                 metrics["samples_per_sec"] = (
                     cfg.train.global_batch_size * (step - step_last) / max(now - t_last - eval_seconds, 1e-9)
                 )
-                metrics.update(speed.metrics(metrics["samples_per_sec"], window, loader))
+                metrics.update(speed.metrics(metrics["samples_per_sec"], window, run.loader))
                 metrics["data_wait_fraction"] = metrics["data_wait"] / max(metrics["step_time"], 1e-9)
                 window = {"step_time": 0.0, "data_wait": 0.0, "steps": 0}
                 t_last, step_last = now, step
                 metrics_log.log(step, metrics, start_step)
-            save_now = cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0
-            out_of_time = deadline is not None and time.perf_counter() > deadline
-            must_stop = _any_rank(out_of_time or preempt.received is not None)
-            if save_now or must_stop or step == cfg.train.steps:
-                last_saved = save_checkpoint(
-                    ckpt_root, step, model, optimizer, scheduler,
-                    loader.state_dict() if loader else None, model_shape(cfg), cfg.checkpoint.keep_last,
-                )
-                log.info("saved checkpoint %s", last_saved)
+            must_stop, why = preemption.must_stop()
+            if hooks.checkpoint(step, force=must_stop):
                 t_last = time.perf_counter()  # samples/s measures training, not saving
             if must_stop and step < cfg.train.steps:
-                why = "signal" if preempt.received is not None else "wall time" if out_of_time else "another rank"
                 log.warning("stopping at step %d (%s) after checkpointing", step, why)
                 break
+    return step, metrics, metrics_log, loader_wait
+
+
+def _finish(cfg: Config, env: LaunchEnv, out_dir: Path, step: int, metrics: dict, metrics_log, loader_wait,
+            last_saved) -> dict:
+    """The closing log lines and the summary every rank returns."""
     _log_loader_wait(loader_wait, env.rank)
     log.info("run folder: %s", out_dir.resolve())
     log.info("  metrics:     %s", metrics_log.jsonl_path.resolve())
@@ -191,6 +247,76 @@ def train(cfg: Config, env: Optional[LaunchEnv] = None) -> dict:
         "checkpoint": str(last_saved) if last_saved else None,
         "loader_wait_fraction": loader_wait.fraction,
     }
+
+
+# --- hooks: one job each -----------------------------------------------------------------------
+class EvalHook:
+    """Evaluates every eval.interval steps and at the last step; writes eval/step_N.json."""
+
+    def __init__(self, cfg: Config, model, out_dir: Path, rank: int) -> None:
+        self.interval, self.last = cfg.eval.interval, cfg.train.steps
+        self.evaluator = Evaluator(cfg, model)
+        self.out_dir, self.rank = out_dir, rank
+
+    def __call__(self, step: int, metrics: dict) -> bool:
+        """Adds the eval metrics to `metrics`; True when it evaluated at this step."""
+        if not (step % self.interval == 0 or step == self.last):
+            return False
+        metrics.update(self.evaluator.run())
+        _write_eval(self.out_dir, step, metrics, self.rank)
+        return True
+
+
+class CheckpointHook:
+    """Saves every checkpoint.interval steps, at the last step, and when told to (a stop)."""
+
+    def __init__(self, cfg: Config, run: _Run) -> None:
+        self.root, self.interval, self.keep_last = checkpoint_root(cfg), cfg.checkpoint.interval, cfg.checkpoint.keep_last
+        self.last_step, self.fingerprint, self.run = cfg.train.steps, model_shape(cfg), run
+        self.last_saved: Optional[Path] = None
+
+    def __call__(self, step: int, force: bool = False) -> bool:
+        """True when it saved at this step."""
+        due = self.interval and step % self.interval == 0
+        if not (due or force or step == self.last_step):
+            return False
+        r = self.run
+        self.last_saved = save_checkpoint(
+            self.root, step, r.model, r.optimizer, r.scheduler,
+            r.loader.state_dict() if r.loader else None, self.fingerprint, self.keep_last,
+        )
+        log.info("saved checkpoint %s", self.last_saved)
+        return True
+
+
+class PreemptionHook:
+    """Whether every rank must stop now: a stop signal on any rank or run.max_wall_time_minutes."""
+
+    def __init__(self, cfg: Config) -> None:
+        minutes = cfg.run.max_wall_time_minutes
+        self.deadline = time.perf_counter() + 60 * minutes if minutes else None
+        self.signal = PreemptionSignal()
+
+    def __enter__(self) -> "PreemptionHook":
+        self.signal.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.signal.__exit__(*exc)
+
+    def must_stop(self) -> tuple[bool, str]:
+        """(stop, why), the same on every rank (one all-reduce)."""
+        out_of_time = self.deadline is not None and time.perf_counter() > self.deadline
+        received = self.signal.received is not None
+        if not _any_rank(out_of_time or received):
+            return False, ""
+        return True, "signal" if received else "wall time" if out_of_time else "another rank"
+
+
+@dataclasses.dataclass
+class _Hooks:
+    evaluation: Optional[EvalHook]
+    checkpoint: CheckpointHook
 
 
 def _track_loader_wait(tracker: LoaderWait, step_time: float, wait: float, rank: int) -> None:
@@ -215,18 +341,18 @@ class _SpeedMeter:
 
     Every rank calls `metrics` at the same steps (it runs two small collectives)."""
 
-    def __init__(self, cfg: Config, world_size: int, dp_size: int) -> None:
+    def __init__(self, cfg: Config, world_size: int, dp_size: int, streams: Streams) -> None:
         contrastive_batch = contrastive_batch_size(cfg, dp_size)
-        self.flops = count_flops(cfg, contrastive_batch)
-        self.tokens = tokens_per_sample(cfg)
+        self.flops = count_flops(cfg, contrastive_batch, streams=streams)
+        self.tokens = tokens_per_sample(cfg, streams)
         self.world_size = world_size
         self.peak, peak_note = device_peak(precision_name(cfg))
         # One loader per DP replica counts: its first stage with TP rank 0 (the others are copies).
         self.counts_loader = (parallel_state.is_pipeline_first_stage()
                               and parallel_state.get_tensor_model_parallel_rank() == 0)
-        log.info("model FLOPs per sample: %.3f GFLOP forward, %.3f GFLOP training (3x, recompute not counted; "
-                 "contrastive batch %d); %d tower tokens per sample; peak: %s",
-                 self.flops.forward / 1e9, self.flops.training / 1e9, contrastive_batch, self.tokens, peak_note)
+        log.info("model FLOPs per sample: %.3f GFLOP forward, %.3f GFLOP training (3x, recompute not counted); "
+                 "%d tower tokens per sample; peak: %s",
+                 self.flops.forward / 1e9, self.flops.training / 1e9, self.tokens, peak_note)
 
     def metrics(self, samples_per_sec: float, window: dict, loader) -> dict[str, float]:
         steps = max(window["steps"], 1)
@@ -260,8 +386,6 @@ class _SpeedMeter:
 def _write_eval(out_dir: Path, step: int, metrics: dict, rank: int) -> None:
     if rank != 0:
         return
-    from tulip_mega.eval.runner import write_results
-
     results = {k: v for k, v in metrics.items() if k.startswith("eval/")}
     write_results(out_dir / "eval" / f"step_{step:07d}.json", results, step=step)
     log.info("eval at step %d: %s", step, ", ".join(f"{k.removeprefix('eval/')} {v:.4f}" for k, v in results.items()))

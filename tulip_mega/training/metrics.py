@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import logging.handlers
 import time
 from pathlib import Path
 from typing import Optional
@@ -117,8 +118,38 @@ def read_metrics(path: Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def setup_logging(rank: int, level: Optional[int] = None) -> None:
-    """Rank 0 logs at INFO, other ranks at WARNING, with the rank in the prefix."""
+DEBUG_LOG_NAME = "debug.log"
+# Library chatter that is not a fact about the run: megatron's INFO records (the
+# parameter-bucket listing) and Python warnings (Transformer Engine / Apex "not installed",
+# deprecation notices), which megatron repeats once per importing module on every rank.
+# megatron's own WARNING and ERROR records still reach the console.
+
+
+class _NotLibraryChatter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("py.warnings"):
+            return False
+        return not (record.name.startswith("megatron") and record.levelno < logging.WARNING)
+
+
+def capture_warnings_early() -> None:
+    """Route Python warnings into logging from now on and hold them in memory until
+    `setup_logging` names the debug log (megatron warns at import, before the run folder is
+    known). Call first thing in an entry point."""
+    logging.captureWarnings(True)
+    held = logging.getLogger("py.warnings")
+    if not any(isinstance(h, logging.handlers.MemoryHandler) for h in held.handlers):
+        held.addHandler(logging.handlers.MemoryHandler(capacity=10_000, flushLevel=logging.CRITICAL + 1))
+    held.propagate = False
+
+
+def setup_logging(rank: int, level: Optional[int] = None, debug_log: Optional[Path] = None) -> None:
+    """Rank 0 logs at INFO, other ranks at WARNING, with the rank in the prefix.
+
+    With `debug_log` (the run folder's debug.log; rank r > 0 writes debug.rank<r>.log) every
+    record at DEBUG and up also goes there, and megatron's records and Python warnings go
+    only there: the console shows the run's own lines.
+    """
     level = level if level is not None else (logging.INFO if rank == 0 else logging.WARNING)
     logging.basicConfig(
         level=level,
@@ -126,3 +157,27 @@ def setup_logging(rank: int, level: Optional[int] = None) -> None:
         datefmt="%H:%M:%S",
         force=True,
     )
+    if debug_log is None:
+        return
+    logging.captureWarnings(True)
+    debug_log = Path(debug_log)
+    if rank:
+        debug_log = debug_log.with_name(f"{debug_log.stem}.rank{rank}{debug_log.suffix}")
+    debug_log.parent.mkdir(parents=True, exist_ok=True)
+    root = logging.getLogger()
+    for h in root.handlers:
+        h.setLevel(level)
+        h.addFilter(_NotLibraryChatter())
+    file_handler = logging.FileHandler(debug_log)
+    file_handler.setLevel(logging.DEBUG)
+    file_handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    root.addHandler(file_handler)
+    root.setLevel(logging.DEBUG)
+    logging.getLogger("megatron").setLevel(logging.INFO)
+    held = logging.getLogger("py.warnings")
+    for h in list(held.handlers):
+        if isinstance(h, logging.handlers.MemoryHandler):
+            h.setTarget(file_handler)
+            h.flush()
+            held.removeHandler(h)
+    held.propagate = True

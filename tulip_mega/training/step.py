@@ -28,6 +28,7 @@ a step whose loss or gradient norm is not finite changes nothing (training/optim
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
@@ -79,6 +80,25 @@ def wrap_ddp(model: TulipModel, cfg) -> DistributedDataParallel:
     return DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
 
 
+class ScheduledModel(torch.nn.Module):
+    """The DDP model as megatron's schedule sees it: calls and attributes go to the DDP model,
+    except `config`, which is the step's schedule config (the model's config plus the hooks)."""
+
+    def __init__(self, model: DistributedDataParallel, config) -> None:
+        super().__init__()
+        self.module = model
+        self.config = config
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["module"], name)
+
+
 class TrainStep:
     """Forward+backward over the micro-batches of one global batch, then a guarded optimizer step."""
 
@@ -108,10 +128,14 @@ class TrainStep:
         self.report_keys = (*(f"loss/{name}" for name in self.loss.terms), "logit_scale", "logit_bias")
         self._schedule = get_forward_backward_func()
         self.pp = parallel_state.get_pipeline_model_parallel_world_size()
-        config = model.config
-        config.finalize_model_grads_func = finalize_model_grads
-        config.no_sync_func = model.no_sync
-        config.grad_scale_func = optimizer.scale_loss
+        # megatron's schedule reads its hooks (gradient finalisation, no_sync, loss scaling) from
+        # the config of the model it runs. They go on a copy carried by a view of the DDP model,
+        # so the model's own TransformerConfig (shared by all its layers) is never edited.
+        schedule_config = copy.copy(model.config)
+        schedule_config.finalize_model_grads_func = finalize_model_grads
+        schedule_config.no_sync_func = model.no_sync
+        schedule_config.grad_scale_func = optimizer.scale_loss
+        self._scheduled = ScheduledModel(model, schedule_config)
         self.packed_shape = self.module.packed_shape(self.micro_batch_size, self.streams)
         self.cache_packed_shape = self.module.packed_shape(self.micro_batch_size, self.cache_streams)
         if self.pp > 1:
@@ -200,7 +224,7 @@ class TrainStep:
         return self._schedule(
             forward_step_func=forward_step,
             data_iterator=data_iterator,
-            model=[self.model],
+            model=[self._scheduled],
             num_microbatches=self.num_microbatches,
             seq_length=shape[0],
             micro_batch_size=self.micro_batch_size,

@@ -50,7 +50,9 @@ def device_peak(dtype: str = "bf16") -> tuple[Optional[float], str]:
     """(peak TFLOP/s or None, a description) of this process's device."""
     import torch
 
-    if not torch.cuda.is_available():
+    from tulip_mega.parallel.init import use_cuda
+
+    if not use_cuda():
         return None, "CPU: no peak table, TFLOP/s only"
     name = torch.cuda.get_device_name()
     peak = peak_tflops(name, dtype)
@@ -61,13 +63,11 @@ def device_peak(dtype: str = "bf16") -> tuple[Optional[float], str]:
 
 def precision_name(cfg) -> str:
     """The dtype whose peak applies to the recipe: fp8 when FP8 GEMMs are on, else bf16/fp32."""
-    import torch
+    from tulip_mega.parallel.init import compute_dtype
 
     if cfg.precision.fp8:
         return "fp8"
-    if cfg.precision.dtype == "auto":
-        return "bf16" if torch.cuda.is_available() else "fp32"
-    return cfg.precision.dtype
+    return compute_dtype(cfg.precision.dtype)
 
 
 def achieved_tflops(model_flops_per_sample: float, samples_per_sec: float, num_devices: int) -> float:
@@ -84,7 +84,9 @@ def peak_memory_gib() -> float:
     """Peak memory of this process so far: CUDA allocator peak on a GPU, peak RSS on a CPU."""
     import torch
 
-    if torch.cuda.is_available():
+    from tulip_mega.parallel.init import use_cuda
+
+    if use_cuda():
         return torch.cuda.max_memory_allocated() / GIB
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return rss / (GIB if sys.platform == "darwin" else 1024**2)

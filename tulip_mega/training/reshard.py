@@ -48,8 +48,7 @@ def _reshard_worker(cfg, checkpoint: str, out: str) -> str:
     warnings.filterwarnings("ignore")
     from tulip_mega.models.build import build_model
     from tulip_mega.parallel.init import init_parallel
-    from tulip_mega.training.checkpoint import load_checkpoint, save_checkpoint
-    from tulip_mega.training.loop import model_shape
+    from tulip_mega.training.checkpoint import load_checkpoint, model_shape, save_checkpoint
     from tulip_mega.training.optimizer import make_optimizer, make_scheduler
     from tulip_mega.training.step import wrap_ddp
 
