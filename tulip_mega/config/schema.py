@@ -13,7 +13,7 @@ and launch scripts). The Transformer Engine probe for FP8 is imported lazily.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 
 class ConfigError(ValueError):
@@ -156,6 +156,9 @@ class ModelConfig:
 class ParallelConfig:
     tensor_parallel: int = _f(1, "tensor-parallel size (splits heads/MLP across ranks)")
     pipeline_parallel: int = _f(1, "pipeline-parallel size (splits layers into stages)")
+    pipeline_split: Union[Literal["balanced", "even"], list[tuple[int, int]]] = _f(
+        "balanced", "per-stage layers of both towers: balanced (by FLOPs), even (layers / PP), or "
+                    "[[vision, text], ...] one pair per stage (tulip_mega/models/pipeline_split.py)")
     sequence_parallel: bool = _f(False, "shard LayerNorm/dropout activations along the sequence (needs TP > 1)")
     distributed_optimizer: bool = _f(False, "ZeRO-1 via megatron DistributedOptimizer")
     overlap_grad_reduce: bool = _f(False, "overlap the data-parallel gradient all-reduce with backward")
@@ -482,14 +485,20 @@ class Config:
                               streams.mae_visible, why))
         for key, value, why in split:
             _require(value % tp == 0, f"{key}={value} is not divisible by parallel.tensor_parallel={tp}: {why}")
-        for key, layers in (("model.vision.num_layers", v.num_layers), ("model.text.num_layers", t.num_layers)):
-            _require(layers % pp == 0, f"{key}={layers} is not divisible by parallel.pipeline_parallel={pp}: "
-                                       "every pipeline stage must get the same number of layers")
+        from tulip_mega.models.pipeline_split import validate_split
+
+        try:
+            split = validate_split(self)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        for col, (key, layers) in enumerate((("model.vision.num_layers", v.num_layers),
+                                             ("model.text.num_layers", t.num_layers))):
             if self.recompute.granularity == "full":
-                per_stage = layers // pp
+                per_stage = max(pair[col] for pair in split)
                 _require(self.recompute.num_layers <= per_stage,
-                         f"recompute.num_layers={self.recompute.num_layers} exceeds the {per_stage} layers per "
-                         f"pipeline stage of {key.rsplit('.', 1)[0]} ({layers} layers / {pp} stages)")
+                         f"recompute.num_layers={self.recompute.num_layers} exceeds the {per_stage} layers of the "
+                         f"fullest pipeline stage of {key.rsplit('.', 1)[0]} ({layers} layers over {pp} stages, "
+                         f"parallel.pipeline_split={_split_name(par.pipeline_split)})")
 
 
     def _validate_loss_inputs(self) -> None:
@@ -537,6 +546,10 @@ class Config:
             _require(not weighted,
                      f"loss.sigmoid_impl=ring cannot be honoured: {', '.join(weighted)} use the weighted pair "
                      "loss, which only has the all-gather implementation; set loss.sigmoid_impl=gather or auto")
+
+
+def _split_name(choice: Any) -> str:
+    return choice if isinstance(choice, str) else str([list(pair) for pair in choice])
 
 
 def data_parallel_size(cfg: Config, world_size: int) -> int:
