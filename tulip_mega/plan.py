@@ -55,6 +55,7 @@ import sys
 from typing import Optional, Sequence
 
 from tulip_mega.data_rate import data_rate, format_data_rate
+from tulip_mega.plan_stages import PipelinePlan, format_pipeline, plan_pipeline
 from tulip_mega.training.flops import contrastive_batch_size, count_flops, embedding_cache_flops
 
 H100_BF16_DENSE_TFLOPS = 989.0
@@ -154,6 +155,7 @@ class Plan:
     samples_per_s: float
     mfu: float
     peak_tflops: float
+    pipeline: Optional["PipelinePlan"] = None  # per-stage FLOPs and memory (tulip_mega/plan_stages.py)
 
 
 def make_plan(cfg, nodes: int, gpus_per_node: int = 8, mfu: float = 0.40,
@@ -196,6 +198,11 @@ def make_plan(cfg, nodes: int, gpus_per_node: int = 8, mfu: float = 0.40,
         "activations": act / GIB,
     }
     memory["total"] = sum(memory.values())
+    # Per pipeline stage (the split of parallel.pipeline_split, every stream's activations, the
+    # micro-batches in flight per stage): the fullest stage is what must fit.
+    pipeline = plan_pipeline(cfg, dp, gb // (mb * dp))
+    memory = dict(pipeline.fullest.memory_gib)
+    params_per_gpu = pipeline.fullest.params
 
     fwd_parts = forward_flops_per_sample(cfg)
     fwd = sum(fwd_parts.values())
@@ -217,6 +224,7 @@ def make_plan(cfg, nodes: int, gpus_per_node: int = 8, mfu: float = 0.40,
         params_per_gpu=params_per_gpu, transformer_params_per_gpu=transformer_per_gpu, memory_gib=memory,
         flops_forward_per_sample=fwd, flops_model_per_sample=model, flops_hardware_per_sample=hardware,
         flops_cache_per_sample=cache, step_time_s=step, samples_per_s=gb / step, mfu=mfu, peak_tflops=peak_tflops,
+        pipeline=pipeline,
     )
 
 
@@ -249,12 +257,16 @@ def format_plan(cfg, plan: Plan, fp8: Optional[str] = None) -> str:
         "",
         f"memory per GPU (GiB), {'fp32' if cfg.precision.dtype == 'fp32' else 'bf16 mixed precision'}, "
         f"recompute={rc.granularity or 'off'}, distributed optimizer={'on' if par.distributed_optimizer else 'off'}:",
-        f"  parameters   {m['parameters']:8.2f}   ({plan.params_per_gpu / 1e6:.1f}M on the fullest stage; "
-        f"transformer layers {plan.transformer_params_per_gpu / 1e6:.1f}M)",
+        f"  parameters   {m['parameters']:8.2f}   ({plan.params_per_gpu / 1e6:.1f}M on the fullest stage, "
+        f"stage {plan.pipeline.fullest.index}; transformer layers {plan.transformer_params_per_gpu / 1e6:.1f}M "
+        "per GPU on average)",
         f"  gradients    {m['gradients']:8.2f}   (fp32 main grads)",
         f"  optimizer    {m['optimizer']:8.2f}   (fp32 master + Adam m, v{'; / DP' if par.distributed_optimizer else ''})",
-        f"  activations  {m['activations']:8.2f}   (Korthikanti et al.; micro-batch {plan.micro_batch})",
+        f"  activations  {m['activations']:8.2f}   (Korthikanti et al.; micro-batch {plan.micro_batch}, every view "
+        f"and text; {plan.pipeline.fullest.in_flight} in flight)",
         f"  total        {m['total']:8.2f}   (+ ~10% for NCCL buffers and fragmentation; H100 has 80)",
+        "",
+        format_pipeline(plan.pipeline),
         "",
         f"FLOPs per pair: forward {plan.flops_forward_per_sample / 1e9:.2f} GFLOP, "
         f"training (3x) {plan.flops_model_per_sample / 1e9:.2f} GFLOP, "
