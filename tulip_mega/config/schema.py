@@ -360,6 +360,8 @@ class CheckpointConfig:
     keep_last: int = _f(2, "complete checkpoints kept; older ones are deleted")
     resume: bool = _f(False, "continue from the newest complete checkpoint in dir")
     load: Optional[str] = _f(None, "start from this checkpoint (weights+state) instead")
+    async_save: bool = _f(False, "write checkpoints in the background while training continues; "
+                                 "published (latest) only after the write (training/async_checkpoint.py)")
 
     def validate(self) -> None:
         _at_least(self, "checkpoint", ("interval",), 0)

@@ -22,7 +22,8 @@ from megatron.core import parallel_state
 from tulip_mega.config import Config, save_config, validate_layout
 from tulip_mega.models.build import build_model
 from tulip_mega.parallel.init import LaunchEnv, check_runtime_support, device, init_parallel, launch_env
-from tulip_mega.training.checkpoint import load_checkpoint, read_latest, save_checkpoint
+from tulip_mega.training.async_checkpoint import CheckpointWriter
+from tulip_mega.training.checkpoint import load_checkpoint, read_latest
 from tulip_mega.training.data import build_train_loader
 from tulip_mega.training.flops import contrastive_batch_size, count_flops, tokens_per_sample
 from tulip_mega.training.metrics import MetricsLogger, setup_logging
@@ -131,6 +132,7 @@ def train(cfg: Config, env: Optional[LaunchEnv] = None) -> dict:
     window = {"step_time": 0.0, "data_wait": 0.0, "steps": 0}
     metrics: dict = {}
     last_saved = None
+    writer = CheckpointWriter(cfg.checkpoint.async_save)
     deadline = t0 + 60 * cfg.run.max_wall_time_minutes if cfg.run.max_wall_time_minutes else None
     step = start_step
     with PreemptionSignal() as preempt, contextlib.closing(metrics_log):
@@ -139,6 +141,7 @@ def train(cfg: Config, env: Optional[LaunchEnv] = None) -> dict:
             metrics = step_fn(data_iter)
             step_time = time.perf_counter() - t_step
             step += 1
+            writer.poll()  # publishes a finished background save (collective)
             window["step_time"] += step_time
             wait = data_iter.pop_wait() if data_iter is not None else 0.0
             window["data_wait"] += wait
@@ -160,15 +163,17 @@ def train(cfg: Config, env: Optional[LaunchEnv] = None) -> dict:
                 metrics.update(speed.metrics(metrics["samples_per_sec"], window, loader))
                 metrics["data_wait_fraction"] = metrics["data_wait"] / max(metrics["step_time"], 1e-9)
                 window = {"step_time": 0.0, "data_wait": 0.0, "steps": 0}
+                metrics.update(writer.take_report())  # checkpoint/save_s, checkpoint/wait_s
                 t_last, step_last = now, step
                 metrics_log.log(step, metrics, start_step)
             save_now = cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0
             out_of_time = deadline is not None and time.perf_counter() > deadline
             must_stop = _any_rank(out_of_time or preempt.received is not None)
             if save_now or must_stop or step == cfg.train.steps:
-                last_saved = save_checkpoint(
+                last_saved = writer.save(
                     ckpt_root, step, model, optimizer, scheduler,
                     loader.state_dict() if loader else None, model_shape(cfg), cfg.checkpoint.keep_last,
+                    wait=must_stop or step == cfg.train.steps,
                 )
                 log.info("saved checkpoint %s", last_saved)
                 t_last = time.perf_counter()  # samples/s measures training, not saving
