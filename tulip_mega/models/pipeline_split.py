@@ -33,6 +33,7 @@ Pure Python, no torch: config validation and `plan` import it.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -110,48 +111,68 @@ def even_split(vision: int, text: int, stages: int) -> Split:
     return tuple((share(vision, i), share(text, i)) for i in range(stages))
 
 
-def _greedy(costs: StageCosts, vision: int, text: int, stages: int, bound: float,
-            vision_first: bool) -> Optional[Split]:
-    """Fill stages in order up to `bound` FLOPs, one tower first, keeping one layer in reserve
-    for every later stage; None when the layers do not fit."""
-    out = []
-    v_left, t_left = vision, text
+def _fits(costs: StageCosts, vision: int, text: int, stages: int, bound: float) -> Optional[Split]:
+    """A split whose every stage costs at most `bound` and holds at least one layer, or None.
+
+    Exact: for given vision counts v_i, stage i can take any text count in
+    [lo_i, hi_i] with hi_i = floor((bound - extras_i - v_i * vision_layer) / text_layer) and
+    lo_i = 1 if v_i == 0 else 0, so some text split exists iff sum lo <= text <= sum hi. A
+    dynamic programme over stages with state (vision layers placed, vision-free stages so far)
+    keeps the largest sum hi and the choice that gave it."""
+    eps = bound * 1e-12
+
+    def hi(i: int, v: int) -> int:
+        room = bound + eps - costs.stage(i, stages, v, 0)
+        if room < 0:
+            return -1
+        return int(room // costs.text_layer) if costs.text_layer > 0 else text
+
+    # state (vision placed, vision-free stages) -> (best sum hi, back-pointer)
+    layer: dict[tuple[int, int], tuple[int, Optional[tuple]]] = {(0, 0): (0, None)}
+    history = []
     for i in range(stages):
-        cap = bound - costs.stage(i, stages, 0, 0)
-        reserve = stages - i - 1  # one layer for each later stage
-        order = [("v", costs.vision_layer), ("t", costs.text_layer)]
-        if not vision_first:
-            order.reverse()
-        take = {"v": 0, "t": 0}
-        for name, unit in order:
-            left = v_left if name == "v" else t_left
-            other_left = t_left if name == "v" else v_left
-            spare = max(0, reserve - other_left)  # layers of this tower the later stages need
-            n = min(left - spare, int(cap // unit) if unit > 0 else left)
-            if i == stages - 1:
-                n = left  # the last stage takes the rest (checked against the bound below)
-            n = max(n, 0)
-            take[name] = n
-            cap -= n * unit
-            if name == "v":
-                v_left -= n
-            else:
-                t_left -= n
-        if take["v"] + take["t"] == 0:
-            return None
-        out.append((take["v"], take["t"]))
-    split = tuple(out)
-    if v_left or t_left or max(costs.stages(split)) > bound * (1 + 1e-12):
+        nxt: dict[tuple[int, int], tuple[int, Optional[tuple]]] = {}
+        for (a, empty), (total, _) in layer.items():
+            for v in range(0, vision - a + 1):
+                h = hi(i, v)
+                if h < 0:
+                    break  # more vision layers only cost more
+                h = min(h, text)
+                key = (a + v, empty + (v == 0))
+                if v == 0 and h < 1:
+                    continue  # a vision-free stage needs a text layer
+                if key not in nxt or nxt[key][0] < total + h:
+                    nxt[key] = (total + h, (a, empty, v))
+        history.append(nxt)
+        layer = nxt
+    best = None
+    for (a, empty), (total, _) in layer.items():
+        if a == vision and empty <= text <= total:
+            best = (a, empty)
+            break
+    if best is None:
         return None
-    return split
+    vis = []
+    key = best
+    for i in range(stages - 1, -1, -1):
+        a, empty, v = history[i][key][1]
+        vis.append(v)
+        key = (a, empty)
+    vis.reverse()
+    texts = [1 if v == 0 else 0 for v in vis]
+    spare = text - sum(texts)
+    for i, v in enumerate(vis):  # fill up to each stage's room, last stages last
+        add = min(spare, min(hi(i, v), text) - texts[i])
+        texts[i] += add
+        spare -= add
+    return tuple(zip(vis, texts))
 
 
+@functools.lru_cache(maxsize=64)
 def balanced_split(costs: StageCosts, vision: int, text: int, stages: int) -> Split:
     """The split whose slowest stage is fastest (FLOPs of `costs`), every stage holding at
-    least one layer. Scans the candidate bottlenecks (every first/middle/last stage cost
-    e + a*vision_layer + b*text_layer) upwards from the average and takes the first that a
-    stage-by-stage fill (vision first, or text first) meets; exact for the instances we test
-    and instant for 48 x 24 layers on 64 stages."""
+    least one layer: a binary search over the candidate bottlenecks (every first / middle /
+    last stage cost e + a * vision_layer + b * text_layer) with the exact test `_fits`."""
     if vision + text < stages:
         raise ValueError(f"{vision} + {text} layers cannot fill {stages} pipeline stages")
     if stages == 1:
@@ -159,16 +180,19 @@ def balanced_split(costs: StageCosts, vision: int, text: int, stages: int) -> Sp
     total = costs.first + costs.last + vision * costs.vision_layer + text * costs.text_layer
     lower = max(total / stages, costs.first, costs.last)
     ends = {costs.first, costs.last, 0.0}  # the extra work of the first, last and middle stages
-    candidates = sorted({e + a * costs.vision_layer + b * costs.text_layer
-                         for e in ends for a in range(vision + 1) for b in range(text + 1)})
-    for bound in candidates:
-        if bound < lower * (1 - 1e-12):
-            continue
-        found = [s for s in (_greedy(costs, vision, text, stages, bound, True),
-                             _greedy(costs, vision, text, stages, bound, False)) if s is not None]
-        if found:
-            return min(found, key=lambda s: max(costs.stages(s)))
-    return even_split(vision, text, stages)  # unreachable: the largest bound fits everything
+    candidates = sorted(c for c in {e + a * costs.vision_layer + b * costs.text_layer
+                                    for e in ends for a in range(vision + 1) for b in range(text + 1)}
+                        if c >= lower * (1 - 1e-12))
+    lo, hi_ = 0, len(candidates) - 1
+    found = _fits(costs, vision, text, stages, candidates[hi_])
+    while lo < hi_:
+        mid = (lo + hi_) // 2
+        split = _fits(costs, vision, text, stages, candidates[mid])
+        if split is None:
+            lo = mid + 1
+        else:
+            hi_, found = mid, split
+    return found
 
 
 def resolve_split(cfg, stages: Optional[int] = None) -> Split:
