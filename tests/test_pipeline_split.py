@@ -3,12 +3,14 @@ even, or explicit) give the loss and every gradient of the unpipelined run.
 
 Unit tests (no processes) check the split arithmetic, megatron's layout and the config
 errors; multi-process tests run one training step at PP=2 on a vision 3 + text 2 layer model
-(PP divides neither... of the pair) and compare it with PP=1, like tests/test_parallel.py.
+(PP=2 does not divide the vision tower) and compare it with PP=1, like tests/test_parallel.py;
+sequence parallel x PP with the full stack; and checkpoints resharded between splits.
 """
 
 from __future__ import annotations
 
 import pytest
+import torch
 
 from harness import assemble, make_cfg, step_worker
 from test_stack import TULIP
@@ -146,3 +148,48 @@ def test_sequence_parallel_with_pipeline_matches_tp1_pp1(split):
         "parallel.tensor_parallel=2", "parallel.pipeline_parallel=2", "parallel.sequence_parallel=true",
         f"parallel.pipeline_split={split}"])
     _compare(out, ref, third_vision_layer=split != "even")
+
+
+# --- checkpoints across splits ------------------------------------------------------------------
+def save_after_one_step_worker(overrides: list[str], root: str) -> str:
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    from pathlib import Path
+
+    from megatron.core import parallel_state
+
+    from harness import build_train_step, global_batches, rank_microbatches
+    from tulip_mega.training.checkpoint import save_checkpoint
+    from tulip_mega.training.loop import model_shape
+
+    cfg, model, opt, sched, step = build_train_step(overrides)
+    step(rank_microbatches(cfg, global_batches(cfg, 1), parallel_state.get_data_parallel_rank(), 1))
+    return str(save_checkpoint(Path(root), 1, model, opt, sched, None, model_shape(cfg)))
+
+
+def _tensors_worker(checkpoint: str) -> dict:
+    import torch
+    from megatron.core import dist_checkpointing
+
+    return {k: v for k, v in dist_checkpointing.load_plain_tensors(checkpoint).items() if torch.is_tensor(v)}
+
+
+@pytest.mark.multiprocess
+def test_reshard_between_balanced_explicit_and_even_splits_keeps_every_tensor(tmp_path):
+    """A checkpoint saved under the balanced split [[1,1],[2,1]] is rewritten by
+    `tulip-mega reshard` for the split [[3,0],[0,2]], then for `even` and for PP=1: every
+    weight and optimizer moment survives bit for bit."""
+    from tulip_mega.convert.reshard import reshard
+
+    src = run_distributed(save_after_one_step_worker, 2, UNEVEN + ["parallel.pipeline_parallel=2"],
+                          str(tmp_path / "balanced"))[0]
+    ref = run_distributed(_tensors_worker, 1, src)[0]
+    assert any("exp_avg" in k for k in ref) and any("vision_block" in k for k in ref)
+    current = src
+    for name, pp, split in (("explicit", 2, "[[3,0],[0,2]]"), ("even", 2, "even"), ("single", 1, "balanced")):
+        current = str(reshard(current, 1, pp, tmp_path / name, [f"parallel.pipeline_split={split}"]))
+        got = run_distributed(_tensors_worker, 1, current)[0]
+        assert set(got) == set(ref), name
+        for k in ref:
+            assert torch.equal(got[k], ref[k]), (name, k)
