@@ -193,3 +193,12 @@ def test_reshard_between_balanced_explicit_and_even_splits_keeps_every_tensor(tm
         assert set(got) == set(ref), name
         for k in ref:
             assert torch.equal(got[k], ref[k]), (name, k)
+
+
+def test_balanced_keeps_the_even_split_on_a_tie():
+    # Equal vision and text layer costs: [[0, 2], [2, 0]] is as fast as [[1, 1], [1, 1]], and
+    # the even split (megatron's default, no layout) is kept.
+    cfg = make_cfg(BASE + ["parallel.pipeline_parallel=2", "model.text.context_length=16"])
+    costs = stage_costs(cfg)
+    assert costs.vision_layer == costs.text_layer
+    assert resolve_split(cfg) == ((1, 1), (1, 1))

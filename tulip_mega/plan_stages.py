@@ -214,10 +214,10 @@ def format_pipeline(pipe: PipelinePlan) -> str:
         inter = ", ".join(f"v={v} {b:.1%}" for v, b in pipe.bubble_interleaved.items()) or "n/a"
         lines.append(f"  bubble with {pipe.microbatches} micro-batches per step: 1F1B {pipe.bubble_1f1b:.1%}; "
                      f"interleaved {inter}")
-    lines.append("  stage  vision  text   TFLOP/pair  params/GPU  in-flight  memory GiB (par+grad+opt+act)")
+    lines.append("  stage  vision  text   GFLOP/pair  params/GPU  in-flight  memory GiB (par+grad+opt+act)")
     for s in pipe.stages:
         m = s.memory_gib
-        lines.append(f"  {s.index:5d}  {s.vision_layers:6d}  {s.text_layers:4d}  {s.flops / 1e12:11.3f}  "
+        lines.append(f"  {s.index:5d}  {s.vision_layers:6d}  {s.text_layers:4d}  {s.flops / 1e9:11.2f}  "
                      f"{s.params / 1e6:9.1f}M  {s.in_flight:9d}  {m['total']:6.2f} = {m['parameters']:.2f}+"
                      f"{m['gradients']:.2f}+{m['optimizer']:.2f}+{m['activations']:.2f}")
     if pp > 1:

@@ -172,7 +172,8 @@ def _fits(costs: StageCosts, vision: int, text: int, stages: int, bound: float) 
 def balanced_split(costs: StageCosts, vision: int, text: int, stages: int) -> Split:
     """The split whose slowest stage is fastest (FLOPs of `costs`), every stage holding at
     least one layer: a binary search over the candidate bottlenecks (every first / middle /
-    last stage cost e + a * vision_layer + b * text_layer) with the exact test `_fits`."""
+    last stage cost e + a * vision_layer + b * text_layer) with the exact test `_fits`. The
+    even split wins ties."""
     if vision + text < stages:
         raise ValueError(f"{vision} + {text} layers cannot fill {stages} pipeline stages")
     if stages == 1:
@@ -192,6 +193,10 @@ def balanced_split(costs: StageCosts, vision: int, text: int, stages: int) -> Sp
             lo = mid + 1
         else:
             hi_, found = mid, split
+    # On a tie keep the even split: the same speed, and the model megatron builds by default.
+    even = even_split(vision, text, stages)
+    if all(v + t for v, t in even) and max(costs.stages(even)) <= max(costs.stages(found)) * (1 + 1e-12):
+        return even
     return found
 
 
