@@ -154,8 +154,8 @@ def test_training_loop_with_async_save_matches_sync_saves(shapes_data, tmp_path)
     from test_train import _overrides, train_worker
     from tulip_mega.training.metrics import read_metrics
 
-    common = ("parallel.tensor_parallel=1", "train.steps=6", "optim.warmup_steps=2", "checkpoint.interval=2", "checkpoint.keep_last=5",
-              "run.log_interval=1")
+    common = ("parallel.tensor_parallel=1", "train.steps=6", "optim.warmup_steps=2", "checkpoint.interval=2",
+              "checkpoint.keep_last=5", "run.log_interval=1")
     runs = {}
     for mode in ("sync", "async"):
         out = run_distributed(train_worker, 2, _overrides(shapes_data, tmp_path, mode, *common,

@@ -150,7 +150,8 @@ def plan_pipeline(cfg, dp: int, microbatches: int, virtual: int = 1) -> Pipeline
     weight_bytes, grad_bytes, optim_bytes = (4, 4, 8) if fp32 else (2, 4, 12)
     value_bytes = 4 if fp32 else 2
     dec_sharded, dec_replicated = _decoder_params(cfg)
-    per_layer = {name: layer_activation_bytes(cfg, name, mb, rc.granularity, value_bytes) for name in ("vision", "text")}
+    per_layer = {name: layer_activation_bytes(cfg, name, mb, rc.granularity, value_bytes)
+                 for name in ("vision", "text")}
     no_rc = {name: layer_activation_bytes(cfg, name, mb, None, value_bytes) for name in ("vision", "text")}
     stages = []
     for i, (nv, nt) in enumerate(split):

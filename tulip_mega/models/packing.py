@@ -16,7 +16,6 @@ tensor (never a view), as megatron's output deallocation requires.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch

@@ -175,7 +175,8 @@ def train(cfg: Config, env: Optional[LaunchEnv] = None) -> dict:
                     loader.state_dict() if loader else None, model_shape(cfg), cfg.checkpoint.keep_last,
                     wait=must_stop or step == cfg.train.steps,
                 )
-                log.info("saved checkpoint %s", last_saved)
+                done = writer.last_published == last_saved
+                log.info("%s checkpoint %s", "saved" if done else "saving (in the background)", last_saved)
                 t_last = time.perf_counter()  # samples/s measures training, not saving
             if must_stop and step < cfg.train.steps:
                 why = "signal" if preempt.received is not None else "wall time" if out_of_time else "another rank"
