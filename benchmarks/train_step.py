@@ -15,7 +15,7 @@ hyper-parameters and grad clipping:
 Timing: `--warmup` steps first (excluded), then `--steps` steps, each timed alone between
 device synchronisations; the median is reported. The runs alternate step by step (ours, plain,
 ours, plain, ...), so drift of a shared machine hits both. Model FLOPs come from
-tulip_mega.training.flops (3 x forward, logits of the micro-batch included); on a GPU in the
+tulip_mega.flops (3 x forward, logits of the micro-batch included); on a GPU in the
 peak table the MFU is printed too.
 
 Runs single-process: gloo on a CPU, NCCL on one CUDA GPU (picked at run time). Examples:
@@ -168,7 +168,7 @@ def compare_contrastive_modes(args, use_te) -> None:
     """Our step with loss.contrastive_batch=global vs micro at --accum micro-batches per step."""
     from benchmarks.peak_memory import peak_since, reset_peak
     from tulip_mega.parallel.init import device as get_device
-    from tulip_mega.training.flops import count_flops, embedding_cache_flops
+    from tulip_mega.flops import count_flops, embedding_cache_flops
 
     modes = ["micro", "global"] if args.contrastive_batch == "both" else [args.contrastive_batch]
     dev = get_device()
@@ -224,7 +224,7 @@ def main() -> int:
 
     from tulip_mega.parallel.init import init_parallel
     from tulip_mega.parallel.init import device as get_device
-    from tulip_mega.training.flops import count_flops
+    from tulip_mega.flops import count_flops
     from tulip_mega.training.throughput import device_peak
 
     if args.threads:

@@ -200,8 +200,10 @@ def step_worker(overrides: Sequence[str], steps: int = 1, optimizer_steps: bool 
 def _probe_first_vision_layer(module) -> dict:
     """Count forward calls of the first vision layer's MLP and core attention and record the
     layer's input shape: proves recompute re-runs them and sequence parallel splits the sequence."""
-    layer = module.vision_block.layers[0]
     probe = {"mlp_calls": 0, "core_attn_calls": 0, "layer_input_shape": None}
+    if not len(module.vision_block.layers):  # a pipeline split may leave a stage without vision layers
+        return probe
+    layer = module.vision_block.layers[0]
 
     def count(name):
         def hook(_mod, _inp, _out):

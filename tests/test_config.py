@@ -214,11 +214,13 @@ def test_tp_must_divide_vocab_and_ffn():
         load_config(None, ["parallel.tensor_parallel=2", "model.vision.ffn_hidden_size=255"])
 
 
-def test_layers_must_divide_by_pp():
-    with pytest.raises(ConfigError, match="model.vision.num_layers=2 is not divisible by parallel.pipeline_parallel=4"):
-        load_config(None, ["parallel.pipeline_parallel=4"])
-    with pytest.raises(ConfigError, match="model.text.num_layers=3 is not divisible by parallel.pipeline_parallel=2"):
-        load_config(None, ["parallel.pipeline_parallel=2", "model.text.num_layers=3"])
+def test_layers_need_not_divide_by_pp():
+    # parallel.pipeline_split (tests/test_pipeline_split.py) places any layer counts; only a
+    # stage without a layer of either tower is refused.
+    load_config(None, ["parallel.pipeline_parallel=4"])
+    load_config(None, ["parallel.pipeline_parallel=2", "model.text.num_layers=3", "parallel.pipeline_split=even"])
+    with pytest.raises(ConfigError, match="parallel.pipeline_split: .* cannot fill parallel.pipeline_parallel=5"):
+        load_config(None, ["parallel.pipeline_parallel=5"])
 
 
 def test_sequence_parallel_checks():
@@ -246,10 +248,17 @@ def test_per_section_checks():
 
 
 def test_full_recompute_layers_per_stage():
+    """An even or explicit split is checked with the recipe; a balanced one (it needs the FLOP
+    model) by validate_split, which the trainer, eval and plan run before any process starts."""
+    from tulip_mega.models.pipeline_split import validate_split
+
     ok = ["parallel.pipeline_parallel=2", "recompute.granularity=full", "recompute.num_layers=1"]
-    load_config(None, ok)
-    with pytest.raises(ConfigError, match="recompute.num_layers=2 exceeds the 1 layers per pipeline stage"):
-        load_config(None, ok + ["recompute.num_layers=2"])
+    validate_split(load_config(None, ok))
+    too_many = "recompute.num_layers=2 exceeds the 1 layers of the fullest pipeline stage"
+    with pytest.raises(ConfigError, match=too_many):
+        load_config(None, ok + ["recompute.num_layers=2", "parallel.pipeline_split=even"])
+    with pytest.raises(ConfigError, match=too_many):
+        validate_split(load_config(None, ok + ["recompute.num_layers=2"]))
     load_config(None, ["recompute.granularity=selective", "recompute.num_layers=9"])  # only checked for full
 
 

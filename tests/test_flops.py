@@ -1,7 +1,7 @@
 """Model FLOPs per sample against hand counts, and the throughput helpers (peaks, MFU, stragglers).
 
 The hand counts below write out every matmul of a tiny config with all towers, views,
-decoders and heads switched on, independently of tulip_mega.training.flops.
+decoders and heads switched on, independently of tulip_mega.flops.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 
 from tulip_mega.config import load_config
 from tulip_mega.plan import forward_flops_per_sample, make_plan
-from tulip_mega.training.flops import count_flops, tokens_per_sample
+from tulip_mega.flops import count_flops, tokens_per_sample
 from tulip_mega.training.throughput import (
     StragglerDetector,
     TimedIterator,

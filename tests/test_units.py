@@ -31,12 +31,14 @@ def test_launch_env_torchrun_slurm_single():
     assert (one.rank, one.world_size, one.launcher) == (0, 1, "single")
 
 
-@pytest.mark.parametrize("hv,ht", [(64, 64), (64, 48), (96, 64)])
+@pytest.mark.parametrize("hv,ht", [(64, 64), (64, 48), (96, 64), (96, 50)])
 def test_packing_round_trip(hv, ht):
-    p = ActivationPacker((PackedPart("global", 5, 3, hv), PackedPart("mae", 2, 1, hv), PackedPart("text", 3, 4, ht)))
+    p = ActivationPacker((PackedPart("global", 5, 3, hv), PackedPart("mae", 2, 1, hv), PackedPart("text", 3, 4, ht)),
+                         width=hv)
     parts = {"global": torch.randn(5, 3 * 2, hv), "mae": torch.randn(2, 2, hv), "text": torch.randn(3, 4 * 2, ht)}
     packed = p.pack(parts)
-    assert packed.shape == p.shape(2)
+    # megatron's default p2p shape: rows of the vision width, padded up to a whole row
+    assert packed.shape == p.shape(2) == (-(-(5 * 3 * hv + 2 * hv + 3 * 4 * ht) // hv), 2, hv)
     assert packed._base is None, "megatron deallocates pipeline outputs: the packed tensor must not be a view"
     back = p.unpack(packed)
     for name, x in parts.items():
@@ -48,14 +50,14 @@ def test_packing_round_trip(hv, ht):
 
 
 def test_single_part_packing_is_a_copy():
-    p = ActivationPacker((PackedPart("text", 4, 1, 8),))
+    p = ActivationPacker((PackedPart("text", 4, 1, 8),), width=8)
     x = torch.randn(4, 2, 8)
     packed = p.pack({"text": x})
     assert packed._base is None and packed.data_ptr() != x.data_ptr() and torch.equal(packed, x)
 
 
 def test_packing_rejects_wrong_shapes_and_dtypes():
-    p = ActivationPacker((PackedPart("global", 4, 1, 8), PackedPart("text", 2, 1, 8)))
+    p = ActivationPacker((PackedPart("global", 4, 1, 8), PackedPart("text", 2, 1, 8)), width=8)
     with pytest.raises(ValueError, match="expected global"):
         p.pack({"global": torch.randn(3, 1, 8), "text": torch.randn(2, 1, 8)})
     with pytest.raises(ValueError, match="pipeline dtype"):

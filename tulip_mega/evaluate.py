@@ -82,6 +82,7 @@ def evaluate_checkpoint(checkpoint: str, task: str, data: str, classes: Optional
     """
     from tulip_mega.config import validate_layout
     from tulip_mega.models.build import build_model
+    from tulip_mega.models.pipeline_split import validate_split
     from tulip_mega.models.specs import check_layer_support
     from tulip_mega.parallel.init import check_runtime_support, init_parallel, launch_env
     from tulip_mega.training.metrics import setup_logging
@@ -92,6 +93,7 @@ def evaluate_checkpoint(checkpoint: str, task: str, data: str, classes: Optional
     validate_layout(cfg, env.world_size)
     check_runtime_support(cfg)
     check_layer_support(cfg.model, cfg.precision)
+    validate_split(cfg)
     setup_logging(env.rank)
     if parallel_state.model_parallel_is_initialized():  # a caller evaluating several checkpoints
         parallel_state.destroy_model_parallel()

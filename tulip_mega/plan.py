@@ -29,7 +29,7 @@ L = layers; both towers are summed, each with its own h, f, a, s, L):
                                       holds p micro-batches of L/p layers each (= L layers).
   forward FLOPs per pair and layer    2 s (4h^2 + 2hf) (matmuls) + 4 s^2 h (QK^T and AV)
       plus the patch embedding 2 s 3 P^2 h, the MAP head and the text projection, for every
-      view / text / decoder the loss terms switch on (tulip_mega.training.flops: the one
+      view / text / decoder the loss terms switch on (tulip_mega.flops: the one
       source, also used for the trainer's MFU);
       training = 3 x forward (forward + backward); full recompute adds one more forward,
       selective recompute adds the attention-score part (4 s^2 h per layer) once more;
@@ -55,79 +55,18 @@ import sys
 from typing import Optional, Sequence
 
 from tulip_mega.data_rate import data_rate, format_data_rate
-from tulip_mega.training.flops import contrastive_batch_line as flops_contrastive_batch_line
-from tulip_mega.training.flops import contrastive_batch_size, count_flops, embedding_cache_flops
+from tulip_mega.plan_stages import PipelinePlan, format_pipeline, plan_pipeline
+from tulip_mega.flops import contrastive_batch_line as flops_contrastive_batch_line
+from tulip_mega.flops import contrastive_batch_size, count_flops, embedding_cache_flops
+from tulip_mega.model_size import Tower, param_counts, towers  # noqa: F401  (Tower, towers: plan's API)
 
 H100_BF16_DENSE_TFLOPS = 989.0
 GIB = 1024**3
 
 
-@dataclasses.dataclass(frozen=True)
-class Tower:
-    name: str
-    layers: int
-    hidden: int
-    ffn: int
-    heads: int
-    seq: int
-
-    @property
-    def layer_sharded_params(self) -> int:
-        h, f = self.hidden, self.ffn
-        return 4 * h * h + 2 * h * f + 4 * h + f
-
-    @property
-    def layer_replicated_params(self) -> int:
-        return 5 * self.hidden
-
-    @property
-    def layer_params(self) -> int:
-        return self.layer_sharded_params + self.layer_replicated_params
-
-    def layer_activation_bytes(self, micro_batch: int, tp: int, sp: bool, recompute: Optional[str],
-                               bytes_per_value: int = 2) -> float:
-        """Korthikanti et al. per-layer activation memory (their constants assume 16-bit values)."""
-        s, b, h, f, a = self.seq, micro_batch, self.hidden, self.ffn, self.heads
-        scores = 5 * a * s * s * b / tp
-        if recompute == "full":
-            return 2 * s * b * h / (tp if sp else 1) * bytes_per_value / 2
-        if sp:
-            linear = s * b * (18 * h + 4 * f) / tp
-        else:
-            linear = s * b * (10 * h + (8 * h + 4 * f) / tp)
-        if recompute == "selective":
-            scores = 0.0
-        return (linear + scores) * bytes_per_value / 2
-
-
-def towers(cfg) -> tuple[Tower, Tower]:
-    v, t = cfg.model.vision, cfg.model.text
-    return (Tower("vision", v.num_layers, v.hidden_size, v.ffn_hidden_size, v.num_heads, v.seq_length),
-            Tower("text", t.num_layers, t.hidden_size, t.ffn_hidden_size, t.num_heads, t.context_length))
-
-
-def param_counts(cfg) -> dict[str, int]:
-    """Exact parameter counts of the model's parts (matches tulip_mega/models)."""
-    v, t = cfg.model.vision, cfg.model.text
-    vt, tt = towers(cfg)
-    hv, ht = v.hidden_size, t.hidden_size
-    return {
-        "vision_embed": 3 * v.patch_size**2 * hv + hv + v.seq_length * hv,
-        "vision_layers": vt.layers * vt.layer_params,
-        "vision_final_ln": 2 * hv,
-        # probe + MultiheadAttention (in_proj 3h^2+3h, out_proj h^2+h) + LN + MLP
-        "vision_map_head": hv + 4 * hv * hv + 4 * hv + 2 * hv + 2 * hv * v.ffn_hidden_size + v.ffn_hidden_size + hv,
-        "text_embed": t.vocab_size * ht + t.context_length * ht,
-        "text_layers": tt.layers * tt.layer_params,
-        "text_final_ln": 2 * ht,
-        "text_head": ht * hv + hv,
-        "logit_scale_bias": 2,
-    }
-
-
 def forward_flops_per_sample(cfg) -> dict[str, int]:
     """Forward FLOPs for one sample, by part (2 FLOPs per multiply-add), from
-    tulip_mega.training.flops (every tower call, view, head and decoder the loss terms switch
+    tulip_mega.flops (every tower call, view, head and decoder the loss terms switch
     on). The contrastive logits are left out here (see the module docstring)."""
     return dict(count_flops(cfg).parts)
 
@@ -155,6 +94,7 @@ class Plan:
     samples_per_s: float
     mfu: float
     peak_tflops: float
+    pipeline: Optional["PipelinePlan"] = None  # per-stage FLOPs and memory (tulip_mega/plan_stages.py)
 
 
 def make_plan(cfg, nodes: int, gpus_per_node: int = 8, mfu: float = 0.40,
@@ -197,6 +137,11 @@ def make_plan(cfg, nodes: int, gpus_per_node: int = 8, mfu: float = 0.40,
         "activations": act / GIB,
     }
     memory["total"] = sum(memory.values())
+    # Per pipeline stage (the split of parallel.pipeline_split, every stream's activations, the
+    # micro-batches in flight per stage): the fullest stage is what must fit.
+    pipeline = plan_pipeline(cfg, dp, gb // (mb * dp))
+    memory = dict(pipeline.fullest.memory_gib)
+    params_per_gpu = pipeline.fullest.params
 
     fwd_parts = forward_flops_per_sample(cfg)
     fwd = sum(fwd_parts.values())
@@ -218,6 +163,7 @@ def make_plan(cfg, nodes: int, gpus_per_node: int = 8, mfu: float = 0.40,
         params_per_gpu=params_per_gpu, transformer_params_per_gpu=transformer_per_gpu, memory_gib=memory,
         flops_forward_per_sample=fwd, flops_model_per_sample=model, flops_hardware_per_sample=hardware,
         flops_cache_per_sample=cache, step_time_s=step, samples_per_s=gb / step, mfu=mfu, peak_tflops=peak_tflops,
+        pipeline=pipeline,
     )
 
 
@@ -243,12 +189,16 @@ def format_plan(cfg, plan: Plan, fp8: Optional[str] = None) -> str:
         "",
         f"memory per GPU (GiB), {'fp32' if cfg.precision.dtype == 'fp32' else 'bf16 mixed precision'}, "
         f"recompute={rc.granularity or 'off'}, distributed optimizer={'on' if par.distributed_optimizer else 'off'}:",
-        f"  parameters   {m['parameters']:8.2f}   ({plan.params_per_gpu / 1e6:.1f}M on the fullest stage; "
-        f"transformer layers {plan.transformer_params_per_gpu / 1e6:.1f}M)",
+        f"  parameters   {m['parameters']:8.2f}   ({plan.params_per_gpu / 1e6:.1f}M on the fullest stage, "
+        f"stage {plan.pipeline.fullest.index}; transformer layers {plan.transformer_params_per_gpu / 1e6:.1f}M "
+        "per GPU on average)",
         f"  gradients    {m['gradients']:8.2f}   (fp32 main grads)",
         f"  optimizer    {m['optimizer']:8.2f}   (fp32 master + Adam m, v{'; / DP' if par.distributed_optimizer else ''})",
-        f"  activations  {m['activations']:8.2f}   (Korthikanti et al.; micro-batch {plan.micro_batch})",
+        f"  activations  {m['activations']:8.2f}   (Korthikanti et al.; micro-batch {plan.micro_batch}, every view "
+        f"and text; {plan.pipeline.fullest.in_flight} in flight)",
         f"  total        {m['total']:8.2f}   (+ ~10% for NCCL buffers and fragmentation; H100 has 80)",
+        "",
+        format_pipeline(plan.pipeline),
         "",
         f"FLOPs per pair: forward {plan.flops_forward_per_sample / 1e9:.2f} GFLOP, "
         f"training (3x) {plan.flops_model_per_sample / 1e9:.2f} GFLOP, "

@@ -52,12 +52,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         cfg = load_config(args.recipe, overrides)
         from tulip_mega.config import validate_layout
+        from tulip_mega.models.pipeline_split import validate_split
         from tulip_mega.models.specs import check_layer_support
         from tulip_mega.parallel.init import check_runtime_support, launch_env
 
         validate_layout(cfg, launch_env().world_size)
         check_runtime_support(cfg)
         check_layer_support(cfg.model, cfg.precision)
+        validate_split(cfg)
     except ConfigError as e:
         print(f"tulip-mega: config error: {e}", file=sys.stderr)
         return EXIT_CONFIG_ERROR

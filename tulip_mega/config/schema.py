@@ -13,7 +13,7 @@ and launch scripts). The Transformer Engine probe for FP8 is imported lazily.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 
 class ConfigError(ValueError):
@@ -159,6 +159,9 @@ class ModelConfig:
 class ParallelConfig:
     tensor_parallel: int = _f(1, "tensor-parallel size (splits heads/MLP across ranks)")
     pipeline_parallel: int = _f(1, "pipeline-parallel size (splits layers into stages)")
+    pipeline_split: Union[Literal["balanced", "even"], list[tuple[int, int]]] = _f(
+        "balanced", "per-stage layers of both towers: balanced (by FLOPs), even (layers / PP), or "
+                    "[[vision, text], ...] one pair per stage (tulip_mega/models/pipeline_split.py)")
     sequence_parallel: bool = _f(False, "shard LayerNorm/dropout activations along the sequence (needs TP > 1)")
     distributed_optimizer: bool = _f(False, "ZeRO-1 via megatron DistributedOptimizer")
     overlap_grad_reduce: bool = _f(False, "overlap the data-parallel gradient all-reduce with backward")
@@ -360,6 +363,8 @@ class CheckpointConfig:
     keep_last: int = _f(2, "complete checkpoints kept; older ones are deleted")
     resume: bool = _f(False, "continue from the newest complete checkpoint in dir")
     load: Optional[str] = _f(None, "start from this checkpoint (weights+state) instead")
+    async_save: bool = _f(False, "write checkpoints in the background while training continues; "
+                                 "published (latest) only after the write (training/async_checkpoint.py)")
 
     def validate(self) -> None:
         _at_least(self, "checkpoint", ("interval",), 0)
@@ -485,14 +490,17 @@ class Config:
                               streams.mae_visible, why))
         for key, value, why in split:
             _require(value % tp == 0, f"{key}={value} is not divisible by parallel.tensor_parallel={tp}: {why}")
-        for key, layers in (("model.vision.num_layers", v.num_layers), ("model.text.num_layers", t.num_layers)):
-            _require(layers % pp == 0, f"{key}={layers} is not divisible by parallel.pipeline_parallel={pp}: "
-                                       "every pipeline stage must get the same number of layers")
-            if self.recompute.granularity == "full":
-                per_stage = layers // pp
-                _require(self.recompute.num_layers <= per_stage,
-                         f"recompute.num_layers={self.recompute.num_layers} exceeds the {per_stage} layers per "
-                         f"pipeline stage of {key.rsplit('.', 1)[0]} ({layers} layers / {pp} stages)")
+        from tulip_mega.config.pipeline_split import check_recompute_fits, check_split_choice, structural_split
+
+        # The split's structure here; a `balanced` split needs the FLOP model and is checked
+        # when the model is built (tulip_mega.models.pipeline_split.validate_split).
+        try:
+            check_split_choice(self)
+            split = structural_split(self)
+            if split is not None:
+                check_recompute_fits(self, split)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
 
     def _validate_loss_inputs(self) -> None:

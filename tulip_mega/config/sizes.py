@@ -36,4 +36,14 @@ SIZES: dict[str, tuple[dict[str, int], dict[str, int]]] = {
         dict(image_size=384, patch_size=16, num_layers=40, hidden_size=1536, num_heads=16, ffn_hidden_size=6144),
         dict(_SO400M_TEXT),
     ),
+    # ~6B vision tower for pipeline-parallel pretraining (recipes/tulip_6b.yaml): InternViT-6B's
+    # shape (Chen et al. 2024, InternVL: width 3200, 48 layers, MLP 12800, patch 14) with 32 heads
+    # of 100 instead of 25 of 128, so TP=8 holds whole heads (same parameters and FLOPs: attention
+    # weights do not depend on the head count); at 224 px (256 patches). Text: a ~1B tower
+    # (width 2048, 20 layers, 16 heads, MLP 4h, the 32k vocabulary and 64 tokens of so400m's).
+    "6b": (
+        dict(image_size=224, patch_size=14, num_layers=48, hidden_size=3200, num_heads=32, ffn_hidden_size=12800),
+        dict(vocab_size=32000, context_length=64, num_layers=20, hidden_size=2048, num_heads=16,
+             ffn_hidden_size=8192),
+    ),
 }

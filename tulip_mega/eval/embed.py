@@ -118,21 +118,16 @@ class Embedder:
     def _collect(output: dict, non_loss_data: bool = True) -> dict:
         return {"image_emb": output["image_emb"].detach().float(), "text_emb": output["text_emb"].detach().float()}
 
-    def _shapes(self, recv, send):
-        return [self.packed_shape], [self.packed_shape]
-
     def _run(self, micro: list, n: int) -> list[dict]:
-        kwargs = {"adjust_tensor_shapes_fn": self._shapes} if self.pp > 1 else {}
         return self._forward_backward(
             forward_step_func=self._forward_step,
             data_iterator=iter(micro) if self.first else None,
             model=[self.model],
             num_microbatches=n,
-            seq_length=self.packed_shape[0],
+            seq_length=self.module.schedule_seq_length(self.packed_shape),  # megatron's default p2p shape
             micro_batch_size=self.micro_batch,
             forward_only=True,
             collect_non_loss_data=True,
-            **kwargs,
         )
 
     def embed(self, source: Optional[Source]) -> Optional[dict[str, torch.Tensor]]:

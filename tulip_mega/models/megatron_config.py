@@ -35,8 +35,22 @@ def tower_config(cfg, tower: Tower) -> TransformerConfig:
     """The TransformerConfig of one tower (sizes from the resolved recipe)."""
     t = cfg.model.vision if tower == "vision" else cfg.model.text
     return _transformer_config(
-        cfg, t, pipeline_parallel=cfg.parallel.pipeline_parallel, recompute=True
+        cfg, t, pipeline_parallel=cfg.parallel.pipeline_parallel, recompute=True,
+        layout=pipeline_layout(cfg, tower),
     )
+
+
+def pipeline_layout(cfg, tower: Tower):
+    """megatron's `pipeline_model_parallel_layout` for the tower's share of each stage under
+    `parallel.pipeline_split` (models/pipeline_split.py), or None for megatron's default split."""
+    from tulip_mega.models.pipeline_split import needs_layout, tower_layout, validate_split
+
+    if cfg.parallel.pipeline_parallel == 1:
+        return None
+    split = validate_split(cfg)
+    if not needs_layout(split, cfg.model.vision.num_layers, cfg.model.text.num_layers):
+        return None
+    return tower_layout(split, tower)
 
 
 def decoder_config(cfg, which: DecoderName) -> TransformerConfig:
@@ -66,7 +80,7 @@ def decoder_config(cfg, which: DecoderName) -> TransformerConfig:
     return _transformer_config(cfg, dec, pipeline_parallel=1, recompute=False)
 
 
-def _transformer_config(cfg, t, pipeline_parallel: int, recompute: bool) -> TransformerConfig:
+def _transformer_config(cfg, t, pipeline_parallel: int, recompute: bool, layout=None) -> TransformerConfig:
     """A TransformerConfig with the sizes of `t` (num_layers, hidden_size, num_heads,
     ffn_hidden_size) and everything else from the recipe."""
     dtype = params_dtype(cfg)
@@ -90,6 +104,7 @@ def _transformer_config(cfg, t, pipeline_parallel: int, recompute: bool) -> Tran
         # Parallelism
         tensor_model_parallel_size=cfg.parallel.tensor_parallel,
         pipeline_model_parallel_size=pipeline_parallel,
+        pipeline_model_parallel_layout=layout,
         sequence_parallel=cfg.parallel.sequence_parallel,
         pipeline_dtype=dtype,
         # On a CPU, megatron's batched p2p would call torch.cuda.synchronize().

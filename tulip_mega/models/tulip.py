@@ -139,13 +139,18 @@ class TulipModel(MegatronModule):
         vision_hidden, text_hidden = self.config.hidden_size, self.text_config.hidden_size
         parts = [PackedPart(s.name, s.seq // self._sp_tp, s.views, vision_hidden) for s in streams.vision]
         parts.append(PackedPart("text", self.context_length // self._sp_tp, streams.texts, text_hidden))
-        return ActivationPacker(tuple(parts))
+        return ActivationPacker(tuple(parts), width=vision_hidden)  # the schedule's config.hidden_size
 
     def packed_shape(self, micro_batch: int, streams: Optional[Streams] = None) -> tuple[int, int, int]:
         """The (rows, micro_batch, width) tensor this stage sends to / receives from its pipeline
-        neighbours for a forward of `micro_batch` samples over `streams` (pass to the
-        schedule's adjust_tensor_shapes_fn)."""
+        neighbours for a forward of `micro_batch` samples over `streams`: megatron's default p2p
+        shape for seq_length = `schedule_seq_length(...)`."""
         return self.packer(streams).shape(micro_batch)
+
+    def schedule_seq_length(self, packed_shape: tuple[int, int, int]) -> int:
+        """The `seq_length` to give megatron's schedules so that their default p2p shape
+        (seq_length [/ TP under sequence parallel], micro_batch, hidden_size) is `packed_shape`."""
+        return packed_shape[0] * self._sp_tp
 
     def set_input_tensor(self, input_tensor) -> None:
         """Called by megatron's schedule with the tensor received from the previous stage; it is

@@ -134,8 +134,12 @@ def save_checkpoint(
     loader_state: Optional[dict],
     model_config: dict,
     keep_last: int = 2,
+    async_queue=None,
 ) -> Path:
-    """Save collectively (every rank calls this); returns the published checkpoint path."""
+    """Save collectively (every rank calls this); returns the published checkpoint path.
+
+    With `async_queue` (a megatron AsyncCallsQueue) the tensors are written in the background
+    and the returned path is published only when the queue finalises the request."""
     root = Path(root)
     final = root / _step_dir_name(step)
     partial = root / (final.name + ".partial")
@@ -146,7 +150,22 @@ def save_checkpoint(
         partial.mkdir()
     dist.barrier()
     extra = {"step": step, "model_config": model_config, "layout": list(_layout()[0])}
-    dist_checkpointing.save(_sharded_state(model, optimizer, scheduler, loader_state, extra, False), str(partial))
+    state = _sharded_state(model, optimizer, scheduler, loader_state, extra, False)
+    if async_queue is not None:
+        # The write runs in a background process (training/async_checkpoint.py); the publish
+        # below runs as the request's finalisation, on every rank, after every rank's write.
+        request = dist_checkpointing.save(state, str(partial), async_sharded_save=True)
+        request.add_finalize_fn(lambda: _publish(root, partial, final, keep_last))
+        async_queue.schedule_async_request(request)
+        return final
+    dist_checkpointing.save(state, str(partial))
+    _publish(root, partial, final, keep_last)
+    return final
+
+
+def _publish(root: Path, partial: Path, final: Path, keep_last: int) -> None:
+    """Collective: once every rank has written `partial`, rank 0 renames it to `final` and then
+    points `latest` at it (write + os.replace), so a crash at any point keeps the previous one."""
     dist.barrier()
     if _rank0():
         if final.exists():
@@ -157,7 +176,6 @@ def save_checkpoint(
         os.replace(tmp, root / LATEST)
         _prune(root, keep_last)
     dist.barrier()
-    return final
 
 
 def _prune(root: Path, keep_last: int) -> None:

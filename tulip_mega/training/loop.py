@@ -25,13 +25,15 @@ from tulip_mega.config import Config, save_config, validate_layout
 from tulip_mega.config.streams import Streams, input_streams
 from tulip_mega.convert.pretrained import load_pretrained
 from tulip_mega.models.build import build_model
+from tulip_mega.models.pipeline_split import validate_split
 from tulip_mega.eval.runner import Evaluator, write_results
 from tulip_mega.models.specs import check_layer_support, use_transformer_engine
 from tulip_mega.parallel.init import (LaunchEnv, check_runtime_support, compute_dtype, device, init_parallel,
                                       launch_env, use_cuda)
-from tulip_mega.training.checkpoint import load_checkpoint, model_shape, read_latest, save_checkpoint
+from tulip_mega.training.async_checkpoint import CheckpointWriter
+from tulip_mega.training.checkpoint import load_checkpoint, model_shape, read_latest
 from tulip_mega.training.data import build_train_loader
-from tulip_mega.training.flops import (contrastive_batch_line, contrastive_batch_size, count_flops,
+from tulip_mega.flops import (contrastive_batch_line, contrastive_batch_size, count_flops,
                                       embedding_cache_flops, tokens_per_sample)
 from tulip_mega.training.metrics import DEBUG_LOG_NAME, MetricsLogger, setup_logging
 from tulip_mega.training.wandb_logger import make_wandb_sink
@@ -84,6 +86,7 @@ def _check_before_launch(cfg: Config, env: LaunchEnv) -> int:
     dp_size = validate_layout(cfg, env.world_size)
     check_runtime_support(cfg)
     check_layer_support(cfg.model, cfg.precision)
+    validate_split(cfg)  # a `balanced` split needs the FLOP model: checked here, not in the schema
     return dp_size
 
 
@@ -200,6 +203,7 @@ def _run_steps(cfg: Config, env: LaunchEnv, dp_size: int, run: _Run, start_step:
             metrics = run.step_fn(data_iter)
             step_time = time.perf_counter() - t_step
             step += 1
+            hooks.checkpoint.poll()  # publishes a finished background save (collective)
             window["step_time"] += step_time
             wait = data_iter.pop_wait() if data_iter is not None else 0.0
             window["data_wait"] += wait
@@ -218,6 +222,7 @@ def _run_steps(cfg: Config, env: LaunchEnv, dp_size: int, run: _Run, start_step:
                 metrics.update(speed.metrics(metrics["samples_per_sec"], window, run.loader))
                 metrics["data_wait_fraction"] = metrics["data_wait"] / max(metrics["step_time"], 1e-9)
                 window = {"step_time": 0.0, "data_wait": 0.0, "steps": 0}
+                metrics.update(hooks.checkpoint.take_report())  # checkpoint/save_s, checkpoint/wait_s
                 t_last, step_last = now, step
                 metrics_log.log(step, metrics, start_step)
             must_stop, why = preemption.must_stop()
@@ -274,19 +279,33 @@ class CheckpointHook:
         self.root, self.interval, self.keep_last = checkpoint_root(cfg), cfg.checkpoint.interval, cfg.checkpoint.keep_last
         self.last_step, self.fingerprint, self.run = cfg.train.steps, model_shape(cfg), run
         self.last_saved: Optional[Path] = None
+        # checkpoint.async_save: the write runs in the background and is published (renamed,
+        # `latest` moved) only once every rank's writer is done; see training/async_checkpoint.py.
+        self.writer = CheckpointWriter(cfg.checkpoint.async_save)
 
     def __call__(self, step: int, force: bool = False) -> bool:
-        """True when it saved at this step."""
+        """True when it started a save at this step. A forced save (a stop) and the last step's
+        save are waited for, so the run never exits with a checkpoint half written."""
         due = self.interval and step % self.interval == 0
         if not (due or force or step == self.last_step):
             return False
         r = self.run
-        self.last_saved = save_checkpoint(
+        self.last_saved = self.writer.save(
             self.root, step, r.model, r.optimizer, r.scheduler,
             r.loader.state_dict() if r.loader else None, self.fingerprint, self.keep_last,
+            wait=force or step == self.last_step,
         )
-        log.info("saved checkpoint %s", self.last_saved)
+        done = self.writer.last_published == self.last_saved
+        log.info("%s checkpoint %s", "saved" if done else "saving (in the background)", self.last_saved)
         return True
+
+    def poll(self) -> None:
+        """Publish a background save that has finished (a collective: every rank calls it)."""
+        self.writer.poll()
+
+    def take_report(self) -> dict[str, float]:
+        """checkpoint/save_s and checkpoint/wait_s since the last report."""
+        return self.writer.take_report()
 
 
 class PreemptionHook:

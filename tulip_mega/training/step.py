@@ -47,7 +47,7 @@ from tulip_mega.losses.reconstruction import mae_mask
 from tulip_mega.losses.stack import TulipLossStack
 from tulip_mega.models.tulip import TulipModel
 from tulip_mega.parallel.init import device
-from tulip_mega.training.flops import uses_embedding_cache
+from tulip_mega.flops import uses_embedding_cache
 from tulip_mega.training.optimizer import guarded_step
 
 log = logging.getLogger("tulip_mega")
@@ -215,21 +215,17 @@ class TrainStep:
             total = total + (output[key].float() * grad).sum()
         return total
 
-    def _shapes_for(self, shape):
-        return lambda recv, send: ([shape], [shape])
-
     def _run_schedule(self, data_iterator, forward_step, shape, forward_only: bool) -> list:
-        kwargs = {"adjust_tensor_shapes_fn": self._shapes_for(shape)} if self.pp > 1 else {}
+        # The packed activations take megatron's default p2p shape (models/packing.py).
         self._micro = 0
         return self._schedule(
             forward_step_func=forward_step,
             data_iterator=data_iterator,
             model=[self._scheduled],
             num_microbatches=self.num_microbatches,
-            seq_length=shape[0],
+            seq_length=self.module.schedule_seq_length(shape),
             micro_batch_size=self.micro_batch_size,
             forward_only=forward_only,
-            **kwargs,
         )
 
     # --- the global contrastive batch ----------------------------------------------------

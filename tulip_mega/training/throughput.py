@@ -1,7 +1,7 @@
 """Speed and health of a run: device peaks and MFU, peak memory, data-loader wait, stragglers.
 
 MFU (model FLOPs utilisation) = achieved model FLOP/s per device / the device's dense peak,
-with model FLOPs from tulip_mega.training.flops (3 x forward, recompute not counted). The
+with model FLOPs from tulip_mega.flops (3 x forward, recompute not counted). The
 peak comes from a table of known GPUs, looked up by `torch.cuda.get_device_name()`; on a CPU
 or an unknown GPU there is no trustworthy peak, so only TFLOP/s is reported (with a note).
 """

@@ -1,0 +1,230 @@
+"""The per-pipeline-stage part of `tulip-mega plan`: FLOPs, memory, the bubble, and a better split.
+
+Pure arithmetic (no torch), like tulip_mega/plan.py, whose formulas it applies per stage:
+
+  stage FLOPs      training FLOPs per pair that stage i runs (models/pipeline_split.StageCosts:
+                   its layers of both towers, + the patch embedding on stage 0, + the heads,
+                   decoders and projectors on the last stage; recompute and the embedding-cache
+                   forward included, as they take the stage's time)
+  stage memory     its parameters (layers of both towers /TP + replicated parts, the embeddings
+                   on stage 0, heads + decoders on the last), fp32 grads, optimizer states (/DP
+                   with the distributed optimizer), and activations: every vision stream (views
+                   x tokens: global crops, local crops, MAE visible patches) and every text
+                   through each of the stage's layers (Korthikanti per layer), times the
+                   micro-batches in flight on that stage: 1F1B keeps min(p - i, m) on stage i;
+                   interleaved with v chunks keeps min(v m, 2 (p - i - 1) + (v - 1) p + 1)
+                   chunk-micro-batches of 1/v of the stage's layers (megatron's warm-up count);
+                   the last stage adds the decoders' activations of one micro-batch
+  bubble           1F1B (p - 1) / (m + p - 1); interleaved (p - 1) / (v m + p - 1), with m the
+                   micro-batches per step of one DP rank (Narayanan et al. 2021)
+  pipeline time    the step is paced by the slowest stage: factor max/mean stage FLOPs, and the
+                   bubble stretches it by 1 / (1 - bubble)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+from tulip_mega.models.pipeline_split import (
+    Split,
+    balanced_split,
+    even_split,
+    resolve_split,
+    stage_costs,
+    validate_split,
+)
+
+GIB = 1024**3
+
+
+@dataclasses.dataclass(frozen=True)
+class StagePlan:
+    index: int
+    vision_layers: int
+    text_layers: int
+    flops: float  # training FLOPs per pair on this stage (recompute and cache included)
+    params: float  # parameters per GPU of this stage
+    in_flight: int  # micro-batches (1F1B) / chunk-micro-batches (interleaved) holding activations
+    memory_gib: dict  # parameters, gradients, optimizer, activations, total
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelinePlan:
+    split: Split
+    split_name: str  # the recipe's parallel.pipeline_split
+    stages: tuple[StagePlan, ...]
+    microbatches: int  # per step and DP rank
+    bubble_1f1b: float
+    bubble_interleaved: dict  # v -> bubble fraction
+    imbalance: float  # max / mean stage FLOPs
+    suggestion: Optional[Split]  # a better split than the recipe's, if there is one
+    suggestion_gain: float  # slowest stage of the recipe's split / of the suggestion
+
+    @property
+    def fullest(self) -> StagePlan:
+        return max(self.stages, key=lambda s: s.memory_gib["total"])
+
+
+def bubble_fraction(pp: int, microbatches: int, virtual: int = 1) -> float:
+    """Idle fraction of a pipelined step: (p - 1) / (v m + p - 1)."""
+    return (pp - 1) / (virtual * microbatches + pp - 1)
+
+
+def in_flight(stage: int, pp: int, microbatches: int, virtual: int = 1) -> int:
+    """Micro-batches whose activations stage `stage` holds at its peak (chunk-micro-batches of
+    1/v of its layers under interleaving), per megatron's warm-up counts."""
+    if virtual == 1:
+        return min(pp - stage, microbatches)
+    return min(virtual * microbatches, 2 * (pp - stage - 1) + (virtual - 1) * pp + 1)
+
+
+def _decoder_params(cfg) -> tuple[float, float]:
+    """(TP-sharded, replicated) parameters of the last stage's decoders and projectors."""
+    from tulip_mega.model_size import Tower
+
+    m, w, v, t = cfg.model, cfg.loss.weights, cfg.model.vision, cfg.model.text
+    sharded = replicated = 0.0
+    if w.mae > 0:
+        d = m.mae_decoder
+        layer = Tower("mae", d.num_layers, d.hidden_size, d.ffn_hidden_size, d.num_heads, v.seq_length)
+        sharded += d.num_layers * layer.layer_sharded_params
+        replicated += (d.num_layers * layer.layer_replicated_params + v.hidden_size * d.hidden_size + d.hidden_size
+                       + d.hidden_size + v.seq_length * d.hidden_size + 2 * d.hidden_size
+                       + d.hidden_size * 3 * v.patch_size**2 + 3 * v.patch_size**2)
+    if w.text_recon > 0:
+        d = m.text_decoder
+        layer = Tower("text_dec", d.num_layers, d.hidden_size, d.ffn_hidden_size, d.num_heads, t.context_length)
+        sharded += d.num_layers * layer.layer_sharded_params + 2 * t.vocab_size * d.hidden_size
+        replicated += (d.num_layers * layer.layer_replicated_params + v.hidden_size * d.hidden_size + d.hidden_size
+                       + t.context_length * d.hidden_size + 2 * d.hidden_size)
+    if w.aug_contrastive > 0:
+        e, h = v.hidden_size, m.aug_projector_hidden
+        replicated += 2 * (2 * e * h + h + e)
+    return sharded, replicated
+
+
+def _decoder_activations(cfg, micro_batch: int, tp: int, sp: bool, value_bytes: int) -> float:
+    """Activation bytes of one micro-batch through the decoders (no recompute)."""
+    from tulip_mega.config.streams import input_streams
+    from tulip_mega.model_size import Tower
+
+    streams, m, w = input_streams(cfg), cfg.model, cfg.loss.weights
+    total = 0.0
+    for on, d, seq in ((w.mae > 0, m.mae_decoder, streams.patches),
+                       (w.text_recon > 0, m.text_decoder, cfg.model.text.context_length)):
+        if on:
+            tw = Tower("dec", d.num_layers, d.hidden_size, d.ffn_hidden_size, d.num_heads, seq)
+            total += d.num_layers * tw.layer_activation_bytes(micro_batch, tp, sp, None, value_bytes)
+    return total
+
+
+def layer_activation_bytes(cfg, tower: str, micro_batch: int, recompute: Optional[str], value_bytes: int) -> float:
+    """Activation bytes of ONE layer of `tower` for one micro-batch: every stream through it."""
+    from tulip_mega.config.streams import input_streams
+    from tulip_mega.model_size import towers
+
+    par = cfg.parallel
+    tp, sp = par.tensor_parallel, par.sequence_parallel
+    vt, tt = towers(cfg)
+    streams = input_streams(cfg)
+    if tower == "vision":
+        calls = [(dataclasses.replace(vt, seq=s.seq), s.views) for s in streams.vision]
+    else:
+        calls = [(tt, streams.texts)]
+    return sum(tw.layer_activation_bytes(micro_batch * n, tp, sp, recompute, value_bytes) for tw, n in calls)
+
+
+def plan_pipeline(cfg, dp: int, microbatches: int, virtual: int = 1) -> PipelinePlan:
+    """Per-stage numbers of the recipe's split on PP = parallel.pipeline_parallel."""
+    from tulip_mega.model_size import param_counts, towers
+
+    par, rc = cfg.parallel, cfg.recompute
+    pp, tp, sp = par.pipeline_parallel, par.tensor_parallel, par.sequence_parallel
+    mb = cfg.train.micro_batch_size
+    split = validate_split(cfg)
+    costs = stage_costs(cfg)
+    flops = costs.stages(split)
+    counts = param_counts(cfg)
+    vt, tt = towers(cfg)
+    fp32 = cfg.precision.dtype == "fp32"
+    weight_bytes, grad_bytes, optim_bytes = (4, 4, 8) if fp32 else (2, 4, 12)
+    value_bytes = 4 if fp32 else 2
+    dec_sharded, dec_replicated = _decoder_params(cfg)
+    per_layer = {name: layer_activation_bytes(cfg, name, mb, rc.granularity, value_bytes)
+                 for name in ("vision", "text")}
+    no_rc = {name: layer_activation_bytes(cfg, name, mb, None, value_bytes) for name in ("vision", "text")}
+    stages = []
+    for i, (nv, nt) in enumerate(split):
+        params = sum(n * (tw.layer_sharded_params / tp + tw.layer_replicated_params) for n, tw in ((nv, vt), (nt, tt)))
+        if i == 0:
+            params += counts["vision_embed"] + counts["text_embed"] / tp
+        if i == pp - 1:
+            params += (counts["vision_final_ln"] + counts["vision_map_head"] + counts["text_final_ln"]
+                       + counts["text_head"] + counts["logit_scale_bias"] + dec_sharded / tp + dec_replicated)
+        flight = in_flight(i, pp, microbatches, virtual)
+        act = flight * (nv * per_layer["vision"] + nt * per_layer["text"]) / virtual
+        if rc.granularity == "full":  # one layer re-runs without recompute in backward
+            act += max([no_rc[name] for name, n in (("vision", nv), ("text", nt)) if n] or [0.0])
+        if i == pp - 1:
+            act += _decoder_activations(cfg, mb, tp, sp, value_bytes)
+        memory = {
+            "parameters": params * weight_bytes / GIB,
+            "gradients": params * grad_bytes / GIB,
+            "optimizer": params * optim_bytes / (dp if par.distributed_optimizer else 1) / GIB,
+            "activations": act / GIB,
+        }
+        memory["total"] = sum(memory.values())
+        stages.append(StagePlan(i, nv, nt, flops[i], params, flight, memory))
+    suggestion, gain = None, 1.0
+    if pp > 1:
+        best = balanced_split(costs, vt.layers, tt.layers, pp)
+        gain = max(flops) / max(costs.stages(best))
+        if gain > 1.005 and best != split:
+            suggestion = best
+    name = par.pipeline_split if isinstance(par.pipeline_split, str) else "explicit"
+    layers = vt.layers + tt.layers
+    return PipelinePlan(
+        split=split, split_name=name, stages=tuple(stages), microbatches=microbatches,
+        bubble_1f1b=bubble_fraction(pp, microbatches),
+        bubble_interleaved={v: bubble_fraction(pp, microbatches, v) for v in (2, 4) if pp > 1 and layers >= pp * v},
+        imbalance=max(flops) / (sum(flops) / len(flops)), suggestion=suggestion, suggestion_gain=gain,
+    )
+
+
+def compare_splits(cfg) -> dict[str, float]:
+    """max / min stage FLOPs of `even` and `balanced` for the recipe's PP (the benchmark's prediction)."""
+    costs, pp = stage_costs(cfg), cfg.parallel.pipeline_parallel
+    v, t = cfg.model.vision.num_layers, cfg.model.text.num_layers
+    out = {}
+    for name, split in (("even", even_split(v, t, pp)), ("balanced", balanced_split(costs, v, t, pp))):
+        f = costs.stages(split)
+        out[name] = max(f) / min(f)
+    return out
+
+
+def _fmt_split(split: Split) -> str:
+    return "[" + ", ".join(f"[{v}, {t}]" for v, t in split) + "]"
+
+
+def format_pipeline(pipe: PipelinePlan) -> str:
+    """The plan's pipeline section."""
+    pp = len(pipe.stages)
+    lines = [f"pipeline: {pp} stage(s), parallel.pipeline_split={pipe.split_name} -> {_fmt_split(pipe.split)} "
+             "([vision, text] layers per stage)"]
+    if pp > 1:
+        inter = ", ".join(f"v={v} {b:.1%}" for v, b in pipe.bubble_interleaved.items()) or "n/a"
+        lines.append(f"  bubble with {pipe.microbatches} micro-batches per step: 1F1B {pipe.bubble_1f1b:.1%}; "
+                     f"interleaved {inter}")
+    lines.append("  stage  vision  text   GFLOP/pair  params/GPU  in-flight  memory GiB (par+grad+opt+act)")
+    for s in pipe.stages:
+        m = s.memory_gib
+        lines.append(f"  {s.index:5d}  {s.vision_layers:6d}  {s.text_layers:4d}  {s.flops / 1e9:11.2f}  "
+                     f"{s.params / 1e6:9.1f}M  {s.in_flight:9d}  {m['total']:6.2f} = {m['parameters']:.2f}+"
+                     f"{m['gradients']:.2f}+{m['optimizer']:.2f}+{m['activations']:.2f}")
+    if pp > 1:
+        lines.append(f"  slowest stage / mean: {pipe.imbalance:.3f}")
+    if pipe.suggestion is not None:
+        lines.append(f"  suggestion: parallel.pipeline_split={_fmt_split(pipe.suggestion)} (the FLOP-balanced "
+                     f"split; its slowest stage is {pipe.suggestion_gain:.2f}x faster than this recipe's)")
+    return "\n".join(lines)
