@@ -81,6 +81,8 @@ def test_tiny_recipe_learns_and_resumes_exactly(shapes_data, tmp_path):
     z = torch.linspace(-10, 10, 200001, dtype=torch.float64)
     plateau = (-torch.nn.functional.logsigmoid(z) - 31 * torch.nn.functional.logsigmoid(-z)).min().item()
     assert plateau == pytest.approx(4.45, abs=0.01)
+    # ... which the trainer reports beside the term (chance/image_text, losses/chance.py).
+    assert all(m["chance/image_text"] == pytest.approx(plateau, rel=1e-6) for m in metrics)
     assert first > 1.3 * plateau and last < 1.01 * plateau, (
         f"loss did not fall to the constant-logit level {plateau:.3f}: first-10 mean {first:.3f}, last-10 {last:.3f}")
 

@@ -398,12 +398,15 @@ class LoggingConfig:
                                        "(after logging.loader_wait_warmup_steps)")
     loader_wait_warmup_steps: int = _f(5, "first steps left out of the loader-wait fraction (loader start, queues "
                                           "filling)")
+    plateau_steps: int = _f(50, "warn when a contrastive term stays within 1% of chance/<term> (the loss of a "
+                                "model that has learned nothing) this many consecutive steps after "
+                                "optim.warmup_steps; 0 = off")
     wandb: WandbConfig = _section(WandbConfig, "Weights & Biases logging (optional extra: tulip-mega[wandb])")
 
     def validate(self) -> None:
         _require(self.straggler_factor > 1, f"logging.straggler_factor={self.straggler_factor} must be > 1")
         _require(0 < self.loader_wait_warn < 1, f"logging.loader_wait_warn={self.loader_wait_warn} must be in (0, 1)")
-        _at_least(self, "logging", ("loader_wait_warmup_steps",), 0)
+        _at_least(self, "logging", ("loader_wait_warmup_steps", "plateau_steps"), 0)
         self.wandb.validate()
 
 

@@ -27,6 +27,8 @@ import torch
 import torch.distributed as dist
 
 from tulip_mega.config.streams import CONTRASTIVE_TERMS, RECONSTRUCTION_TERMS, Streams
+from tulip_mega.losses.chance import infonce_chance_loss, sigmoid_chance_loss, weighted_pairs_chance_loss
+from tulip_mega.losses.common import rank_and_world
 from tulip_mega.losses.infonce import DistributedInfoNCELoss
 from tulip_mega.losses.pairwise import DistributedPairSigmoidLoss, same_sample_weights
 from tulip_mega.losses.reconstruction import causal_text_loss, mae_loss
@@ -85,6 +87,7 @@ class TulipLossStack(torch.nn.Module):
         self.pairwise = DistributedPairSigmoidLoss(group=group)
         self.infonce = DistributedInfoNCELoss(group=group, label_smoothing=loss.label_smoothing)
         self.aug_infonce = DistributedInfoNCELoss(group=group, label_smoothing=loss.aug_label_smoothing)
+        self.dp_size = rank_and_world(group)[1]
 
     @property
     def needs_batch(self) -> bool:
@@ -102,6 +105,23 @@ class TulipLossStack(torch.nn.Module):
         total = sum(self.weights[name] * value for name, value in values.items())
         return total, values
 
+    def chance(self, out: dict, batch=None, terms: Optional[Sequence[str]] = None) -> dict[str, torch.Tensor]:
+        """{term: the loss a model that has learned nothing gets at this contrastive batch} for
+        the enabled contrastive `terms` (losses/chance.py). Tensor ops only: no device sync."""
+        names = [n for n in (self.contrastive_terms if terms is None else terms) if n in self.contrastive_terms]
+        values = {}
+        for name in names:
+            if name == "aug_contrastive" or (name == "image_text" and self.contrastive == "infonce"):
+                value = infonce_chance_loss(out["image_emb"].shape[0] * self.dp_size)
+            elif name == "image_text" and not self.hard_negatives:
+                columns = out["image_emb"].shape[0] * self.dp_size
+                value = sigmoid_chance_loss(1.0, columns - 1.0)
+            else:
+                local, remote = getattr(self, f"_{name}_pairs")(out, batch)[2:4]
+                value = weighted_pairs_chance_loss(local, remote, self.dp_size)
+            values[name] = torch.as_tensor(value, dtype=torch.float32, device=out["image_emb"].device)
+        return values
+
     # --- the terms ---------------------------------------------------------------------------
     def _image_text(self, out: dict, batch, mae_idx) -> torch.Tensor:
         image, text = out["image_emb"], out["text_emb"]
@@ -109,6 +129,11 @@ class TulipLossStack(torch.nn.Module):
             return self.infonce(image, text, out["logit_scale"].clamp(max=self.max_infonce_scale))
         if not self.hard_negatives:
             return self.sigmoid(image, text, out["logit_scale"], out["logit_bias"])
+        return self.pairwise(*self._image_text_pairs(out, batch), out["logit_scale"], out["logit_bias"])
+
+    def _image_text_pairs(self, out: dict, batch) -> tuple[torch.Tensor, ...]:
+        """(rows, columns, local weights, remote weights) of image-text with GeCo hard negatives."""
+        image, text = out["image_emb"], out["text_emb"]
         s = self.streams
         negatives = out["texts_emb"][s.text_slice("negatives")]  # [N, b, e]
         b = image.shape[0]
@@ -118,9 +143,13 @@ class TulipLossStack(torch.nn.Module):
         valid = torch.cat([ones.bool(), valid_neg.bool()])
         local, remote = pair_weights(same, valid, [None])
         cols = torch.cat([text.unsqueeze(0), negatives]).reshape(-1, text.shape[-1])
-        return self.pairwise(image, cols, local, remote, out["logit_scale"], out["logit_bias"])
+        return image, cols, local, remote
 
     def _image_image(self, out: dict, batch, mae_idx) -> torch.Tensor:
+        return self.pairwise(*self._image_image_pairs(out, batch), out["ii_logit_scale"], out["ii_logit_bias"])
+
+    def _image_image_pairs(self, out: dict, batch) -> tuple[torch.Tensor, ...]:
+        """(rows, columns, local weights, remote weights) between the image views."""
         s = self.streams
         views = out["view_emb"]  # [V, b, e]: first, crops, edits, local crops
         V, b, _ = views.shape
@@ -134,9 +163,13 @@ class TulipLossStack(torch.nn.Module):
         anchors = 1 + s.extra_global_crops  # the global crops (not the edits) are the anchors
         local, remote = pair_weights(same, valid, list(range(anchors)))
         rows = views[:anchors].reshape(anchors * b, -1)
-        return self.pairwise(rows, views.reshape(V * b, -1), local, remote, out["ii_logit_scale"], out["ii_logit_bias"])
+        return rows, views.reshape(V * b, -1), local, remote
 
     def _text_text(self, out: dict, batch, mae_idx) -> torch.Tensor:
+        return self.pairwise(*self._text_text_pairs(out, batch), out["tt_logit_scale"], out["tt_logit_bias"])
+
+    def _text_text_pairs(self, out: dict, batch) -> tuple[torch.Tensor, ...]:
+        """(rows, columns, local weights, remote weights): the caption against its GeCo texts."""
         s = self.streams
         n_texts = 1 + s.paraphrases + s.negatives  # the EDA caption (if any) is not a GeCo text
         texts = out["texts_emb"][:n_texts]  # [1+P+N, b, e]
@@ -153,8 +186,7 @@ class TulipLossStack(torch.nn.Module):
             parts_valid.append(nv)
             parts_same.append(-nv.float())
         local, remote = pair_weights(torch.cat(parts_same), torch.cat(parts_valid), [0])
-        return self.pairwise(texts[0], texts.reshape(n_texts * b, -1), local, remote,
-                             out["tt_logit_scale"], out["tt_logit_bias"])
+        return texts[0], texts.reshape(n_texts * b, -1), local, remote
 
     def _mae(self, out: dict, batch, mae_idx) -> torch.Tensor:
         images = batch.images.to(out["mae_pred"].device)

@@ -36,6 +36,7 @@ from tulip_mega.training.data import build_train_loader
 from tulip_mega.flops import (contrastive_batch_line, contrastive_batch_size, count_flops,
                                       embedding_cache_flops, tokens_per_sample)
 from tulip_mega.training.metrics import DEBUG_LOG_NAME, MetricsLogger, setup_logging
+from tulip_mega.training.plateau import PlateauWatch
 from tulip_mega.training.wandb_logger import make_wandb_sink
 from tulip_mega.training.throughput import (
     LoaderWait,
@@ -193,6 +194,7 @@ def _run_steps(cfg: Config, env: LaunchEnv, dp_size: int, run: _Run, start_step:
     data_iter = TimedIterator(iter(run.loader)) if run.loader is not None else None
     straggler = StragglerDetector(cfg.logging.straggler_factor)
     loader_wait = LoaderWait(cfg.logging.loader_wait_warmup_steps, cfg.logging.loader_wait_warn)
+    plateau = PlateauWatch(cfg.optim.warmup_steps, cfg.logging.plateau_steps)
     t_last, step_last = time.perf_counter(), start_step
     window = {"step_time": 0.0, "data_wait": 0.0, "steps": 0}
     metrics: dict = {}
@@ -203,6 +205,9 @@ def _run_steps(cfg: Config, env: LaunchEnv, dp_size: int, run: _Run, start_step:
             metrics = run.step_fn(data_iter)
             step_time = time.perf_counter() - t_step
             step += 1
+            for warning in plateau.update(step, metrics):  # metrics are global: the same on every rank
+                if env.rank == 0:
+                    log.warning(warning)
             hooks.checkpoint.poll()  # publishes a finished background save (collective)
             window["step_time"] += step_time
             wait = data_iter.pop_wait() if data_iter is not None else 0.0

@@ -72,11 +72,15 @@ class MetricsLogger:
             speed = f" | {metrics['tflops_per_device']:.3g} TFLOP/s"
             if metrics.get("mfu") is not None:
                 speed += f" MFU {100 * metrics['mfu']:.1f}%"
+        # Every contrastive term beside the loss of a model that has learned nothing (chance).
+        terms = "".join(f" | {k[7:]} {metrics.get('loss/' + k[7:], float('nan')):.3f} (chance {v:.3f})"
+                        for k, v in metrics.items() if k.startswith("chance/"))
         log.info(
-            "step %d/%d | loss %.4f | lr %.2e | grad_norm %.3f | %.1f samples/s%s | t %.2f b %.2f | ETA %s",
+            "step %d/%d | loss %.4f%s | lr %.2e | grad_norm %.3f | %.1f samples/s%s | t %.2f b %.2f | ETA %s",
             step,
             self.total_steps,
             metrics.get("loss", float("nan")),
+            terms,
             metrics.get("lr", float("nan")),
             metrics.get("grad_norm", float("nan")),
             metrics.get("samples_per_sec", float("nan")),

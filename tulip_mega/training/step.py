@@ -125,7 +125,8 @@ class TrainStep:
         # the micro-step's contrastive batch already is the global batch.
         self.global_contrastive = uses_embedding_cache(cfg, num_microbatches)
         self.cache_streams = self.streams.contrastive_only()
-        self.report_keys = (*(f"loss/{name}" for name in self.loss.terms), "logit_scale", "logit_bias")
+        self.report_keys = (*(f"loss/{name}" for name in self.loss.terms),
+                            *(f"chance/{name}" for name in self.loss.contrastive_terms), "logit_scale", "logit_bias")
         self._schedule = get_forward_backward_func()
         self.pp = parallel_state.get_pipeline_model_parallel_world_size()
         # megatron's schedule reads its hooks (gradient finalisation, no_sync, loss scaling) from
@@ -203,6 +204,8 @@ class TrainStep:
             total = total + self.num_microbatches * self._contrastive_surrogate(output, micro)
         # The schedule divides the returned loss in place: report clones.
         report = {f"loss/{name}": value.detach().clone() for name, value in values.items()}
+        if not self.global_contrastive:  # else the global pass reported them for the whole batch
+            report.update({f"chance/{name}": v for name, v in self.loss.chance(output, batch).items()})
         report["logit_scale"] = output["logit_scale"].detach().clone()
         report["logit_bias"] = output["logit_bias"].detach().clone()
         return total, report
@@ -260,7 +263,9 @@ class TrainStep:
                 else:
                     grads[key] = leaf.grad.narrow(leaf.dim() - 2, m * b, b)
             self._cache_grads.append(grads)
-        return {f"loss/{name}": value.detach() for name, value in values.items()}
+        report = {f"loss/{name}": value.detach() for name, value in values.items()}
+        report.update({f"chance/{name}": v for name, v in self.loss.chance(leaves, batch).items()})
+        return report
 
     # --- one step ------------------------------------------------------------------------
     def forward_backward(self, data_iterator: Optional[Iterator]) -> dict[str, float]:
