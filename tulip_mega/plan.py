@@ -58,7 +58,7 @@ from tulip_mega.data_rate import data_rate, format_data_rate
 from tulip_mega.plan_stages import PipelinePlan, format_pipeline, plan_pipeline
 from tulip_mega.flops import contrastive_batch_line as flops_contrastive_batch_line
 from tulip_mega.flops import contrastive_batch_size, count_flops, embedding_cache_flops
-from tulip_mega.model_size import Tower, param_counts, towers  # noqa: F401  (Tower, towers: plan's API)
+from tulip_mega.model_size import param_counts, towers
 
 H100_BF16_DENSE_TFLOPS = 989.0
 GIB = 1024**3

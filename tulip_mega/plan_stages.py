@@ -30,7 +30,6 @@ from tulip_mega.models.pipeline_split import (
     Split,
     balanced_split,
     even_split,
-    resolve_split,
     stage_costs,
     validate_split,
 )

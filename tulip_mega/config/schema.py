@@ -469,7 +469,7 @@ class Config:
         from tulip_mega.config.streams import input_streams
 
         streams = input_streams(self)
-        tp, pp = par.tensor_parallel, par.pipeline_parallel
+        tp = par.tensor_parallel
         split = [("model.vision.num_heads", v.num_heads, "each TP rank must hold whole attention heads"),
                  ("model.text.num_heads", t.num_heads, "each TP rank must hold whole attention heads"),
                  ("model.vision.ffn_hidden_size", v.ffn_hidden_size, "the MLP is split column-wise across TP"),

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional
 
 from tulip_mega.config.pipeline_split import Split, check_recompute_fits, check_split_choice, even_split, show_split
 

@@ -33,8 +33,8 @@ from tulip_mega.parallel.init import (LaunchEnv, check_runtime_support, compute_
 from tulip_mega.training.async_checkpoint import CheckpointWriter
 from tulip_mega.training.checkpoint import load_checkpoint, model_shape, read_latest
 from tulip_mega.training.data import build_train_loader
-from tulip_mega.flops import (contrastive_batch_line, contrastive_batch_size, count_flops,
-                                      embedding_cache_flops, tokens_per_sample)
+from tulip_mega.flops import (contrastive_batch_line, contrastive_batch_size, count_flops, embedding_cache_flops,
+                               tokens_per_sample)
 from tulip_mega.training.metrics import DEBUG_LOG_NAME, MetricsLogger, setup_logging
 from tulip_mega.training.plateau import PlateauWatch
 from tulip_mega.training.wandb_logger import make_wandb_sink
