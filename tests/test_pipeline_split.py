@@ -180,7 +180,7 @@ def test_reshard_between_balanced_explicit_and_even_splits_keeps_every_tensor(tm
     """A checkpoint saved under the balanced split [[1,1],[2,1]] is rewritten by
     `tulip-mega reshard` for the split [[3,0],[0,2]], then for `even` and for PP=1: every
     weight and optimizer moment survives bit for bit."""
-    from tulip_mega.convert.reshard import reshard
+    from tulip_mega.training.reshard import reshard
 
     src = run_distributed(save_after_one_step_worker, 2, UNEVEN + ["parallel.pipeline_parallel=2"],
                           str(tmp_path / "balanced"))[0]
