@@ -56,6 +56,8 @@ __all__ = [
     "changed_attribute",
     "draw_scene",
     "make_scene_sample",
+    "scenes_json",
+    "split_info",
     "write_scenes_dataset",
 ]
 
@@ -232,18 +234,34 @@ def _split_scenes(split: str, num: int, seed: int) -> list[tuple[dict[str, Any],
     return out
 
 
-def _write_split(out_dir: str, split: str, num: int, samples_per_shard: int, image_size: int,
-                 seed: int) -> tuple[list[str], dict[str, dict[str, Any]], list[list[str]]]:
+def split_info(split: str, num: int, seed: int) -> tuple[dict[str, dict[str, Any]], list[list[str]]]:
+    """The scenes of a split (key -> scene) and its one-swap pairs ([key, key, attribute]),
+    without drawing images: what scenes.json records and the evaluations read."""
     scenes: dict[str, dict[str, Any]] = {}
     pairs: list[list[str]] = []
+    for i, (scene, changed) in enumerate(_split_scenes(split, num, seed)):
+        key = f"{split}{i:07d}"
+        scenes[key] = scene
+        if changed is not None:
+            pairs.append([f"{split}{i - 1:07d}", key, changed])
+    return scenes, pairs
+
+
+def scenes_json(num_train: int, num_val: int, seed: int, image_size: int) -> dict[str, Any]:
+    """The contents of scenes.json: vocabularies, every sample's scene, the val pairs."""
+    train, _ = split_info("train", num_train, seed)
+    val, pairs = split_info("val", num_val, seed)
+    return {"attributes": list(ATTRIBUTES), "counts": list(COUNTS), "sizes": list(SIZES),
+            "colours": list(FOREGROUNDS), "shapes": list(SHAPES), "relations": list(RELATIONS),
+            "train": train, "val": val, "pairs": pairs, "seed": seed, "image_size": image_size}
+
+
+def _write_split(out_dir: str, split: str, scenes: dict[str, dict[str, Any]], samples_per_shard: int,
+                 image_size: int, seed: int) -> list[str]:
     with ShardWriter(os.path.join(out_dir, f"{split}-%06d.tar"), samples_per_shard) as writer:
-        for i, (scene, changed) in enumerate(_split_scenes(split, num, seed)):
-            key = f"{split}{i:07d}"
+        for i, (key, scene) in enumerate(scenes.items()):
             writer.write(make_scene_sample(key, scene, _rng(seed, split, i), image_size))
-            scenes[key] = scene
-            if changed is not None:
-                pairs.append([f"{split}{i - 1:07d}", key, changed])
-    return writer.shards, scenes, pairs
+    return writer.shards
 
 
 def write_scenes_dataset(
@@ -263,21 +281,9 @@ def write_scenes_dataset(
     if image_size < 16:
         raise ValueError(f"image_size must be >= 16 for recognisable shapes, got {image_size}")
     os.makedirs(out_dir, exist_ok=True)
-    train, train_scenes, _ = _write_split(out_dir, "train", num_train, samples_per_shard, image_size, seed)
-    val, val_scenes, pairs = _write_split(out_dir, "val", num_val, samples_per_shard, image_size, seed)
-    info = {
-        "attributes": list(ATTRIBUTES),
-        "counts": list(COUNTS),
-        "sizes": list(SIZES),
-        "colours": list(FOREGROUNDS),
-        "shapes": list(SHAPES),
-        "relations": list(RELATIONS),
-        "train": train_scenes,
-        "val": val_scenes,
-        "pairs": pairs,
-        "seed": seed,
-        "image_size": image_size,
-    }
+    info = scenes_json(num_train, num_val, seed, image_size)
+    train = _write_split(out_dir, "train", info["train"], samples_per_shard, image_size, seed)
+    val = _write_split(out_dir, "val", info["val"], samples_per_shard, image_size, seed)
     path = os.path.join(out_dir, "scenes.json")
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
