@@ -11,8 +11,12 @@ The recipes are read at run time: only data paths, seed, steps, the layout, the 
 eval/checkpoint plumbing are overridden (and the warm-up, only when --steps is below it), so a
 change to a recipe's learning settings shows up here.
 
-    python benchmarks/quality.py                 # 3 seeds x 3 recipes x 200 steps (~20 min on 2 cores)
+    python benchmarks/quality.py                 # 3 seeds x 3 recipes x 150 steps (~20 min on 2 quiet cores)
     python benchmarks/quality.py --quick         # CI smoke run: 1 seed, 8 steps, small data
+
+Each finished run's metrics are kept in its run folder (runs/<recipe>_seed<N>/scenes_metrics.json)
+and results.json is rewritten after every run, so an interrupted benchmark restarted with the same
+--out and --steps only trains what is missing.
 """
 
 from __future__ import annotations
@@ -107,7 +111,7 @@ def table(results: dict[str, list[dict[str, float]]]) -> str:
     """Markdown table: metric, chance, mean +/- std per recipe, ratio to the baseline per recipe."""
     from tulip_mega.eval.scenes import headline
 
-    names = list(results)
+    names = [n for n in results if results[n]]
     first = results[names[0]][0]
     others = [n for n in names if n != BASELINE]
     head = ["metric", "chance", *names, *[f"{n}/{BASELINE}" for n in others]]
@@ -126,12 +130,12 @@ def table(results: dict[str, list[dict[str, float]]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smoke run: 1 seed, 8 steps, 512/64 samples")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 200; quick 8)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 150; quick 8)")
     p.add_argument("--seeds", type=int, default=None, help="seeds per recipe (default 3; quick 1)")
     p.add_argument("--recipes", default=",".join(RECIPES), help=f"comma list of {', '.join(RECIPES)}")
     p.add_argument("--out", default=str(ROOT / "runs" / "quality"), help="work folder (data, runs, results)")
     args = p.parse_args(argv)
-    steps = args.steps or (8 if args.quick else 200)
+    steps = args.steps or (8 if args.quick else 150)
     seeds = args.seeds or (1 if args.quick else 3)
     num_train, num_val = (512, 64) if args.quick else (4096, 512)
     names = [n.strip() for n in args.recipes.split(",") if n.strip()]
@@ -143,22 +147,33 @@ def main(argv: list[str] | None = None) -> int:
     data = make_data(out / "data", num_train, num_val)
     print(f"data: {data} ({num_train} train / {num_val} val scenes), {time.perf_counter() - t0:.0f} s", flush=True)
     results: dict[str, list[dict[str, float]]] = {n: [] for n in names}
+    load_start = os.getloadavg()
     for seed in range(seeds):
         for name in names:
+            run_dir = out / "runs" / f"{name}_seed{seed}"
+            cached = run_dir / "scenes_metrics.json"
             t = time.perf_counter()
-            ckpt = train_run(RECIPES[name], data, out / "runs" / f"{name}_seed{seed}", seed, steps)
-            t_train = time.perf_counter() - t
-            metrics = evaluate(ckpt, data, seed)
+            if cached.is_file() and json.loads(cached.read_text())["steps"] == steps:  # a finished run
+                metrics = json.loads(cached.read_text())["metrics"]
+                note = "reused"
+            else:
+                ckpt = train_run(RECIPES[name], data, run_dir, seed, steps)
+                t_train = time.perf_counter() - t
+                metrics = evaluate(ckpt, data, seed)
+                cached.write_text(json.dumps({"steps": steps, "metrics": metrics}, indent=1))
+                note = f"train {t_train:.0f} s, eval {time.perf_counter() - t - t_train:.0f} s"
             results[name].append(metrics)
-            print(f"{name} seed {seed}: train {t_train:.0f} s, eval {time.perf_counter() - t - t_train:.0f} s; "
-                  f"pairs/all {metrics['pairs/all']:.3f}, probe/count {metrics['probe/count']:.3f}", flush=True)
-    wall = time.perf_counter() - t0
+            print(f"{name} seed {seed}: {note}; pairs/all {metrics['pairs/all']:.3f}, "
+                  f"probe/count {metrics['probe/count']:.3f}", flush=True)
+            wall = time.perf_counter() - t0
+            (out / "results.json").write_text(json.dumps({  # after every run: a cut-short benchmark keeps its part
+                "steps": steps, "seeds_done": min(len(r) for r in results.values()), "wall_s": wall,
+                "num_train": num_train, "num_val": num_val, "loadavg_start": load_start,
+                "loadavg_end": os.getloadavg(), "results": results}, indent=1))
     text = table(results)
-    print(f"\n{len(names)} recipes x {seeds} seeds x {steps} steps, single process; wall {wall / 60:.1f} min\n")
+    print(f"\n{len(names)} recipes x {seeds} seeds x {steps} steps, single process; wall {wall / 60:.1f} min; "
+          f"load average (1/5/15 min) {' '.join(f'{v:.2f}' for v in os.getloadavg())}\n")
     print(text)
-    (out / "results.json").write_text(json.dumps({"steps": steps, "seeds": seeds, "wall_s": wall,
-                                                  "num_train": num_train, "num_val": num_val,
-                                                  "results": results}, indent=1))
     (out / "table.md").write_text(text + "\n")
     return 0
 
