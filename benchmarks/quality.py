@@ -90,15 +90,14 @@ def train_run(recipe: str, data: Path, run_dir: Path, seed: int, steps: int) -> 
 
 
 def evaluate(checkpoint: Path, data: Path, seed: int) -> dict[str, float]:
+    """`tulip-mega eval CHECKPOINT --task scenes`, in this process."""
     # megatron-core's import-time notices (no TE/apex on a CPU) and checkpoint-API deprecations.
     for pattern in (".*(Transformer Engine|Apex).*not installed.*", ".*(deprecat|DTensor).*"):
         warnings.filterwarnings("ignore", message=pattern)
-    from tulip_mega.convert.megatron_to_plain import convert_checkpoint
-    from tulip_mega.eval.scenes import plain_model_metrics
+    from tulip_mega.evaluate import evaluate_scenes_checkpoint
 
-    plain = checkpoint.parent.parent / "plain"
-    convert_checkpoint(checkpoint, plain, log=lambda _msg: None)
-    return plain_model_metrics(plain, data, str(data / "tokenizer.model"), seed=seed)
+    return evaluate_scenes_checkpoint(str(checkpoint), str(data), tokenizer=str(data / "tokenizer.model"),
+                                      seed=seed)["metrics"]
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:

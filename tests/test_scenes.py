@@ -155,3 +155,12 @@ def test_quality_benchmark_quick_runs_end_to_end(tmp_path):
     assert set(results["results"]) == {"siglip", "clip_rocket", "tulip"}
     for runs in results["results"].values():
         assert len(runs) == 1 and 0.0 <= runs[0]["pairs/all"] <= 1.0 and "probe/count" in runs[0]
+    # the same numbers through `tulip-mega eval CHECKPOINT --task scenes`
+    ckpt = tmp_path / "quick" / "runs" / "tulip_seed0" / "checkpoints" / "step_0000008"
+    proc = subprocess.run([sys.executable, "-m", "tulip_mega.cli", "eval", str(ckpt), "--task", "scenes",
+                           "--data", str(tmp_path / "quick" / "data")], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    saved = json.loads((ckpt.parent.parent / "eval" / "step_0000008_scenes.json").read_text())["metrics"]
+    assert saved == pytest.approx(results["results"]["tulip"][0])
+
