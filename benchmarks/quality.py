@@ -11,7 +11,7 @@ The recipes are read at run time: only data paths, seed, steps, the layout, the 
 eval/checkpoint plumbing are overridden (and the warm-up, only when --steps is below it), so a
 change to a recipe's learning settings shows up here.
 
-    python benchmarks/quality.py                 # 3 seeds x 3 recipes x 150 steps (~20 min on 2 quiet cores)
+    python benchmarks/quality.py                 # 3 seeds x 3 recipes x 100 steps (16 min on 2 shared cores)
     python benchmarks/quality.py --quick         # CI smoke run: 1 seed, 8 steps, small data
 
 Each finished run's metrics are kept in its run folder (runs/<recipe>_seed<N>/scenes_metrics.json)
@@ -129,12 +129,12 @@ def table(results: dict[str, list[dict[str, float]]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smoke run: 1 seed, 8 steps, 512/64 samples")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 150; quick 8)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 100; quick 8)")
     p.add_argument("--seeds", type=int, default=None, help="seeds per recipe (default 3; quick 1)")
     p.add_argument("--recipes", default=",".join(RECIPES), help=f"comma list of {', '.join(RECIPES)}")
     p.add_argument("--out", default=str(ROOT / "runs" / "quality"), help="work folder (data, runs, results)")
     args = p.parse_args(argv)
-    steps = args.steps or (8 if args.quick else 150)
+    steps = args.steps or (8 if args.quick else 100)
     seeds = args.seeds or (1 if args.quick else 3)
     num_train, num_val = (512, 64) if args.quick else (4096, 512)
     names = [n.strip() for n in args.recipes.split(",") if n.strip()]
