@@ -34,7 +34,12 @@ __all__ = [
     "FOREGROUNDS",
     "SHAPES",
     "ZERO_SHOT_TEMPLATES",
+    "draw_shape",
+    "fill_template",
+    "jitter",
+    "brace_spec",
     "make_sample",
+    "to_jpeg",
     "write_shapes_dataset",
 ]
 
@@ -88,12 +93,12 @@ def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[t
     raise ValueError(f"unknown shape {shape!r}")
 
 
-def _fill(template: str, *args: str, **fields: str) -> str:
+def fill_template(template: str, *args: str, **fields: str) -> str:
     """Format a caption template with correct articles ("an orange circle")."""
     return re.sub(r"\ba (?=[aeiou])", "an ", template.format(*args, **fields))
 
 
-def _jitter(rgb: tuple[int, int, int], rng: random.Random) -> tuple[int, int, int]:
+def jitter(rgb: tuple[int, int, int], rng: random.Random) -> tuple[int, int, int]:
     return tuple(min(255, max(0, v + rng.randint(-_COLOUR_JITTER, _COLOUR_JITTER))) for v in rgb)  # type: ignore[return-value]
 
 
@@ -102,16 +107,25 @@ def _render(shape: str, colour: str, background: str, rng: random.Random, s: int
     r = rng.uniform(0.2, 0.34) * s
     cx, cy = rng.uniform(r + 1, s - r - 1), rng.uniform(r + 1, s - r - 1)
     angle = rng.uniform(0, 2 * math.pi)
-    img = Image.new("RGB", (s, s), _jitter(COLOURS[background], rng))
-    draw = ImageDraw.Draw(img)
-    fill = _jitter(COLOURS[colour], rng)
+    img = Image.new("RGB", (s, s), jitter(COLOURS[background], rng))
+    draw_shape(ImageDraw.Draw(img), shape, cx, cy, r, angle, jitter(COLOURS[colour], rng))
+    return to_jpeg(img), (cx, cy, r)
+
+
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, angle: float,
+               fill: tuple[int, int, int]) -> None:
+    """Fill one shape of circumradius ``r`` centred on (cx, cy) (circles ignore ``angle``)."""
     if shape == "circle":
         draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
     else:
         draw.polygon(_polygon(shape, cx, cy, r, angle), fill=fill)
+
+
+def to_jpeg(img: Image.Image) -> bytes:
+    """The JPEG bytes every synthetic set writes (fixed quality, no chroma subsampling)."""
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=_JPEG_QUALITY, subsampling=0)
-    return buf.getvalue(), (cx, cy, r)
+    return buf.getvalue()
 
 
 def make_sample(key: str, rng: random.Random, image_size: int) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -123,13 +137,13 @@ def make_sample(key: str, rng: random.Random, image_size: int) -> tuple[dict[str
 
     fields = {"colour": colour, "shape": shape, "background": background}
     template = rng.randrange(len(CAPTION_TEMPLATES))
-    caption = _fill(CAPTION_TEMPLATES[template], **fields)
-    paraphrases = [_fill(t, **fields) for i, t in enumerate(CAPTION_TEMPLATES) if i != template]
+    caption = fill_template(CAPTION_TEMPLATES[template], **fields)
+    paraphrases = [fill_template(t, **fields) for i, t in enumerate(CAPTION_TEMPLATES) if i != template]
     base = CAPTION_TEMPLATES[0]
     negatives = [
-        _fill(base, colour=rng.choice([c for c in FOREGROUNDS if c != colour]), shape=shape, background=background),
-        _fill(base, colour=colour, shape=rng.choice([x for x in SHAPES if x != shape]), background=background),
-        _fill(base, colour=background, shape=shape, background=colour),  # attribute-binding swap
+        fill_template(base, colour=rng.choice([c for c in FOREGROUNDS if c != colour]), shape=shape, background=background),
+        fill_template(base, colour=colour, shape=rng.choice([x for x in SHAPES if x != shape]), background=background),
+        fill_template(base, colour=background, shape=shape, background=colour),  # attribute-binding swap
     ]
     meta = {**fields, "center": [round(cx, 2), round(cy, 2)], "radius": round(r, 2)}
     # GeCo image edits, drawn after everything above so jpg/txt/json stay byte-identical to
@@ -159,7 +173,7 @@ def _class_list() -> list[dict[str, Any]]:
             "shape": shape,
             "colour": colour,
             "name": f"{colour} {shape}",
-            "prompts": [_fill(t, f"{colour} {shape}") for t in ZERO_SHOT_TEMPLATES],
+            "prompts": [fill_template(t, f"{colour} {shape}") for t in ZERO_SHOT_TEMPLATES],
         }
         for i, (shape, colour) in enumerate((sh, c) for sh in SHAPES for c in FOREGROUNDS)
     ]
@@ -178,7 +192,7 @@ def _write_split(
     return writer.shards, metas
 
 
-def _brace_spec(out_dir: str, split: str, shards: list[str]) -> str | None:
+def brace_spec(out_dir: str, split: str, shards: list[str]) -> str | None:
     if not shards:
         return None
     return os.path.join(out_dir, f"{split}-{{{0:06d}..{len(shards) - 1:06d}}}.tar")
@@ -224,8 +238,8 @@ def write_shapes_dataset(
         "out_dir": out_dir,
         "train_shards": train,
         "val_shards": val,
-        "train_spec": _brace_spec(out_dir, "train", train),
-        "val_spec": _brace_spec(out_dir, "val", val),
+        "train_spec": brace_spec(out_dir, "train", train),
+        "val_spec": brace_spec(out_dir, "val", val),
         "num_train": num_train,
         "num_val": num_val,
         "num_classes": len(classes),

@@ -13,9 +13,12 @@ from typing import Any, Callable, Optional, Sequence
 
 
 def _cmd_data_synth(args: argparse.Namespace) -> int:
-    from dataloaders.synthetic import write_shapes_dataset
+    if args.kind == "scenes":
+        from dataloaders.synthetic_scenes import write_scenes_dataset as write
+    else:
+        from dataloaders.synthetic import write_shapes_dataset as write
 
-    info = write_shapes_dataset(
+    info = write(
         args.out,
         num_train=args.num_train,
         num_val=args.num_val,
@@ -251,8 +254,12 @@ def build_parser() -> argparse.ArgumentParser:
     report.set_defaults(func=_cmd_report)
 
     data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
-    synth = data.add_parser("synth", help="write the synthetic shapes dataset as WebDataset shards")
+    synth = data.add_parser("synth", help="write a synthetic dataset (shapes or scenes) as WebDataset shards")
     synth.add_argument("--out", required=True, help="output folder")
+    synth.add_argument("--kind", choices=["shapes", "scenes"], default="shapes",
+                       help="shapes: one coloured shape per image, classes.json for zero-shot; scenes: counts, "
+                            "relative positions, sizes and colour binding with one-attribute hard negatives, "
+                            "scenes.json for tulip_mega/eval/scenes.py (benchmarks/quality.py)")
     synth.add_argument("--num-train", type=int, default=2048)
     synth.add_argument("--num-val", type=int, default=256)
     synth.add_argument("--samples-per-shard", type=int, default=256)

@@ -1,5 +1,8 @@
 """`tulip-mega eval CHECKPOINT`: evaluate a training checkpoint on one task.
 
+`--task scenes` (evaluate_scenes_checkpoint) exports the checkpoint to a plain PyTorch model and
+runs the scenes benchmark (tulip_mega/eval/scenes.py) in a single process.
+
 `evaluate_checkpoint(...)` rebuilds the model from the run's config.yaml (beside the
 checkpoint folder, or --config), loads only the weights (any layout: dist_checkpointing
 reshards), runs tulip_mega.eval.runner.Evaluator on one task and writes a JSON file. It lives
@@ -114,6 +117,40 @@ def evaluate_checkpoint(checkpoint: str, task: str, data: str, classes: Optional
     return {"metrics": metrics, "out": out}
 
 
+def evaluate_scenes_checkpoint(checkpoint: str, data: str, config: Optional[str] = None,
+                               tokenizer: Optional[str] = None, out: Optional[str] = None,
+                               seed: int = 0) -> dict:
+    """The scenes benchmark (tulip_mega/eval/scenes.py) of a checkpoint, single process.
+
+    The checkpoint (any layout) is exported to a plain PyTorch model in a temporary folder (as
+    `tulip-mega convert --to pytorch` does), which embeds the scenes set in `data` (the folder
+    `tulip-mega data synth --kind scenes` wrote). Results go to <run>/eval/<checkpoint>_scenes.json. The tokenizer is the
+    run config's data.tokenizer unless given. Returns {"metrics": ..., "out": json path}."""
+    import tempfile
+
+    from tulip_mega.config import load_config
+    from tulip_mega.convert.megatron_to_plain import convert_checkpoint
+    from tulip_mega.eval.scenes import plain_model_metrics
+    from tulip_mega.parallel.init import launch_env
+
+    if launch_env().world_size > 1:
+        raise ConfigError("--task scenes runs in a single process (it evaluates an exported plain model); "
+                          "launch it without torchrun")
+    checkpoint_path = Path(checkpoint)
+    if tokenizer is None:
+        recipe = Path(config) if config else run_config_path(checkpoint_path)
+        if not recipe.is_file():
+            raise ConfigError(f"no run config at {recipe}: pass --config RECIPE or --tokenizer")
+        tokenizer = load_config(str(recipe)).data.tokenizer
+    with tempfile.TemporaryDirectory() as plain:
+        convert_checkpoint(checkpoint_path, Path(plain), log=lambda _msg: None)
+        metrics = plain_model_metrics(plain, data, tokenizer, seed=seed)
+    if out is None:
+        out = str(checkpoint_path.resolve().parent.parent / "eval" / f"{checkpoint_path.name}_scenes.json")
+    write_results(Path(out), metrics, checkpoint=str(checkpoint_path), task="scenes", data=data)
+    return {"metrics": metrics, "out": out}
+
+
 def build_parser():
     import argparse
 
@@ -125,9 +162,13 @@ def build_parser():
     )
     p.add_argument("checkpoint", help="a checkpoint folder, e.g. runs/tiny_cpu/checkpoints/step_0000200")
     p.add_argument("overrides", nargs="*", help="recipe overrides key.path=value (e.g. parallel.tensor_parallel=2)")
-    p.add_argument("--task", choices=TASKS, required=True)
+    p.add_argument("--task", choices=[*TASKS, "scenes"], required=True,
+                   help="scenes: the vision-centric benchmark (per-attribute zero-shot, MMVP-style pairs, linear "
+                        "probes) on a `data synth --kind scenes` folder; single process")
     p.add_argument("--data", required=True, help="eval shards: brace range, glob or folder "
-                                                 "(linear_probe: the shards the probe is fitted on)")
+                                                 "(linear_probe: the shards the probe is fitted on; "
+                                                 "scenes: the scenes folder)")
+    p.add_argument("--tokenizer", default=None, help="scenes: SentencePiece model (default: the run's data.tokenizer)")
     p.add_argument("--val", default=None, help="linear_probe: the shards top-1 is reported on")
     p.add_argument("--classes", default=None, help="zeroshot / linear_probe: classes.json (default: beside --data)")
     p.add_argument("--config", default=None, help="the run's recipe (default: <run>/config.yaml beside checkpoints/)")
@@ -141,6 +182,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     args = build_parser().parse_intermixed_args(argv)
     try:
+        if args.task == "scenes":
+            result = evaluate_scenes_checkpoint(args.checkpoint, args.data, args.config, args.tokenizer, args.out)
+            print(json.dumps(result["metrics"], indent=1, sort_keys=True))
+            return 0
         result = evaluate_checkpoint(args.checkpoint, args.task, args.data, args.classes, args.config,
                                      args.overrides, args.out, val=args.val)
     except (ConfigError, FileNotFoundError, ValueError, KeyError) as e:

@@ -90,8 +90,11 @@ def top1(w: torch.Tensor, b: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> 
 
 
 def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor,
-                 num_classes: int, seed: int = 0) -> dict[str, float]:
-    """Sweep the L2 strength on a held-out slice of train, refit on all of train, val top-1."""
+                 num_classes: int, seed: int = 0, l2_grid: tuple[float, ...] = L2_GRID,
+                 max_iter: int = 1000) -> dict[str, float]:
+    """Sweep the L2 strength (over `l2_grid`) on a held-out slice of train, refit on all of train, val top-1.
+
+    `max_iter` caps the L-BFGS iterations of each fit."""
     n = len(train_y)
     if n < 2 or len(val_y) == 0:
         raise ValueError(f"linear probe needs >= 2 train and >= 1 val samples, got {n} and {len(val_y)}")
@@ -99,10 +102,10 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tens
     n_hold = max(1, int(round(HOLDOUT * n)))
     hold, fit = perm[:n_hold], perm[n_hold:]
     scores = []
-    for l2 in L2_GRID:
-        w, b = fit_logistic(train_x[fit], train_y[fit], num_classes, l2)
+    for l2 in l2_grid:
+        w, b = fit_logistic(train_x[fit], train_y[fit], num_classes, l2, max_iter)
         scores.append(top1(w, b, train_x[hold], train_y[hold]))
-    best = max(range(len(L2_GRID)), key=lambda i: (scores[i], L2_GRID[i]))  # ties: the stronger penalty
-    w, b = fit_logistic(train_x, train_y, num_classes, L2_GRID[best])
-    return {"top1": top1(w, b, val_x, val_y), "l2": L2_GRID[best], "holdout_top1": scores[best],
+    best = max(range(len(l2_grid)), key=lambda i: (scores[i], l2_grid[i]))  # ties: the stronger penalty
+    w, b = fit_logistic(train_x, train_y, num_classes, l2_grid[best], max_iter)
+    return {"top1": top1(w, b, val_x, val_y), "l2": l2_grid[best], "holdout_top1": scores[best],
             "train_samples": float(n), "samples": float(len(val_y))}
