@@ -40,6 +40,8 @@ __all__ = [
     "brace_spec",
     "make_sample",
     "to_jpeg",
+    "write_json_atomically",
+    "written_splits",
     "write_shapes_dataset",
 ]
 
@@ -230,10 +232,21 @@ def write_shapes_dataset(
         "image_size": image_size,
     }
     classes_path = os.path.join(out_dir, "classes.json")
-    tmp = classes_path + ".tmp"
+    write_json_atomically(classes_path, info)
+    return {**written_splits(out_dir, train, val, num_train, num_val),
+            "num_classes": len(classes), "classes_json": classes_path}
+
+
+def write_json_atomically(path: str, obj: Any) -> None:
+    """Write `obj` as sorted, indented JSON via a temporary file, so a reader never sees half of it."""
+    tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(info, f, indent=1, sort_keys=True)
-    os.replace(tmp, classes_path)
+        json.dump(obj, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def written_splits(out_dir: str, train: list[str], val: list[str], num_train: int, num_val: int) -> dict[str, Any]:
+    """What a synthetic-dataset writer returns about its train / val shards."""
     return {
         "out_dir": out_dir,
         "train_shards": train,
@@ -242,6 +255,4 @@ def write_shapes_dataset(
         "val_spec": brace_spec(out_dir, "val", val),
         "num_train": num_train,
         "num_val": num_val,
-        "num_classes": len(classes),
-        "classes_json": classes_path,
     }

@@ -34,7 +34,6 @@ writer fixes all tar metadata, so the same seed gives byte-identical shards.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
@@ -43,7 +42,8 @@ from typing import Any, Optional
 from PIL import Image, ImageDraw
 
 from dataloaders.shards import ShardWriter
-from dataloaders.synthetic import COLOURS, FOREGROUNDS, SHAPES, brace_spec, draw_shape, fill_template, jitter, to_jpeg
+from dataloaders.synthetic import (COLOURS, FOREGROUNDS, SHAPES, draw_shape, fill_template, jitter, to_jpeg,
+                                   write_json_atomically, written_splits)
 
 __all__ = [
     "ATTRIBUTES",
@@ -285,17 +285,5 @@ def write_scenes_dataset(
     train = _write_split(out_dir, "train", info["train"], samples_per_shard, image_size, seed)
     val = _write_split(out_dir, "val", info["val"], samples_per_shard, image_size, seed)
     path = os.path.join(out_dir, "scenes.json")
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(info, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
-    return {
-        "out_dir": out_dir,
-        "train_shards": train,
-        "val_shards": val,
-        "train_spec": brace_spec(out_dir, "train", train),
-        "val_spec": brace_spec(out_dir, "val", val),
-        "num_train": num_train,
-        "num_val": num_val,
-        "scenes_json": path,
-    }
+    write_json_atomically(path, info)
+    return {**written_splits(out_dir, train, val, num_train, num_val), "scenes_json": path}
