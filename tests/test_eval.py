@@ -108,10 +108,10 @@ def background_classes(data_dir: Path) -> Path:
     Prompts are the training caption template filled with every foreground colour and shape
     (prompt ensembling); labels come from each val sample's own json metadata."""
     from dataloaders.shards import iter_samples
-    from dataloaders.synthetic import BACKGROUNDS, CAPTION_TEMPLATES, FOREGROUNDS, SHAPES, _fill
+    from dataloaders.synthetic import BACKGROUNDS, CAPTION_TEMPLATES, FOREGROUNDS, SHAPES, fill_template
 
     classes = [{"index": i, "name": bg, "prompts": [
-        _fill(CAPTION_TEMPLATES[0], colour=c, shape=s, background=bg) for c in FOREGROUNDS if c != bg for s in SHAPES
+        fill_template(CAPTION_TEMPLATES[0], colour=c, shape=s, background=bg) for c in FOREGROUNDS if c != bg for s in SHAPES
     ]} for i, bg in enumerate(BACKGROUNDS)]
     labels = {}
     for shard in sorted(data_dir.glob("val-*.tar")):
