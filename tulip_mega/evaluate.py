@@ -100,7 +100,8 @@ def evaluate_checkpoint(checkpoint: str, task: str, data: str, classes: Optional
     setup_logging(env.rank)
     if parallel_state.model_parallel_is_initialized():  # a caller evaluating several checkpoints
         parallel_state.destroy_model_parallel()
-    init_parallel(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel, cfg.run.seed, env)
+    init_parallel(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel, cfg.run.seed, env,
+                  virtual_pipeline=cfg.parallel.virtual_pipeline)
     model = build_model(cfg)
     load_weights(checkpoint_path, model, model_shape(cfg))
     metrics = Evaluator(cfg, model, tasks=[task]).run()

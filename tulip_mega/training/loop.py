@@ -96,7 +96,8 @@ def _start_run(cfg: Config, env: LaunchEnv) -> Path:
     the resolved config."""
     out_dir = run_dir(cfg)
     setup_logging(env.rank, debug_log=out_dir / DEBUG_LOG_NAME)
-    init_parallel(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel, cfg.run.seed, env)
+    init_parallel(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel, cfg.run.seed, env,
+                  virtual_pipeline=cfg.parallel.virtual_pipeline)
     if env.rank == 0:
         save_config(cfg, out_dir / "config.yaml")
     dist.barrier()

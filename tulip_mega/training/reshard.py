@@ -52,7 +52,8 @@ def _reshard_worker(cfg, checkpoint: str, out: str) -> str:
     from tulip_mega.training.optimizer import make_optimizer, make_scheduler
     from tulip_mega.training.step import wrap_ddp
 
-    init_parallel(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel, cfg.run.seed)
+    init_parallel(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel, cfg.run.seed,
+                  virtual_pipeline=cfg.parallel.virtual_pipeline)
     model = wrap_ddp(build_model(cfg), cfg)
     optimizer = make_optimizer(cfg, model)
     scheduler = make_scheduler(cfg, optimizer)
