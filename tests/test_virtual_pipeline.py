@@ -131,10 +131,12 @@ def train_worker(overrides: list[str], steps: int, root: str, load: str = "", st
     return {"losses": losses, "checkpoint": str(path), "entries": _chunk_entries(step.modules, "data")}
 
 
-def _tensors_worker(checkpoint: str) -> dict:
+def _tensors_worker(checkpoints: list[str]) -> list[dict]:
+    """Every tensor (weights and optimizer moments) of each checkpoint, unsharded."""
     from megatron.core import dist_checkpointing
 
-    return {k: v for k, v in dist_checkpointing.load_plain_tensors(checkpoint).items() if torch.is_tensor(v)}
+    return [{k: v for k, v in dist_checkpointing.load_plain_tensors(c).items() if torch.is_tensor(v)}
+            for c in checkpoints]
 
 
 def _world(layout: list[str]) -> int:
@@ -150,16 +152,16 @@ def test_reshard_between_interleaved_even_balanced_and_single_keeps_every_tensor
     from tulip_mega.training.reshard import reshard
 
     src = run_distributed(train_worker, 2, UNEVEN + VIRTUAL, 1, str(tmp_path / "interleaved"))[0]["checkpoint"]
-    ref = run_distributed(_tensors_worker, 1, src)[0]
-    assert any("exp_avg" in k for k in ref) and any("vision_block" in k for k in ref)
     single = str(reshard(src, 1, 1, tmp_path / "single"))
-    for name, path in (
-        ("single", single),
-        ("balanced", str(reshard(src, 1, 2, tmp_path / "balanced", ["parallel.pipeline_split=balanced"]))),
-        ("even", str(reshard(src, 1, 2, tmp_path / "even", ["parallel.pipeline_split=even"]))),
-        ("back", str(reshard(single, 1, 2, tmp_path / "back", ["parallel.pipeline_split=balanced"], virtual=2))),
-    ):
-        got = run_distributed(_tensors_worker, 1, path)[0]
+    paths = {
+        "single": single,
+        "balanced": str(reshard(src, 1, 2, tmp_path / "balanced", ["parallel.pipeline_split=balanced"])),
+        "even": str(reshard(src, 1, 2, tmp_path / "even", ["parallel.pipeline_split=even"])),
+        "back": str(reshard(single, 1, 2, tmp_path / "back", ["parallel.pipeline_split=balanced"], virtual=2)),
+    }
+    ref, *loaded = run_distributed(_tensors_worker, 1, [src, *paths.values()])[0]
+    assert any("exp_avg" in k for k in ref) and any("vision_block" in k for k in ref)
+    for name, got in zip(paths, loaded):
         assert set(got) == set(ref), (name, sorted(set(got) ^ set(ref)))
         for k in ref:
             assert torch.equal(got[k], ref[k]), (name, k)
@@ -167,22 +169,20 @@ def test_reshard_between_interleaved_even_balanced_and_single_keeps_every_tensor
 
 @pytest.mark.multiprocess
 @pytest.mark.slow
-@pytest.mark.parametrize("first,second", [(VIRTUAL, []), ([], VIRTUAL)],
-                         ids=["interleaved_then_single", "single_then_interleaved"])
-def test_resume_across_interleaved_and_plain_layouts(tmp_path, first, second):
-    """2 steps under one layout, a checkpoint, 2 more steps under the other from it: the losses
-    and final weights of an uninterrupted 4-step PP=1 run (float32 reduction order differs
-    between layouts, hence the tolerances of harness.assert_same_training)."""
-    overrides = UNEVEN
-    ref = run_distributed(train_worker, 1, overrides, 4, str(tmp_path / "ref"))
-    a = run_distributed(train_worker, _world(first), overrides + first, 2, str(tmp_path / "a"))
-    b = run_distributed(train_worker, _world(second), overrides + second, 2, str(tmp_path / "b"),
-                        a[0]["checkpoint"], 2)
-    losses = a[0]["losses"] + b[0]["losses"]
-    assert ref[0]["losses"][-1] < ref[0]["losses"][0], "the reference did not train"
-    assert losses == pytest.approx(ref[0]["losses"], rel=1e-4)
+def test_resume_across_interleaved_and_plain_layouts(tmp_path):
+    """2 steps under one layout, a checkpoint, 2 more steps under the other from it, both ways
+    (PP=2 x virtual=2 -> PP=1 and PP=1 -> PP=2 x virtual=2): the losses and final weights of an
+    uninterrupted 4-step PP=1 run (float32 reduction order differs between layouts, hence the
+    tolerances of harness.assert_same_training)."""
+    ref = run_distributed(train_worker, 1, UNEVEN, 4, str(tmp_path / "ref"))
     R = assemble([r["entries"] for r in ref])
-    W = assemble([r["entries"] for r in b])
-    assert set(W) == set(R)
-    for k in R:
-        torch.testing.assert_close(W[k], R[k], rtol=0, atol=1e-4, msg=k)
+    assert ref[0]["losses"][-1] < ref[0]["losses"][0], "the reference did not train"
+    for name, first, second in (("interleaved_then_single", VIRTUAL, []), ("single_then_interleaved", [], VIRTUAL)):
+        a = run_distributed(train_worker, _world(first), UNEVEN + first, 2, str(tmp_path / name / "a"))
+        b = run_distributed(train_worker, _world(second), UNEVEN + second, 2, str(tmp_path / name / "b"),
+                            a[0]["checkpoint"], 2)
+        assert a[0]["losses"] + b[0]["losses"] == pytest.approx(ref[0]["losses"], rel=1e-4), name
+        W = assemble([r["entries"] for r in b])
+        assert set(W) == set(R), name
+        for k in R:
+            torch.testing.assert_close(W[k], R[k], rtol=0, atol=1e-4, msg=f"{name}: {k}")
