@@ -181,6 +181,8 @@ class TrainStep:
         self._cache_grads: list[dict[str, torch.Tensor]] = []
 
     def _chunk_reads(self, module: TulipModel) -> bool:
+        """Whether this model chunk needs the host batch: it embeds, or it computes a loss
+        that needs targets or GeCo masks."""
         return module.pre_process or (module.post_process and self.loss.needs_batch)
 
     @property
