@@ -96,6 +96,11 @@ def _shard_entries(model, attr: str) -> list[tuple]:
     return out
 
 
+def _chunk_entries(modules, attr: str) -> list[tuple]:
+    """_shard_entries of every model chunk of this rank (one chunk without interleaving)."""
+    return [e for m in modules for e in _shard_entries(m, attr)]
+
+
 def stack_layers(full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """assemble()'s 'key[layer]' tensors -> megatron's layer-stacked 'key' tensors (what the
     converters in tulip_mega.convert read and write)."""
@@ -148,18 +153,21 @@ def build_train_step(overrides: Sequence[str]):
     from megatron.core import parallel_state
 
     from tulip_mega.convert.pretrained import load_pretrained
-    from tulip_mega.models.build import build_model
+    from tulip_mega.models.build import build_model_chunks
     from tulip_mega.parallel.init import init_parallel
     from tulip_mega.training.optimizer import make_optimizer, make_scheduler
     from tulip_mega.training.step import TrainStep, wrap_ddp
 
     cfg = make_cfg(list(overrides))
     if not parallel_state.model_parallel_is_initialized():
-        init_parallel(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel, cfg.run.seed)
+        init_parallel(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel, cfg.run.seed,
+                      virtual_pipeline=cfg.parallel.virtual_pipeline)
     dp_size = parallel_state.get_data_parallel_world_size()
-    stage = build_model(cfg)
-    load_pretrained(stage, cfg.model)
-    model = wrap_ddp(stage, cfg)
+    chunks = build_model_chunks(cfg)
+    for chunk in chunks:
+        load_pretrained(chunk, cfg.model)
+    # One DDP model, or a list of DDP chunks under interleaved virtual stages.
+    model = wrap_ddp(chunks if cfg.parallel.virtual_pipeline > 1 else chunks[0], cfg)
     optimizer = make_optimizer(cfg, model)
     scheduler = make_scheduler(cfg, optimizer)
     num_micro = cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp_size)
@@ -175,10 +183,10 @@ def step_worker(overrides: Sequence[str], steps: int = 1, optimizer_steps: bool 
     from megatron.core import parallel_state
 
     cfg, model, optimizer, scheduler, step = build_train_step(overrides)
-    initial = _shard_entries(model.module, "data")
+    initial = _chunk_entries(step.modules, "data")
     dp_size = parallel_state.get_data_parallel_world_size()
     it = rank_microbatches(cfg, global_batches(cfg, steps), parallel_state.get_data_parallel_rank(), dp_size)
-    probe = _probe_first_vision_layer(model.module)
+    probe = _probe_first_vision_layer(step.modules[0])
     losses, metrics = [], {}
     for i in range(steps):
         if optimizer_steps or i < steps - 1:
@@ -191,7 +199,7 @@ def step_worker(overrides: Sequence[str], steps: int = 1, optimizer_steps: bool 
         "rank": dist.get_rank(),
         "losses": losses,
         "metrics": metrics,
-        "entries": _shard_entries(model.module, "data" if optimizer_steps else "grad"),
+        "entries": _chunk_entries(step.modules, "data" if optimizer_steps else "grad"),
         "initial": initial,
         "probe": probe,
     }

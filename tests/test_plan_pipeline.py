@@ -68,10 +68,29 @@ def test_6b_recipe_fits_on_h100s(nodes, accumulation, capsys):
     assert main([str(REPO / "recipes" / "tulip_6b.yaml"), "--nodes", str(nodes)]) == 0
     out = capsys.readouterr().out
     assert f"{nodes * 8} GPUs = TP 8 x PP 4 x DP {nodes // 4}" in out
-    assert "balanced -> [[12, 5], [12, 6], [12, 6], [12, 3]]" in out
+    # Interleaved: 8 chunks in megatron's order; per stage the same layers as the 1F1B split.
+    assert plan.pipeline.virtual == 2
+    assert "balanced -> [[6, 2], [6, 3], [6, 3], [6, 3], [6, 3], [6, 3], [6, 3], [6, 0]]" in out
+    assert [(s.vision_layers, s.text_layers) for s in plan.pipeline.stages] == [(12, 5), (12, 6), (12, 6), (12, 3)]
     assert f"bubble with {accumulation} micro-batches per step: 1F1B" in out
+    assert plan.pipeline.bubble == pytest.approx(bubble_fraction(4, accumulation, 2))
+    assert f"this recipe (v=2) {plan.pipeline.bubble:.1%}" in out
     assert "warning" not in out
     # The recipe's comment states plan's numbers.
     text = (REPO / "recipes" / "tulip_6b.yaml").read_text()
     assert f"{plan.memory_gib['total']:.2f}" in text
-    assert f"{plan.pipeline.bubble_1f1b:.1%}" in text
+    assert f"{plan.pipeline.bubble:.1%}" in text and f"{plan.pipeline.bubble_1f1b:.1%}" in text
+
+
+def test_interleaved_plan_sums_chunks_per_stage():
+    """Under parallel.virtual_pipeline the split lists PP x v chunks; a stage is the sum of its
+    chunks (chunk c of stage i is entry c * PP + i), its in-flight count megatron's interleaved one."""
+    cfg = load_config(None, DEBUG + ["model.vision.num_layers=3", "parallel.pipeline_parallel=2",
+                                     "parallel.virtual_pipeline=2",
+                                     "parallel.pipeline_split=[[1,0],[0,1],[1,1],[1,0]]"])
+    plan = make_plan(cfg, nodes=1, gpus_per_node=2)
+    pipe = plan.pipeline
+    assert [(s.vision_layers, s.text_layers) for s in pipe.stages] == [(2, 1), (1, 1)]
+    assert [s.in_flight for s in pipe.stages] == [in_flight(i, 2, 8, 2) for i in range(2)]
+    assert pipe.bubble == pytest.approx(bubble_fraction(2, 8, 2))
+    assert sum(s.flops for s in pipe.stages) == pytest.approx(plan.flops_hardware_per_sample)

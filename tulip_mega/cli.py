@@ -221,7 +221,7 @@ def _cmd_reshard(args: argparse.Namespace) -> int:
     from tulip_mega.training.reshard import main as reshard_main
 
     try:
-        return reshard_main(args.checkpoint, args.tp, args.pp, args.out, args.overrides)
+        return reshard_main(args.checkpoint, args.tp, args.pp, args.out, args.overrides, args.virtual)
     except (ConversionError, ConfigError) as e:
         print(f"tulip-mega: reshard error: {e}", file=sys.stderr)
         return 2
@@ -332,10 +332,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="model.layernorm_eps when no run config.yaml sits beside the checkpoint")
     conv.set_defaults(func=_cmd_convert)
 
-    rs = sub.add_parser("reshard", help="rewrite a checkpoint for another TP x PP layout")
+    rs = sub.add_parser("reshard", help="rewrite a checkpoint for another TP x PP (x virtual) layout")
     rs.add_argument("checkpoint", help="a dist checkpoint folder")
     rs.add_argument("--tp", type=int, required=True, help="new tensor-parallel size")
     rs.add_argument("--pp", type=int, required=True, help="new pipeline-parallel size")
+    rs.add_argument("--virtual", type=int, default=1,
+                    help="new interleaved virtual stages per PP rank (parallel.virtual_pipeline; 1 = none)")
     rs.add_argument("out", help="output checkpoint root (gets step_<N>/ and latest)")
     rs.add_argument("overrides", nargs="*", help="recipe overrides (key=value) for the loading run")
     rs.set_defaults(func=_cmd_reshard)

@@ -45,7 +45,8 @@ def eval_config(checkpoint: Path, task: str, data: str, classes: Optional[str] =
                           "trained with)")
     layout: list[str] = []
     if world_size == 1 and not any(o.startswith("parallel.") for o in overrides):
-        layout = ["parallel.tensor_parallel=1", "parallel.pipeline_parallel=1", "parallel.sequence_parallel=false",
+        layout = ["parallel.tensor_parallel=1", "parallel.pipeline_parallel=1", "parallel.virtual_pipeline=1",
+                  "parallel.sequence_parallel=false",
                   "parallel.distributed_optimizer=false"]
     # --classes or the classes.json beside the shards, never the training run's eval.classes
     task_keys = [f"eval.{task}_shards={data}", f"eval.classes={classes or 'null'}",
@@ -63,7 +64,9 @@ def eval_config(checkpoint: Path, task: str, data: str, classes: Optional[str] =
 
 
 def load_weights(checkpoint: Path, module, model_config: dict) -> None:
-    """Only the model's weights from a training checkpoint, into this rank's stage (any layout)."""
+    """Only the model's weights from a training checkpoint, into this rank's stage or, under
+    interleaved virtual stages, its list of model chunks (any layout: tensors are keyed
+    globally, whatever the layout that saved them)."""
     from megatron.core import dist_checkpointing
 
     checkpoint = Path(checkpoint)
@@ -71,8 +74,11 @@ def load_weights(checkpoint: Path, module, model_config: dict) -> None:
         raise CheckpointError(f"{checkpoint} is not a dist_checkpointing checkpoint (no metadata.json)")
     common = dist_checkpointing.load_common_state_dict(str(checkpoint))
     check_model_config(checkpoint, common.get("model_config", {}), model_config)
-    loaded = dist_checkpointing.load({"model": module.sharded_state_dict()}, str(checkpoint))
-    module.load_state_dict(loaded["model"])
+    chunks = list(module) if isinstance(module, (list, tuple)) else [module]
+    loaded = dist_checkpointing.load({f"model{i}": m.sharded_state_dict() for i, m in enumerate(chunks)},
+                                     str(checkpoint))
+    for i, m in enumerate(chunks):
+        m.load_state_dict(loaded[f"model{i}"])
 
 
 def evaluate_checkpoint(checkpoint: str, task: str, data: str, classes: Optional[str] = None,
@@ -84,7 +90,7 @@ def evaluate_checkpoint(checkpoint: str, task: str, data: str, classes: Optional
     TP = PP = 1 in a single process) and need not match the one the checkpoint was saved with.
     """
     from tulip_mega.config import validate_layout
-    from tulip_mega.models.build import build_model
+    from tulip_mega.models.build import build_model_chunks
     from tulip_mega.models.pipeline_split import validate_split
     from tulip_mega.models.specs import check_layer_support
     from tulip_mega.parallel.init import check_runtime_support, init_parallel, launch_env
@@ -100,8 +106,10 @@ def evaluate_checkpoint(checkpoint: str, task: str, data: str, classes: Optional
     setup_logging(env.rank)
     if parallel_state.model_parallel_is_initialized():  # a caller evaluating several checkpoints
         parallel_state.destroy_model_parallel()
-    init_parallel(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel, cfg.run.seed, env)
-    model = build_model(cfg)
+    init_parallel(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel, cfg.run.seed, env,
+                  virtual_pipeline=cfg.parallel.virtual_pipeline)
+    chunks = build_model_chunks(cfg)
+    model = chunks if cfg.parallel.virtual_pipeline > 1 else chunks[0]
     load_weights(checkpoint_path, model, model_shape(cfg))
     metrics = Evaluator(cfg, model, tasks=[task]).run()
     if out is None:

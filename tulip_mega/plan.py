@@ -182,7 +182,8 @@ def format_plan(cfg, plan: Plan, fp8: Optional[str] = None) -> str:
         f"(vision {v.num_layers}L h{v.hidden_size} s{v.seq_length}, text {t.num_layers}L h{t.hidden_size} "
         f"s{t.context_length})",
         f"layout: {plan.gpus} GPUs = TP {plan.tp} x PP {plan.pp} x DP {plan.dp}"
-        f"{' (sequence parallel)' if par.sequence_parallel else ''}",
+        f"{' (sequence parallel)' if par.sequence_parallel else ''}"
+        f"{f', {par.virtual_pipeline} interleaved virtual stages per PP rank' if par.virtual_pipeline > 1 else ''}",
         f"batch: global {plan.global_batch} = micro {plan.micro_batch} x DP {plan.dp} x {plan.grad_accum} "
         f"accumulation step(s)",
         contrastive_batch_line(plan),
@@ -254,6 +255,9 @@ def recipe_comment(cfg, plan: Plan, command: str) -> list[str]:
         f"  layout: {plan.gpus} GPUs = TP {plan.tp} x PP {plan.pp} x DP {plan.dp}; global batch {plan.global_batch} "
         f"= micro {plan.micro_batch} x DP {plan.dp} x {plan.grad_accum}",
         f"  memory per GPU: {plan.memory_gib['total']:.1f} GiB (before ~10% headroom)",
+        *([f"  pipeline bubble: {plan.pipeline.bubble:.1%} ("
+           + ("1F1B" if plan.pipeline.virtual == 1 else f"interleaved, {plan.pipeline.virtual} virtual stages")
+           + f", {plan.grad_accum} micro-batches per step; not in the step time below)"] if plan.pp > 1 else []),
         f"  training {_flops(plan.flops_model_per_sample)} per pair"
         + (f" + {_flops(cache)} embedding-cache forward (+{cache / plan.flops_model_per_sample:.0%})" if cache else ""),
         f"  at {plan.mfu:.0%} MFU of {plan.peak_tflops:g} TFLOP/s per GPU: {plan.step_time_s:.3g} s per step, "

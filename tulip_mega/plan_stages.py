@@ -19,6 +19,12 @@ Pure arithmetic (no torch), like tulip_mega/plan.py, whose formulas it applies p
                    micro-batches per step of one DP rank (Narayanan et al. 2021)
   pipeline time    the step is paced by the slowest stage: factor max/mean stage FLOPs, and the
                    bubble stretches it by 1 / (1 - bubble)
+
+Under interleaved virtual stages (`parallel.virtual_pipeline` = v > 1) the split lists PP x v
+chunks (megatron's order: chunk c of stage i is entry c * PP + i); a stage's numbers are the
+sums over its v chunks, its activations the interleaved in-flight count above, the recipe's
+bubble the interleaved one, and the suggested split balances the chunks (what `balanced`
+optimises).
 """
 
 from __future__ import annotations
@@ -50,7 +56,7 @@ class StagePlan:
 
 @dataclasses.dataclass(frozen=True)
 class PipelinePlan:
-    split: Split
+    split: Split  # per stage, or per chunk (PP x virtual, megatron's order) under interleaving
     split_name: str  # the recipe's parallel.pipeline_split
     stages: tuple[StagePlan, ...]
     microbatches: int  # per step and DP rank
@@ -58,7 +64,14 @@ class PipelinePlan:
     bubble_interleaved: dict  # v -> bubble fraction
     imbalance: float  # max / mean stage FLOPs
     suggestion: Optional[Split]  # a better split than the recipe's, if there is one
-    suggestion_gain: float  # slowest stage of the recipe's split / of the suggestion
+    suggestion_gain: float  # slowest stage (chunk) of the recipe's split / of the suggestion
+    virtual: int = 1  # the recipe's parallel.virtual_pipeline
+
+    @property
+    def bubble(self) -> float:
+        """The bubble of the recipe's schedule (1F1B, or interleaved with its virtual size)."""
+        return self.bubble_1f1b if self.virtual == 1 else bubble_fraction(len(self.stages), self.microbatches,
+                                                                           self.virtual)
 
     @property
     def fullest(self) -> StagePlan:
@@ -134,16 +147,22 @@ def layer_activation_bytes(cfg, tower: str, micro_batch: int, recompute: Optiona
     return sum(tw.layer_activation_bytes(micro_batch * n, tp, sp, recompute, value_bytes) for tw, n in calls)
 
 
-def plan_pipeline(cfg, dp: int, microbatches: int, virtual: int = 1) -> PipelinePlan:
-    """Per-stage numbers of the recipe's split on PP = parallel.pipeline_parallel."""
+def plan_pipeline(cfg, dp: int, microbatches: int, virtual: Optional[int] = None) -> PipelinePlan:
+    """Per-stage numbers of the recipe's split on PP = parallel.pipeline_parallel, with
+    `virtual` interleaved chunks per stage (default: the recipe's parallel.virtual_pipeline)."""
     from tulip_mega.model_size import param_counts, towers
 
     par, rc = cfg.parallel, cfg.recompute
     pp, tp, sp = par.pipeline_parallel, par.tensor_parallel, par.sequence_parallel
+    virtual = virtual or par.virtual_pipeline
     mb = cfg.train.micro_batch_size
-    split = validate_split(cfg)
+    split = validate_split(cfg)  # PP x virtual chunks under interleaving
     costs = stage_costs(cfg)
-    flops = costs.stages(split)
+    chunk_flops = costs.stages(split)
+    # A stage's layers and FLOPs: the sum over its chunks (chunk c of stage i is c * pp + i).
+    per_stage = [[c * pp + i for c in range(len(split) // pp)] for i in range(pp)]
+    flops = [sum(chunk_flops[k] for k in chunks) for chunks in per_stage]
+    stage_layers = [tuple(sum(split[k][col] for k in chunks) for col in (0, 1)) for chunks in per_stage]
     counts = param_counts(cfg)
     vt, tt = towers(cfg)
     fp32 = cfg.precision.dtype == "fp32"
@@ -154,7 +173,7 @@ def plan_pipeline(cfg, dp: int, microbatches: int, virtual: int = 1) -> Pipeline
                  for name in ("vision", "text")}
     no_rc = {name: layer_activation_bytes(cfg, name, mb, None, value_bytes) for name in ("vision", "text")}
     stages = []
-    for i, (nv, nt) in enumerate(split):
+    for i, (nv, nt) in enumerate(stage_layers):
         params = sum(n * (tw.layer_sharded_params / tp + tw.layer_replicated_params) for n, tw in ((nv, vt), (nt, tt)))
         if i == 0:
             params += counts["vision_embed"] + counts["text_embed"] / tp
@@ -177,8 +196,8 @@ def plan_pipeline(cfg, dp: int, microbatches: int, virtual: int = 1) -> Pipeline
         stages.append(StagePlan(i, nv, nt, flops[i], params, flight, memory))
     suggestion, gain = None, 1.0
     if pp > 1:
-        best = balanced_split(costs, vt.layers, tt.layers, pp)
-        gain = max(flops) / max(costs.stages(best))
+        best = balanced_split(costs, vt.layers, tt.layers, len(split))
+        gain = max(chunk_flops) / max(costs.stages(best))
         if gain > 1.005 and best != split:
             suggestion = best
     name = par.pipeline_split if isinstance(par.pipeline_split, str) else "explicit"
@@ -188,6 +207,7 @@ def plan_pipeline(cfg, dp: int, microbatches: int, virtual: int = 1) -> Pipeline
         bubble_1f1b=bubble_fraction(pp, microbatches),
         bubble_interleaved={v: bubble_fraction(pp, microbatches, v) for v in (2, 4) if pp > 1 and layers >= pp * v},
         imbalance=max(flops) / (sum(flops) / len(flops)), suggestion=suggestion, suggestion_gain=gain,
+        virtual=virtual,
     )
 
 
@@ -209,12 +229,18 @@ def _fmt_split(split: Split) -> str:
 def format_pipeline(pipe: PipelinePlan) -> str:
     """The plan's pipeline section."""
     pp = len(pipe.stages)
-    lines = [f"pipeline: {pp} stage(s), parallel.pipeline_split={pipe.split_name} -> {_fmt_split(pipe.split)} "
-             "([vision, text] layers per stage)"]
+    if pipe.virtual == 1:
+        lines = [f"pipeline: {pp} stage(s), parallel.pipeline_split={pipe.split_name} -> {_fmt_split(pipe.split)} "
+                 "([vision, text] layers per stage)"]
+    else:
+        lines = [f"pipeline: {pp} stage(s) x {pipe.virtual} interleaved virtual stages, parallel.pipeline_split="
+                 f"{pipe.split_name} -> {_fmt_split(pipe.split)} ([vision, text] layers per chunk: chunk 0 of "
+                 "every stage, then chunk 1, ...)"]
     if pp > 1:
         inter = ", ".join(f"v={v} {b:.1%}" for v, b in pipe.bubble_interleaved.items()) or "n/a"
         lines.append(f"  bubble with {pipe.microbatches} micro-batches per step: 1F1B {pipe.bubble_1f1b:.1%}; "
-                     f"interleaved {inter}")
+                     f"interleaved {inter}"
+                     + (f"; this recipe (v={pipe.virtual}) {pipe.bubble:.1%}" if pipe.virtual > 1 else ""))
     lines.append("  stage  vision  text   GFLOP/pair  params/GPU  in-flight  memory GiB (par+grad+opt+act)")
     for s in pipe.stages:
         m = s.memory_gib
@@ -224,6 +250,7 @@ def format_pipeline(pipe: PipelinePlan) -> str:
     if pp > 1:
         lines.append(f"  slowest stage / mean: {pipe.imbalance:.3f}")
     if pipe.suggestion is not None:
+        what = "stage" if pipe.virtual == 1 else "chunk"
         lines.append(f"  suggestion: parallel.pipeline_split={_fmt_split(pipe.suggestion)} (the FLOP-balanced "
-                     f"split; its slowest stage is {pipe.suggestion_gain:.2f}x faster than this recipe's)")
+                     f"split; its slowest {what} is {pipe.suggestion_gain:.2f}x faster than this recipe's)")
     return "\n".join(lines)

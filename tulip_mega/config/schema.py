@@ -159,15 +159,23 @@ class ModelConfig:
 class ParallelConfig:
     tensor_parallel: int = _f(1, "tensor-parallel size (splits heads/MLP across ranks)")
     pipeline_parallel: int = _f(1, "pipeline-parallel size (splits layers into stages)")
+    virtual_pipeline: int = _f(1, "interleaved virtual stages (model chunks) per pipeline rank: smaller bubble, more "
+                                  "p2p traffic; needs PP > 1 and micro-batches per step a multiple of PP")
     pipeline_split: Union[Literal["balanced", "even"], list[tuple[int, int]]] = _f(
         "balanced", "per-stage layers of both towers: balanced (by FLOPs), even (layers / PP), or "
-                    "[[vision, text], ...] one pair per stage (tulip_mega/models/pipeline_split.py)")
+                    "[[vision, text], ...] one pair per stage; with virtual_pipeline=v > 1 one pair per "
+                    "chunk, PP x v pairs in megatron's order (chunk 0 of every rank, then chunk 1, ...) "
+                    "(tulip_mega/models/pipeline_split.py)")
     sequence_parallel: bool = _f(False, "shard LayerNorm/dropout activations along the sequence (needs TP > 1)")
     distributed_optimizer: bool = _f(False, "ZeRO-1 via megatron DistributedOptimizer")
     overlap_grad_reduce: bool = _f(False, "overlap the data-parallel gradient all-reduce with backward")
 
     def validate(self) -> None:
-        _at_least(self, "parallel", ("tensor_parallel", "pipeline_parallel"), 1)
+        _at_least(self, "parallel", ("tensor_parallel", "pipeline_parallel", "virtual_pipeline"), 1)
+        # megatron runs its interleaved schedule only when there is a pipeline to interleave.
+        _require(self.virtual_pipeline == 1 or self.pipeline_parallel > 1,
+                 f"parallel.virtual_pipeline={self.virtual_pipeline} needs parallel.pipeline_parallel > 1 "
+                 f"(got {self.pipeline_parallel}): virtual stages are chunks of a pipeline rank's layers")
         _require(not self.sequence_parallel or self.tensor_parallel > 1,
                  "parallel.sequence_parallel=true needs parallel.tensor_parallel > 1 "
                  f"(got {self.tensor_parallel}): it shards activations across the TP group")
@@ -575,4 +583,19 @@ def validate_layout(cfg: Config, world_size: int) -> int:
              f"train.global_batch_size={g} is not divisible by train.micro_batch_size={m} x "
              f"data-parallel size {dp} (= {m * dp}; world {world_size} / (TP {cfg.parallel.tensor_parallel} x "
              f"PP {cfg.parallel.pipeline_parallel})): each rank must run a whole number of micro-batches per step")
+    check_interleaved_microbatches(cfg, g // (m * dp))
     return dp
+
+
+def check_interleaved_microbatches(cfg: Config, microbatches: int) -> None:
+    """megatron-core's interleaved schedule (0.16.1, `forward_backward_pipelining_with_interleaving`)
+    runs micro-batches in groups of PP per virtual stage and raises mid-step unless the number
+    of micro-batches per step is at least PP and a multiple of it; refuse that recipe up front."""
+    pp, v = cfg.parallel.pipeline_parallel, cfg.parallel.virtual_pipeline
+    if v == 1:
+        return
+    g, m = cfg.train.global_batch_size, cfg.train.micro_batch_size
+    _require(microbatches >= pp and microbatches % pp == 0,
+             f"parallel.virtual_pipeline={v} needs the micro-batches per step (train.global_batch_size={g} / "
+             f"(train.micro_batch_size={m} x data-parallel size) = {microbatches}) to be a multiple of "
+             f"parallel.pipeline_parallel={pp}: megatron's interleaved schedule runs them in groups of PP")

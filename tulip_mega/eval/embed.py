@@ -11,7 +11,10 @@ How (the same machinery as training, so every layout the trainer runs, eval runs
   pipeline peers how many micro-batches follow and each row's label (-1 = padding), so every
   stage runs the same schedule and the last stage knows which rows are real and their labels;
 - the last stage gathers the DP parts (variable lengths) so it holds the whole set; metrics
-  computed there are shared with the other stages by `share_from_last_stage`.
+  computed there are shared with the other stages by `share_from_last_stage`;
+- under interleaved virtual stages (a list of model chunks) megatron's interleaved schedule
+  runs the chunks; it needs the micro-batches of a call to be a multiple of PP, so a short
+  chunk of micro-batches is topped up with padding micro-batches (all rows labelled -1).
 Models run in eval mode under no_grad; the previous train/eval mode is restored.
 """
 
@@ -37,11 +40,13 @@ Source = Iterable[tuple[Optional[torch.Tensor], Optional[torch.Tensor], torch.Te
 
 
 class Embedder:
-    """Runs eval forward passes of this rank's model stage (DDP-wrapped or bare TulipModel)."""
+    """Runs eval forward passes of this rank's model stage (DDP-wrapped or bare TulipModel, or
+    the list of its model chunks under interleaved virtual stages)."""
 
     def __init__(self, model, micro_batch: int, image_size: int, context_length: int, chunk: int = 8) -> None:
         self.model = model
-        self.module = getattr(model, "module", model)
+        self.chunks = list(model) if isinstance(model, (list, tuple)) else [model]
+        self.module = getattr(self.chunks[0], "module", self.chunks[0])  # any chunk: same streams and shapes
         self.micro_batch = micro_batch
         self.image_size = image_size
         self.context_length = context_length
@@ -109,7 +114,7 @@ class Embedder:
     # --- forward -------------------------------------------------------------------------
     def _forward_step(self, data_iterator, model):
         images = tokens = None
-        if self.first:
+        if getattr(model, "module", model).pre_process:  # the chunk that embeds reads
             images, tokens = next(data_iterator)
             images, tokens = images.to(device()), tokens.to(device())
         return model(images, tokens), self._collect
@@ -121,14 +126,31 @@ class Embedder:
     def _run(self, micro: list, n: int) -> list[dict]:
         return self._forward_backward(
             forward_step_func=self._forward_step,
-            data_iterator=iter(micro) if self.first else None,
-            model=[self.model],
+            data_iterator=self._iterators(micro),
+            model=self.chunks,
             num_microbatches=n,
             seq_length=self.module.schedule_seq_length(self.packed_shape),  # megatron's default p2p shape
             micro_batch_size=self.micro_batch,
             forward_only=True,
             collect_non_loss_data=True,
         )
+
+    def _iterators(self, micro: list):
+        """The schedule's data iterator (one per chunk under interleaving; only the chunk that
+        embeds calls next())."""
+        it = iter(micro) if self.first else None
+        return [it] * len(self.chunks) if len(self.chunks) > 1 else it
+
+    def _pad_to_pipeline(self, micro: list, labels: torch.Tensor) -> tuple[list, torch.Tensor]:
+        """Top the micro-batches of one call up to a multiple of PP with padding micro-batches
+        (the interleaved schedule's requirement); a no-op without interleaving."""
+        extra = (-labels.shape[0]) % self.pp if len(self.chunks) > 1 else 0
+        if not extra:
+            return micro, labels
+        b, s, L = self.micro_batch, self.image_size, self.context_length
+        if self.first:
+            micro = micro + [(torch.zeros(b, 3, s, s), torch.zeros(b, L, dtype=torch.long))] * extra
+        return micro, torch.cat([labels, torch.full((extra, b), PAD, dtype=torch.long)])
 
     def embed(self, source: Optional[Source]) -> Optional[dict[str, torch.Tensor]]:
         """Embed this DP rank's part of a set (source read on the first stage only; other stages
@@ -137,8 +159,9 @@ class Embedder:
         None on the other stages. Every rank of the job must call it (collectives)."""
         it = iter(source) if (self.first and source is not None) else iter(())
         image, text, labels = [], [], []
-        was_training = self.model.training
-        self.model.eval()
+        was_training = self.chunks[0].training
+        for chunk in self.chunks:
+            chunk.eval()
         try:
             with torch.no_grad():
                 while True:
@@ -146,6 +169,8 @@ class Embedder:
                     n = lab.shape[0]
                     if n == 0:
                         break
+                    micro, lab = self._pad_to_pipeline(micro, lab)
+                    n = lab.shape[0]
                     outputs = self._run(micro, n)
                     if self.last:
                         keep = lab.flatten() != PAD
@@ -153,7 +178,8 @@ class Embedder:
                         text.append(torch.cat([o["text_emb"].cpu() for o in outputs])[keep])
                         labels.append(lab.flatten()[keep])
         finally:
-            self.model.train(was_training)
+            for chunk in self.chunks:
+                chunk.train(was_training)
         if not self.last:
             return None
         e = self.embed_dim

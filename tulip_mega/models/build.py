@@ -1,4 +1,4 @@
-"""Build this rank's pipeline stage of the model from a resolved recipe."""
+"""Build this rank's pipeline stage of the model (its model chunks under interleaving) from a resolved recipe."""
 
 from __future__ import annotations
 
@@ -23,6 +23,24 @@ def build_model(cfg, use_te: Optional[bool] = None, streams: Optional[Streams] =
     / `init_from_open_clip`) is a separate step: tulip_mega.convert.pretrained.load_pretrained.
     `streams`: the run's resolved input streams (the trainer derives them once; default:
     `input_streams(cfg)`). The model itself gets only `cfg.model`, the streams and its heads.
+    Under `parallel.virtual_pipeline` > 1 a rank holds several chunks: use `build_model_chunks`.
+    """
+    if cfg.parallel.virtual_pipeline > 1:
+        raise ValueError("build_model builds one pipeline stage; parallel.virtual_pipeline="
+                         f"{cfg.parallel.virtual_pipeline} needs build_model_chunks (one model per virtual stage)")
+    return build_model_chunks(cfg, use_te, streams)[0]
+
+
+def build_model_chunks(cfg, use_te: Optional[bool] = None, streams: Optional[Streams] = None) -> list[TulipModel]:
+    """This rank's model chunks, one TulipModel per virtual stage (`parallel.virtual_pipeline`,
+    one chunk without interleaving), in megatron's chunk order, each initialised
+    layout-invariantly (its layers carry their global numbers, so the weights are those of
+    the PP=1 model with the same seed).
+
+    As megatron-core's own models do, the chunks share one TransformerConfig per tower; only
+    the first chunk of the first stage embeds (`pre_process`) and only the last chunk of the
+    last stage holds the heads, decoders and losses (`post_process`), decided by
+    `parallel_state.is_pipeline_first/last_stage(ignore_virtual=False, vp_stage=...)`.
     """
     if use_te is None:
         use_te = use_transformer_engine(cfg.model.transformer_impl)
@@ -34,27 +52,33 @@ def build_model(cfg, use_te: Optional[bool] = None, streams: Optional[Streams] =
         decoder_configs["mae"] = decoder_config(cfg, "mae")
     if heads.text_decoder:
         decoder_configs["text"] = decoder_config(cfg, "text")
-    model = TulipModel(
-        vision_config,
-        text_config,
-        cfg.model,
-        streams or input_streams(cfg),
-        heads,
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage(),
-        use_te=use_te,
-        decoder_configs=decoder_configs,
-    )
-    model.to(device=device(), dtype=vision_config.params_dtype)
-    initialize_parameters(
-        model,
-        seed=cfg.run.seed,
-        std=cfg.model.init_std,
-        num_layers={
-            "vision_block": cfg.model.vision.num_layers,
-            "text_block": cfg.model.text.num_layers,
-            "mae_decoder": cfg.model.mae_decoder.num_layers,
-            "text_decoder": cfg.model.text_decoder.num_layers,
-        },
-    )
-    return model
+    virtual = cfg.parallel.virtual_pipeline
+    chunks = []
+    for chunk in range(virtual):
+        vp_stage = chunk if virtual > 1 else None
+        model = TulipModel(
+            vision_config,
+            text_config,
+            cfg.model,
+            streams or input_streams(cfg),
+            heads,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+            use_te=use_te,
+            decoder_configs=decoder_configs,
+            vp_stage=vp_stage,
+        )
+        model.to(device=device(), dtype=vision_config.params_dtype)
+        initialize_parameters(
+            model,
+            seed=cfg.run.seed,
+            std=cfg.model.init_std,
+            num_layers={
+                "vision_block": cfg.model.vision.num_layers,
+                "text_block": cfg.model.text.num_layers,
+                "mae_decoder": cfg.model.mae_decoder.num_layers,
+                "text_decoder": cfg.model.text_decoder.num_layers,
+            },
+        )
+        chunks.append(model)
+    return chunks

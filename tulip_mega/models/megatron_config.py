@@ -41,16 +41,37 @@ def tower_config(cfg, tower: Tower) -> TransformerConfig:
 
 
 def pipeline_layout(cfg, tower: Tower):
-    """megatron's `pipeline_model_parallel_layout` for the tower's share of each stage under
-    `parallel.pipeline_split` (models/pipeline_split.py), or None for megatron's default split."""
+    """megatron's `pipeline_model_parallel_layout` for the tower's share of each stage (of each
+    chunk under `parallel.virtual_pipeline`) under `parallel.pipeline_split`
+    (models/pipeline_split.py), or None for megatron's default split. Under interleaving the
+    layout is what tells megatron the virtual size (`virtual_pipeline_model_parallel_size`) and
+    each chunk's layers and global layer offset."""
     from tulip_mega.models.pipeline_split import needs_layout, tower_layout, validate_split
 
     if cfg.parallel.pipeline_parallel == 1:
         return None
     split = validate_split(cfg)
-    if not needs_layout(split, cfg.model.vision.num_layers, cfg.model.text.num_layers):
+    virtual = cfg.parallel.virtual_pipeline
+    if not needs_layout(split, cfg.model.vision.num_layers, cfg.model.text.num_layers, virtual):
         return None
-    return tower_layout(split, tower)
+    return tower_layout(split, tower, virtual)
+
+
+def batch_p2p_comm(cfg) -> bool:
+    """Whether megatron batches each step's pipeline sends and receives into one
+    `batch_isend_irecv` (its default), which is wrong for interleaved stages at PP=2.
+
+    There a rank's previous and next pipeline rank are the same peer, and the interleaved
+    schedule's steady state sends an activation forward and a gradient backward in one batch:
+    megatron posts them as [send to prev (gradient), send to next (activation)] while the peer
+    posts [recv from prev (activation), recv from next (gradient)]; point-to-point messages
+    between two ranks match in posting order, and both tensors have the packed shape, so
+    activation and gradient arrive swapped without any error (measured with gloo: the loss
+    and every gradient differ from PP=1 from the first steady-state micro-batch on).
+    megatron's unbatched path (`_p2p_ops`) orders the operations by rank parity and sends one
+    direction over a second process group when the pipeline group has two ranks, so the two
+    messages cannot be confused; it is used in exactly that case."""
+    return not (cfg.parallel.virtual_pipeline > 1 and cfg.parallel.pipeline_parallel == 2)
 
 
 def decoder_config(cfg, which: DecoderName) -> TransformerConfig:
@@ -109,6 +130,7 @@ def _transformer_config(cfg, t, pipeline_parallel: int, recompute: bool, layout=
         pipeline_dtype=dtype,
         # On a CPU, megatron's batched p2p would call torch.cuda.synchronize().
         batch_p2p_sync=cuda,
+        batch_p2p_comm=batch_p2p_comm(cfg),
         # Precision
         params_dtype=dtype,
         bf16=dtype == torch.bfloat16,

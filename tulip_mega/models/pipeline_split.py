@@ -13,6 +13,14 @@ layers (models/tulip.py packs both towers' activations into one p2p tensor). A s
     decoders and the aug projectors;
   * an explicit list `[[v0, t0], [v1, t1], ...]`, one pair per stage.
 
+With interleaved virtual stages (`parallel.virtual_pipeline` = v > 1) every pipeline rank
+holds v model chunks and the split has one pair per chunk, PP x v pairs in megatron's order
+(virtual-chunk major: chunk 0 of ranks 0..PP-1, then chunk 1 of ranks 0..PP-1, ...), which is
+also the order the layers run in. `even` and `balanced` then split the layers over the PP x v
+chunks, the first chunk of rank 0 paying the embeddings and the last chunk of the last rank the
+heads and losses; every chunk must hold a layer of some tower. A layout is always set under
+interleaving (megatron's default would need PP x v to divide both towers).
+
 How megatron-core gets told: each tower is a megatron `TransformerBlock` with its own
 `TransformerConfig`, so each tower gets its own `pipeline_model_parallel_layout` (megatron-core
 >= 0.13's flexible layout, `PipelineParallelLayerLayout`): stage 0's row is
@@ -37,7 +45,8 @@ import functools
 from dataclasses import dataclass
 from typing import Optional
 
-from tulip_mega.config.pipeline_split import Split, check_recompute_fits, check_split_choice, even_split, show_split
+from tulip_mega.config.pipeline_split import (Split, check_recompute_fits, check_split_choice, even_split, num_chunks,
+                                              show_split)
 
 __all__ = ["Split", "even_split", "show_split"]  # re-exported: callers import the split from here
 
@@ -195,8 +204,10 @@ def balanced_split(costs: StageCosts, vision: int, text: int, stages: int) -> Sp
 
 
 def resolve_split(cfg, stages: Optional[int] = None) -> Split:
-    """The recipe's split as per-stage (vision, text) counts (`parallel.pipeline_split`)."""
-    stages = stages or cfg.parallel.pipeline_parallel
+    """The recipe's split as per-stage (vision, text) counts (`parallel.pipeline_split`); under
+    interleaving per chunk, PP x `parallel.virtual_pipeline` of them in megatron's order.
+    `stages` overrides that count (plan tries other layouts)."""
+    stages = stages or num_chunks(cfg)
     vision, text = cfg.model.vision.num_layers, cfg.model.text.num_layers
     choice = cfg.parallel.pipeline_split
     if choice == "even":
@@ -220,7 +231,8 @@ def validate_split(cfg) -> Split:
         split = resolve_split(cfg)
         empty = [i for i, (v, t) in enumerate(split) if v + t == 0]
         if empty:
-            raise ValueError(f"parallel.pipeline_split={show_split(split)}: stage {empty[0]} would hold no layer of "
+            what = "stage" if cfg.parallel.virtual_pipeline == 1 else "chunk"
+            raise ValueError(f"parallel.pipeline_split={show_split(split)}: {what} {empty[0]} would hold no layer of "
                              f"either tower")
         check_recompute_fits(cfg, split)
     except ValueError as e:
@@ -240,8 +252,11 @@ def tower_layout(split: Split, tower: str, virtual: int = 1) -> list[list[str]]:
     return rows
 
 
-def needs_layout(split: Split, vision: int, text: int) -> bool:
+def needs_layout(split: Split, vision: int, text: int, virtual: int = 1) -> bool:
     """False when the split is megatron's default (num_layers / PP of both towers per stage):
-    then no layout is set and the model is exactly what it was before splits existed."""
+    then no layout is set and the model is exactly what it was before splits existed. Always
+    True under interleaving (`virtual` > 1): the layout is how megatron learns the chunks."""
+    if virtual > 1:
+        return True
     stages = len(split)
     return not (vision % stages == 0 and text % stages == 0 and split == even_split(vision, text, stages))

@@ -168,17 +168,19 @@ def encoder_layer_spec(use_te: Optional[bool] = None, *, causal: bool = False) -
 
 
 def block_spec(
-    config: TransformerConfig, use_te: Optional[bool] = None, *, causal: bool = False
+    config: TransformerConfig, use_te: Optional[bool] = None, *, causal: bool = False,
+    vp_stage: Optional[int] = None,
 ) -> TransformerBlockSubmodules:
     """A tower's TransformerBlock spec: this pipeline stage's encoder layers and a final LayerNorm.
 
     causal=True (the caption decoder) makes every layer's self-attention causal. The layer count
-    comes from `config` and megatron's pipeline rank; a decoder config with
-    pipeline_model_parallel_size=1 (models/megatron_config.decoder_config) gets all its layers.
+    comes from `config` and megatron's pipeline rank (and `vp_stage`, the model chunk, under
+    interleaved virtual stages); a decoder config with pipeline_model_parallel_size=1
+    (models/megatron_config.decoder_config) gets all its layers.
     """
     if use_te is None:
         use_te = use_transformer_engine()
     return TransformerBlockSubmodules(
-        layer_specs=[encoder_layer_spec(use_te, causal=causal)] * get_num_layers_to_build(config),
+        layer_specs=[encoder_layer_spec(use_te, causal=causal)] * get_num_layers_to_build(config, vp_stage),
         layer_norm=final_norm_cls(use_te),
     )

@@ -56,7 +56,8 @@ def _view_major(x: torch.Tensor) -> torch.Tensor:
 
 
 class TulipModel(MegatronModule):
-    """One pipeline stage of the two-tower model (plus, on the last stage, the loss-stack heads).
+    """One pipeline stage of the two-tower model (plus, on the last stage, the loss-stack heads);
+    under interleaved virtual stages one model chunk (`vp_stage`) of a stage.
 
     forward(images [b,3,H,W], tokens [b,L], batch=None, mae_idx=None, streams=None) returns,
     on the last stage, a dict with L2-normalised float32 `image_emb` / `text_emb` [b, e] (view
@@ -78,6 +79,7 @@ class TulipModel(MegatronModule):
         post_process: bool = True,
         use_te: Optional[bool] = None,
         decoder_configs: Optional[dict[str, TransformerConfig]] = None,
+        vp_stage: Optional[int] = None,
     ) -> None:
         # The vision config doubles as the model's config for megatron's schedules/DDP.
         super().__init__(config=vision_config)
@@ -86,6 +88,9 @@ class TulipModel(MegatronModule):
         v, t = model_cfg.vision, model_cfg.text
         self.pre_process = pre_process
         self.post_process = post_process
+        # The model chunk (virtual stage) of this rank under interleaving, else None: megatron
+        # derives the chunk's layers and their global numbers (checkpoint keys) from it.
+        self.vp_stage = vp_stage
         self.text_config = text_config
         self.context_length = t.context_length
         self.train_streams = streams
@@ -101,10 +106,12 @@ class TulipModel(MegatronModule):
                 position_embedding_type="learned_absolute",
             )
         self.vision_block = TransformerBlock(
-            vision_config, block_spec(vision_config, use_te), pre_process=pre_process, post_process=post_process
+            vision_config, block_spec(vision_config, use_te, vp_stage=vp_stage), pre_process=pre_process,
+            post_process=post_process, vp_stage=vp_stage,
         )
         self.text_block = TransformerBlock(
-            text_config, block_spec(text_config, use_te), pre_process=pre_process, post_process=post_process
+            text_config, block_spec(text_config, use_te, vp_stage=vp_stage), pre_process=pre_process,
+            post_process=post_process, vp_stage=vp_stage,
         )
         if post_process:
             # SigLIP: the image embedding is the MAP output (width = vision hidden); the text

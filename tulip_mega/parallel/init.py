@@ -101,8 +101,13 @@ def init_parallel(
     seed: int,
     env: Optional[LaunchEnv] = None,
     timeout_minutes: float = 30.0,
+    virtual_pipeline: int = 1,
 ) -> LaunchEnv:
     """Create the default process group (if not yet there) and megatron's model-parallel groups.
+
+    `virtual_pipeline` > 1 (`parallel.virtual_pipeline`) records the interleaved virtual size in
+    megatron's parallel state, which is what makes `get_forward_backward_func()` return the
+    interleaved schedule; 1 leaves it unset (megatron's non-interleaved default).
 
     Seeds the model-parallel RNG tracker so TP ranks share (or differ in) dropout masks the
     way megatron expects.
@@ -127,6 +132,7 @@ def init_parallel(
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tensor_parallel,
         pipeline_model_parallel_size=pipeline_parallel,
+        virtual_pipeline_model_parallel_size=virtual_pipeline if virtual_pipeline > 1 else None,
     )
     torch.manual_seed(seed)
     mtp.model_parallel_cuda_manual_seed(seed)

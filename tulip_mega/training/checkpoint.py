@@ -86,13 +86,18 @@ def _set_rng_state(state: dict) -> None:
     get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-def _layout() -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+def _layout() -> tuple[tuple[int, ...], tuple[int, int, int]]:
+    """(PP, TP, DP[, virtual]) and this rank's (pp, tp, dp) ranks. The virtual size is recorded
+    only when interleaving (a rank's RNG state belongs to its layout, chunks included)."""
     ps = parallel_state
     shape = (
         ps.get_pipeline_model_parallel_world_size(),
         ps.get_tensor_model_parallel_world_size(),
         ps.get_data_parallel_world_size(),
     )
+    virtual = ps.get_virtual_pipeline_model_parallel_world_size()
+    if virtual is not None and virtual > 1:
+        shape = shape + (virtual,)
     offset = (
         ps.get_pipeline_model_parallel_rank(),
         ps.get_tensor_model_parallel_rank(),
@@ -106,14 +111,26 @@ def _unwrap(model):
     return getattr(model, "module", model)
 
 
+def _model_states(model) -> dict[str, dict]:
+    """The model's sharded state under megatron's names: `model`, or one `model<i>` per chunk
+    under interleaved virtual stages (a list of chunks). Only the grouping differs: every
+    tensor is stored under its global key (layers numbered globally by megatron from each
+    chunk's layout offset), so the files are the same for any PP x virtual layout and reshard."""
+    if isinstance(model, (list, tuple)):
+        return {f"model{i}": _unwrap(m).sharded_state_dict() for i, m in enumerate(model)}
+    return {"model": _unwrap(model).sharded_state_dict()}
+
+
 def _sharded_state(model, optimizer, scheduler, loader_state: Optional[dict], extra: dict, is_loading: bool) -> dict:
-    model_sd = _unwrap(model).sharded_state_dict()
+    models = _model_states(model)
     shape, offset = _layout()
     state: dict[str, Any] = {
-        "model": model_sd,
-        "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=is_loading),
+        **models,
+        # The optimizer finds each parameter's key in the model state, whatever the grouping.
+        "optimizer": optimizer.sharded_state_dict(models if len(models) > 1 else models["model"],
+                                                  is_loading=is_loading),
         "scheduler": scheduler.state_dict(),
-        "rng": ShardedObject("rng_state", _rng_state(), shape, offset, replica_id=0),
+        "rng": ShardedObject("rng_state", _rng_state(), shape[:3], offset, replica_id=0),
         **extra,
     }
     if loader_state is not None:
@@ -204,7 +221,11 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, loader_state: Optio
         if saved_layout[2] != shape[2]:
             state.pop("loader", None)  # the loader position is per data-parallel rank
     loaded = dist_checkpointing.load(state, str(path))
-    _unwrap(model).load_state_dict(loaded["model"])
+    if isinstance(model, (list, tuple)):
+        for i, chunk in enumerate(model):
+            _unwrap(chunk).load_state_dict(loaded[f"model{i}"])
+    else:
+        _unwrap(model).load_state_dict(loaded["model"])
     optimizer.load_state_dict(loaded["optimizer"])
     scheduler.load_state_dict(loaded["scheduler"])
     if "rng" in loaded:

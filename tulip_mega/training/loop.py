@@ -24,7 +24,7 @@ from megatron.core import parallel_state
 from tulip_mega.config import Config, save_config, validate_layout
 from tulip_mega.config.streams import Streams, input_streams
 from tulip_mega.convert.pretrained import load_pretrained
-from tulip_mega.models.build import build_model
+from tulip_mega.models.build import build_model_chunks
 from tulip_mega.models.pipeline_split import validate_split
 from tulip_mega.eval.runner import Evaluator, write_results
 from tulip_mega.models.specs import check_layer_support, use_transformer_engine
@@ -50,7 +50,7 @@ from tulip_mega.training.throughput import (
 )
 from tulip_mega.training.signals import PreemptionSignal
 from tulip_mega.training.optimizer import make_optimizer, make_scheduler
-from tulip_mega.training.step import TrainStep, wrap_ddp
+from tulip_mega.training.step import TrainStep, model_chunks, wrap_ddp
 
 log = logging.getLogger("tulip_mega")
 
@@ -96,7 +96,8 @@ def _start_run(cfg: Config, env: LaunchEnv) -> Path:
     the resolved config."""
     out_dir = run_dir(cfg)
     setup_logging(env.rank, debug_log=out_dir / DEBUG_LOG_NAME)
-    init_parallel(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel, cfg.run.seed, env)
+    init_parallel(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel, cfg.run.seed, env,
+                  virtual_pipeline=cfg.parallel.virtual_pipeline)
     if env.rank == 0:
         save_config(cfg, out_dir / "config.yaml")
     dist.barrier()
@@ -120,9 +121,11 @@ def _build(cfg: Config, dp_size: int) -> _Run:
     """The input streams (once), model stage, optimizer, scheduler, train step and loader."""
     streams = input_streams(cfg)
     use_te = use_transformer_engine(cfg.model.transformer_impl)
-    stage = build_model(cfg, use_te=use_te, streams=streams)
-    load_pretrained(stage, cfg.model)
-    model = wrap_ddp(stage, cfg)
+    chunks = build_model_chunks(cfg, use_te=use_te, streams=streams)
+    for chunk in chunks:
+        load_pretrained(chunk, cfg.model)
+    # One DDP model, or one per model chunk under interleaved virtual stages (parallel.virtual_pipeline).
+    model = wrap_ddp(chunks if cfg.parallel.virtual_pipeline > 1 else chunks[0], cfg)
     optimizer = make_optimizer(cfg, model)
     scheduler = make_scheduler(cfg, optimizer)
     num_micro = cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp_size)
@@ -137,13 +140,14 @@ def _log_startup_facts(cfg: Config, env: LaunchEnv, dp_size: int, run: _Run, out
     """One line per fact on rank 0 (other ranks log warnings only)."""
     par, tr = cfg.parallel, cfg.train
     num_micro = run.step_fn.num_microbatches
-    n_params = sum(p.numel() for p in run.model.parameters())
+    n_params = sum(p.numel() for chunk in model_chunks(run.model) for p in chunk.parameters())
     v, t = cfg.model.vision, cfg.model.text
     flops = count_flops(cfg, contrastive_batch_size(cfg, dp_size), streams=run.streams)
     cache = embedding_cache_flops(cfg, num_micro, run.streams)
     loader = type(run.loader).__name__ if run.loader is not None else "none on this rank"
     for line in (
-        f"layout: world {env.world_size} = TP {par.tensor_parallel} x PP {par.pipeline_parallel} x DP {dp_size}",
+        f"layout: world {env.world_size} = TP {par.tensor_parallel} x PP {par.pipeline_parallel} x DP {dp_size}"
+        + (f", {par.virtual_pipeline} interleaved virtual stages per PP rank" if par.virtual_pipeline > 1 else ""),
         f"batch: global {tr.global_batch_size} = micro {tr.micro_batch_size} x DP {dp_size} x {num_micro} micro-batches",
         contrastive_batch_line(cfg.loss.contrastive_batch, contrastive_batch_size(cfg, dp_size), num_micro, cache,
                                flops.training),

@@ -1,4 +1,4 @@
-"""`tulip-mega reshard CHECKPOINT --tp T --pp P OUT`: a checkpoint rewritten for another layout.
+"""`tulip-mega reshard CHECKPOINT --tp T --pp P [--virtual V] OUT`: a checkpoint rewritten for another layout.
 
 Why this is short: the torch_dist format stores every tensor under its global key with its
 global shape, so a checkpoint is not tied to the TP x PP that wrote it, and the trainer
@@ -11,7 +11,10 @@ This command does the same load once, on T x P local ranks (data-parallel size 1
 the result to OUT/step_<N> (+ OUT/latest): model, optimizer and scheduler state carried over,
 the recorded layout and per-rank RNG states being the new layout's. Use it to check in
 advance that a checkpoint loads under the new layout, or to hand someone a checkpoint whose
-metadata says the layout it will be resumed with. Run under torchrun (WORLD_SIZE = T x P)
+metadata says the layout it will be resumed with. Interleaved virtual stages are one more
+layout (`--virtual V`, `parallel.virtual_pipeline`): a checkpoint groups its model state per
+chunk (`model0`, `model1`, ...) but keys every tensor globally, so it converts to and from
+any other PP, split and virtual size the same way. Run under torchrun (WORLD_SIZE = T x P)
 it uses those processes; otherwise it spawns T x P gloo processes on this machine.
 """
 
@@ -24,7 +27,7 @@ from typing import Optional, Sequence
 from tulip_mega.convert.megatron_to_plain import ConversionError
 
 
-def reshard_config(checkpoint: Path, tp: int, pp: int, overrides: Sequence[str] = ()):
+def reshard_config(checkpoint: Path, tp: int, pp: int, overrides: Sequence[str] = (), virtual: int = 1):
     """The run's recipe (config.yaml beside the checkpoint when there is one) with the new layout."""
     from megatron.core import dist_checkpointing
 
@@ -36,7 +39,8 @@ def reshard_config(checkpoint: Path, tp: int, pp: int, overrides: Sequence[str] 
         raise ConversionError(f"{checkpoint} holds no model_config; was it saved by tulip-mega?")
     run_cfg = Path(checkpoint).resolve().parent.parent / "config.yaml"
     model_keys = [f"model.{tower}.{k}={v}" for tower in ("vision", "text") for k, v in mc[tower].items()]
-    layout = [f"parallel.tensor_parallel={tp}", f"parallel.pipeline_parallel={pp}", "model.init_from_hf=null", "model.init_from_open_clip=null"]
+    layout = [f"parallel.tensor_parallel={tp}", f"parallel.pipeline_parallel={pp}", f"parallel.virtual_pipeline={virtual}",
+              "model.init_from_hf=null", "model.init_from_open_clip=null"]
     if tp == 1:
         layout.append("parallel.sequence_parallel=false")
     return load_config(str(run_cfg) if run_cfg.is_file() else None, model_keys + list(overrides) + layout)
@@ -46,14 +50,16 @@ def _reshard_worker(cfg, checkpoint: str, out: str) -> str:
     import warnings
 
     warnings.filterwarnings("ignore")
-    from tulip_mega.models.build import build_model
+    from tulip_mega.models.build import build_model_chunks
     from tulip_mega.parallel.init import init_parallel
     from tulip_mega.training.checkpoint import load_checkpoint, model_shape, save_checkpoint
     from tulip_mega.training.optimizer import make_optimizer, make_scheduler
     from tulip_mega.training.step import wrap_ddp
 
-    init_parallel(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel, cfg.run.seed)
-    model = wrap_ddp(build_model(cfg), cfg)
+    init_parallel(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel, cfg.run.seed,
+                  virtual_pipeline=cfg.parallel.virtual_pipeline)
+    chunks = build_model_chunks(cfg)
+    model = wrap_ddp(chunks if cfg.parallel.virtual_pipeline > 1 else chunks[0], cfg)
     optimizer = make_optimizer(cfg, model)
     scheduler = make_scheduler(cfg, optimizer)
     restored = load_checkpoint(Path(checkpoint), model, optimizer, scheduler, None, model_shape(cfg))
@@ -62,12 +68,14 @@ def _reshard_worker(cfg, checkpoint: str, out: str) -> str:
     return str(path)
 
 
-def reshard(checkpoint, tp: int, pp: int, out, overrides: Sequence[str] = (), timeout: float = 1800.0) -> Path:
-    """Load CHECKPOINT under TP=tp x PP=pp (DP=1) and save it under OUT; returns OUT/step_<N>."""
+def reshard(checkpoint, tp: int, pp: int, out, overrides: Sequence[str] = (), timeout: float = 1800.0,
+            virtual: int = 1) -> Path:
+    """Load CHECKPOINT under TP=tp x PP=pp x `virtual` chunks per PP rank (DP=1) and save it
+    under OUT; returns OUT/step_<N>."""
     from tulip_mega.config import validate_layout
 
     checkpoint, out = Path(checkpoint), Path(out)
-    cfg = reshard_config(checkpoint, tp, pp, overrides)
+    cfg = reshard_config(checkpoint, tp, pp, overrides, virtual)
     world = tp * pp
     validate_layout(cfg, world)
     env_world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -80,9 +88,11 @@ def reshard(checkpoint, tp: int, pp: int, out, overrides: Sequence[str] = (), ti
     return Path(run_distributed(_reshard_worker, world, cfg, str(checkpoint), str(out), timeout=timeout)[0])
 
 
-def main(checkpoint: str, tp: int, pp: int, out: str, overrides: Optional[Sequence[str]] = None) -> int:
-    path = reshard(checkpoint, tp, pp, out, overrides or ())
-    print(f"resharded {checkpoint} to TP={tp} x PP={pp}: {path}")
+def main(checkpoint: str, tp: int, pp: int, out: str, overrides: Optional[Sequence[str]] = None,
+         virtual: int = 1) -> int:
+    path = reshard(checkpoint, tp, pp, out, overrides or (), virtual=virtual)
+    chunks = f" x {virtual} virtual" if virtual > 1 else ""
+    print(f"resharded {checkpoint} to TP={tp} x PP={pp}{chunks}: {path}")
     print(f"  continue training with: checkpoint.load={path} parallel.tensor_parallel={tp} "
-          f"parallel.pipeline_parallel={pp}")
+          f"parallel.pipeline_parallel={pp}" + (f" parallel.virtual_pipeline={virtual}" if virtual > 1 else ""))
     return 0

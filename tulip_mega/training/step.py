@@ -34,7 +34,7 @@ import math
 import os
 import zlib
 from functools import partial
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -70,24 +70,39 @@ class PipelineDataMismatch(TrainingHalted):
     exit_code = 5
 
 
-def wrap_ddp(model: TulipModel, cfg) -> DistributedDataParallel:
-    """megatron DDP: gradient buckets reduced over the data-parallel group (ZeRO-1 optional)."""
+Chunks = Union[DistributedDataParallel, list[DistributedDataParallel]]
+
+
+def wrap_ddp(model: Union[TulipModel, list[TulipModel]], cfg) -> Chunks:
+    """megatron DDP: gradient buckets reduced over the data-parallel group (ZeRO-1 optional).
+    A list of model chunks (interleaved virtual stages) gets one DDP wrapper per chunk, as
+    megatron's own trainer does; the optimizer and `finalize_model_grads` take the list."""
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
         use_distributed_optimizer=cfg.parallel.distributed_optimizer,
     )
+    if isinstance(model, list):
+        return [DistributedDataParallel(config=m.config, ddp_config=ddp_config, module=m) for m in model]
     return DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
+
+
+def model_chunks(model: Chunks) -> list:
+    """The model as a list of chunks: [model] without interleaving."""
+    return list(model) if isinstance(model, (list, tuple)) else [model]
 
 
 class ScheduledModel(torch.nn.Module):
     """The DDP model as megatron's schedule sees it: calls and attributes go to the DDP model,
-    except `config`, which is the step's schedule config (the model's config plus the hooks)."""
+    except `config`, which is the step's schedule config (the model's config plus the hooks),
+    and `chunk`, the index of this model chunk on its rank (0 without interleaving), which
+    tells the forward step which chunk the schedule is running."""
 
-    def __init__(self, model: DistributedDataParallel, config) -> None:
+    def __init__(self, model: DistributedDataParallel, config, chunk: int = 0) -> None:
         super().__init__()
         self.module = model
         self.config = config
+        self.chunk = chunk
 
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
@@ -102,14 +117,20 @@ class ScheduledModel(torch.nn.Module):
 class TrainStep:
     """Forward+backward over the micro-batches of one global batch, then a guarded optimizer step."""
 
-    def __init__(self, cfg, model: DistributedDataParallel, optimizer, scheduler, num_microbatches: int) -> None:
+    def __init__(self, cfg, model: Chunks, optimizer, scheduler, num_microbatches: int) -> None:
+        """`model`: this rank's DDP model, or under interleaved virtual stages the list of its
+        DDP model chunks in megatron's order (training/step.py: wrap_ddp)."""
         self.cfg = cfg
         self.model = model
+        self.chunks = model_chunks(model)
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.num_microbatches = num_microbatches
         self.micro_batch_size = cfg.train.micro_batch_size
-        self.module: TulipModel = model.module
+        self.modules: list[TulipModel] = [c.module for c in self.chunks]
+        # Every chunk of a rank runs the same streams, so any chunk gives the p2p shapes.
+        self.module: TulipModel = self.modules[0]
+        self.interleaved = len(self.chunks) > 1
         # Optimizer steps done so far, skipped ones included (the loop sets it after a resume);
         # per-step randomness that must be identical on every rank and layout (the MAE mask)
         # is keyed by it.
@@ -121,6 +142,13 @@ class TrainStep:
         self.loss = TulipLossStack(
             cfg, self.streams, group=parallel_state.get_data_parallel_group(), pad_id=_pad_id(cfg)
         )
+        # Which chunk reads the host batches: the first chunk of the first stage (it embeds),
+        # or the last chunk of the last stage when a loss needs targets. With PP > 1 those are
+        # on different ranks, so at most one chunk per rank reads.
+        readers = [i for i, m in enumerate(self.modules) if self._chunk_reads(m)]
+        if len(readers) > 1:
+            raise RuntimeError(f"model chunks {readers} of this rank would all read batches; one reader per rank")
+        self._reader = readers[0] if readers else None
         # The embedding cache is needed only when a step has several micro-batches: with one,
         # the micro-step's contrastive batch already is the global batch.
         self.global_contrastive = uses_embedding_cache(cfg, num_microbatches)
@@ -132,11 +160,12 @@ class TrainStep:
         # megatron's schedule reads its hooks (gradient finalisation, no_sync, loss scaling) from
         # the config of the model it runs. They go on a copy carried by a view of the DDP model,
         # so the model's own TransformerConfig (shared by all its layers) is never edited.
-        schedule_config = copy.copy(model.config)
+        schedule_config = copy.copy(self.chunks[0].config)
         schedule_config.finalize_model_grads_func = finalize_model_grads
-        schedule_config.no_sync_func = model.no_sync
+        # The interleaved schedule enters every chunk's no_sync when given a list.
+        schedule_config.no_sync_func = [c.no_sync for c in self.chunks] if self.interleaved else model.no_sync
         schedule_config.grad_scale_func = optimizer.scale_loss
-        self._scheduled = ScheduledModel(model, schedule_config)
+        self._scheduled = [ScheduledModel(c, schedule_config, i) for i, c in enumerate(self.chunks)]
         self.packed_shape = self.module.packed_shape(self.micro_batch_size, self.streams)
         self.cache_packed_shape = self.module.packed_shape(self.micro_batch_size, self.cache_streams)
         if self.pp > 1:
@@ -146,19 +175,27 @@ class TrainStep:
         self._batches: list[Batch] = []
         self._keys: list[list[str]] = []
         self._replay = False
-        self._micro = 0
+        # Forwards run in micro-batch order within each chunk, but the interleaved schedule
+        # alternates between chunks: one counter per chunk.
+        self._micro = [0] * len(self.chunks)
         self._cache_grads: list[dict[str, torch.Tensor]] = []
+
+    def _chunk_reads(self, module: TulipModel) -> bool:
+        """Whether this model chunk needs the host batch: it embeds, or it computes a loss
+        that needs targets or GeCo masks."""
+        return module.pre_process or (module.post_process and self.loss.needs_batch)
 
     @property
     def needs_input(self) -> bool:
         """The stage that embeds the inputs reads batches, and so does the last stage when a
         loss needs targets or GeCo validity masks (both read the same batches of their DP rank)."""
-        return self.module.pre_process or (self.module.post_process and self.loss.needs_batch)
+        return self._reader is not None
 
     # --- megatron callbacks -------------------------------------------------------------
-    def _next_batch(self, data_iterator: Optional[Iterator], m: int) -> Optional[Batch]:
-        """Micro-batch m's host batch: read (first pass) or replayed (second pass)."""
-        if not self.needs_input:
+    def _next_batch(self, data_iterator: Optional[Iterator], m: int, chunk: int = 0) -> Optional[Batch]:
+        """Micro-batch m's host batch for model chunk `chunk`: read (first pass) or replayed
+        (second pass); None for a chunk that reads nothing."""
+        if chunk != self._reader:
             return None
         if self._replay:
             return self._batches[m]
@@ -169,9 +206,10 @@ class TrainStep:
         return batch
 
     def _forward_step(self, data_iterator: Iterator, model, cache: bool = False) -> tuple[Any, Callable]:
-        micro = self._micro  # the schedule runs the forwards in micro-batch order on every stage
-        self._micro += 1
-        host = self._next_batch(data_iterator, micro)
+        chunk = model.chunk
+        micro = self._micro[chunk]  # the schedule runs each chunk's forwards in micro-batch order
+        self._micro[chunk] += 1
+        host = self._next_batch(data_iterator, micro, chunk)
         batch = images = tokens = mae_idx = None
         streams = self.cache_streams if cache else self.streams
         if host is not None:
@@ -219,12 +257,15 @@ class TrainStep:
         return total
 
     def _run_schedule(self, data_iterator, forward_step, shape, forward_only: bool) -> list:
-        # The packed activations take megatron's default p2p shape (models/packing.py).
-        self._micro = 0
+        # The packed activations take megatron's default p2p shape (models/packing.py), which
+        # the interleaved schedule requires (it refuses adjust_tensor_shapes_fn).
+        self._micro = [0] * len(self.chunks)
+        if self.interleaved:  # one iterator per chunk; only the reading chunk calls next()
+            data_iterator = [data_iterator] * len(self.chunks)
         return self._schedule(
             forward_step_func=forward_step,
             data_iterator=data_iterator,
-            model=[self._scheduled],
+            model=self._scheduled,
             num_microbatches=self.num_microbatches,
             seq_length=self.module.schedule_seq_length(shape),
             micro_batch_size=self.micro_batch_size,
@@ -271,7 +312,8 @@ class TrainStep:
     def forward_backward(self, data_iterator: Optional[Iterator]) -> dict[str, float]:
         """Gradients of one global batch into the DDP buffers (not applied); returns the loss
         and every term, reduced so that every rank holds the global values."""
-        self.model.zero_grad_buffer()
+        for chunk in self.chunks:
+            chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         self._batches, self._keys, self._replay = [], [], False
         contrastive = {}
