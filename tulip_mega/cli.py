@@ -18,14 +18,9 @@ def _cmd_data_synth(args: argparse.Namespace) -> int:
     else:
         from dataloaders.synthetic import write_shapes_dataset as write
 
-    info = write(
-        args.out,
-        num_train=args.num_train,
-        num_val=args.num_val,
-        samples_per_shard=args.samples_per_shard,
-        image_size=args.image_size,
-        seed=args.seed,
-    )
+    # Unset sizes take each writer's own defaults (shapes: the quickstart's 8 x 1024 samples).
+    sizes = {k: getattr(args, k) for k in ("num_train", "num_val", "samples_per_shard") if getattr(args, k) is not None}
+    info = write(args.out, image_size=args.image_size, seed=args.seed, **sizes)
     print(f"wrote {len(info['train_shards'])} train and {len(info['val_shards'])} val shards to {args.out}")
     print(f"  train: {info['train_spec']}")
     print(f"  val:   {info['val_spec']}")
@@ -260,9 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="shapes: one coloured shape per image, classes.json for zero-shot; scenes: counts, "
                             "relative positions, sizes and colour binding with one-attribute hard negatives, "
                             "scenes.json for tulip_mega/eval/scenes.py (benchmarks/quality.py)")
-    synth.add_argument("--num-train", type=int, default=2048)
-    synth.add_argument("--num-val", type=int, default=256)
-    synth.add_argument("--samples-per-shard", type=int, default=256)
+    synth.add_argument("--num-train", type=int, default=None, help="default: shapes 8192, scenes 4096")
+    synth.add_argument("--num-val", type=int, default=None, help="default: shapes 256, scenes 512")
+    synth.add_argument("--samples-per-shard", type=int, default=None, help="default: shapes 1024, scenes 256")
     synth.add_argument("--image-size", type=int, default=64)
     synth.add_argument("--seed", type=int, default=0)
     synth.set_defaults(func=_cmd_data_synth)
