@@ -7,9 +7,10 @@ evaluates every final checkpoint with tulip_mega/eval/scenes.py (zero-shot per a
 MMVP-style pairs, linear probes) and prints one table: every metric as mean +/- std over seeds,
 its chance level, and each recipe's mean as a ratio to SigLIP's.
 
-The recipes are read at run time: only data paths, seed, steps, the layout, the run folder and
-eval/checkpoint plumbing are overridden (and the warm-up, only when --steps is below it), so a
-change to a recipe's learning settings shows up here.
+The recipes are read at run time: only data paths, seed, steps, the batch (the same for every
+recipe: 32 pairs in micro-batches of 8, so equal steps are equal samples), the layout, the run
+folder and eval/checkpoint plumbing are overridden (and the warm-up, only when --steps is below
+it), so a change to a recipe's other learning settings shows up here.
 
     python benchmarks/quality.py                 # 3 seeds x 3 recipes x 100 steps (16 min on 2 shared cores)
     python benchmarks/quality.py --quick         # CI smoke run: 1 seed, 8 steps, small data
@@ -38,6 +39,9 @@ ROOT = Path(__file__).resolve().parent.parent
 RECIPES = {"siglip": "recipes/tiny_cpu.yaml", "clip_rocket": "recipes/clip_rocket_tiny_cpu.yaml",
            "tulip": "recipes/tiny_tulip_cpu.yaml"}
 BASELINE = "siglip"
+# Every recipe trains on the same number of samples per step (the tiny TULIP / clip-rocket
+# recipes' batch; the quickstart's tiny_cpu uses 64).
+EQUAL_BATCH = ("train.global_batch_size=32", "train.micro_batch_size=8")
 
 
 def make_data(out: Path, num_train: int, num_val: int, seed: int = 0) -> Path:
@@ -69,7 +73,7 @@ def train_run(recipe: str, data: Path, run_dir: Path, seed: int, steps: int) -> 
     overrides = [
         "parallel.tensor_parallel=1", "parallel.pipeline_parallel=1",
         f"data.train_shards={data}/train-*.tar", f"data.tokenizer={data}/tokenizer.model",
-        f"run.seed={seed}", f"train.steps={steps}",
+        f"run.seed={seed}", f"train.steps={steps}", *EQUAL_BATCH,
         f"run.output_dir={run_dir.parent}", f"run.name={run_dir.name}",
         "eval.interval=0", "eval.zeroshot_shards=null", "eval.retrieval_shards=null",
         "eval.linear_probe_shards=null", "eval.linear_probe_val_shards=null",

@@ -28,6 +28,21 @@ def shapes_data(tmp_path_factory) -> dict:
     return {"train": info["train_spec"], "tokenizer": tok}
 
 
+@pytest.fixture(scope="session")
+def quickstart_data(tmp_path_factory) -> dict:
+    """What scripts/quickstart.sh trains on: `tulip-mega data synth` and `tulip-mega tokenizer
+    train` with their defaults (8 x 1024 train samples at 64 px, 256 val, classes.json)."""
+    from dataloaders.synthetic import write_shapes_dataset
+    from dataloaders.tokenizer import train_tokenizer_from_shards
+    from tulip_mega.cli import build_parser
+
+    out = tmp_path_factory.mktemp("quickstart_shapes")
+    info = write_shapes_dataset(str(out))
+    vocab = build_parser().parse_args(["tokenizer", "train", "--data", "x", "--out", "y"]).vocab_size
+    tok = train_tokenizer_from_shards(info["train_spec"], str(out / "tokenizer"), vocab_size=vocab)
+    return {"train": info["train_spec"], "val": info["val_spec"], "tokenizer": tok, "dir": out}
+
+
 @pytest.fixture()
 def small_shards(tmp_path) -> str:
     """3 shards x 6 samples of 16 px shapes, with the generator's pos/neg jpg and json negatives

@@ -59,9 +59,11 @@ def test_tiny_cpu_recipe():
     cfg = load_config(TINY)
     assert cfg.run.name == "tiny_cpu"
     assert (cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel) == (2, 2)
-    assert (cfg.train.steps, cfg.train.global_batch_size, cfg.train.micro_batch_size) == (200, 32, 8)
-    assert cfg.optim.lr == pytest.approx(3e-3) and cfg.optim.warmup_steps == 20
-    assert cfg.checkpoint.interval == 100
+    assert (cfg.train.steps, cfg.train.global_batch_size, cfg.train.micro_batch_size) == (400, 64, 16)
+    assert cfg.optim.lr == pytest.approx(2e-3) and cfg.optim.warmup_steps == 20
+    assert cfg.checkpoint.interval == 200
+    # Set for this scale (issue #14): init and logit scale/bias for a width-64, 64-pair model.
+    assert (cfg.model.init_std, cfg.model.temperature_init, cfg.model.bias_init) == (0.1, 30.0, -8.0)
     assert cfg.data.train_shards == Config().data.train_shards
     _model_fields_concrete(cfg)
     assert validate_layout(cfg, 4) == 1

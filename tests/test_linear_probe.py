@@ -168,4 +168,4 @@ def test_eval_linear_probe_at_pp2_equals_probe_on_plain_features(shapes_data, tm
     assert abs(got["holdout_top1"] - ref["holdout_top1"]) <= 1 / n_hold + 1e-9
     w, b = fit_logistic(tx, ty, len(labels.names), got["l2"])
     assert abs(got["top1"] - top1(w, b, vx, vy)) <= 2 / len(vy) + 1e-9
-    assert got["top1"] > 3 / len(labels.names)  # the background colour is linearly readable
+    assert got["top1"] > 2 / len(labels.names)  # the background colour is linearly readable (3 neutral ones)

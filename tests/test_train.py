@@ -75,16 +75,16 @@ def test_tiny_recipe_learns_and_resumes_exactly(shapes_data, tmp_path):
     for key in ("loss", "loss/image_text", "lr", "grad_norm", "samples_per_sec", "logit_scale", "logit_bias"):
         assert key in metrics[-1], key
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
-    # The contrastive batch is the global batch (32 pairs, loss.contrastive_batch=global). In 60
-    # steps the debug model reaches (not yet passes) the loss of a model that gives every pair the
-    # same logit, min_z -log s(z) - 31 log s(-z) = 4.45 (DESIGN: tiny sigmoid models sit there).
+    # The contrastive batch is the global batch (64 pairs, loss.contrastive_batch=global). A model
+    # that gives every pair the same logit has loss min_z -log s(z) - 63 log s(-z) = 5.15; the
+    # trainer reports it beside the term (chance/image_text, losses/chance.py), and in 60 steps
+    # the recipe's model gets well below it (issue #14: it used to sit there).
     z = torch.linspace(-10, 10, 200001, dtype=torch.float64)
-    plateau = (-torch.nn.functional.logsigmoid(z) - 31 * torch.nn.functional.logsigmoid(-z)).min().item()
-    assert plateau == pytest.approx(4.45, abs=0.01)
-    # ... which the trainer reports beside the term (chance/image_text, losses/chance.py).
+    plateau = (-torch.nn.functional.logsigmoid(z) - 63 * torch.nn.functional.logsigmoid(-z)).min().item()
+    assert plateau == pytest.approx(5.15, abs=0.01)
     assert all(m["chance/image_text"] == pytest.approx(plateau, rel=1e-6) for m in metrics)
-    assert first > 1.3 * plateau and last < 1.01 * plateau, (
-        f"loss did not fall to the constant-logit level {plateau:.3f}: first-10 mean {first:.3f}, last-10 {last:.3f}")
+    assert first > 1.3 * plateau and last < 0.9 * plateau, (
+        f"loss did not fall below the constant-logit level {plateau:.3f}: first-10 mean {first:.3f}, last-10 {last:.3f}")
 
     # Stopped after step 30, restarted from that checkpoint in a fresh run folder.
     step30 = tmp_path / "full" / "checkpoints" / "step_0000030"
