@@ -272,7 +272,7 @@ def test_fp8_recipe_loads_anywhere():
 
 
 def test_validate_layout():
-    cfg = load_config(TINY)  # TP 2 x PP 2, global 32, micro 8
+    cfg = load_config(TINY, ["train.global_batch_size=32", "train.micro_batch_size=8"])  # TP 2 x PP 2
     assert validate_layout(cfg, 8) == data_parallel_size(cfg, 8) == 2
     with pytest.raises(ConfigError, match=r"world size 6 is not divisible by parallel.tensor_parallel=2 x "
                                           r"parallel.pipeline_parallel=2 \(= 4\)"):
@@ -280,7 +280,7 @@ def test_validate_layout():
     with pytest.raises(ConfigError, match=r"train.global_batch_size=32 is not divisible by "
                                           r"train.micro_batch_size=8 x data-parallel size 8 \(= 64"):
         validate_layout(cfg, 32)
-    cfg12 = load_config(TINY, ["train.global_batch_size=24"])
+    cfg12 = load_config(TINY, ["train.global_batch_size=24", "train.micro_batch_size=8"])
     with pytest.raises(ConfigError, match="global_batch_size=24 is not divisible"):
         validate_layout(cfg12, 8)
 
