@@ -59,6 +59,12 @@ class Inspected:
     negatives: Optional[np.ndarray] = None  # int64 [N, L]
     negative_valid: Optional[np.ndarray] = None  # bool [N]
 
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        # Positional fields: unpickles in about half the time of the default (state dict), and
+        # the loader thread unpickles one per sample that a reader worker sends.
+        return Inspected, (self.caption, self.width, self.height, self.tokens, self.has_pos, self.has_neg,
+                           self.paraphrases, self.paraphrase_valid, self.negatives, self.negative_valid)
+
 
 @dataclass
 class HostSample:
