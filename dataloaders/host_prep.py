@@ -232,4 +232,7 @@ class HostPrep:
     def prepare(self, entries: list[Entry]) -> list[Result]:
         """One result per entry, in order, all computed here (``infos``, ``draw``, ``assemble``)."""
         infos = self.infos(entries)
+        if not self.draws_anything:  # what draw() gives then, without building its requests
+            return [HostSample(info=info, params=self._plain, eda_tokens=None) if isinstance(info, Inspected) else info
+                    for info in infos]
         return self.assemble(infos, self.draw(self.requests(entries, infos)))
