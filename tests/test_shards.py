@@ -2,8 +2,9 @@
 
 ``iter_samples`` must give exactly what ``shards._iter_tarfile`` gives (samples, their field
 order, offsets, partial last samples, ShardReadError messages) on every shard: the shipped
-synthetic ones, shards cut or garbled at many places, and headers the lean reader hands to
-tarfile (pax long and non-ASCII names, GNU long names, ustar name prefixes, links, gzip).
+synthetic ones, shards cut or garbled at many places, headers the lean reader has tarfile parse
+one at a time (pax long and non-ASCII names, GNU long names, ustar name prefixes, links) and
+shards it leaves to tarfile as a whole (gzip, a pax global header).
 """
 
 from __future__ import annotations
@@ -134,15 +135,33 @@ def test_unusual_headers_equal(tmp_path) -> None:
             info.size = 3
             tf.addfile(info, io.BytesIO(b"abc"))
         paths.append(path)
-    gz = str(tmp_path / "gz.tar")
-    with open(paths[0], "rb") as f, open(gz, "wb") as g:
-        g.write(gzip.compress(f.read()))
-    paths.append(gz)
-    for path in paths:
-        assert not _lean_reads_all(path)  # each has something the lean reader leaves to tarfile
+    for path in paths:  # tarfile parses those headers one by one, the lean reader the rest
+        assert _lean_reads_all(path), path
         want = _same(path)
         assert all(x[0] != "error" for x in want), path
     assert [s["__key__"] for _, s in _read(iter_samples, paths[0], False)] == keys
+    gz = str(tmp_path / "gz.tar")
+    with open(paths[0], "rb") as f, open(gz, "wb") as g:
+        g.write(gzip.compress(f.read()))
+    glob_pax = str(tmp_path / "global.tar")  # a pax global header applies to every later member
+    with tarfile.open(glob_pax, "w", format=tarfile.PAX_FORMAT, pax_headers={"comment": "x"}) as tf:
+        for ext in ("jpg", "txt"):
+            info = tarfile.TarInfo(f"k.{ext}")
+            info.size = 4
+            tf.addfile(info, io.BytesIO(b"abcd"))
+    for path, count in ((gz, len(keys)), (glob_pax, 1)):  # left to tarfile as a whole
+        assert not _lean_reads_all(path), path
+        want = _same(path)
+        assert len(want) == count and all(x[0] != "error" for x in want), path
+    # a long name whose pax header is cut or garbled: tarfile's verdict either way
+    data = open(paths[0], "rb").read()
+    with tarfile.open(paths[0]) as tf:
+        m = tf.getmember(long_key + ".jpg")
+    for name, patched in (("cut-pax", data[: m.offset + 700]), ("bad-pax", data[: m.offset + 3] + b"?" + data[m.offset + 4:])):
+        bad = str(tmp_path / f"{name}.tar")
+        with open(bad, "wb") as f:
+            f.write(patched)
+        assert _same(bad)[-1][0] == "error", name
 
 
 def test_directories_and_trailing_data_equal(tmp_path) -> None:
