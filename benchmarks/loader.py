@@ -14,7 +14,9 @@ DALI loader decodes with device="mixed" and a second line reports it.
 view parameters, EDA, tokenising; no decode) for the plain SigLIP, clip-rocket and full TULIP
 sample sets with 0 (in the loader thread), 1 and 2 reader worker processes, all in one run:
 samples/s per rank, samples per CPU-second (loader + workers: the "host rate" that
-``tulip-mega plan --host-samples-per-core`` takes), and the ratio to the same run's 0-worker figure.
+``tulip-mega plan --host-samples-per-core`` takes), the ratios to the same run's 0- and 1-worker
+figures, and the CPU microseconds per sample of the loader process and of the workers (of the
+fastest round).
 
     python benchmarks/loader.py --host-only --image-size 32 --samples 4096 --samples-per-shard 1024
 """
@@ -118,26 +120,28 @@ SAMPLE_SETS = {  # what each recipe family asks of the host per sample (shapes s
 }
 
 
-def _cpu_seconds(dl: DaliLoader) -> float:
-    """CPU time of this process plus its reader workers (not its children under forkserver)."""
+def _cpu_seconds(dl: DaliLoader) -> tuple[float, float]:
+    """CPU time of this process (the loader thread and its helpers) and of its reader workers
+    (not its children under forkserver, so read from /proc)."""
     me = resource.getrusage(resource.RUSAGE_SELF)
-    return me.ru_utime + me.ru_stime + (dl._pool.cpu_seconds() if dl._pool is not None else 0.0)
+    return me.ru_utime + me.ru_stime, (dl._pool.cpu_seconds() if dl._pool is not None else 0.0)
 
 
 def host_rate(shards: list[str], tok: Tokenizer, plan: ViewPlan, workers: int, samples: int,
-              batch_size: int) -> tuple[float, float]:
-    """(samples/s, samples per CPU-second) of ``DaliLoader.host_stream``: every host result,
-    no decode. Timed from the first result on (worker start-up excluded); CPU time is this
-    process's plus the workers'."""
+              batch_size: int) -> tuple[float, float, float, float]:
+    """(samples/s, samples per CPU-second, loader-process and worker CPU microseconds per
+    sample) of ``DaliLoader.host_stream``: every host result, no decode. Timed from the first
+    result on (worker start-up excluded); CPU time is this process's plus the workers'."""
     dl = DaliLoader(shards, batch_size, plan, tok, gpu=False, shuffle_buffer=256, reader_workers=workers)
     stream = dl.host_stream()
     next(stream)
-    cpu, t = _cpu_seconds(dl), time.perf_counter()
+    (me, pool), t = _cpu_seconds(dl), time.perf_counter()
     n = sum(1 for (_, _, item), _ in itertools.islice(stream, samples) if item is not None)
     wall = time.perf_counter() - t
-    used = _cpu_seconds(dl) - cpu
+    me_end, pool_end = _cpu_seconds(dl)
     stream.close()
-    return n / wall, n / used
+    me, pool = me_end - me, pool_end - pool
+    return n / wall, n / (me + pool), me / n * 1e6, pool / n * 1e6
 
 
 def host_only(args: argparse.Namespace, shards: list[str], tok: Tokenizer) -> None:
@@ -145,19 +149,25 @@ def host_only(args: argparse.Namespace, shards: list[str], tok: Tokenizer) -> No
     load = os.getloadavg()
     print(f"host path only (no decode), {args.samples} samples per figure, best of {args.rounds}; "
           f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; {os.cpu_count()} CPUs")
-    print(f"{'sample set':<12} {'workers':>7} {'samples/s':>10} {'per CPU-s':>10} {'vs 0 workers':>13}")
+    print(f"{'sample set':<12} {'workers':>7} {'samples/s':>10} {'per CPU-s':>10} {'vs 0 workers':>13} "
+          f"{'vs 1 worker':>12} {'loader us':>10} {'workers us':>11}")
     for name, extra in SAMPLE_SETS.items():
         plan = ViewPlan(image_size=args.image_size, **extra)
-        best: dict[int, tuple[float, float]] = {}
+        best: dict[int, tuple[float, float, float, float]] = {}
         for _ in range(args.rounds):  # alternate the worker counts: load hits them alike
             for w in workers:
-                rate, per_cpu = host_rate(shards, tok, plan, w, args.samples, args.batch_size)
-                if rate > best.get(w, (0.0, 0.0))[0]:
-                    best[w] = (rate, per_cpu)
+                got = host_rate(shards, tok, plan, w, args.samples, args.batch_size)
+                if got[0] > best.get(w, (0.0,))[0]:
+                    best[w] = got
         base = best[workers[0]][0]
+        one = best[1][0] if 1 in best else None
         for w in workers:
-            rate, per_cpu = best[w]
-            print(f"{name:<12} {w:>7} {rate:>10.0f} {per_cpu:>10.0f} {rate / base:>12.2f}x")
+            rate, per_cpu, me_us, pool_us = best[w]
+            vs_one = f"{rate / one:>11.2f}x" if one and w >= 1 else f"{'':>12}"
+            print(f"{name:<12} {w:>7} {rate:>10.0f} {per_cpu:>10.0f} {rate / base:>12.2f}x {vs_one} "
+                  f"{me_us:>10.1f} {pool_us:>11.1f}")
+    load = os.getloadavg()
+    print(f"load average at the end {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
 
 
 def main() -> None:

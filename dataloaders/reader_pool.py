@@ -1,11 +1,13 @@
 """Reader worker processes: read and inspect whole shards ahead, hand samples back in order.
 
 Why processes, and why by shard: the host work per sample is Python holding the GIL (threads
-do not scale it), and the largest part of it is parsing the tar itself (tarfile's header
-parsing and checksums: about 80% of the loader thread's time once the rest moved out). So a
+do not scale it), and a large part of it is reading the tar itself (with tarfile that was
+about 80% of the loader thread's time once the rest moved out; ``shards``' lean reader cut it
+from ~100 to ~20 us per sample, after which the JPEG header read is the largest part). So a
 worker takes whole shards: it reads one with ``shards.iter_samples`` (the same reader, so the
 same samples, the same partial last sample and the same damage message), runs
-``HostPrep.record`` on chunks of it (JSON, JPEG header, tokenising) and sends the records back.
+``HostPrep.record`` on chunks of it (JSON, JPEG header, tokenising) and sends the records back,
+one message per chunk with the chunk's caption tokens as one array (``_pack``).
 Shard k of the read order goes to worker ``k % W`` and is read back from that worker's own FIFO
 queue, so the loader sees exactly the item sequence a sequential read gives, whatever W is.
 The shuffle buffer stays in the loader (its order depends on every item before it); once it
@@ -39,7 +41,9 @@ from collections import deque
 from collections.abc import Iterator
 from typing import Any
 
-from dataloaders.host_prep import Drawn, HostPrep, Request
+import numpy as np
+
+from dataloaders.host_prep import HOST, Drawn, HostPrep, Inspected, Request
 from dataloaders.shards import ShardReadError, iter_samples
 from dataloaders.simple_loader import _Damage
 
@@ -76,19 +80,45 @@ def _put(outbox: Any, msg: Any, parent: int) -> bool:
                 return False
 
 
+def _pack(records: list[Any]) -> tuple[list[Any], np.ndarray | None]:
+    """One chunk's records as one message: the caption token rows of its good samples as one
+    [n, L] array instead of one small array per sample (unpickling those was the largest part
+    of the loader thread's per-sample cost). The records are this worker's own, about to go."""
+    infos = [r[HOST] for r in records if isinstance(r, dict) and isinstance(r.get(HOST), Inspected)]
+    if not infos:
+        return records, None
+    tokens = np.stack([info.tokens for info in infos])  # [n, L]
+    for info in infos:
+        info.tokens = None
+    return records, tokens
+
+
+def _unpack(payload: tuple[list[Any], np.ndarray | None]) -> list[Any]:
+    """``_pack`` undone in the loader: each good sample's tokens are its row of the array."""
+    records, tokens = payload
+    if tokens is not None:
+        rows = iter(tokens)
+        for r in records:
+            if isinstance(r, dict):
+                info = r.get(HOST)
+                if isinstance(info, Inspected):
+                    info.tokens = next(rows)
+    return records
+
+
 def _read(prep: HostPrep, shard: str, chunk_size: int, outbox: Any, parent: int) -> bool:
     chunk: list[Any] = []
     try:
         for item in iter_samples(shard, offsets=True):
             chunk.append(item)
             if len(chunk) == chunk_size:
-                if not _put(outbox, ("items", prep.record(chunk)), parent):
+                if not _put(outbox, ("items", _pack(prep.record(chunk))), parent):
                     return False
                 chunk = []
     except ShardReadError as e:  # exactly what SimpleLoader._raw does in-process
         chunk = prep.record(chunk) + [_Damage(shard, str(e))]
-        return _put(outbox, ("items", chunk), parent) and _put(outbox, ("end", None), parent)
-    if chunk and not _put(outbox, ("items", prep.record(chunk)), parent):
+        return _put(outbox, ("items", _pack(chunk)), parent) and _put(outbox, ("end", None), parent)
+    if chunk and not _put(outbox, ("items", _pack(prep.record(chunk))), parent):
         return False
     return _put(outbox, ("end", None), parent)
 
@@ -241,7 +271,7 @@ class ReaderPool:
                 kind, payload = self._get(w, shard)
                 if kind == "end":
                     break
-                yield from payload
+                yield from _unpack(payload)
             self._reading[w].popleft()
             self._received += 1
         self._broken = False

@@ -181,7 +181,180 @@ def iter_samples(path: str, offsets: bool = False) -> Iterator[dict[str, Any]]:
     ``offsets=True`` adds ``"__offsets__": {ext: (byte offset, size)}`` for each file read intact
     of an uncompressed tar, so a file can be read again later with ``os.pread`` (the DALI
     loader's reader workers send offsets instead of image bytes between processes).
+
+    Uncompressed shards are read by ``_iter_lean`` (about 5x less CPU than tarfile: plain
+    headers parsed with one regex each, the rare others by tarfile one member at a time). Any
+    damage, and anything else it does not handle, hands the shard to ``_iter_tarfile``, which
+    re-reads it and continues after the samples already yielded, so samples, partial samples
+    and error messages are tarfile's in every case.
     """
+    path = os.fspath(path)
+    yielded = 0
+    try:
+        for sample in _iter_lean(path, offsets):
+            yield sample
+            yielded += 1
+        return
+    except (_Unusual, OSError):
+        pass
+    samples = _iter_tarfile(path, offsets)
+    for _ in range(yielded):  # the lean reader got these from the same bytes
+        next(samples)
+    yield from samples
+
+
+class _Unusual(Exception):
+    """``_iter_lean`` met something it leaves to tarfile (damage, global pax headers, compression)."""
+
+
+_WINDOW = 1 << 22  # bytes read at a time by the lean reader
+_BATCH = 256  # headers whose checksums are checked at once
+_ZERO_BLOCK = bytes(_BLOCK)
+_OCT = rb"(?:[0-7]{%d}[\0 ]|[0-7]{%d} \0|[0-7]{%d})"
+# Bytes 100-156 of a header as tarfile and GNU tar write them for a regular file or directory:
+# mode, uid, gid, size, mtime, chksum (octal, NUL or space ended), then the type flag.
+_HEADER = re.compile(b"".join((
+    _OCT % (7, 6, 8), _OCT % (7, 6, 8), _OCT % (7, 6, 8), b"(" + _OCT % (11, 10, 12) + b")",
+    _OCT % (11, 10, 12), b"(" + _OCT % (7, 6, 8) + rb"|[0-7]{6}\0 )", rb"([0\x005])",
+)))
+_DEVICES = re.compile(b"(?:" + _OCT % (7, 6, 8) + rb"|\0{8}){2}")  # devmajor, devminor
+
+
+def _octal(field: bytes) -> int:
+    return int(field.split(b"\0", 1)[0].strip() or b"0", 8)  # tarfile's nti for these forms
+
+
+def _iter_lean(path: str, offsets: bool) -> Iterator[dict[str, Any]]:
+    """``iter_samples`` for uncompressed tars, parsing plain headers with one regex each.
+
+    A plain header is a regular file or directory whose numeric fields are plain octal and
+    whose name has no ustar prefix (what tarfile and GNU tar write for short names); its
+    unsigned checksum, which tarfile checks, is computed for ``_BATCH`` headers at once with
+    numpy. Any other header (pax or GNU long names, links, a ustar prefix) is parsed by
+    tarfile itself, one member, and the lean reading goes on after it. Whatever would make
+    tarfile stop or fail (a bad checksum, garbage, a cut file, a pax global header, sparse
+    files, compression) raises _Unusual before any sample that is not fully checked is
+    yielded, and ``iter_samples`` lets tarfile read the whole shard.
+    """
+    import numpy as np
+
+    tf: tarfile.TarFile | None = None
+    with open(path, "rb") as f:
+        end = os.fstat(f.fileno()).st_size
+        buf = f.read(min(_WINDOW, end))
+        if buf.startswith(_COMPRESSED_MAGIC):
+            raise _Unusual("compressed")
+        base = 0  # file offset of buf[0]; the file position is base + len(buf)
+
+        def cover(start: int, stop: int) -> int:
+            """Make buf hold bytes [start, stop) of the file; returns start's index in buf."""
+            nonlocal buf, base
+            if stop <= base + len(buf):
+                return start - base
+            if start <= base + len(buf):
+                buf = buf[start - base:] + f.read(max(_WINDOW, stop - base - len(buf)))
+            else:
+                f.seek(start)
+                buf = f.read(max(_WINDOW, stop - start))
+            base = start
+            if stop > base + len(buf):
+                raise _Unusual(f"the file changed while reading byte {stop}")
+            return 0
+
+        try:
+            pos = 0  # file offset of the next header
+            pending: dict[str, Any] | None = None
+            finished = False
+            while not finished:
+                heads: list[bytes] = []
+                sums: list[int] = []
+                members: list[tuple[str, int, bytes] | None] = []  # (name, data offset, data); None: not a file
+                special = False
+                while len(heads) < _BATCH:
+                    if pos + _BLOCK > end:
+                        raise _Unusual("cut")  # no room for a header or an end marker (nothing unchecked is pending)
+                    r = cover(pos, pos + _BLOCK)
+                    if buf[r] == 0 and buf[r:r + _BLOCK] == _ZERO_BLOCK:
+                        finished = True  # the end-of-archive marker
+                        break
+                    m = _HEADER.match(buf, r + 100, r + 157)
+                    if m is None or buf[r + 345] != 0 or _DEVICES.match(buf, r + 329, r + 345) is None:
+                        special = True
+                        break
+                    size_field, sum_field, kind = m.groups()
+                    name = buf[r:r + 100].split(b"\0", 1)[0].decode(tarfile.ENCODING, "surrogateescape")
+                    if kind == b"5" or (kind == b"\0" and name.endswith("/")):
+                        heads.append(buf[r:r + _BLOCK])
+                        sums.append(_octal(sum_field))
+                        members.append(None)
+                        pos += _BLOCK
+                        continue
+                    size = _octal(size_field)
+                    data_at = pos + _BLOCK
+                    if data_at + size > end:
+                        special = True  # data cut off: tarfile says what it makes of it
+                        break
+                    r = cover(pos, data_at + size)
+                    heads.append(buf[r:r + _BLOCK])
+                    sums.append(_octal(sum_field))
+                    members.append((name, data_at, buf[r + _BLOCK:r + _BLOCK + size]))
+                    pos = data_at + (size + _BLOCK - 1) // _BLOCK * _BLOCK
+                if heads:
+                    blocks = np.frombuffer(b"".join(heads), dtype=np.uint8).reshape(len(heads), _BLOCK)
+                    got = blocks.sum(1, dtype=np.int64) - blocks[:, 148:156].sum(1, dtype=np.int64) + 256
+                    bad = np.flatnonzero(got != np.asarray(sums, dtype=np.int64))
+                    if len(bad):
+                        members, special, finished = members[: bad[0]], False, False
+                        members.append(False)  # type: ignore[arg-type] - marks the stop
+                if special:  # one member parsed by tarfile itself
+                    if tf is None:
+                        tf = tarfile.open(path, mode="r:")
+                        tf.next()  # the first member, parsed at open
+                    tf.fileobj.seek(pos)
+                    tf.offset = pos
+                    info = tf.next()
+                    if info is None or tf.pax_headers:  # damage or an end tarfile sees; global pax headers
+                        raise _Unusual(f"header at byte {pos}")
+                    if info.isfile():
+                        if info.type not in (tarfile.REGTYPE, tarfile.AREGTYPE) or info.sparse is not None \
+                                or info.offset_data + info.size > end:
+                            raise _Unusual(f"member at byte {pos}")
+                        r = cover(info.offset_data, info.offset_data + info.size)
+                        members.append((info.name, info.offset_data, buf[r:r + info.size]))
+                    pos = tf.offset
+                for member in members:
+                    if member is None:
+                        continue
+                    if member is False:
+                        raise _Unusual(f"bad checksum before byte {pos}")
+                    name, data_at, data = member
+                    if "/" in name:
+                        split = split_name(name)
+                    else:  # split_name without the path split
+                        stem, dot, ext = name.partition(".")
+                        split = (stem, ext.lower()) if dot and stem and ext else None
+                    if split is None:
+                        continue
+                    key, ext = split
+                    if pending is not None and pending["__key__"] != key:
+                        yield pending
+                        pending = None
+                    if pending is None:
+                        pending = {"__key__": key, "__shard__": path}
+                    pending[ext] = data
+                    if offsets:
+                        pending.setdefault("__offsets__", {})[ext] = (data_at, len(data))
+        except (tarfile.TarError, EOFError) as e:
+            raise _Unusual(f"{type(e).__name__}: {e}") from e
+        finally:
+            if tf is not None:
+                tf.close()
+    if pending is not None:
+        yield pending
+
+
+def _iter_tarfile(path: str, offsets: bool) -> Iterator[dict[str, Any]]:
+    """``iter_samples`` with Python's tarfile: any shard, every damage case (the reference)."""
     path = os.fspath(path)
     num_good = 0
     last_key: str | None = None

@@ -15,6 +15,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+import numpy as np
 import sentencepiece as spm
 import torch
 
@@ -139,12 +140,14 @@ class Tokenizer:
         if isinstance(texts, str):
             texts = [texts]
         L = self.context_length
-        ids = self._sp.encode([" ".join(t.lower().split()) for t in texts], out_type=int)
-        out = torch.full((len(texts), L), self.pad_id, dtype=torch.long)
+        # One thread: sentencepiece's thread pool costs more than it saves on a chunk of
+        # captions (~25 us of wall time per text vs ~2 us, benchmarks/RESULTS.md, issue #18).
+        ids = self._sp.encode([" ".join(t.lower().split()) for t in texts], out_type=int, num_threads=1)
+        out = np.full((len(texts), L), self.pad_id, dtype=np.int64)  # numpy rows: ~6 us less per text than torch
         for i, seq in enumerate(ids):
             seq = seq[: L - 1] + [self.eos_id]
-            out[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-        return out
+            out[i, : len(seq)] = seq
+        return torch.from_numpy(out)
 
     def decode(self, tokens: torch.Tensor | list[list[int]] | list[int]) -> list[str]:
         """Token rows back to text, stopping at the first eos and ignoring padding."""

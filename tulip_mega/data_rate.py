@@ -29,9 +29,10 @@ __all__ = ["HOST_CORE_SHARE", "HOST_SAMPLES_PER_CORE", "DataRate", "data_rate", 
 
 # Samples per CPU-second of the host path with reader workers, measured by
 # `benchmarks/loader.py --host-only --image-size 32 --samples 4096 --samples-per-shard 1024`
-# with 2 reader workers on 2 cores of a shared cloud VM, 2026-11-30 (benchmarks/RESULTS.md, final run:
-# 6480 / 3432 / 2226 samples per CPU-second, rounded down).
-HOST_SAMPLES_PER_CORE: dict[str, float] = {"siglip": 6400.0, "clip_rocket": 3400.0, "tulip": 2200.0}
+# with 2 reader workers on 2 cores of a shared cloud VM, 2026-11-30, with the lean tar reader
+# (benchmarks/RESULTS.md: the lowest of three runs under load 4-6, 7954 / 4537 / 2553 samples
+# per CPU-second, rounded down; a busy machine lowers this figure, so it errs on the safe side).
+HOST_SAMPLES_PER_CORE: dict[str, float] = {"siglip": 7900.0, "clip_rocket": 4500.0, "tulip": 2500.0}
 HOST_CORE_SHARE = 0.8  # plan reader workers for this fraction of a core each (headroom for the loader thread)
 
 
