@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -130,6 +131,26 @@ def assemble(per_rank_entries: list[list[tuple]]) -> dict[str, torch.Tensor]:
     for name, t in full.items():
         assert not torch.isnan(t).any(), f"{name} not fully covered by the shards"
     return full
+
+
+def assert_same_step(out: list[dict], ref: list[dict], loss_rtol: float, grad_rtol: float) -> dict[str, torch.Tensor]:
+    """A layout's step (step_worker results) equals the reference layout's: every loss term within
+    `loss_rtol`, every assembled gradient within `grad_rtol` of its largest entry. Returns the
+    reference gradients (name -> full tensor) for further checks."""
+    for name in ref[0]["metrics"]:
+        if name.startswith("loss"):
+            assert out[0]["metrics"][name] == pytest.approx(ref[0]["metrics"][name], rel=loss_rtol), name
+    R = assemble([r["entries"] for r in ref])
+    G = assemble([r["entries"] for r in out])
+    assert set(G) == set(R), f"parameter sets differ: {sorted(set(G) ^ set(R))}"
+    bad = {}
+    for k in R:
+        assert G[k].shape == R[k].shape, k
+        err = ((G[k] - R[k]).abs().max() / R[k].abs().max().clamp_min(1e-8)).item()
+        if err > grad_rtol:
+            bad[k] = err
+    assert not bad, f"gradients differ from the reference layout: {bad}"
+    return R
 
 
 def assert_same_training(out: list[dict], ref: list[dict], loss_rtol: float = 1e-4, weight_atol: float = 1e-4) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness import assemble, make_cfg, step_worker
+from harness import assert_same_step, make_cfg, step_worker
 from test_stack import TULIP
 from tulip_mega.config import ConfigError
 from tulip_mega.models.pipeline_split import (
@@ -108,19 +108,7 @@ def test_stage_empty_of_both_towers_is_refused():
 
 # --- equivalence with PP=1 ----------------------------------------------------------------------
 def _compare(out: list[dict], ref: list[dict], third_vision_layer: bool = True) -> None:
-    for name in ref[0]["metrics"]:
-        if name.startswith("loss"):
-            assert out[0]["metrics"][name] == pytest.approx(ref[0]["metrics"][name], rel=LOSS_RTOL), name
-    R = assemble([r["entries"] for r in ref])
-    G = assemble([r["entries"] for r in out])
-    assert set(G) == set(R), f"parameter sets differ: {sorted(set(G) ^ set(R))}"
-    bad = {}
-    for k in R:
-        assert G[k].shape == R[k].shape, k
-        err = ((G[k] - R[k]).abs().max() / R[k].abs().max().clamp_min(1e-8)).item()
-        if err > GRAD_RTOL:
-            bad[k] = err
-    assert not bad, f"gradients differ from PP=1: {bad}"
+    R = assert_same_step(out, ref, LOSS_RTOL, GRAD_RTOL)
     if third_vision_layer:
         assert any("vision_block.layers" in k and "[2]" in k for k in R), "the third vision layer is missing"
 

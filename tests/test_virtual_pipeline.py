@@ -17,7 +17,7 @@ from typing import Optional
 import pytest
 import torch
 
-from harness import assemble, make_cfg, step_worker
+from harness import assemble, assert_same_step, make_cfg, step_worker
 from test_stack import TULIP
 from tulip_mega.config import ConfigError
 from tulip_mega.models.pipeline_split import resolve_split, tower_layout
@@ -82,19 +82,7 @@ def test_microbatches_must_be_a_multiple_of_pp():
 
 # --- equivalence with PP=1 ----------------------------------------------------------------------
 def _compare(out: list[dict], ref: list[dict]) -> None:
-    for name in ref[0]["metrics"]:
-        if name.startswith("loss"):
-            assert out[0]["metrics"][name] == pytest.approx(ref[0]["metrics"][name], rel=LOSS_RTOL), name
-    R = assemble([r["entries"] for r in ref])
-    G = assemble([r["entries"] for r in out])
-    assert set(G) == set(R), f"parameter sets differ: {sorted(set(G) ^ set(R))}"
-    bad = {}
-    for k in R:
-        assert G[k].shape == R[k].shape, k
-        err = ((G[k] - R[k]).abs().max() / R[k].abs().max().clamp_min(1e-8)).item()
-        if err > GRAD_RTOL:
-            bad[k] = err
-    assert not bad, f"gradients differ from PP=1: {bad}"
+    assert_same_step(out, ref, LOSS_RTOL, GRAD_RTOL)
 
 
 @pytest.mark.multiprocess
