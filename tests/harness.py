@@ -150,6 +150,11 @@ def assert_same_step(out: list[dict], ref: list[dict], loss_rtol: float, grad_rt
         if err > grad_rtol:
             bad[k] = err
     assert not bad, f"gradients differ from the reference layout: {bad}"
+    # The norm megatron logs and clips by: every shard once, on any layout.
+    true_norm = sum(float(t.double().pow(2).sum()) for t in R.values()) ** 0.5
+    for r in out + ref:
+        if r.get("grad_norm") is not None:
+            assert r["grad_norm"] == pytest.approx(true_norm, rel=1e-5), f"rank {r['rank']}: grad_norm"
     return R
 
 
@@ -196,8 +201,9 @@ def build_train_step(overrides: Sequence[str]):
 
 
 def step_worker(overrides: Sequence[str], steps: int = 1, optimizer_steps: bool = False) -> dict:
-    """Run `steps` training steps; report losses, and full-gradient shards of the last step
-    (or, with optimizer_steps, the weights after the last step)."""
+    """Run `steps` training steps; report losses, and full-gradient shards and megatron's
+    global gradient norm of the last step (or, with optimizer_steps, the weights after the
+    last step)."""
     import warnings
 
     warnings.filterwarnings("ignore")
@@ -216,10 +222,15 @@ def step_worker(overrides: Sequence[str], steps: int = 1, optimizer_steps: bool 
             # Last step: forward+backward only, so the gradients are still there to compare.
             metrics = step.forward_backward(it)
         losses.append(metrics["loss"])
+    grad_norm = None
+    if not optimizer_steps:  # what the trainer logs and clips by: megatron's norm over all ranks
+        optimizer.prepare_grads()
+        grad_norm = float(optimizer.get_grad_norm())
     return {
         "rank": dist.get_rank(),
         "losses": losses,
         "metrics": metrics,
+        "grad_norm": grad_norm,
         "entries": _chunk_entries(step.modules, "data" if optimizer_steps else "grad"),
         "initial": initial,
         "probe": probe,

@@ -34,6 +34,13 @@ def _compare(out: list[dict], ref: list[dict]) -> None:
         worst[k] = ((G[k] - R[k]).abs().max() / scale).item()
     bad = {k: v for k, v in worst.items() if v > GRAD_RTOL}
     assert not bad, f"gradients differ from the reference: {bad}"
+    # The norm the trainer logs and clips by counts every TP shard once and every replicated
+    # tensor once: it is the norm of the full reference gradients (megatron leaves weights it
+    # did not initialise itself unmarked; see models/init.mark_tensor_parallel).
+    true_norm = sum(float(t.double().pow(2).sum()) for t in R.values()) ** 0.5
+    assert ref[0]["grad_norm"] == pytest.approx(true_norm, rel=1e-5)
+    for r in out:
+        assert r["grad_norm"] == pytest.approx(true_norm, rel=1e-5), f"rank {r['rank']}: grad_norm"
     # Every tensor has a real gradient (a vanished gradient would compare equal to itself only).
     assert all(R[k].abs().max() > 0 for k in R if not k.endswith("logit_bias"))
 

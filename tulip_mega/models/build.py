@@ -7,7 +7,7 @@ from typing import Optional
 from megatron.core import parallel_state
 
 from tulip_mega.config.streams import Streams, input_streams, model_heads
-from tulip_mega.models.init import initialize_parameters
+from tulip_mega.models.init import initialize_parameters, mark_tensor_parallel
 from tulip_mega.models.megatron_config import decoder_config, tower_config
 from tulip_mega.models.specs import use_transformer_engine
 from tulip_mega.models.tulip import TulipModel
@@ -80,5 +80,6 @@ def build_model_chunks(cfg, use_te: Optional[bool] = None, streams: Optional[Str
                 "text_decoder": cfg.model.text_decoder.num_layers,
             },
         )
+        mark_tensor_parallel(model)
         chunks.append(model)
     return chunks
