@@ -64,7 +64,7 @@ from PIL import Image
 from dataloaders.base import Batch
 from dataloaders.dali_pipeline import ViewPlan, build_pipeline, to_torch
 from dataloaders.host_prep import Entry, HostPrep, HostSample, Result
-from dataloaders.reader_pool import ReaderPool
+from dataloaders.reader_pool import READ_CHUNK, ReaderPool
 from dataloaders.simple_loader import SimpleLoader, _Damage
 from dataloaders.tokenizer import Tokenizer
 
@@ -157,12 +157,13 @@ class DaliLoader(SimpleLoader):
         prefetch: int = 1,
         reader_workers: int = 0,
         chunk_size: int = 64,
+        read_chunk_size: int = READ_CHUNK,
     ) -> None:
         super().__init__(shards, batch_size, plan.image_size, tokenizer, dp_rank, dp_size, seed,
                          shuffle_buffer, num_epochs)
-        if threads < 1 or prefetch < 0 or reader_workers < 0 or chunk_size < 1:
-            raise ValueError(f"threads and chunk_size must be >= 1, prefetch and reader_workers >= 0, got "
-                             f"{threads}, {chunk_size}, {prefetch}, {reader_workers}")
+        if threads < 1 or prefetch < 0 or reader_workers < 0 or chunk_size < 1 or read_chunk_size < 1:
+            raise ValueError(f"threads, chunk_size and read_chunk_size must be >= 1, prefetch and reader_workers "
+                             f">= 0, got {threads}, {chunk_size}, {read_chunk_size}, {prefetch}, {reader_workers}")
         if gpu is None:
             from tulip_mega.parallel.init import use_cuda
 
@@ -174,7 +175,8 @@ class DaliLoader(SimpleLoader):
         self.threads = threads
         self.prefetch = prefetch
         self.reader_workers = reader_workers  # processes for the host work; 0 = in the loader's thread
-        self.chunk_size = chunk_size  # samples per unit of host work (and per worker message)
+        self.chunk_size = chunk_size  # samples per unit of host work (draws, in the loader or a worker)
+        self.read_chunk_size = read_chunk_size  # samples per reader-worker message (reader_pool.READ_CHUNK)
         self.gpu = gpu
         self._pool: Optional[ReaderPool] = None  # reader workers while an iteration runs
         self._files = _ShardFiles()  # image bytes the workers left in the shard (offsets only)
@@ -224,7 +226,7 @@ class DaliLoader(SimpleLoader):
         worker count. The host-only benchmark times this generator."""
         prep = self._host_prep()
         if self.reader_workers:
-            self._pool = ReaderPool(prep, self.reader_workers, chunk_size=self.chunk_size,
+            self._pool = ReaderPool(prep, self.reader_workers, chunk_size=self.read_chunk_size,
                                     name=f"dali-reader-dp{self.dp_rank}")
         try:
             chunks = self._chunks(self._entries(epoch, consumed))

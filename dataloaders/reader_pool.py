@@ -21,8 +21,9 @@ c % W, a second thread in each worker) for the position-seeded view parameters a
 - Bounded: at most ``ahead`` shards per worker are requested, and each worker's queue holds
   at most ``queue_chunks`` chunks. A worker must be able to run a whole shard ahead of the
   loader (which drains shard k from one worker while the next worker reads shard k+1), so
-  records carry the image files' offsets rather than their bytes (~1 KB per sample: 256
-  chunks of 64 is ~16k samples, ~20 MB); compressed shards, which have no offsets, carry bytes.
+  records carry the image files' offsets rather than their bytes (~1 KB per sample: 16
+  messages of 1024 samples is ~16k samples, ~20 MB); compressed shards, which have no offsets,
+  carry bytes, and a message then ends at ``MAX_CHUNK_BYTES``.
 - Worker death (OOM kill, segfault) is not a hang: the loader waits with a timeout, checks
   ``Process.exitcode`` and raises naming the worker and the shard it was reading; it holds no
   write end of a worker's result pipe, so a worker killed in the middle of sending a message
@@ -39,7 +40,7 @@ import queue
 import traceback
 from collections import deque
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -50,6 +51,18 @@ from dataloaders.simple_loader import _Damage
 __all__ = ["ReaderPool", "ReaderWorkerError"]
 
 _POLL_S = 0.2  # how often a waiting loader checks that its workers are alive
+# Samples per worker message: large, because every message wakes the loader and the queue's
+# feeder thread, and on a machine with as many cores as workers those wake-ups take the CPU the
+# other worker needs. Plain-SigLIP host path, 2 workers over 1, 2 cores, 16k samples:
+# 1.50x at 64 samples per message, 1.86x at 256, 2.00x at 1024 (benchmarks/RESULTS.md).
+READ_CHUNK = 1024
+# ... unless the samples carry their image bytes (compressed shards: no offsets): then a
+# message ends at this many bytes, so the queue's bound stays a bound on memory.
+MAX_CHUNK_BYTES = 8 << 20
+# Each worker's result queue holds at most this many samples (~1 KB each without image bytes):
+# enough for a whole shard ahead of the loader, which drains shard k from one worker while the
+# next reads shard k+1.
+QUEUE_SAMPLES = 16384
 
 
 class ReaderWorkerError(RuntimeError):
@@ -106,15 +119,26 @@ def _unpack(payload: tuple[list[Any], np.ndarray | None]) -> list[Any]:
     return records
 
 
-def _read(prep: HostPrep, shard: str, chunk_size: int, outbox: Any, parent: int) -> bool:
+def _payload_bytes(item: dict[str, Any]) -> int:
+    """Bytes a sample adds to a worker message: its image files when the shard gives no
+    offsets for them (compressed shards); ~0 otherwise (``HostPrep.record`` drops them)."""
+    if "__offsets__" in item:
+        return 0
+    return sum(len(v) for v in item.values() if isinstance(v, (bytes, bytearray)))
+
+
+def _read(prep: HostPrep, shard: str, chunk_size: int, outbox: Any, parent: int,
+          max_chunk_bytes: int = MAX_CHUNK_BYTES) -> bool:
     chunk: list[Any] = []
+    size = 0
     try:
         for item in iter_samples(shard, offsets=True):
             chunk.append(item)
-            if len(chunk) == chunk_size:
+            size += _payload_bytes(item) if isinstance(item, dict) else 0
+            if len(chunk) == chunk_size or size >= max_chunk_bytes:
                 if not _put(outbox, ("items", _pack(prep.record(chunk))), parent):
                     return False
-                chunk = []
+                chunk, size = [], 0
     except ShardReadError as e:  # exactly what SimpleLoader._raw does in-process
         chunk = prep.record(chunk) + [_Damage(shard, str(e))]
         return _put(outbox, ("items", _pack(chunk)), parent) and _put(outbox, ("end", None), parent)
@@ -142,8 +166,8 @@ def _serve_draws(prep: HostPrep, inbox: Any, outbox: Any, parent: int) -> None:
             return
 
 
-def _worker_main(prep: HostPrep, chunk_size: int, inbox: Any, outbox: Any, draw_in: Any, draw_out: Any,
-                 parent: int) -> None:
+def _worker_main(prep: HostPrep, chunk_size: int, max_chunk_bytes: int, inbox: Any, outbox: Any, draw_in: Any,
+                 draw_out: Any, parent: int) -> None:
     import threading
 
     import torch
@@ -160,7 +184,7 @@ def _worker_main(prep: HostPrep, chunk_size: int, inbox: Any, outbox: Any, draw_
         if shard is None:
             return
         try:
-            if not _read(prep, shard, chunk_size, outbox, parent):
+            if not _read(prep, shard, chunk_size, outbox, parent, max_chunk_bytes):
                 return
         except BaseException:  # noqa: BLE001 - reported to the loader, which raises it
             _put(outbox, ("crash", traceback.format_exc()), parent)
@@ -177,11 +201,14 @@ def _context() -> mp.context.BaseContext:
 class ReaderPool:
     """``W`` worker processes reading shards ahead; ``read`` yields their items in order."""
 
-    def __init__(self, prep: HostPrep, workers: int, chunk_size: int = 64, ahead: int = 2,
-                 queue_chunks: int = 256, name: str = "reader") -> None:
-        if workers < 1 or chunk_size < 1 or ahead < 1 or queue_chunks < 1:
-            raise ValueError(f"workers, chunk_size, ahead and queue_chunks must be >= 1, got "
-                             f"{workers}, {chunk_size}, {ahead}, {queue_chunks}")
+    def __init__(self, prep: HostPrep, workers: int, chunk_size: int = READ_CHUNK, ahead: int = 2,
+                 queue_chunks: Optional[int] = None, name: str = "reader",
+                 max_chunk_bytes: int = MAX_CHUNK_BYTES) -> None:
+        if queue_chunks is None:
+            queue_chunks = max(2, QUEUE_SAMPLES // max(chunk_size, 1))
+        if workers < 1 or chunk_size < 1 or ahead < 1 or queue_chunks < 1 or max_chunk_bytes < 1:
+            raise ValueError(f"workers, chunk_size, ahead, queue_chunks and max_chunk_bytes must be >= 1, got "
+                             f"{workers}, {chunk_size}, {ahead}, {queue_chunks}, {max_chunk_bytes}")
         ctx = _context()
         self.ahead = ahead
         self._inbox = [ctx.Queue() for _ in range(workers)]
@@ -189,8 +216,8 @@ class ReaderPool:
         self._draw_in = [ctx.Queue() for _ in range(workers)]
         self._draw_out = [ctx.Queue() for _ in range(workers)]  # bounded by the loader's lookahead
         self._procs = [
-            ctx.Process(target=_worker_main, args=(prep, chunk_size, self._inbox[w], self._outbox[w], self._draw_in[w],
-                                                   self._draw_out[w], os.getpid()),
+            ctx.Process(target=_worker_main, args=(prep, chunk_size, max_chunk_bytes, self._inbox[w], self._outbox[w],
+                                                   self._draw_in[w], self._draw_out[w], os.getpid()),
                         name=f"{name}-{w}", daemon=True)
             for w in range(workers)
         ]
