@@ -210,7 +210,10 @@ def test_planted_corruption_is_skipped_counted_and_no_good_sample_lost(two_shard
     expected_b = []
     try:
         for s in iter_samples(b):
-            if not s.get("__partial__") or {"jpg", "txt", "json", "pos.jpg", "neg.jpg"} <= set(s):
+            # The sample the cut fell in is kept when it still has what the loader needs, image
+            # and caption (shards.iter_samples); json and the GeCo edits are optional, so an edit
+            # lost to the cut is a missing edit (edit_valid False), as in a sample without one.
+            if not s.get("__partial__") or {"jpg", "txt"} <= set(s):
                 expected_b.append(s["__key__"])
     except ShardReadError:
         pass
@@ -438,12 +441,50 @@ def _same(xs, ys) -> None:
             assert torch.equal(t, getattr(y, name)), name
 
 
+def test_reader_worker_messages_end_at_the_sample_or_byte_bound(two_shards, tok, tmp_path) -> None:
+    """A worker's messages (``reader_pool._read``) hold READ_CHUNK samples from a plain tar
+    (records carry offsets, not image bytes); from a compressed tar, whose samples carry their
+    bytes, a message ends once it holds max_chunk_bytes, so the queue bound stays a memory
+    bound. Either way the records, in order, are those of one big message."""
+    import gzip
+    import shutil
+
+    from dataloaders.host_prep import HostPrep
+    from dataloaders.reader_pool import _read, _unpack
+
+    class Sink(list):
+        def put(self, msg, timeout=None):
+            self.append(msg)
+
+    def messages(shard: str, chunk: int, max_bytes: int) -> list[list]:
+        sink = Sink()
+        assert _read(HostPrep(FULL, tok, 0, 0), shard, chunk, sink, os.getpid(), max_bytes)
+        assert sink[-1] == ("end", None)
+        return [_unpack(payload) for kind, payload in sink[:-1] if kind == "items"]
+
+    def keys(msgs: list[list]) -> list[str]:
+        return [r["__key__"] for m in msgs for r in m]
+
+    plain = two_shards[0]  # 128 samples
+    assert [len(m) for m in messages(plain, 1024, 1)] == [128]  # offsets: no bytes, the byte bound never ends one
+    assert [len(m) for m in messages(plain, 50, 1 << 30)] == [50, 50, 28]
+    packed = str(tmp_path / "shard.tar.gz")
+    with open(plain, "rb") as f, gzip.open(packed, "wb") as g:
+        shutil.copyfileobj(f, g)
+    per_sample = sum(len(v) for v in next(iter_samples(packed)).values() if isinstance(v, bytes))
+    bounded = messages(packed, 1024, 10 * per_sample)
+    assert len(bounded) > 5 and all(len(m) <= 12 for m in bounded), [len(m) for m in bounded]
+    whole = messages(packed, 1024, 1 << 30)
+    assert len(whole) == 1 and keys(bounded) == keys(whole) == keys(messages(plain, 1024, 1))
+    assert all("jpg" in r for m in bounded for r in m)  # the bytes travel (no offsets to read them back)
+
+
 def test_reader_workers_give_identical_batches_across_epochs_and_resume(two_shards, tok) -> None:
     """0 (in the loader thread), 1, 2 and 3 worker processes: the same keys and bit-identical
     tensors batch by batch over the epoch boundary (7 x 48 > 256 samples); a state saved under
     2 workers resumes under 3 (and 0) with the very batches of the uninterrupted run."""
     def make(workers: int) -> DaliLoader:  # chunks of 16 entries: every worker holds several
-        return loader(two_shards, tok, batch=48, seed=7, reader_workers=workers, chunk_size=16)
+        return loader(two_shards, tok, batch=48, seed=7, reader_workers=workers, chunk_size=16, read_chunk_size=16)
 
     ref = [b for _, b in zip(range(7), make(0))]
     for workers in (1, 2, 3):
@@ -484,7 +525,7 @@ def test_bad_data_skipped_and_counted_alike_with_any_worker_count(two_shards, to
         f.truncate(os.path.getsize(b) // 3)
     runs = {}
     for workers in (0, 2, 3):
-        dl = loader([a, b], tok, batch=16, num_epochs=1, reader_workers=workers, chunk_size=8)
+        dl = loader([a, b], tok, batch=16, num_epochs=1, reader_workers=workers, chunk_size=8, read_chunk_size=8)
         runs[workers] = (list(dl), dl.stats())
     ref_batches, ref_stats = runs[0]
     keys = [k for x in ref_batches for k in x.keys]
@@ -528,7 +569,8 @@ class _DyingLoader(DaliLoader):
 def test_a_dying_reader_worker_is_a_clear_error_naming_the_shard(two_shards, tok, how) -> None:
     from dataloaders.reader_pool import ReaderWorkerError
 
-    dl = _DyingLoader(two_shards, 16, FULL, tok, gpu=False, shuffle_buffer=0, reader_workers=2, chunk_size=8)
+    dl = _DyingLoader(two_shards, 16, FULL, tok, gpu=False, shuffle_buffer=0, reader_workers=2, chunk_size=8,
+                      read_chunk_size=8)
     dl.how = how
     with pytest.raises(ReaderWorkerError) as err:
         list(zip(range(20), dl))
