@@ -8,21 +8,24 @@ MMVP-style pairs, linear probes) and prints one table: every metric as mean +/- 
 its chance level, and each recipe's mean as a ratio to SigLIP's.
 
 The recipes are read at run time: only data paths, seed, steps, the batch (the same for every
-recipe: 32 pairs in micro-batches of 8, so equal steps are equal samples), the layout, the run
+recipe: 32 pairs in micro-batches of 8, so equal steps are equal samples), the text context (16
+tokens for every recipe: the scenes set's longest text and its EOS), the layout, the run
 folder and eval/checkpoint plumbing are overridden (and the warm-up, only when --steps is below
 it), so a change to a recipe's other learning settings shows up here.
 
-    python benchmarks/quality.py                 # 3 seeds x 3 recipes x 100 steps (16 min on 2 shared cores)
+    python benchmarks/quality.py                 # 3 seeds x 3 recipes x 100 steps (~6 min on 2 cores)
     python benchmarks/quality.py --quick         # CI smoke run: 1 seed, 8 steps, small data
 
 Each finished run's metrics are kept in its run folder (runs/<recipe>_seed<N>/scenes_metrics.json)
-and results.json is rewritten after every run, so an interrupted benchmark restarted with the same
---out and --steps only trains what is missing.
+with a key of the recipe's text, the overrides and the steps, and results.json is rewritten after
+every run, so an interrupted benchmark restarted with the same --out only trains what is missing
+(and what a recipe change made stale).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -42,6 +45,10 @@ BASELINE = "siglip"
 # Every recipe trains on the same number of samples per step (the tiny TULIP / clip-rocket
 # recipes' batch; the quickstart's tiny_cpu uses 64).
 EQUAL_BATCH = ("train.global_batch_size=32", "train.micro_batch_size=8")
+# ... and the same text context, one that holds the scenes set's longest text (15 tokens + EOS):
+# the text tower pools its last position with no padding mask, and padding to the towers' 64
+# tokens let the padding drown single words out of it (issue #14; recipes/tiny_cpu.yaml).
+EQUAL_TEXT = ("model.text.context_length=16",)
 
 
 def make_data(out: Path, num_train: int, num_val: int, seed: int = 0) -> Path:
@@ -59,6 +66,13 @@ def make_data(out: Path, num_train: int, num_val: int, seed: int = 0) -> Path:
     return out
 
 
+def run_key(recipe: str, steps: int) -> str:
+    """What a finished run's metrics are valid for: the recipe file's text, the overrides every
+    run gets and the steps. A run kept from before a recipe changed is trained again."""
+    text = (ROOT / recipe).read_text() + repr((EQUAL_BATCH, EQUAL_TEXT, steps))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -73,7 +87,7 @@ def train_run(recipe: str, data: Path, run_dir: Path, seed: int, steps: int) -> 
     overrides = [
         "parallel.tensor_parallel=1", "parallel.pipeline_parallel=1",
         f"data.train_shards={data}/train-*.tar", f"data.tokenizer={data}/tokenizer.model",
-        f"run.seed={seed}", f"train.steps={steps}", *EQUAL_BATCH,
+        f"run.seed={seed}", f"train.steps={steps}", *EQUAL_BATCH, *EQUAL_TEXT,
         f"run.output_dir={run_dir.parent}", f"run.name={run_dir.name}",
         "eval.interval=0", "eval.zeroshot_shards=null", "eval.retrieval_shards=null",
         "eval.linear_probe_shards=null", "eval.linear_probe_val_shards=null",
@@ -156,14 +170,15 @@ def main(argv: list[str] | None = None) -> int:
             run_dir = out / "runs" / f"{name}_seed{seed}"
             cached = run_dir / "scenes_metrics.json"
             t = time.perf_counter()
-            if cached.is_file() and json.loads(cached.read_text())["steps"] == steps:  # a finished run
+            key = run_key(RECIPES[name], steps)
+            if cached.is_file() and json.loads(cached.read_text()).get("key") == key:  # a finished run of this recipe
                 metrics = json.loads(cached.read_text())["metrics"]
                 note = "reused"
             else:
                 ckpt = train_run(RECIPES[name], data, run_dir, seed, steps)
                 t_train = time.perf_counter() - t
                 metrics = evaluate(ckpt, data, seed)
-                cached.write_text(json.dumps({"steps": steps, "metrics": metrics}, indent=1))
+                cached.write_text(json.dumps({"steps": steps, "key": key, "metrics": metrics}, indent=1))
                 note = f"train {t_train:.0f} s, eval {time.perf_counter() - t - t_train:.0f} s"
             results[name].append(metrics)
             print(f"{name} seed {seed}: {note}; pairs/all {metrics['pairs/all']:.3f}, "

@@ -59,11 +59,13 @@ def test_tiny_cpu_recipe():
     cfg = load_config(TINY)
     assert cfg.run.name == "tiny_cpu"
     assert (cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel) == (2, 2)
-    assert (cfg.train.steps, cfg.train.global_batch_size, cfg.train.micro_batch_size) == (400, 64, 16)
+    assert (cfg.train.steps, cfg.train.global_batch_size, cfg.train.micro_batch_size) == (600, 64, 32)
     assert cfg.optim.lr == pytest.approx(2e-3) and cfg.optim.warmup_steps == 20
-    assert cfg.checkpoint.interval == 200
-    # Set for this scale (issue #14): init and logit scale/bias for a width-64, 64-pair model.
+    assert cfg.checkpoint.interval == 300 and cfg.eval.interval == 300
+    # Set for this scale (issue #14): init and logit scale/bias for a width-64, 64-pair model, and
+    # a text context that fits the shapes captions (15 tokens + EOS) without ~50 padding tokens.
     assert (cfg.model.init_std, cfg.model.temperature_init, cfg.model.bias_init) == (0.1, 30.0, -8.0)
+    assert cfg.model.text.context_length == 16
     assert cfg.data.train_shards == Config().data.train_shards
     _model_fields_concrete(cfg)
     assert validate_layout(cfg, 4) == 1

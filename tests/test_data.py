@@ -81,7 +81,7 @@ def test_synthetic_content_matches_captions(data: dict) -> None:
     assert expand_shards(data["train_spec"]) == data["train_shards"] and len(data["train_shards"]) == 6
     info = json.load(open(data["classes_json"]))
     assert len(info["shapes"]) >= 3 and len(info["colours"]) >= 6 and len(info["backgrounds"]) >= 3
-    assert not set(info["backgrounds"]) & set(info["colours"]) and info["version"] == 2  # neutral backgrounds
+    assert not set(info["backgrounds"]) & set(info["colours"]) and info["version"] == 3  # neutral backgrounds
     assert len(info["classes"]) == len(SHAPES) * len(FOREGROUNDS)
     samples = [s for shard in data["train_shards"] + data["val_shards"] for s in iter_samples(shard)]
     assert len(samples) == NUM_TRAIN + NUM_VAL
@@ -98,6 +98,7 @@ def test_synthetic_content_matches_captions(data: dict) -> None:
         assert len(meta["paraphrases"]) >= 2 and len(meta["negatives"]) >= 2 and caption not in meta["negatives"]
         img = np.asarray(Image.open(io.BytesIO(s["jpg"])).convert("RGB")).astype(float)
         assert img.shape == (SIZE, SIZE, 3)
+        assert meta["center"] == [SIZE / 2, SIZE / 2]  # version 3: centred (only the size varies)
         cx, cy = (int(round(v)) for v in meta["center"])
         assert nearest_colour(img[cy - 1 : cy + 2, cx - 1 : cx + 2].reshape(-1, 3).mean(0)) == meta["colour"]
         assert nearest_colour(img[:2, :2].reshape(-1, 3).mean(0)) == meta["background"]  # corners are background
