@@ -74,7 +74,10 @@ def quickstart(shapes_data, tmp_path_factory) -> dict:
                  "parallel.pipeline_parallel=1", "parallel.sequence_parallel=false",
                  # Three steps leave every image at nearly the same embedding (class logits 1e-4 apart, so
                  # float rounding decides); a wider init spreads them out like a trained model's.
-                 "model.init_std=0.2"]
+                 "model.init_std=0.2",
+                 # The zero-shot pipeline pads SigLIP text to 64 tokens (the recipe's 16 raises there;
+                 # export_hf says so, test below).
+                 "model.text.context_length=64"]
     checkpoint = run_distributed(train_worker, 1, overrides)[0]["checkpoint"]
     classes = one_prompt_classes(data_dir)
     val = str(data_dir / "val-{000000..000000}.tar")
@@ -143,3 +146,14 @@ def test_export_token_ids_match_the_tokenizer(quickstart):
     assert proc.returncode == 0, proc.stderr
     ours = f"between 0 and {cfg['vocab_size'] - 1})"
     assert not [line for line in proc.stderr.splitlines() if ours in line], proc.stderr
+
+
+def test_export_names_the_pipeline_padding_for_another_text_context():
+    """recipes/tiny_cpu.yaml's 16-token text cannot run in the zero-shot pipeline (it pads SigLIP
+    to 64); the export says so and names what works instead."""
+    from tulip_mega.convert.hf import HF_PIPELINE_SIGLIP_TOKENS, pipeline_padding_note
+    from tulip_mega.config import load_config
+
+    assert pipeline_padding_note(HF_PIPELINE_SIGLIP_TOKENS) is None
+    note = pipeline_padding_note(load_config(RECIPE).model.text.context_length)
+    assert "zero-shot-image-classification" in note and "64" in note and "16" in note and "AutoModel" in note

@@ -80,7 +80,7 @@ def test_offline_wandb_history_equals_metrics_jsonl_and_resume_appends(shapes_da
     read = [read_wandb(next(f.glob("*.wandb"))) for f in folders]
     history = [rows for rows, _ in read]
     for _, config in read:  # the resolved recipe (sizes filled in from the size table) is the run config
-        assert config["model"]["text"]["context_length"] == 64 and config["train"]["steps"] in (3, 5), config
+        assert config["model"]["text"]["hidden_size"] == 64 and config["train"]["steps"] in (3, 5), config
     wandb_loss = {row["_step"]: row["loss"] for rows in history for row in rows}
     jsonl_loss = {r["step"]: r["loss"] for r in read_metrics(run / "metrics.jsonl")}
     assert sorted(jsonl_loss) == [1, 2, 3, 4, 5]

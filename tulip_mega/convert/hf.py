@@ -138,6 +138,22 @@ def write_processor(out: Path, tokenizer_model: Union[str, Path], cfg: PlainConf
     SiglipProcessor(image_processor=images, tokenizer=tok).save_pretrained(str(out))
 
 
+# transformers' ZeroShotImageClassificationPipeline pads SigLIP text to exactly this many tokens
+# (padding="max_length", max_length=64), whatever the model's max_position_embeddings.
+HF_PIPELINE_SIGLIP_TOKENS = 64
+
+
+def pipeline_padding_note(context_length: int) -> Optional[str]:
+    """What to tell the user when the export cannot run in transformers' zero-shot pipeline:
+    a model with another text context (recipes/tiny_cpu.yaml uses 16) raises there, while
+    AutoProcessor + AutoModel pad to the model's own length and work."""
+    if context_length == HF_PIPELINE_SIGLIP_TOKENS:
+        return None
+    return (f"note: text context_length is {context_length}: transformers' pipeline('zero-shot-image-classification') "
+            f"pads SigLIP text to {HF_PIPELINE_SIGLIP_TOKENS} tokens and will raise on this model; use "
+            f"AutoProcessor(text=..., padding='max_length') + AutoModel, which pad to its {context_length}")
+
+
 def export_hf(checkpoint: Union[str, Path], out: Union[str, Path], tokenizer: Optional[Union[str, Path]] = None,
               layernorm_eps: Optional[float] = None, log: Callable[[str], None] = print) -> dict:
     """Dist checkpoint -> a directory `transformers.SiglipModel.from_pretrained` loads."""
@@ -150,6 +166,9 @@ def export_hf(checkpoint: Union[str, Path], out: Union[str, Path], tokenizer: Op
     with safe_open(str(out / "model.safetensors"), framework="pt") as f:
         hf_config["dtype"] = str(f.get_tensor(next(iter(f.keys()))).dtype).removeprefix("torch.")
     (out / CONFIG_NAME).write_text(json.dumps(hf_config, indent=2) + "\n")
+    note = pipeline_padding_note(cfg.text["context_length"])
+    if note:
+        log(note)
     if tokenizer is None:
         tokenizer = _run_tokenizer(Path(checkpoint))
     if tokenizer is not None:
