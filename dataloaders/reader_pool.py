@@ -134,7 +134,7 @@ def _read(prep: HostPrep, shard: str, chunk_size: int, outbox: Any, parent: int,
     try:
         for item in iter_samples(shard, offsets=True):
             chunk.append(item)
-            size += _payload_bytes(item) if isinstance(item, dict) else 0
+            size += _payload_bytes(item)
             if len(chunk) == chunk_size or size >= max_chunk_bytes:
                 if not _put(outbox, ("items", _pack(prep.record(chunk))), parent):
                     return False

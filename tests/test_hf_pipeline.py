@@ -82,8 +82,9 @@ def quickstart(shapes_data, tmp_path_factory) -> dict:
     classes = one_prompt_classes(data_dir)
     val = str(data_dir / "val-{000000..000000}.tar")
     ours = run_distributed(eval_worker, 1, checkpoint, val, str(classes), str(out / "eval.json"))[0]
-    export_hf(checkpoint, out / "hf", log=lambda s: None)  # tokenizer from the run's config.yaml
-    return {"hf": out / "hf", "val": val, "classes": json.loads(classes.read_text()), "ours": ours}
+    logged: list[str] = []
+    export_hf(checkpoint, out / "hf", log=logged.append)  # tokenizer from the run's config.yaml
+    return {"hf": out / "hf", "val": val, "classes": json.loads(classes.read_text()), "ours": ours, "log": logged}
 
 
 def _val_images(val: str):
@@ -138,6 +139,7 @@ def test_export_token_ids_match_the_tokenizer(quickstart):
     tok = AutoTokenizer.from_pretrained(str(quickstart["hf"]))
     assert (cfg["pad_token_id"], cfg["eos_token_id"], cfg["bos_token_id"]) == (tok.pad_token_id, tok.eos_token_id, None)
     assert cfg["max_position_embeddings"] == 64  # what the zero-shot pipeline pads SigLIP text to
+    assert not [line for line in quickstart["log"] if "zero-shot-image-classification" in line]  # no note at 64
     # Loading warns about no token id of ours. (transformers 5 still logs one warning about CLIP's
     # 49406/49407 "between 0 and 31999": its config repr diffs against a *default* SiglipTextConfig,
     # for every SigLIP checkpoint, Google's included; the range names the default vocabulary.)

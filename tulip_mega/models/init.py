@@ -17,6 +17,7 @@ from typing import Iterable
 import torch
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from megatron.core.dist_checkpointing.utils import extract_sharded_tensors
+from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 
 from tulip_mega.models.te_names import canonical_key
 
@@ -98,10 +99,8 @@ def mark_tensor_parallel(model: torch.nn.Module) -> int:
         if len(split) > 1:
             raise RuntimeError(f"{sh.key}: local shape {tuple(sh.local_shape)} differs from the global "
                                f"{global_shape} on more than one axis; a TP shard is split along one")
-        if not getattr(param, "tensor_model_parallel", False):
-            param.tensor_model_parallel = True
-            param.partition_dim = split[0]
-            param.partition_stride = 1
+        if not hasattr(param, "tensor_model_parallel"):  # megatron marked its ColumnParallel biases itself
+            set_tensor_model_parallel_attributes(param, is_parallel=True, dim=split[0], stride=1)
             marked += 1
     return marked
 
