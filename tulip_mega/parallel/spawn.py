@@ -28,7 +28,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, queue) -> None:
+def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, queue, backend: str = "gloo") -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -39,7 +39,9 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, qu
     )
     torch.set_num_threads(1)
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        if backend == "nccl":
+            torch.cuda.set_device(rank % torch.cuda.device_count())
+        dist.init_process_group(backend, rank=rank, world_size=world_size)
         result = fn(*args)
         # Serialise with torch.save: tensors sent through the queue as shared memory would
         # vanish with this process before the parent reads them.
@@ -56,8 +58,10 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, qu
             dist.destroy_process_group()
 
 
-def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 600.0) -> list[Any]:
-    """Run `fn(*args)` on `world_size` gloo ranks; return the results ordered by rank.
+def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 600.0,
+                    backend: str = "gloo") -> list[Any]:
+    """Run `fn(*args)` on `world_size` ranks (gloo; "nccl" puts rank r on GPU r, for
+    benchmarks/gpu_acceptance.py); return the results ordered by rank.
 
     `fn` must be picklable (a module-level function). Raises RuntimeError naming the first
     failing rank and its traceback, or a TimeoutError when the ranks do not finish in time.
@@ -67,7 +71,7 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout
     port = free_port()
     # Not daemonic: megatron's checkpoint writer starts child processes, which daemons may not.
     procs = [
-        ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue), daemon=False)
+        ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue, backend), daemon=False)
         for r in range(world_size)
     ]
     for p in procs:
