@@ -13,8 +13,8 @@ checkpointing, or a Python shard reader feeding ``fn.external_source``; this is 
   malformed JSON are caught on the host before DALI sees the sample (``shards.iter_samples``
   keeps every good sample before a truncation and reports it once, naming the shard).
 - Exact resume. The order of samples is ``SimpleLoader``'s (inherited: shard permutation per
-  epoch, DP split by sample ranges, seeded shuffle buffer), so the position is (epoch, samples consumed in it),
-  and every random number of a sample (views, EDA) is drawn from a generator seeded by
+  epoch, DP split by sample ranges, seeded shuffle buffer), so the position is (epoch, samples
+  consumed in it), and every random number of a sample (views, EDA) is drawn from a generator seeded by
   (seed, DP rank, epoch, index in epoch) (see dali_pipeline). Resume replays the tar stream
   without decoding and continues with the very batch an uninterrupted run yields; both
   loaders share the state format, so a run may even switch between them.
