@@ -157,6 +157,11 @@ class SimpleLoader:
         if self.sizes is not None and sum(self.sizes) < dp_size:
             raise ValueError(f"the {len(self.shards)} shards hold {sum(self.sizes)} readable samples, fewer than "
                              f"dp_size={dp_size}: every data-parallel rank needs at least one sample per epoch")
+        if self.sizes is not None and dp_rank == 0:
+            total = sum(self.sizes)
+            logger.info("data-parallel split: %d samples per epoch over %d ranks, %d or %d per rank and round "
+                        "(%d of each epoch carried into the next round)", total, dp_size, total // dp_size,
+                        -(-total // dp_size), total % dp_size)
         names = "\n".join(os.path.basename(s) for s in self.shards)
         self._digest = hashlib.sha1(names.encode()).hexdigest()[:16]
         # Position after the last yielded batch (committed only at yields).
