@@ -6,7 +6,8 @@ every start). ``tulip-mega data index`` writes them once. Unlike DALI's own ``wd
 index only lists samples that ``shards.iter_samples`` reads intact: the damaged tail of a
 truncated tar (and the incomplete sample the cut fell into) is left out, so a DALI reader
 driven by these files never touches the damage. The training loader itself reads shards with
-the Python reader (see dali_loader.py); the index is for tools and DALI-native readers.
+the Python reader (see dali_loader.py); the index is for tools and DALI-native readers, and its
+sample count spares the data-parallel split (``dp_split.shard_sizes``) reading every shard.
 
 Format (one line per sample, components as ``ext offset size name`` groups)::
 

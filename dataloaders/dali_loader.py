@@ -13,8 +13,8 @@ checkpointing, or a Python shard reader feeding ``fn.external_source``; this is 
   malformed JSON are caught on the host before DALI sees the sample (``shards.iter_samples``
   keeps every good sample before a truncation and reports it once, naming the shard).
 - Exact resume. The order of samples is ``SimpleLoader``'s (inherited: shard permutation per
-  epoch, DP split, seeded shuffle buffer), so the position is (epoch, samples consumed in it),
-  and every random number of a sample (views, EDA) is drawn from a generator seeded by
+  epoch, DP split by sample ranges, seeded shuffle buffer), so the position is (epoch, samples
+  consumed in it), and every random number of a sample (views, EDA) is drawn from a generator seeded by
   (seed, DP rank, epoch, index in epoch) (see dali_pipeline). Resume replays the tar stream
   without decoding and continues with the very batch an uninterrupted run yields; both
   loaders share the state format, so a run may even switch between them.
@@ -28,7 +28,7 @@ checkpointing, or a Python shard reader feeding ``fn.external_source``; this is 
 Host work in parallel (``reader_workers``, issue #18): next to a GPU the Python host path is
 the ceiling, and profiling it showed ~80% of the loader thread in tarfile's header parsing. So
 with ``reader_workers`` = W > 0, W processes (``dataloaders.reader_pool``) each read whole
-shards (shard k of the read order on worker k % W, read back in that order) and do the
+shard slices (slice k of the read order on worker k % W, read back in that order) and do the
 per-sample work that needs no position (``HostPrep.record``: JSON, JPEG header, tokenising);
 the shuffle buffer stays here, and from 2 workers on the position-seeded draws
 (``HostPrep.draw``) go back to the workers in chunks of positions. The items, their order and
@@ -63,6 +63,7 @@ from PIL import Image
 
 from dataloaders.base import Batch
 from dataloaders.dali_pipeline import ViewPlan, build_pipeline, to_torch
+from dataloaders.dp_split import ShardSlice
 from dataloaders.host_prep import Entry, HostPrep, HostSample, Result
 from dataloaders.reader_pool import READ_CHUNK, ReaderPool
 from dataloaders.simple_loader import SimpleLoader, _Damage
@@ -211,10 +212,10 @@ class DaliLoader(SimpleLoader):
     def _host_prep(self) -> HostPrep:
         return HostPrep(self.plan, self.tokenizer, self.seed, self.dp_rank)
 
-    def _read_shards(self, shards: list[str]) -> Iterator[dict[str, Any] | _Damage]:
+    def _read_slices(self, slices: list[ShardSlice]) -> Iterator[dict[str, Any] | _Damage]:
         if self._pool is None:  # no reader workers: read here, inspect later in prepare()
-            return super()._read_shards(shards)
-        return self._pool.read(shards)
+            return super()._read_slices(slices)
+        return self._pool.read(slices)
 
     def host_stream(self, epoch: int = 0, consumed: int = 0) -> Iterator[tuple[Entry, Result]]:
         """Every entry from a position on with its host result, in stream order.

@@ -8,8 +8,9 @@ worker takes whole shards: it reads one with ``shards.iter_samples`` (the same r
 same samples, the same partial last sample and the same damage message), runs
 ``HostPrep.record`` on chunks of it (JSON, JPEG header, tokenising) and sends the records back,
 one message per chunk with the chunk's caption tokens as one array (``_pack``).
-Shard k of the read order goes to worker ``k % W`` and is read back from that worker's own FIFO
-queue, so the loader sees exactly the item sequence a sequential read gives, whatever W is.
+Shard slice k of the read order (``dp_split.ShardSlice``: this DP rank's samples of a shard)
+goes to worker ``k % W`` and is read back from that worker's own FIFO queue, so the loader
+sees exactly the item sequence a sequential read gives, whatever W is.
 The shuffle buffer stays in the loader (its order depends on every item before it); once it
 has fixed the positions, ``draw`` hands chunks of them back to the workers (chunk c to worker
 c % W, a second thread in each worker) for the position-seeded view parameters and EDA copies.
@@ -44,8 +45,9 @@ from typing import Any, Optional
 
 import numpy as np
 
+from dataloaders.dp_split import ShardSlice, read_slice
 from dataloaders.host_prep import HOST, Drawn, HostPrep, Inspected, Request
-from dataloaders.shards import ShardReadError, iter_samples
+from dataloaders.shards import ShardReadError
 from dataloaders.simple_loader import _Damage
 
 __all__ = ["ReaderPool", "ReaderWorkerError"]
@@ -127,20 +129,23 @@ def _payload_bytes(item: dict[str, Any]) -> int:
     return sum(len(v) for v in item.values() if isinstance(v, (bytes, bytearray)))
 
 
-def _read(prep: HostPrep, shard: str, chunk_size: int, outbox: Any, parent: int,
+def _read(prep: HostPrep, piece: ShardSlice | str, chunk_size: int, outbox: Any, parent: int,
           max_chunk_bytes: int = MAX_CHUNK_BYTES) -> bool:
+    """Read, inspect and send one shard slice (a path: the whole shard), then an "end"."""
+    if isinstance(piece, str):
+        piece = ShardSlice(piece)
     chunk: list[Any] = []
     size = 0
     try:
-        for item in iter_samples(shard, offsets=True):
+        for item in read_slice(piece, offsets=True):
             chunk.append(item)
             size += _payload_bytes(item)
             if len(chunk) == chunk_size or size >= max_chunk_bytes:
                 if not _put(outbox, ("items", _pack(prep.record(chunk))), parent):
                     return False
                 chunk, size = [], 0
-    except ShardReadError as e:  # exactly what SimpleLoader._raw does in-process
-        chunk = prep.record(chunk) + [_Damage(shard, str(e))]
+    except ShardReadError as e:  # exactly what SimpleLoader._read_slices does in-process
+        chunk = prep.record(chunk) + [_Damage(piece.shard, str(e))]
         return _put(outbox, ("items", _pack(chunk)), parent) and _put(outbox, ("end", None), parent)
     if chunk and not _put(outbox, ("items", _pack(prep.record(chunk))), parent):
         return False
@@ -273,23 +278,23 @@ class ReaderPool:
                 raise ReaderWorkerError(f"loader reader worker {w} failed while {what} shard {shard}:\n{payload}")
             return kind, payload
 
-    def read(self, shards: list[str]) -> Iterator[dict[str, Any] | _Damage]:
-        """The items of ``shards`` in order (sample records with ``HOST`` set, and a _Damage
-        after a damaged shard's good samples), as ``iter_samples`` would give them."""
+    def read(self, slices: list[ShardSlice]) -> Iterator[dict[str, Any] | _Damage]:
+        """The items of ``slices`` in order (sample records with ``HOST`` set, and a _Damage
+        after a damaged shard's good samples), as ``dp_split.read_slice`` would give them."""
         if self._broken:
             raise RuntimeError("ReaderPool.read: an earlier read was abandoned mid-way; build a new pool")
         self._broken = True  # until this read completes: its replies would be misaligned
         pending: deque[str] = deque()
-        todo = iter(shards)
+        todo = iter(slices)
         while True:
             while len(pending) < self.ahead * self.workers:
-                shard = next(todo, None)
-                if shard is None:
+                piece = next(todo, None)
+                if piece is None:
                     break
-                self._inbox[self._sent % self.workers].put(shard)
-                self._reading[self._sent % self.workers].append(shard)
+                self._inbox[self._sent % self.workers].put(piece)
+                self._reading[self._sent % self.workers].append(piece.shard)
                 self._sent += 1
-                pending.append(shard)
+                pending.append(piece.shard)
             if not pending:
                 break
             shard = pending.popleft()

@@ -13,10 +13,11 @@ Why this design:
 - Bad data never crashes a run: corrupt images, missing or non-UTF-8 captions and truncated
   shards are skipped, logged with shard and key, and counted in ``stats()["skipped"]``.
 
-Data parallelism: with at least ``dp_size`` shards, rank r reads ``order[r::dp_size]`` of the
-epoch's shard permutation (ranks may then see different counts per epoch when the shard count
-is not divisible by dp_size); with fewer shards every rank reads all of them and keeps every
-dp_size-th sample. Either way the ranks are disjoint and together cover the data.
+Data parallelism (``dataloaders.dp_split``): the ranks split the samples, not the shards.
+Each round (an epoch, shifted by fewer than dp_size samples when dp_size does not divide the
+sample count) is cut into dp_size contiguous ranges of equal length, so ranks stepping in
+lockstep read every sample exactly once per round; each rank reads its range as slices of
+shards in the epoch's shard order. ``epoch`` in the state is the round.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ import torch
 from PIL import Image
 
 from dataloaders.base import Batch
-from dataloaders.shards import ShardReadError, expand_shards, iter_samples
+from dataloaders.dp_split import SPLIT_NAME, ShardSlice, rank_slices, read_slice, shard_order, shard_sizes
+from dataloaders.shards import ShardReadError, expand_shards
 from dataloaders.tokenizer import Tokenizer
 
 __all__ = ["BASIC_FIELDS", "SimpleLoader", "decode_image"]
@@ -150,7 +152,16 @@ class SimpleLoader:
         self.seed = seed
         self.shuffle_buffer = shuffle_buffer
         self.num_epochs = num_epochs
-        self.sample_level = len(self.shards) < dp_size
+        # Samples per shard: needed to split samples over ranks (dp_size 1 reads whole shards).
+        self.sizes = None if dp_size == 1 else shard_sizes(self.shards)
+        if self.sizes is not None and sum(self.sizes) < dp_size:
+            raise ValueError(f"the {len(self.shards)} shards hold {sum(self.sizes)} readable samples, fewer than "
+                             f"dp_size={dp_size}: every data-parallel rank needs at least one sample per epoch")
+        if self.sizes is not None and dp_rank == 0:
+            total = sum(self.sizes)
+            logger.info("data-parallel split: %d samples per epoch over %d ranks, %d or %d per rank and round "
+                        "(%d of each epoch carried into the next round)", total, dp_size, total // dp_size,
+                        -(-total // dp_size), total % dp_size)
         names = "\n".join(os.path.basename(s) for s in self.shards)
         self._digest = hashlib.sha1(names.encode()).hexdigest()[:16]
         # Position after the last yielded batch (committed only at yields).
@@ -161,28 +172,27 @@ class SimpleLoader:
 
     # ------------------------------------------------------------------ the sample stream
 
-    def epoch_shards(self, epoch: int) -> list[str]:
-        """This rank's shards for ``epoch`` (all shards in sample-level mode), in read order."""
-        order = list(self.shards)
-        random.Random(f"shards/{self.seed}/{epoch}").shuffle(order)
-        return order if self.sample_level else order[self.dp_rank :: self.dp_size]
+    def epoch_slices(self, epoch: int) -> list[ShardSlice]:
+        """This rank's samples in round ``epoch`` as shard slices, in read order."""
+        if self.sizes is None:
+            return [ShardSlice(self.shards[k]) for k in shard_order(self.shards, self.seed, epoch)]
+        return rank_slices(self.shards, self.sizes, self.seed, epoch, self.dp_rank, self.dp_size, self.num_epochs)
 
-    def _read_shards(self, shards: list[str]) -> Iterator[dict[str, Any] | _Damage]:
-        """The samples of ``shards`` in order, a _Damage after a damaged shard's good samples
-        (the DALI loader overrides this to read in worker processes)."""
-        for shard in shards:
+    def epoch_shards(self, epoch: int) -> list[str]:
+        """The shards this rank reads (some only in part) in round ``epoch``, in read order."""
+        return [piece.shard for piece in self.epoch_slices(epoch)]
+
+    def _read_slices(self, slices: list[ShardSlice]) -> Iterator[dict[str, Any] | _Damage]:
+        """The samples of ``slices`` in order, a _Damage after a damaged shard's good samples
+        from the slice that ends it (the DALI loader overrides this to read in worker processes)."""
+        for piece in slices:
             try:
-                yield from iter_samples(shard)
+                yield from read_slice(piece)
             except ShardReadError as e:
-                yield _Damage(shard, str(e))
+                yield _Damage(piece.shard, str(e))
 
     def _raw(self, epoch: int) -> Iterator[dict[str, Any] | _Damage]:
-        if not self.sample_level:
-            yield from self._read_shards(self.epoch_shards(epoch))
-            return
-        for i, item in enumerate(self._read_shards(self.epoch_shards(epoch))):
-            if i % self.dp_size == self.dp_rank:
-                yield item
+        return self._read_slices(self.epoch_slices(epoch))
 
     def _stream(self, epoch: int) -> Iterator[dict[str, Any] | _Damage]:
         rng = random.Random(f"buffer/{self.seed}/{epoch}/{self.dp_rank}")
@@ -264,7 +274,8 @@ class SimpleLoader:
 
     @property
     def epoch(self) -> int:
-        """Epoch of the current position (the last yielded batch ended in this epoch)."""
+        """Round (``dp_split``; the epoch when dp_size divides the sample count) of the current
+        position: the last yielded batch ended in this round."""
         return self._epoch
 
     def state_dict(self) -> dict[str, Any]:
@@ -278,6 +289,8 @@ class SimpleLoader:
             "shuffle_buffer": self.shuffle_buffer,
             "num_shards": len(self.shards),
             "shards_digest": self._digest,
+            "dp_split": SPLIT_NAME,
+            "epoch_samples": None if self.sizes is None else sum(self.sizes),
             "samples": self._samples,
             "skipped": self._skipped,
         }
@@ -286,7 +299,9 @@ class SimpleLoader:
         """Continue from ``state``; refuses states from a differently configured stream.
 
         An exact resume needs the same per-rank sample order, which depends on dp_size, the
-        rank, the seed, the shuffle buffer and the shard list (batch_size may change).
+        rank, the seed, the shuffle buffer, the shard list and (dp_size > 1) the samples per
+        epoch (batch_size may change). A dp_size > 1 state without ``dp_split`` comes from the
+        older whole-shard split, whose positions mean other samples: it is refused.
         """
         required = ("epoch", "consumed_in_epoch", "seed", "dp_rank", "dp_size")
         missing = [k for k in required if k not in state]
@@ -298,12 +313,20 @@ class SimpleLoader:
                 f"run has dp_size={self.dp_size}. The per-rank sample order depends on dp_size, so an exact "
                 f"resume needs the same data-parallel size (or start a fresh data epoch)."
             )
+        if self.dp_size > 1 and state.get("dp_split") != SPLIT_NAME:
+            raise ValueError(
+                f"cannot resume the data loader: the state (dp_split={state.get('dp_split')!r}) was saved by the "
+                f"whole-shard data-parallel split, where rank r read every dp_size-th shard; this loader splits "
+                f"samples ({SPLIT_NAME!r}), so that position names other samples; resume with the version that "
+                f"wrote the checkpoint"
+            )
         expected = {
             "dp_rank": self.dp_rank,
             "seed": self.seed,
             "shuffle_buffer": self.shuffle_buffer,
             "num_shards": len(self.shards),
             "shards_digest": self._digest,
+            "epoch_samples": None if self.sizes is None else sum(self.sizes),
         }
         for name, mine in expected.items():
             if name in state and state[name] != mine:

@@ -489,7 +489,7 @@ def test_reader_workers_give_identical_batches_across_epochs_and_resume(two_shar
     ref = [b for _, b in zip(range(7), make(0))]
     for workers in (1, 2, 3):
         _same(ref, [b for _, b in zip(range(7), make(workers))])
-    # fewer shards than DP ranks: every rank reads every shard and keeps every dp_size-th sample
+    # fewer shards than DP ranks: each rank reads its range of samples, slices of shards
     few = [loader(two_shards, tok, batch=16, seed=7, dp_rank=1, dp_size=3, reader_workers=w) for w in (0, 2)]
     _same(*[[b for _, b in zip(range(3), dl)] for dl in few])
     first = make(2)

@@ -266,20 +266,20 @@ def test_loader_batches(data: dict, tok: Tokenizer) -> None:
 
 @pytest.mark.parametrize(
     "num_shards,dp_size,batch",
-    [(6, 2, 8), (6, 4, 5), (1, 3, 4)],  # shard-level (even / uneven split) and sample-level
+    [(6, 2, 8), (6, 4, 5), (1, 4, 4)],  # even / uneven shards per rank, fewer shards than ranks
 )
 def test_loader_dp_ranks_disjoint_and_complete(data: dict, tok: Tokenizer, num_shards, dp_size, batch) -> None:
+    """Each rank's own round (here: the epoch) is its equal share, and the shares cover the data;
+    tests/test_dp_split.py draws the ranks in lockstep."""
     shards = data["train_shards"][:num_shards]
     everything = all_keys(shards)
     per_rank = []
     for rank in range(dp_size):
         loader = SimpleLoader(shards, batch, 32, tok, dp_rank=rank, dp_size=dp_size, seed=5, shuffle_buffer=8)
-        assert loader.sample_level == (num_shards < dp_size)
-        n = sum(len(all_keys([s])) for s in loader.epoch_shards(0))
-        if loader.sample_level:
-            n = len(range(rank, n, dp_size))
+        n = sum(s.stop - s.start for s in loader.epoch_slices(0))
+        assert n == len(everything) // dp_size
         keys = take_keys(loader, n)
-        assert len(set(keys)) == n  # one epoch: no repeats
+        assert len(set(keys)) == n  # one round: no repeats
         per_rank.append(set(keys))
     assert sum(len(k) for k in per_rank) == len(everything)
     assert set().union(*per_rank) == set(everything)
