@@ -235,9 +235,16 @@ class TrainConfig:
     max_skipped_steps: int = _f(10, "stop the run (exit code 4, not requeued) after this many consecutive steps "
                                     "whose loss or gradient norm was not finite (each is skipped: no weight or "
                                     "optimizer state changes)")
+    check_cache: bool = _f(False, "debug: with the global contrastive batch's embedding cache, compare the gradient "
+                                  "pass's contrastive embeddings with the cached ones every step and stop (exit "
+                                  "code 6) past train.check_cache_tolerance (docs/losses.md)")
+    check_cache_tolerance: Optional[float] = _f(None, "largest relative difference train.check_cache accepts; "
+                                                      "null = by precision: fp32 1e-5, bf16 1e-2, FP8 2e-2")
 
     def validate(self) -> None:
         _at_least(self, "train", ("steps", "global_batch_size", "micro_batch_size", "max_skipped_steps"), 1)
+        t = self.check_cache_tolerance
+        _require(t is None or t > 0, f"train.check_cache_tolerance={t} must be > 0 or null")
         g, m = self.global_batch_size, self.micro_batch_size
         _require(m <= g, f"train.micro_batch_size={m} must be <= train.global_batch_size={g}")
         _require(g % m == 0, f"train.global_batch_size={g} is not divisible by train.micro_batch_size={m}")
