@@ -84,6 +84,7 @@ def test_check_cache_passes_for_every_family(family):
 
 
 @pytest.mark.multiprocess
+@pytest.mark.slow
 def test_check_cache_fires_on_every_rank_when_one_replay_differs():
     """DP=2 (2 micro-batches per rank), full stack: rank 1's replay of the caption embedding
     differs; both ranks stop in step 1 with the same message (exit code 6)."""
@@ -128,6 +129,7 @@ def _dropout_worker(overrides):
 
 
 @pytest.mark.multiprocess
+@pytest.mark.slow
 def test_random_layers_are_refused_only_when_the_cache_replays_them():
     clean, refused = run_distributed(_dropout_worker, 1, GB)[0]
     assert clean == [], clean  # the model as built has no random layer
@@ -298,6 +300,34 @@ def test_fp8_replay_first_step_and_selection():
         assert isinstance(replay_guard(load_config(None, overrides).precision, [tower]), _NoReplayGuard)
 
 
+def test_one_restore_per_transformer_block():
+    """Modules inside a megatron TransformerBlock are restored by one hook on the block (TE
+    updates only when the block's autocast exits); a module outside any block by its own."""
+    from megatron.core.transformer.transformer_block import TransformerBlock
+
+    from tulip_mega.training.fp8_replay import Fp8ReplayScales
+
+    block = TransformerBlock.__new__(TransformerBlock)  # a block's place in the tree; never run
+    torch.nn.Module.__init__(block)
+    block.tower = FakeTower()
+    root = torch.nn.Module()
+    root.block, root.head = block, FakeFp8Linear(torch.nn.Linear(4, 4))
+    root.head(block.tower(torch.randn(2, 8))).sum().backward()  # creates the FP8 state
+    guard = Fp8ReplayScales([root])
+    with guard.cache_pass():
+        pass
+    with guard.replay_pass():
+        assert len(block._forward_pre_hooks) == 1 and len(root.head._forward_pre_hooks) == 1
+        assert not block.tower.a._forward_pre_hooks and not block.tower.b._forward_pre_hooks
+        for m in (block.tower.a, block.tower.b, root.head):
+            m.fp8_meta["scaling_fwd"].scale.fill_(7.0)
+        block._forward_pre_hooks[next(iter(block._forward_pre_hooks))](block, ())
+        assert float(block.tower.a.fp8_meta["scaling_fwd"].scale) != 7.0
+        assert float(block.tower.b.fp8_meta["scaling_fwd"].scale) != 7.0
+        assert float(root.head.fp8_meta["scaling_fwd"].scale) == 7.0  # its own hook runs with it
+    assert not block._forward_pre_hooks and not root.head._forward_pre_hooks
+
+
 def test_cache_pass_switches_full_recompute_off():
     from tulip_mega.training.fp8_replay import Fp8ReplayScales
 
@@ -345,6 +375,7 @@ def _fp8_step_worker(overrides, guarded):
 
 
 @pytest.mark.multiprocess
+@pytest.mark.slow
 def test_train_step_replays_fp8_scales_of_the_cache_pass():
     unguarded = run_distributed(_fp8_step_worker, 1, GB, False)[0]
     assert unguarded is not None and "text_emb: max abs diff" in unguarded

@@ -18,9 +18,9 @@ one step of the global contrastive batch (training/step.py):
     would be cast with newer scales than the cache saw, and the cached gradient would be
     applied at slightly different activations.
 
-`Fp8ReplayScales` holds S through the gradient pass: a forward pre-hook on every delayed-scaling
-module copies S back into `scaling_fwd.scale` (in place: the quantizers' views stay valid) before
-each forward. The amax history is left to TE in that pass (it records every forward and rolls
+`Fp8ReplayScales` holds S through the gradient pass: a forward pre-hook on every TransformerBlock
+holding delayed-scaling modules copies S back into their `scaling_fwd.scale` (in place: the
+quantizers' views stay valid) before each block call. The amax history is left to TE in that pass (it records every forward and rolls
 as usual), so the scales TE computes at the pass's last update are the next step's S: the
 scales move once per step instead of once per tower call. The cache pass is also made to
 leave no trace: the amax histories and scales are snapshotted before it and copied back after
@@ -92,7 +92,7 @@ class Fp8ReplayScales:
         before = {m: {k: t.clone() for k, t in _tensors(s, ("amax_history", *_SCALES)).items()}
                   for m, s in self._modules()}
         scales = {m: {k: t for k, t in saved.items() if k in _SCALES} for m, saved in before.items()}
-        with _no_full_recompute(self.roots), _holding(scales):
+        with _no_full_recompute(self.roots), _holding(self.roots, scales):
             yield
         for module, saved in before.items():
             state = delayed_scaling_state(module)
@@ -106,17 +106,26 @@ class Fp8ReplayScales:
         """The forward+backward pass: every forward of a module recorded by `cache_pass` casts
         with S; the hooks are gone afterwards."""
         try:
-            with _holding(self._frozen):
+            with _holding(self.roots, self._frozen):
                 yield
         finally:
             self._frozen = {}
 
 
 @contextlib.contextmanager
-def _holding(saved: dict[torch.nn.Module, dict[str, torch.Tensor]]) -> Iterator[None]:
+def _holding(roots: list[torch.nn.Module], saved: dict[torch.nn.Module, dict[str, torch.Tensor]]) -> Iterator[None]:
     """Forward pre-hooks that copy `saved` (scale tensors by name) into each module's
-    delayed-scaling state before each of its forwards; removed on exit."""
-    handles = [m.register_forward_pre_hook(_restore_hook(m, tensors)) for m, tensors in saved.items()]
+    delayed-scaling state before it runs; removed on exit. TE updates the scales only when a
+    block's autocast exits, so one hook per TransformerBlock copies all of its modules' scales
+    at once (one `_foreach_copy_`); a module outside any block gets its own hook."""
+    groups: dict[torch.nn.Module, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+    for module, owner in _owners(roots, saved).items():
+        state = delayed_scaling_state(module)
+        dsts, srcs = groups.setdefault(owner, ([], []))
+        for k, t in saved[module].items():
+            dsts.append(getattr(state, k))
+            srcs.append(t)
+    handles = [owner.register_forward_pre_hook(_copy_hook(dsts, srcs)) for owner, (dsts, srcs) in groups.items()]
     try:
         yield
     finally:
@@ -124,11 +133,25 @@ def _holding(saved: dict[torch.nn.Module, dict[str, torch.Tensor]]) -> Iterator[
             h.remove()
 
 
-def _restore_hook(module: torch.nn.Module, saved: dict[str, torch.Tensor]):
+def _owners(roots: list[torch.nn.Module], modules) -> dict[torch.nn.Module, torch.nn.Module]:
+    """{module: the nearest TransformerBlock above it (or the module itself)} for `modules`."""
+    from megatron.core.transformer.transformer_block import TransformerBlock
+
+    owner_of = {}
+    stack = [(root, None) for root in roots]
+    while stack:
+        module, owner = stack.pop()
+        if isinstance(module, TransformerBlock):
+            owner = module
+        if module in modules:
+            owner_of[module] = owner if owner is not None else module
+        stack.extend((child, owner) for child in module.children())
+    return owner_of
+
+
+def _copy_hook(dsts: list[torch.Tensor], srcs: list[torch.Tensor]):
     def hook(_module, _args) -> None:
-        state = delayed_scaling_state(module)
-        for k, t in saved.items():
-            getattr(state, k).copy_(t)
+        torch._foreach_copy_(dsts, srcs)
     return hook
 
 
