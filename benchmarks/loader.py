@@ -291,7 +291,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         info = write_shapes_dataset(tmp, num_train=args.samples, num_val=16, samples_per_shard=args.samples_per_shard,
                                     image_size=args.image_size)
-        tok = Tokenizer(train_tokenizer_from_shards(info["train_spec"], os.path.join(tmp, "tok")), 64)
+        # 16k captions train the 1k vocabulary as well as all of them (the --host-only default has 40k).
+        tok = Tokenizer(train_tokenizer_from_shards(info["train_spec"], os.path.join(tmp, "tok"), max_texts=16384), 64)
         plan = ViewPlan(image_size=args.image_size, crops=args.global_crops - 1, local_crops=args.local_crops,
                         local_size=args.local_size, edits=True, global_scale=(0.4, 1.0))
         shards = expand_shards(info["train_spec"])
