@@ -85,6 +85,17 @@ def test_check_cache_passes_for_every_family(family):
 
 @pytest.mark.multiprocess
 @pytest.mark.slow
+def test_check_cache_passes_under_pipeline_parallel():
+    """PP=2, full stack, 4 micro-batches: the last stage compares, every stage agrees."""
+    out = run_distributed(_check_worker, 2, TULIP + GB + ["parallel.pipeline_parallel=2"], 1)
+    assert all(r["error"] is None and r["steps"] == 1 for r in out)
+    first, last = out
+    assert first["seen"] == [] and [m for m, _, _ in last["seen"]] == [0, 1, 2, 3]
+    assert all(worst == 0.0 for _, _, worst in last["seen"])
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
 def test_check_cache_fires_on_every_rank_when_one_replay_differs():
     """DP=2 (2 micro-batches per rank), full stack: rank 1's replay of the caption embedding
     differs; both ranks stop in step 1 with the same message (exit code 6)."""
