@@ -19,11 +19,17 @@ figures, and the CPU microseconds per sample of the loader process and of the wo
 fastest round). It ends with the machine's own ceiling for a second worker (``machine_ceiling``):
 a worker's work in 2 independent processes over 1, which no loader can beat.
 
-    python benchmarks/loader.py --host-only --image-size 32 --samples 16384 --samples-per-shard 1024
+    python benchmarks/loader.py --host-only
 
-Use at least ~16 shards: with 4 (``--samples 4096``) a figure covers ~0.3 s, and each worker's
-first shard and the shards read ahead past the end of the window decide it (2 workers over 1:
-0.98x with 4 shards where 16 gave 1.45x, same code, same quiet machine).
+A worker's first message (up to ``reader_pool.READ_CHUNK`` = 1024 samples, or a shard if
+smaller) is prepared before the first result arrives, outside the timed window, yet its samples
+are counted: with W workers the figures run high by W messages over the window. ``--host-only``
+therefore refuses fewer than 20 x W messages' worth of samples (that bias at most 5%), and its
+defaults (``--samples`` = that minimum for the largest ``--workers`` count, 40,960 for "0,1,2";
+``--samples-per-shard 1024``, messages as large as on real shards; ``--image-size 32``) meet it.
+At 512 samples (the old default) 2 workers printed "10x" over 0 and 0 us of worker CPU: the
+workers had finished the whole window before it began. End to end, ``--samples`` must cover
+the warm-up (``--threads`` + 1 batches) and ``--batches`` batches of ``--batch-size``.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ import resource
 import sys
 import tempfile
 import time
+from typing import Optional
 
 import numpy as np
 import torch
@@ -217,27 +224,75 @@ def host_only(args: argparse.Namespace, shards: list[str], tok: Tokenizer) -> No
     print(f"load average at the end {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
 
 
-def main() -> None:
+# The first messages of the workers may be at most this fraction of a --host-only window.
+FIRST_MESSAGE_SHARE = 0.05
+
+
+def min_host_samples(workers: list[int], samples_per_shard: int, batch_size: int) -> int:
+    """Fewest samples per --host-only figure: every worker's first message (up to READ_CHUNK
+    samples, at most one shard) within FIRST_MESSAGE_SHARE of the window, and two batches."""
+    message = min(READ_CHUNK, samples_per_shard)
+    return max(round(max(workers) * message / FIRST_MESSAGE_SHARE), 2 * batch_size)
+
+
+def min_end_to_end_samples(batches: int, batch_size: int, threads: int) -> int:
+    """Fewest samples for the end-to-end timing: `measure`'s warm-up (threads + 1 batches) and
+    `batches` timed batches, per loader and epoch (the PIL DataLoader stops at its epoch end)."""
+    return (batches + threads + 1) * batch_size
+
+
+def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Mode-dependent defaults (see the module docstring); too few samples exits with the minimum."""
+    host = args.host_only
+    if args.image_size is None:
+        args.image_size = 32 if host else 224
+    if args.samples_per_shard is None:
+        args.samples_per_shard = READ_CHUNK if host else 128
+    if host:
+        workers = [int(w) for w in args.workers.split(",")]
+        least = min_host_samples(workers, args.samples_per_shard, args.batch_size)
+        why = (f"with --workers {args.workers} each worker's first message of up to "
+               f"{min(READ_CHUNK, args.samples_per_shard)} samples (READ_CHUNK, or --samples-per-shard if smaller) "
+               f"is prepared before the timing starts and must be at most {FIRST_MESSAGE_SHARE:.0%} of the window")
+    else:
+        least = min_end_to_end_samples(args.batches, args.batch_size, args.threads)
+        why = (f"each loader runs {args.threads + 1} warm-up batches (--threads {args.threads} + 1) and --batches "
+               f"{args.batches} timed ones of --batch-size {args.batch_size} within one epoch")
+    if args.samples is None:
+        args.samples = least if host else max(512, least)
+    if args.samples < least:
+        raise SystemExit(f"loader.py: --samples {args.samples} is too few: at least {least} ({why})")
+    return args
+
+
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--image-size", type=int, default=224)
+    ap.add_argument("--image-size", type=int, default=None, help="default: 224; 32 with --host-only")
     ap.add_argument("--local-size", type=int, default=96)
     ap.add_argument("--global-crops", type=int, default=2)
     ap.add_argument("--local-crops", type=int, default=8)
-    ap.add_argument("--samples", type=int, default=512)
+    ap.add_argument("--samples", type=int, default=None,
+                    help="samples in the dataset (one epoch); default: 512, or with --host-only the fewest it "
+                         "accepts (see above)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--batches", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--samples-per-shard", type=int, default=128)
+    ap.add_argument("--samples-per-shard", type=int, default=None, help="default: 128; 1024 with --host-only")
     ap.add_argument("--host-only", action="store_true", help="time the host path alone (see above)")
     ap.add_argument("--workers", default="0,1,2", help="reader worker counts for --host-only (first = baseline)")
     ap.add_argument("--reader-workers", type=int, default=0, help="reader workers of the DALI loader (end to end)")
-    args = ap.parse_args()
+    return ap
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    args = resolve_args(build_parser().parse_args(argv))
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         info = write_shapes_dataset(tmp, num_train=args.samples, num_val=16, samples_per_shard=args.samples_per_shard,
                                     image_size=args.image_size)
-        tok = Tokenizer(train_tokenizer_from_shards(info["train_spec"], os.path.join(tmp, "tok")), 64)
+        # 16k captions train the 1k vocabulary as well as all of them (the --host-only default has 40k).
+        tok = Tokenizer(train_tokenizer_from_shards(info["train_spec"], os.path.join(tmp, "tok"), max_texts=16384), 64)
         plan = ViewPlan(image_size=args.image_size, crops=args.global_crops - 1, local_crops=args.local_crops,
                         local_size=args.local_size, edits=True, global_scale=(0.4, 1.0))
         shards = expand_shards(info["train_spec"])

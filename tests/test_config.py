@@ -242,7 +242,7 @@ def test_per_section_checks():
         "model.vision.patch_size=5": "model.vision.image_size=32 is not divisible by model.vision.patch_size=5",
         "model.text.num_heads=3": "model.text.hidden_size=64 is not divisible by model.text.num_heads=3",
         "train.micro_batch_size=64": "train.micro_batch_size=64 must be <= train.global_batch_size=32",
-        "optim.warmup_steps=101": "optim.warmup_steps=101 must be <= train.steps=100",
+        "optim.warmup_steps=100": "optim.warmup_steps=100 must be < train.steps=100",
         "train.steps=0": "train.steps=0 must be >= 1",
     }
     for override, expected in cases.items():

@@ -10,8 +10,9 @@ Exit codes (the SLURM scripts in slurm/ act on them):
   3   checkpoint error;
   4   train.max_skipped_steps consecutive steps had a non-finite loss or gradient norm (each was
       skipped, so the weights and checkpoints are those of the last finite step);
-  5   pipeline stages of a model replica read different samples (a data / loader bug).
-Only 75 is requeued by slurm/common.sh: 4 and 5 would fail the same way again.
+  5   pipeline stages of a model replica read different samples (a data / loader bug);
+  6   train.check_cache: the gradient pass did not reproduce the cached contrastive embeddings.
+Only 75 is requeued by slurm/common.sh: 4, 5 and 6 would fail the same way again.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ EXIT_CONFIG_ERROR = 2
 EXIT_CHECKPOINT_ERROR = 3
 EXIT_NON_FINITE = 4  # = tulip_mega.training.step.NonFiniteTraining.exit_code
 EXIT_DATA_MISMATCH = 5  # = tulip_mega.training.step.PipelineDataMismatch.exit_code
+EXIT_CACHE_MISMATCH = 6  # = tulip_mega.training.step.CacheReplayMismatch.exit_code
 EXIT_STOPPED_EARLY = 75  # EX_TEMPFAIL from sysexits.h: "try again later" (= requeue and --resume)
 
 

@@ -214,7 +214,7 @@ class OptimConfig:
     betas: tuple[float, float] = _f((0.9, 0.95), "AdamW (beta1, beta2)")
     eps: float = _f(1e-8, "AdamW epsilon")
     clip_grad: float = _f(1.0, "global grad-norm clip; 0 disables")
-    warmup_steps: int = _f(0, "linear warmup steps (must be <= train.steps)")
+    warmup_steps: int = _f(0, "linear warmup steps (must be < train.steps: the cosine decay needs a step)")
 
     def validate(self) -> None:
         _require(self.lr > 0, f"optim.lr={self.lr} must be > 0")
@@ -235,9 +235,16 @@ class TrainConfig:
     max_skipped_steps: int = _f(10, "stop the run (exit code 4, not requeued) after this many consecutive steps "
                                     "whose loss or gradient norm was not finite (each is skipped: no weight or "
                                     "optimizer state changes)")
+    check_cache: bool = _f(False, "debug: with the global contrastive batch's embedding cache, compare the gradient "
+                                  "pass's contrastive embeddings with the cached ones every step and stop (exit "
+                                  "code 6) past train.check_cache_tolerance (docs/losses.md)")
+    check_cache_tolerance: Optional[float] = _f(None, "largest relative difference train.check_cache accepts; "
+                                                      "null = by precision: fp32 1e-5, bf16 1e-2, FP8 2e-2")
 
     def validate(self) -> None:
         _at_least(self, "train", ("steps", "global_batch_size", "micro_batch_size", "max_skipped_steps"), 1)
+        t = self.check_cache_tolerance
+        _require(t is None or t > 0, f"train.check_cache_tolerance={t} must be > 0 or null")
         g, m = self.global_batch_size, self.micro_batch_size
         _require(m <= g, f"train.micro_batch_size={m} must be <= train.global_batch_size={g}")
         _require(g % m == 0, f"train.global_batch_size={g} is not divisible by train.micro_batch_size={m}")
@@ -470,8 +477,11 @@ class Config:
         for prefix, tower in (("model.vision", v), ("model.text", t)):
             for key, value in vars(tower).items():
                 _require(value is not None, f"{prefix}.{key} is unset; call resolve(cfg) before validate()")
-        _require(self.optim.warmup_steps <= self.train.steps,
-                 f"optim.warmup_steps={self.optim.warmup_steps} must be <= train.steps={self.train.steps}")
+        # megatron's OptimizerParamScheduler asserts lr_warmup_steps < lr_decay_steps (= train.steps).
+        _require(self.optim.warmup_steps < self.train.steps,
+                 f"optim.warmup_steps={self.optim.warmup_steps} must be < train.steps={self.train.steps}: the LR "
+                 "schedule warms up, then decays to optim.min_lr by train.steps, so the run needs more steps than "
+                 "the warm-up")
 
         self._validate_loss_inputs()
         from tulip_mega.config.streams import input_streams
@@ -526,6 +536,11 @@ class Config:
                 _require(views.local_size % patch == 0,
                          f"data.views.local_size={views.local_size} is not divisible by "
                          f"model.vision.patch_size={patch}: local crops must tile into whole patches")
+        if w.mae > 0:
+            patches = self.model.vision.seq_length
+            _require(patches >= 2, f"loss.weights.mae={w.mae} masks patches of view 0, but model.vision.image_size="
+                                   f"{self.model.vision.image_size} / model.vision.patch_size={patch} gives {patches} "
+                                   "patch: MAE needs at least one visible and one masked patch")
         if w.text_text > 0:
             _require(views.paraphrases + views.negatives >= 1,
                      f"loss.weights.text_text={w.text_text} needs GeCo texts: set data.views.paraphrases and/or "

@@ -21,6 +21,9 @@ The contrastive batch (`loss.contrastive_batch`, docs/losses.md):
          carries exactly the global loss's gradient into the towers.
     Both passes use the same host batches (read once in pass 1), so every random choice
     (crops, flips, EDA, GeCo picks; MAE masks are keyed by sample and step) is identical.
+    Under FP8 delayed scaling the forwards of 3. cast with the scales of 1. (training/fp8_replay.py);
+    a model with dropout or drop-path is refused, and `train.check_cache` compares 3.'s
+    contrastive outputs with the cached ones every step (training/cache_check.py).
 
 Every step also checks that the pipeline stages that read batches read the same samples, and
 a step whose loss or gradient norm is not finite changes nothing (training/optimizer.py).
@@ -48,6 +51,8 @@ from tulip_mega.losses.stack import TulipLossStack
 from tulip_mega.models.tulip import TulipModel
 from tulip_mega.parallel.init import device
 from tulip_mega.flops import uses_embedding_cache
+from tulip_mega.training.cache_check import CacheCheck, stochastic_layers, tolerance
+from tulip_mega.training.fp8_replay import replay_guard
 from tulip_mega.training.optimizer import guarded_step
 
 log = logging.getLogger("tulip_mega")
@@ -68,6 +73,12 @@ class PipelineDataMismatch(TrainingHalted):
     """Pipeline stages of one model replica read different samples in the same step."""
 
     exit_code = 5
+
+
+class CacheReplayMismatch(TrainingHalted):
+    """train.check_cache: the gradient pass did not reproduce the cached contrastive embeddings."""
+
+    exit_code = 6
 
 
 Chunks = Union[DistributedDataParallel, list[DistributedDataParallel]]
@@ -153,6 +164,14 @@ class TrainStep:
         # the micro-step's contrastive batch already is the global batch.
         self.global_contrastive = uses_embedding_cache(cfg, num_microbatches)
         self.cache_streams = self.streams.contrastive_only()
+        if self.global_contrastive:
+            _refuse_stochastic_layers(self.modules)
+        # The replay must run at the cache pass's FP8 scales (training/fp8_replay.py), and
+        # train.check_cache verifies that it reproduces the cached embeddings.
+        self._fp8 = replay_guard(cfg.precision, self.chunks)
+        self._check = None
+        if self.global_contrastive and cfg.train.check_cache:
+            self._check = CacheCheck(tolerance(cfg.precision, cfg.train.check_cache_tolerance))
         self.report_keys = (*(f"loss/{name}" for name in self.loss.terms),
                             *(f"chance/{name}" for name in self.loss.contrastive_terms), "logit_scale", "logit_bias")
         self._schedule = get_forward_backward_func()
@@ -237,6 +256,8 @@ class TrainStep:
         if not isinstance(total, torch.Tensor):  # no reconstruction term switched on
             total = torch.zeros((), device=output["image_emb"].device)
         if self.global_contrastive:
+            if self._check is not None:
+                self._check.compare(output, micro)
             # The schedule divides by the number of micro-batches; the surrogate's gradients
             # must add up to the global loss's over the micro-batches, so undo that division.
             total = total + self.num_microbatches * self._contrastive_surrogate(output, micro)
@@ -276,12 +297,14 @@ class TrainStep:
     def _global_contrastive_pass(self, data_iterator) -> dict[str, torch.Tensor]:
         """Passes 1 and 2 of the module docstring: returns this rank's contrastive term values
         (on the last stage; empty elsewhere) and leaves the per-micro-batch gradients."""
-        with torch.no_grad():
+        with self._fp8.cache_pass(), torch.no_grad():
             cached = self._run_schedule(data_iterator, partial(self._forward_step, cache=True),
                                         self.cache_packed_shape, forward_only=True)
         self._cache_grads = []
         if not parallel_state.is_pipeline_last_stage():
             return {}
+        if self._check is not None:
+            self._check.keep(cached)
         b, n = self.micro_batch_size, self.num_microbatches
         leaves = {}
         for key in cached[0]:
@@ -321,9 +344,14 @@ class TrainStep:
             contrastive = self._global_contrastive_pass(data_iterator)
             self._check_lockstep()
             self._replay = True
-        reports = self._run_schedule(data_iterator, self._forward_step, self.packed_shape, forward_only=False)
+        with self._fp8.replay_pass():
+            reports = self._run_schedule(data_iterator, self._forward_step, self.packed_shape, forward_only=False)
         if not self.global_contrastive:
             self._check_lockstep()
+        if self._check is not None:
+            failure = self._check.failure(self.completed_steps + 1)
+            if failure is not None:
+                raise CacheReplayMismatch(failure)
         self._batches, self._keys, self._cache_grads, self._replay = [], [], [], False
         metrics = reduce_reports(reports, self.report_keys, extra=contrastive)
         metrics["loss"] = sum(self.loss.weights[name] * metrics[f"loss/{name}"] for name in self.loss.terms)
@@ -394,6 +422,18 @@ class TrainStep:
         everyone_keys: list = [None] * self.pp
         dist.all_gather_object(everyone_keys, keys, group=parallel_state.get_pipeline_model_parallel_group())
         raise PipelineDataMismatch(_first_difference(step, everyone_keys, self.micro_batch_size))
+
+
+def _refuse_stochastic_layers(modules: list) -> None:
+    """The embedding cache replays each micro-batch's forward and needs the same outputs twice:
+    a layer that draws random numbers (dropout, drop-path) would break it without an error."""
+    noisy = stochastic_layers(modules)
+    if noisy:
+        shown = ", ".join(noisy[:4]) + (f" and {len(noisy) - 4} more" if len(noisy) > 4 else "")
+        raise TrainingHalted(
+            f"loss.contrastive_batch=global with several micro-batches per step replays every micro-batch's "
+            f"forward to apply the cached embedding gradients, but these layers are random in training: {shown}. "
+            "Set their rates to 0 or use loss.contrastive_batch=micro (docs/losses.md)")
 
 
 def _first_difference(step: int, keys_by_stage: list, micro: int) -> str:
