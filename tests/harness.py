@@ -6,7 +6,7 @@ Worker functions are module-level so `run_distributed` can pickle them into spaw
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import pytest
 import torch
@@ -30,10 +30,18 @@ def make_cfg(overrides: Sequence[str]) -> Config:
     return load_config(None, DEBUG + list(overrides))
 
 
-def global_batches(cfg: Config, steps: int, seed: int = 0) -> list[Batch]:
-    """`steps` global batches of random images and token ids (the same on every rank), with
+def global_batches(cfg: Config, steps: int, seed: int = 0,
+                   caption_lengths: Optional[Sequence[int]] = None) -> list[Batch]:
+    """`steps` global batches of random images and captions (the same on every rank), with
     every extra field the recipe's loss terms need (input_streams); GeCo validity masks are
-    random, so missing fields (ignored pairs) are exercised too."""
+    random, so missing fields (ignored pairs) are exercised too.
+
+    Every text (caption, paraphrase, negative, EDA caption) is laid out as the tokenizer
+    encodes it (dataloaders/tokenizer.py): ids, eos, then pad up to the context, with its
+    length (eos included) drawn per text from 1..context, so the towers, the pairwise text
+    terms and the caption decoder all see padding and captions of mixed length.
+    `caption_lengths` fixes the captions' lengths instead (one per sample of a global batch)."""
+    from dataloaders.tokenizer import EOS_ID, PAD_ID
     from tulip_mega.config.streams import input_streams
 
     g = torch.Generator().manual_seed(seed)
@@ -43,15 +51,22 @@ def global_batches(cfg: Config, steps: int, seed: int = 0) -> list[Batch]:
     def images(*lead: int, side: int = size) -> torch.Tensor:
         return torch.randn(*lead, 3, side, side, generator=g)
 
-    def tokens(*lead: int) -> torch.Tensor:
-        return torch.randint(3, 200, (*lead, L), generator=g)
+    def tokens(*lead: int, lengths: Optional[Sequence[int]] = None) -> torch.Tensor:
+        ids = torch.randint(3, 200, (*lead, L), generator=g)
+        if lengths is None:
+            length = torch.randint(1, L + 1, (*lead, 1), generator=g)
+        else:
+            length = torch.tensor(list(lengths)).reshape(*lead, 1)
+        pos = torch.arange(L)
+        ids = torch.where(pos == length - 1, torch.tensor(EOS_ID), ids)
+        return torch.where(pos >= length, torch.tensor(PAD_ID), ids)
 
     def valid(*shape: int) -> torch.Tensor:
         return torch.rand(*shape, generator=g) < 0.75
 
     out = []
     for _ in range(steps):
-        b = Batch(images=images(n), tokens=tokens(n), keys=[f"s{len(out)}-{i}" for i in range(n)])
+        b = Batch(images=images(n), tokens=tokens(n, lengths=caption_lengths), keys=[f"s{len(out)}-{i}" for i in range(n)])
         if s.extra_global_crops:
             b.crops = images(n, s.extra_global_crops)
         if s.local_crops:
@@ -200,10 +215,11 @@ def build_train_step(overrides: Sequence[str]):
     return cfg, model, optimizer, scheduler, TrainStep(cfg, model, optimizer, scheduler, num_micro)
 
 
-def step_worker(overrides: Sequence[str], steps: int = 1, optimizer_steps: bool = False) -> dict:
+def step_worker(overrides: Sequence[str], steps: int = 1, optimizer_steps: bool = False,
+                caption_lengths: Optional[Sequence[int]] = None) -> dict:
     """Run `steps` training steps; report losses, and full-gradient shards and megatron's
     global gradient norm of the last step (or, with optimizer_steps, the weights after the
-    last step)."""
+    last step). `caption_lengths`: see global_batches."""
     import warnings
 
     warnings.filterwarnings("ignore")
@@ -212,7 +228,7 @@ def step_worker(overrides: Sequence[str], steps: int = 1, optimizer_steps: bool 
     cfg, model, optimizer, scheduler, step = build_train_step(overrides)
     initial = _chunk_entries(step.modules, "data")
     dp_size = parallel_state.get_data_parallel_world_size()
-    it = rank_microbatches(cfg, global_batches(cfg, steps), parallel_state.get_data_parallel_rank(), dp_size)
+    it = rank_microbatches(cfg, global_batches(cfg, steps, caption_lengths=caption_lengths), parallel_state.get_data_parallel_rank(), dp_size)
     probe = _probe_first_vision_layer(step.modules[0])
     losses, metrics = [], {}
     for i in range(steps):

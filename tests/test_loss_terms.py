@@ -457,6 +457,53 @@ def test_causal_text_loss_validation():
         causal_text_loss(logits0[0], targets)
 
 
+def _captions(lengths, seq: int, vocab: int, g: torch.Generator) -> torch.Tensor:
+    """Tokenizer layout: ids, eos (1), then pad (0); `lengths` include the eos."""
+    tokens = torch.randint(3, vocab, (len(lengths), seq), generator=g)
+    for i, n in enumerate(lengths):
+        tokens[i, n - 1], tokens[i, n:] = 1, 0
+    return tokens
+
+
+def test_causal_text_loss_step_divisor_makes_the_split_irrelevant():
+    """Captions of 2, 3, 8 and 8 tokens split into 2 + 2 micro-batches (or 2 DP ranks): a mean
+    of per-micro-batch means is not the token mean; each micro-batch's sum divided by the
+    step's token count per micro-batch (losses/token_count.py) gives the dense value and
+    gradient, as megatron's schedule would combine them (each micro loss / num micro-batches)."""
+    from tulip_mega.losses.token_count import step_token_divisor
+
+    g = torch.Generator().manual_seed(30)
+    lengths, seq, vocab = (2, 3, 8, 8), 8, 50
+    logits0 = torch.randn(seq, 4, vocab, generator=g, dtype=torch.float64) * 2.0
+    targets = _captions(lengths, seq, vocab, g)
+    dense_logits = _leaf(logits0)
+    dense = F.cross_entropy(dense_logits.permute(1, 2, 0), targets, ignore_index=0)  # plain PyTorch token mean
+    dense.backward()
+    micro = [(slice(0, 2), targets[:2]), (slice(2, 4), targets[2:])]
+
+    # Without the step's count a short caption's tokens weigh 21/10 = 2.1x, a full one's 21/32.
+    naive_logits = _leaf(logits0)
+    naive = sum(causal_text_loss(naive_logits[:, s], t) for s, t in micro) / 2
+    naive.backward()
+    ratio = naive_logits.grad[0, :, 0] / dense_logits.grad[0, :, 0]  # first position of every caption
+    torch.testing.assert_close(ratio, torch.tensor([2.1, 2.1, 21 / 32, 21 / 32], dtype=torch.float64), rtol=1e-5, atol=0)
+    assert abs(float(naive) - float(dense)) > 1e-4
+
+    divisor = step_token_divisor([t for _, t in micro], pad_id=0, num_microbatches=2, group=None,
+                                 device=torch.device("cpu"))
+    assert divisor == (2 + 3 + 8 + 8) / 2
+    split_logits = _leaf(logits0)
+    total = sum(causal_text_loss(split_logits[:, s], t, divisor=divisor) / 2 for s, t in micro)
+    total.backward()
+    # causal_text_loss works in float32: equal to the float64 reference to float32 rounding.
+    torch.testing.assert_close(total.double(), dense, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(split_logits.grad, dense_logits.grad, atol=1e-7, rtol=1e-5)
+    # A step of padding only: divisor 1, loss 0.
+    assert step_token_divisor([torch.zeros(2, 3, dtype=torch.long)], 0, 1, None, torch.device("cpu")) == 1.0
+    with pytest.raises(ValueError, match="divisor must be > 0, got 0"):
+        causal_text_loss(logits0, targets, divisor=0)
+
+
 # --------------------------------------------------------------------------------------------
 # Distributed: one 2-rank spawn runs every check
 # --------------------------------------------------------------------------------------------

@@ -104,6 +104,22 @@ def test_clip_rocket_stack_layouts_match():
                                                             "parallel.pipeline_parallel=2"]), ref8, terms, unused)
 
 
+TEXT_RECON = ["train.global_batch_size=4", "loss.weights.text_recon=1", "model.text_decoder.num_layers=1"]
+
+
+@pytest.mark.multiprocess
+def test_text_recon_is_the_token_mean_of_the_step_whatever_the_split():
+    """Captions of 2, 3, 8 and 8 tokens (eos included, then padding): split into 2 + 2
+    micro-batches, over DP=2 x 1 micro-batch and DP=2 x 2 micro-batches of one, the loss and
+    every gradient equal the dense batch's, whose text_recon is the mean over its 21 tokens."""
+    captions = (2, 3, 8, 8)
+    ref = run_distributed(step_worker, 1, [*TEXT_RECON, "train.micro_batch_size=4"], 1, False, captions)
+    for world, micro in ((1, 2), (2, 2), (2, 1)):
+        out = run_distributed(step_worker, world, [*TEXT_RECON, f"train.micro_batch_size={micro}"], 1, False,
+                              captions)
+        _compare(out, ref, ("image_text", "text_recon"))
+
+
 def _train_worker(recipe: str, overrides: list[str]) -> dict:
     import warnings
 

@@ -132,8 +132,10 @@ def mae_mask(keys: Sequence[str], step: int, seed: int, num_patches: int, num_vi
 # --------------------------------------------------------------------------------------------
 
 
-def causal_text_loss(logits: torch.Tensor, targets: torch.Tensor, pad_id: int = PAD_ID) -> torch.Tensor:
-    """Mean token cross entropy over the positions whose target is not padding.
+def causal_text_loss(logits: torch.Tensor, targets: torch.Tensor, pad_id: int = PAD_ID,
+                     divisor: Optional[float] = None) -> torch.Tensor:
+    """Token cross entropy summed over the positions whose target is not padding, divided by
+    `divisor`; by default their number (the mean token cross entropy of this batch).
 
     Args:
         logits: [L, B, V_local] vocab-parallel: each tensor-parallel rank holds a contiguous
@@ -142,6 +144,9 @@ def causal_text_loss(logits: torch.Tensor, targets: torch.Tensor, pad_id: int = 
             are overwritten in place (saves an [L, B, V] copy); pass a clone if you need them.
         targets: [B, L] int64 token ids in [0, V).
         pad_id: ignored target id; default the tokenizer's pad id (dataloaders.tokenizer).
+        divisor: the training step passes the step's token count per micro-batch
+            (losses/token_count.py), so that the step's loss is the mean over all of its
+            tokens whatever the split into micro-batches and data-parallel ranks.
 
     Uses megatron.core.tensor_parallel.vocab_parallel_cross_entropy over the TP group when
     megatron's parallel state is initialised (any TP, 1 included); without it the logits
@@ -173,4 +178,9 @@ def causal_text_loss(logits: torch.Tensor, targets: torch.Tensor, pad_id: int = 
         per_token = F.cross_entropy(logits.float().reshape(-1, v_local), tokens.reshape(-1),
                                     reduction="none").reshape(seq, batch)  # [L, B]
     keep = (tokens != pad_id).to(per_token.dtype)  # [L, B]
-    return (per_token * keep).sum() / keep.sum().clamp(min=1.0)
+    total = (per_token * keep).sum()
+    if divisor is None:
+        return total / keep.sum().clamp(min=1.0)
+    if not divisor > 0:
+        raise ValueError(f"divisor must be > 0, got {divisor}")
+    return total / divisor

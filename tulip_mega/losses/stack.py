@@ -12,8 +12,10 @@ tulip_mega/config/streams.py). Every contrastive term sees the whole data-parall
 what it is given: the columns of other DP ranks are negatives (weight -1), or ignored (0)
 where a GeCo field is missing. With `loss.contrastive_batch=global` the training step hands
 the contrastive terms the embeddings of every micro-batch of the step at once (the global
-batch); the reconstruction terms always see one micro-batch. The stack runs on the last
-pipeline stage; `forward` returns the weighted total and every (unweighted) term for logging.
+batch); the reconstruction terms always see one micro-batch, and text_recon divides its
+summed token cross entropy by the step's token count (losses/token_count.py), so both are
+means over the whole step. The stack runs on the last pipeline stage; `forward` returns the
+weighted total and every (unweighted) term for logging.
 
 InfoNCE logit scales are clamped at `loss.infonce_max_logit_scale` (100, as open_clip clamps
 its learnable temperature), so the clamp holds under any optimizer and sharding.
@@ -95,13 +97,17 @@ class TulipLossStack(torch.nn.Module):
         s = self.streams
         return bool(s.mae_visible or s.text_recon or s.geco_edits or s.paraphrases or s.negatives)
 
-    def forward(self, out: dict, batch=None, mae_idx=None,
-                terms: Optional[Sequence[str]] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(self, out: dict, batch=None, mae_idx=None, terms: Optional[Sequence[str]] = None,
+                text_divisor: Optional[float] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(weighted total, {term: unweighted value}) on this rank, over the enabled `terms`
         (default: all enabled terms; the training step passes the contrastive or the
-        reconstruction ones when it computes them separately)."""
+        reconstruction ones when it computes them separately). `text_divisor`: what
+        text_recon divides its summed token cross entropy by (losses/token_count.py: the
+        training step's per-micro-batch share of the step's token count); by default this
+        batch's token count."""
         names = self.terms if terms is None else terms
-        values = {name: getattr(self, f"_{name}")(out, batch, mae_idx) for name in names}
+        values = {name: self._text_recon(out, batch, text_divisor) if name == "text_recon"
+                  else getattr(self, f"_{name}")(out, batch, mae_idx) for name in names}
         total = sum(self.weights[name] * value for name, value in values.items())
         return total, values
 
@@ -192,8 +198,9 @@ class TulipLossStack(torch.nn.Module):
         images = batch.images.to(out["mae_pred"].device)
         return mae_loss(out["mae_pred"].float(), images.float(), mae_idx[1], self.patch_size, self.mae_norm_pix)
 
-    def _text_recon(self, out: dict, batch, mae_idx) -> torch.Tensor:
-        return causal_text_loss(out["text_logits"], batch.tokens.to(out["text_logits"].device), self.pad_id)
+    def _text_recon(self, out: dict, batch, divisor: Optional[float]) -> torch.Tensor:
+        return causal_text_loss(out["text_logits"], batch.tokens.to(out["text_logits"].device), self.pad_id,
+                                divisor)
 
     def _aug_contrastive(self, out: dict, batch, mae_idx) -> torch.Tensor:
         scale = out["aug_logit_scale"].clamp(max=self.max_infonce_scale)

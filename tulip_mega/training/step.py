@@ -25,6 +25,10 @@ The contrastive batch (`loss.contrastive_batch`, docs/losses.md):
     a model with dropout or drop-path is refused, and `train.check_cache` compares 3.'s
     contrastive outputs with the cached ones every step (training/cache_check.py).
 
+With `text_recon` on, the reading ranks read every micro-batch of the step before the first
+forward: its loss is the mean over the step's caption tokens, and each micro-batch divides
+its summed cross entropy by the step's token count (losses/token_count.py), known only then.
+
 Every step also checks that the pipeline stages that read batches read the same samples, and
 a step whose loss or gradient norm is not finite changes nothing (training/optimizer.py).
 """
@@ -48,6 +52,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from dataloaders.base import Batch
 from tulip_mega.losses.reconstruction import mae_mask
 from tulip_mega.losses.stack import TulipLossStack
+from tulip_mega.losses.token_count import step_token_divisor
 from tulip_mega.models.tulip import TulipModel
 from tulip_mega.parallel.init import device
 from tulip_mega.flops import uses_embedding_cache
@@ -198,6 +203,10 @@ class TrainStep:
         # alternates between chunks: one counter per chunk.
         self._micro = [0] * len(self.chunks)
         self._cache_grads: list[dict[str, torch.Tensor]] = []
+        # text_recon is a mean over the tokens of the whole step: its divisor needs every
+        # micro-batch's captions before the first loss, so the step reads them ahead.
+        self._reads_ahead = "text_recon" in self.loss.terms
+        self._text_divisor: Optional[float] = None
 
     def _chunk_reads(self, module: TulipModel) -> bool:
         """Whether this model chunk needs the host batch: it embeds, or it computes a loss
@@ -220,7 +229,7 @@ class TrainStep:
             return self._batches[m]
         batch = next(data_iterator)
         self._keys.append(batch.keys)
-        if self.global_contrastive:  # kept for the second pass
+        if self.global_contrastive or self._reads_ahead:  # kept for the second pass / the replay
             self._batches.append(batch)
         return batch
 
@@ -252,7 +261,7 @@ class TrainStep:
 
     def _loss_func(self, output: dict, batch=None, mae_idx=None, micro: int = 0) -> tuple[torch.Tensor, dict]:
         terms = None if not self.global_contrastive else self.loss.reconstruction_terms
-        total, values = self.loss(output, batch, mae_idx, terms=terms)
+        total, values = self.loss(output, batch, mae_idx, terms=terms, text_divisor=self._text_divisor)
         if not isinstance(total, torch.Tensor):  # no reconstruction term switched on
             total = torch.zeros((), device=output["image_emb"].device)
         if self.global_contrastive:
@@ -332,6 +341,19 @@ class TrainStep:
         return report
 
     # --- one step ------------------------------------------------------------------------
+    def _read_ahead(self, data_iterator: Optional[Iterator]) -> None:
+        """Read every micro-batch of the step now (the passes replay them) and, on the ranks
+        that compute the loss, set text_recon's divisor from the step's token count summed
+        over data parallel (losses/token_count.py)."""
+        if self._reader is not None:
+            for m in range(self.num_microbatches):
+                self._next_batch(data_iterator, m, self._reader)
+        self._replay = True
+        if any(m.post_process for m in self.modules):  # the last stage reads: text_recon needs targets
+            self._text_divisor = step_token_divisor(
+                [b.tokens for b in self._batches], self.loss.pad_id, self.num_microbatches,
+                parallel_state.get_data_parallel_group(), device())
+
     def forward_backward(self, data_iterator: Optional[Iterator]) -> dict[str, float]:
         """Gradients of one global batch into the DDP buffers (not applied); returns the loss
         and every term, reduced so that every rank holds the global values."""
@@ -339,6 +361,8 @@ class TrainStep:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         self._batches, self._keys, self._replay = [], [], False
+        if self._reads_ahead:
+            self._read_ahead(data_iterator)
         contrastive = {}
         if self.global_contrastive:
             contrastive = self._global_contrastive_pass(data_iterator)
@@ -353,6 +377,7 @@ class TrainStep:
             if failure is not None:
                 raise CacheReplayMismatch(failure)
         self._batches, self._keys, self._cache_grads, self._replay = [], [], [], False
+        self._text_divisor = None
         metrics = reduce_reports(reports, self.report_keys, extra=contrastive)
         metrics["loss"] = sum(self.loss.weights[name] * metrics[f"loss/{name}"] for name in self.loss.terms)
         return metrics
