@@ -1,4 +1,4 @@
-"""FP8 eligibility (models/fp8_shapes.py) and the GPU switches (models/megatron_config.py).
+"""FP8 eligibility (config/fp8_shapes.py) and the GPU switches (models/megatron_config.py).
 
 Transformer Engine cannot be imported here, so the GEMM shapes are built from the recipes and
 checked against an independent copy of TE's rule: `assert_dim_for_fp8_exec` (rows % 8, cols %
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from tulip_mega.config import ConfigError, load_config
 from tulip_mega.config.streams import input_streams, model_heads
 from tulip_mega.models import megatron_config as mc
-from tulip_mega.models.fp8_shapes import fp8_plan
+from tulip_mega.config.fp8_shapes import fp8_plan
 from tulip_mega.plan import main as plan_main
 
 REPO = Path(__file__).resolve().parents[1]

@@ -59,7 +59,7 @@ from tulip_mega.plan_stages import PipelinePlan, format_pipeline, plan_pipeline
 from tulip_mega.flops import contrastive_batch_line as flops_contrastive_batch_line
 from tulip_mega.flops import contrastive_batch_size, count_flops, embedding_cache_flops
 from tulip_mega.model_size import param_counts, towers
-from tulip_mega.models.fp8_shapes import fp8_plan
+from tulip_mega.config.fp8_shapes import fp8_plan
 
 H100_BF16_DENSE_TFLOPS = 989.0
 GIB = 1024**3
@@ -307,7 +307,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.nodes < 1 or args.gpus_per_node < 1:
             raise ConfigError(f"--nodes={args.nodes} and --gpus-per-node={args.gpus_per_node} must be >= 1")
         # Validated with FP8 as the recipe asks: Transformer Engine's shape rule refuses token
-        # counts it cannot run (models/fp8_shapes.py); whether TE imports is a launch check.
+        # counts it cannot run (config/fp8_shapes.py); whether TE imports is a launch check.
         cfg = load_config(args.recipe, args.overrides)
         plan = make_plan(cfg, args.nodes, args.gpus_per_node, args.mfu, args.peak_tflops)
         rate = data_rate(cfg, plan, args.host_samples_per_core)

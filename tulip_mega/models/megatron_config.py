@@ -7,7 +7,7 @@ recipe for them. The SigLIP architecture choices (pre-norm LayerNorm, biases eve
 tanh-GELU MLP, no dropout) are fixed here so an export to Hugging Face `SiglipModel` is exact.
 
 Two decisions are made once per build and handed to every config (`LayerChoices`): which
-blocks run FP8 (models/fp8_shapes.py) and the GPU-only switches (`gpu_switches`: fusions,
+blocks run FP8 (config/fp8_shapes.py) and the GPU-only switches (`gpu_switches`: fusions,
 FP8 amax reduction group, recompute under TE attention), all off on a CPU.
 """
 
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from tulip_mega.models.fp8_shapes import Fp8Plan, fp8_plan
+from tulip_mega.config.fp8_shapes import Fp8Plan, fp8_plan
 from tulip_mega.parallel.init import compute_dtype, use_cuda
 
 Tower = Literal["vision", "text"]

@@ -1,8 +1,9 @@
 """Which blocks run their GEMMs in FP8: Transformer Engine's shape rule, applied to the recipe.
 
-The single FP8 eligibility decision, beside the FP8 gate of models/specs.py. Pure Python (no
-torch, no TE import), so config validation and `tulip-mega plan` decide exactly what a GPU
-run will do.
+The single FP8 eligibility decision (the other half of the FP8 gate, whether Transformer
+Engine imports at all, is models/specs.check_layer_support). Pure Python (no torch, no TE
+import), so config validation and `tulip-mega plan` decide exactly what a GPU run will do;
+models/megatron_config.py gives each block's TransformerConfig its FP8 setting from it.
 
 TE's rule, read from its source (transformer_engine/pytorch):
 - every TE linear checks its input, flattened to [tokens, in] as it arrives (the LOCAL
