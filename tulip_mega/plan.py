@@ -3,6 +3,9 @@
 Pure arithmetic on the resolved recipe (no torch / megatron import, so it answers at once):
 
 - layout: `validate_layout(cfg, N x G)` (the trainer's own check); refused with its reason;
+- FP8: the recipe is validated with `precision.fp8` as it asks (Transformer Engine's shape
+  rule, tulip_mega/config/fp8_shapes.py; TE itself need not be installed), and the GEMMs of
+  every block are printed per rank with FP8 or bf16 and why;
 - per-GPU memory: parameters, gradients, optimizer states (with/without the distributed
   optimizer) and activations under the chosen recompute, per Korthikanti et al. 2022,
   "Reducing Activation Recomputation in Large Transformer Models" (formulas below);
