@@ -76,7 +76,7 @@ def test_every_fp8_gemm_of_every_shipped_recipe_passes_te_rule(recipe):
     cfg = load_config(REPO / "recipes" / recipe)
     plan = fp8_plan(cfg)
     shapes = _block_shapes(cfg)
-    assert {b.name for b in plan.blocks} == set(shapes)
+    assert {b.name for b in plan.blocks if b.built} == set(shapes)
     for block, gemms in shapes.items():
         failures = _te_failures(gemms)
         if plan.runs_fp8(block):
@@ -173,6 +173,12 @@ def test_tower_and_decoder_configs_follow_the_fp8_plan():
     assert mc.tower_config(cfg, "text").fp8 is None  # choices computed when not given
     off = load_config(REPO / "recipes" / "tulip_1b.yaml", ["precision.fp8=null"])
     assert mc.tower_config(off, "vision").fp8 is None
+    # A decoder the loss weights do not build still gets a config (tests, tools): by its widths.
+    no_recon = load_config(REPO / "recipes" / "tulip_1b.yaml", ["loss.weights.text_recon=0", "loss.weights.mae=0"])
+    plan = fp8_plan(no_recon)
+    assert [b.name for b in plan.blocks if b.built] == ["vision", "text"]
+    assert "decoder" not in plan.startup_line() and "decoder" not in "\n".join(plan.table())
+    assert mc.decoder_config(no_recon, "mae").fp8 == "hybrid" and mc.decoder_config(no_recon, "text").fp8 is None
 
 
 def _block_fp8_contexts(fp8_text: bool) -> list:

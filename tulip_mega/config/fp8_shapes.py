@@ -82,6 +82,7 @@ class BlockFp8:
     tokens: tuple[TokenCount, ...]
     width_problems: tuple[str, ...]
     token_problems: tuple[TokenCount, ...]
+    built: bool = True  # False: a decoder this recipe's loss weights do not build
 
     @property
     def label(self) -> str:
@@ -112,8 +113,9 @@ class Fp8Plan:
         """One line: which blocks run FP8 and why any does not (start-up log, plan)."""
         if self.fp8 is None:
             return "fp8: off (precision.fp8=null)"
-        on = [b.label for b in self.blocks if self.runs_fp8(b.name)]
-        off = [f"{b.label} ({'; '.join(b.width_problems)})" for b in self.blocks if not self.runs_fp8(b.name)]
+        built = [b for b in self.blocks if b.built]
+        on = [b.label for b in built if self.runs_fp8(b.name)]
+        off = [f"{b.label} ({'; '.join(b.width_problems)})" for b in built if not self.runs_fp8(b.name)]
         line = f"fp8 {self.fp8} ({self.recipe} scaling): FP8 GEMMs in {', '.join(on) or 'no block'}"
         if off:
             line += f"; bf16 in {', '.join(off)}: not multiples of {ALIGN}, Transformer Engine's FP8 shape rule"
@@ -125,7 +127,7 @@ class Fp8Plan:
             return []
         lines = [f"FP8 GEMMs (precision.fp8={self.fp8}; Transformer Engine needs every GEMM dimension per rank "
                  f"a multiple of {ALIGN}), per rank in -> out:"]
-        for b in self.blocks:
+        for b in (b for b in self.blocks if b.built):
             gemms = "  ".join(f"{g.layer.removeprefix('linear_')} {g.in_width}->{g.out_width}" for g in b.gemms)
             tokens = ", ".join(f"{t.stream} {t.tokens}" for t in b.tokens)
             state = "FP8 " if self.runs_fp8(b.name) else "bf16"
@@ -189,11 +191,10 @@ def _block_tokens(cfg) -> dict[str, list[TokenCount]]:
         out["vision"].append(_tokens("eval", v.seq_length, 1, eb, f"{v.seq_length} patches", key, cfg))
         out["text"].append(_tokens("eval", t.context_length, 1, eb, f"{t.context_length} tokens", key, cfg))
     heads = model_heads(cfg)
-    if heads.mae_decoder:
-        out["mae_decoder"] = [_tokens("decoder", streams.patches, 1, mb, f"{streams.patches} patches", micro, cfg)]
-    if heads.text_decoder:
-        out["text_decoder"] = [_tokens("decoder", t.context_length, 1, mb, f"{t.context_length} tokens", micro,
-                                       cfg)]
+    out["mae_decoder"] = [_tokens("decoder", streams.patches, 1, mb, f"{streams.patches} patches", micro, cfg)
+                          ] if heads.mae_decoder else []
+    out["text_decoder"] = [_tokens("decoder", t.context_length, 1, mb, f"{t.context_length} tokens", micro, cfg)
+                           ] if heads.text_decoder else []
     return out
 
 
@@ -204,7 +205,8 @@ def _token_ok(t: TokenCount) -> bool:
 def fp8_plan(cfg) -> Fp8Plan:
     """The FP8 decision for a resolved, validated recipe: every block's GEMMs per rank, the
     token counts they run over, and which blocks cannot run FP8 (see the module docstring).
-    Computed the same way whether or not precision.fp8 is set (the plan then marks all bf16)."""
+    Computed the same way whether or not precision.fp8 is set (the plan then marks all bf16).
+    Decoders the loss weights switch off are listed with `built=False` and no token counts."""
     m, tp = cfg.model, cfg.parallel.tensor_parallel
     sizes = {"vision": ("model.vision", m.vision), "text": ("model.text", m.text),
              "mae_decoder": ("model.mae_decoder", m.mae_decoder), "text_decoder": ("model.text_decoder", m.text_decoder)}
@@ -213,7 +215,8 @@ def fp8_plan(cfg) -> Fp8Plan:
         prefix, size = sizes[name]
         gemms = _gemms(prefix, size.hidden_size, size.ffn_hidden_size, tp)
         blocks.append(BlockFp8(name, gemms, tuple(tokens), _width_problems(gemms),
-                               tuple(t for t in tokens if not _token_ok(t))))
+                               tuple(t for t in tokens if not _token_ok(t)), built=name in ("vision", "text")
+                               or bool(tokens)))
     return Fp8Plan(cfg.precision.fp8, cfg.precision.fp8_recipe, tuple(blocks))
 
 
@@ -238,7 +241,7 @@ def check_fp8_shapes(cfg) -> Fp8Plan:
     if plan.fp8 is None:
         return plan
     for b in plan.blocks:
-        if b.width_problems and cfg.precision.fp8_ineligible == "error":
+        if b.built and b.width_problems and cfg.precision.fp8_ineligible == "error":
             raise ConfigError(
                 f"precision.fp8={plan.fp8}: the {b.label} cannot run FP8: {'; '.join(b.width_problems)} "
                 f"(not a multiple of {ALIGN}, Transformer Engine's FP8 shape rule per rank); change the width or "
