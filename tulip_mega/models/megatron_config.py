@@ -14,7 +14,6 @@ FP8 amax reduction group, recompute under TE attention), all off on a CPU.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import math
 from typing import Literal, Optional
 
@@ -246,9 +245,11 @@ def _transformer_config(cfg, t, block: str, choices: LayerChoices, pipeline_para
             fp8_amax_compute_algo=cfg.precision.fp8_amax_compute_algo,
             **amax_reduction(choices),
         )
-    # The caption decoder's output layer (and every local layer) is megatron's own linear.
+    # Fused weight-gradient accumulation needs it in every linear of the block: TE's for TE
+    # layers, apex's for megatron's own (local layers, the caption decoder's output layer).
     megatron_linears = not choices.use_te or block == "text_decoder"
-    wgrad_fusion = (gpu.wgrad_fusion_te or not choices.use_te) and (gpu.wgrad_fusion_megatron or not megatron_linears)
+    wgrad_fusion = ((gpu.wgrad_fusion_te or not choices.use_te)
+                    and (gpu.wgrad_fusion_megatron or not megatron_linears))
     return TransformerConfig(
         num_layers=t.num_layers,
         hidden_size=t.hidden_size,
@@ -285,7 +286,7 @@ def _transformer_config(cfg, t, block: str, choices: LayerChoices, pipeline_para
         bias_activation_fusion=gpu.bias_gelu_fusion,
         masked_softmax_fusion=False,
         bias_dropout_fusion=gpu.bias_dropout_fusion,
-        gradient_accumulation_fusion=gpu.cuda and wgrad_fusion,
+        gradient_accumulation_fusion=wgrad_fusion,
         persist_layer_norm=False,
         # Initialisation is done layout-invariantly afterwards (tulip_mega.models.init).
         use_cpu_initialization=not cuda,
@@ -296,7 +297,6 @@ def _transformer_config(cfg, t, block: str, choices: LayerChoices, pipeline_para
         recompute_method=rc.method if granularity == "full" else None,
         recompute_num_layers=rc.num_layers if granularity == "full" else None,
     )
-
 
 
 # megatron-core 0.16.1's DDP default is max(40M, 1M x DP) parameters per bucket: at DP 256 a
