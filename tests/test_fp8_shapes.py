@@ -161,6 +161,10 @@ def test_plan_validates_with_fp8_and_prints_the_fp8_gemms(capsys):
                     "train.global_batch_size=32"])
     err = capsys.readouterr().err
     assert rc == 2 and "plan refused" in err and "vision tower's FP8 GEMMs" in err and "49 MAE visible" in err
+    # A width TE cannot run: bf16 fallback above, or refused on request, naming layer and width.
+    rc = plan_main([str(REPO / "recipes" / "tulip_so400m.yaml"), "--nodes", "16", "precision.fp8_ineligible=error"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "the vision tower cannot run FP8: linear_fc1 output / linear_fc2 input width 2152" in err
 
 
 def test_tower_and_decoder_configs_follow_the_fp8_plan():
