@@ -1,7 +1,8 @@
 """The first screen of a run: one line per fact on rank 0, no library chatter.
 
 `python -m tulip_mega.train` on the tiny recipe (TP = PP = 1, 2 steps, real shards): the console
-shows the layout, batch, contrastive batch, model, backend, layers, loader and run folder lines;
+shows the layout, batch, contrastive batch, model, backend, layers, FP8 blocks, GPU switches,
+loader and run folder lines;
 megatron's parameter-bucket listing and the Transformer-Engine/Apex warnings are in the run
 folder's debug.log only.
 """
@@ -34,7 +35,8 @@ def test_start_up_prints_facts_and_sends_library_chatter_to_debug_log(shapes_dat
     screen = proc.stdout + proc.stderr
     assert proc.returncode == 0, screen[-3000:]
     for fact in ("layout: world 1 = TP 1 x PP 1 x DP 1", "batch: global", "contrastive batch", "model debug",
-                 "backend: gloo on CPU", "layers: megatron-core local", "loader:"):
+                 "backend: gloo on CPU", "layers: megatron-core local", "fp8: off (precision.fp8=null)",
+                 "GPU switches: off (no CUDA)", "loader:"):
         assert sum(fact in line for line in screen.splitlines()) == 1, (fact, screen[-3000:])
     assert "run folder:" in screen
     assert "bucket" not in screen.lower(), screen[-3000:]

@@ -3,6 +3,9 @@
 Pure arithmetic on the resolved recipe (no torch / megatron import, so it answers at once):
 
 - layout: `validate_layout(cfg, N x G)` (the trainer's own check); refused with its reason;
+- FP8: the recipe is validated with `precision.fp8` as it asks (Transformer Engine's shape
+  rule, tulip_mega/config/fp8_shapes.py; TE itself need not be installed), and the GEMMs of
+  every block are printed per rank with FP8 or bf16 and why;
 - per-GPU memory: parameters, gradients, optimizer states (with/without the distributed
   optimizer) and activations under the chosen recompute, per Korthikanti et al. 2022,
   "Reducing Activation Recomputation in Large Transformer Models" (formulas below);
@@ -59,6 +62,7 @@ from tulip_mega.plan_stages import PipelinePlan, format_pipeline, plan_pipeline
 from tulip_mega.flops import contrastive_batch_line as flops_contrastive_batch_line
 from tulip_mega.flops import contrastive_batch_size, count_flops, embedding_cache_flops
 from tulip_mega.model_size import param_counts, towers
+from tulip_mega.config.fp8_shapes import fp8_plan
 
 H100_BF16_DENSE_TFLOPS = 989.0
 GIB = 1024**3
@@ -173,7 +177,7 @@ def contrastive_batch_line(plan: Plan) -> str:
                                         plan.flops_cache_per_sample, plan.flops_model_per_sample)
 
 
-def format_plan(cfg, plan: Plan, fp8: Optional[str] = None) -> str:
+def format_plan(cfg, plan: Plan) -> str:
     m = plan.memory_gib
     par, rc = cfg.parallel, cfg.recompute
     v, t = cfg.model.vision, cfg.model.text
@@ -210,9 +214,11 @@ def format_plan(cfg, plan: Plan, fp8: Optional[str] = None) -> str:
     if m["total"] > 80 * 0.9:
         lines.append("warning: the estimate exceeds ~72 GiB (90% of an 80 GB H100): raise TP/PP, lower "
                      "train.micro_batch_size, or use recompute.granularity=full")
-    if fp8:
-        lines.append(f"fp8={fp8}: GEMMs in FP8 via Transformer Engine (needs TE on the GPU nodes); the estimate "
-                     "above uses the bf16 peak, and TE's FP8 weight copies add about 2 bytes per parameter")
+    fp8 = fp8_plan(cfg)
+    if fp8.fp8:
+        lines += ["", *fp8.table(),
+                  f"fp8={fp8.fp8}: FP8 GEMMs via Transformer Engine (needs TE on the GPU nodes); the estimate "
+                  "above uses the bf16 peak, and TE's FP8 weight copies add about 2 bytes per parameter"]
     return "\n".join(lines)
 
 
@@ -268,22 +274,6 @@ def recipe_comment(cfg, plan: Plan, command: str) -> list[str]:
     return [RECIPE_COMMENT_PREFIX + line for line in lines]
 
 
-def _requested_fp8(recipe: Optional[str], overrides: Sequence[str]) -> Optional[str]:
-    """precision.fp8 as the recipe/overrides ask for it (validation needs TE, which we skip)."""
-    value = None
-    if recipe:
-        import yaml
-
-        with open(recipe) as fh:
-            raw = yaml.safe_load(fh) or {}
-        value = (raw.get("precision") or {}).get("fp8")
-    for o in overrides:
-        key, _, val = o.partition("=")
-        if key.strip() == "precision.fp8":
-            value = None if val.strip() in ("null", "none", "None", "") else val.strip()
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tulip-mega plan",
                                 description="Check a recipe's layout on N nodes and estimate memory and speed.")
@@ -319,9 +309,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.nodes < 1 or args.gpus_per_node < 1:
             raise ConfigError(f"--nodes={args.nodes} and --gpus-per-node={args.gpus_per_node} must be >= 1")
-        fp8 = _requested_fp8(args.recipe, args.overrides)
-        # fp8 validation probes Transformer Engine (a torch import); the plan only reports it.
-        cfg = load_config(args.recipe, list(args.overrides) + ["precision.fp8=null"])
+        # Validated with FP8 as the recipe asks: Transformer Engine's shape rule refuses token
+        # counts it cannot run (config/fp8_shapes.py); whether TE imports is a launch check.
+        cfg = load_config(args.recipe, args.overrides)
         plan = make_plan(cfg, args.nodes, args.gpus_per_node, args.mfu, args.peak_tflops)
         rate = data_rate(cfg, plan, args.host_samples_per_core)
     except (ConfigError, OSError, ValueError) as e:
@@ -330,7 +320,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.recipe_comment:
         print("\n".join(recipe_comment(cfg, plan, plan_command(args))))
         return 0
-    print(format_plan(cfg, plan, fp8))
+    print(format_plan(cfg, plan))
     print(format_data_rate(rate, default_rate=args.host_samples_per_core is None))
     return 0
 

@@ -188,6 +188,10 @@ class PrecisionConfig:
     fp8_recipe: Literal["delayed", "tensorwise"] = _f("delayed", "FP8 scaling recipe")
     fp8_amax_history_len: int = _f(1024, "amax history window of delayed scaling")
     fp8_amax_compute_algo: Literal["max", "most_recent"] = _f("max", "how the scale is picked from the history")
+    fp8_ineligible: Literal["bf16", "error"] = _f(
+        "bf16", "a tower or decoder with a GEMM width Transformer Engine cannot run in FP8 (per rank, not a "
+                "multiple of 16): bf16 = that block runs bf16, error = refuse the recipe "
+                "(tulip_mega/config/fp8_shapes.py)")
 
     def validate(self) -> None:
         # Whether this machine has Transformer Engine for FP8 is checked at launch, with the
@@ -522,6 +526,9 @@ class Config:
                 check_recompute_fits(self, split)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        from tulip_mega.config.fp8_shapes import check_fp8_shapes
+
+        check_fp8_shapes(self)  # Transformer Engine's FP8 shape rule, per block and token count
 
 
     def _validate_loss_inputs(self) -> None:

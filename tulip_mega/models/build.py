@@ -8,13 +8,14 @@ from megatron.core import parallel_state
 
 from tulip_mega.config.streams import Streams, input_streams, model_heads
 from tulip_mega.models.init import initialize_parameters, mark_tensor_parallel
-from tulip_mega.models.megatron_config import decoder_config, tower_config
+from tulip_mega.models.megatron_config import LayerChoices, decoder_config, layer_choices, tower_config
 from tulip_mega.models.specs import use_transformer_engine
 from tulip_mega.models.tulip import TulipModel
 from tulip_mega.parallel.init import device
 
 
-def build_model(cfg, use_te: Optional[bool] = None, streams: Optional[Streams] = None) -> TulipModel:
+def build_model(cfg, use_te: Optional[bool] = None, streams: Optional[Streams] = None,
+                choices: Optional[LayerChoices] = None) -> TulipModel:
     """The TulipModel stage for this pipeline rank, initialised layout-invariantly, on device.
 
     Needs megatron's parallel state initialised (tulip_mega.parallel.init.init_parallel).
@@ -28,10 +29,11 @@ def build_model(cfg, use_te: Optional[bool] = None, streams: Optional[Streams] =
     if cfg.parallel.virtual_pipeline > 1:
         raise ValueError("build_model builds one pipeline stage; parallel.virtual_pipeline="
                          f"{cfg.parallel.virtual_pipeline} needs build_model_chunks (one model per virtual stage)")
-    return build_model_chunks(cfg, use_te, streams)[0]
+    return build_model_chunks(cfg, use_te, streams, choices)[0]
 
 
-def build_model_chunks(cfg, use_te: Optional[bool] = None, streams: Optional[Streams] = None) -> list[TulipModel]:
+def build_model_chunks(cfg, use_te: Optional[bool] = None, streams: Optional[Streams] = None,
+                       choices: Optional[LayerChoices] = None) -> list[TulipModel]:
     """This rank's model chunks, one TulipModel per virtual stage (`parallel.virtual_pipeline`,
     one chunk without interleaving), in megatron's chunk order, each initialised
     layout-invariantly (its layers carry their global numbers, so the weights are those of
@@ -41,17 +43,20 @@ def build_model_chunks(cfg, use_te: Optional[bool] = None, streams: Optional[Str
     the first chunk of the first stage embeds (`pre_process`) and only the last chunk of the
     last stage holds the heads, decoders and losses (`post_process`), decided by
     `parallel_state.is_pipeline_first/last_stage(ignore_virtual=False, vp_stage=...)`.
+    `choices`: which blocks run FP8 and the GPU switches (models/megatron_config.layer_choices,
+    decided here when None).
     """
     if use_te is None:
         use_te = use_transformer_engine(cfg.model.transformer_impl)
-    vision_config = tower_config(cfg, "vision")
-    text_config = tower_config(cfg, "text")
+    choices = choices or layer_choices(cfg, use_te)
+    vision_config = tower_config(cfg, "vision", choices)
+    text_config = tower_config(cfg, "text", choices)
     heads = model_heads(cfg)
     decoder_configs = {}
     if heads.mae_decoder:
-        decoder_configs["mae"] = decoder_config(cfg, "mae")
+        decoder_configs["mae"] = decoder_config(cfg, "mae", choices)
     if heads.text_decoder:
-        decoder_configs["text"] = decoder_config(cfg, "text")
+        decoder_configs["text"] = decoder_config(cfg, "text", choices)
     virtual = cfg.parallel.virtual_pipeline
     chunks = []
     for chunk in range(virtual):

@@ -5,16 +5,23 @@ Parallel sizes, precision (bf16/fp32, FP8 via Transformer Engine), activation re
 sequence parallel all reach the towers through these configs: the tower code never reads the
 recipe for them. The SigLIP architecture choices (pre-norm LayerNorm, biases everywhere,
 tanh-GELU MLP, no dropout) are fixed here so an export to Hugging Face `SiglipModel` is exact.
+
+Two decisions are made once per build and handed to every config (`LayerChoices`): which
+blocks run FP8 (config/fp8_shapes.py) and the GPU-only switches (`gpu_switches`: fusions,
+FP8 amax reduction group, recompute under TE attention), all off on a CPU.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import dataclasses
+import math
+from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from tulip_mega.config.fp8_shapes import Fp8Plan, fp8_plan
 from tulip_mega.parallel.init import compute_dtype, use_cuda
 
 Tower = Literal["vision", "text"]
@@ -31,12 +38,91 @@ def params_dtype(cfg) -> torch.dtype:
     return torch.bfloat16 if compute_dtype(cfg.precision.dtype) == "bf16" else torch.float32
 
 
-def tower_config(cfg, tower: Tower) -> TransformerConfig:
-    """The TransformerConfig of one tower (sizes from the resolved recipe)."""
+def apex_wgrad_available() -> bool:
+    """Whether megatron's own linears can fuse weight-gradient accumulation: megatron-core
+    imports apex's `fused_weight_gradient_mlp_cuda` for it (tensor_parallel/layers.py) and its
+    ColumnParallelLinear refuses `gradient_accumulation_fusion` without it."""
+    from megatron.core.tensor_parallel import layers
+
+    return bool(getattr(layers, "_grad_accum_fusion_available", False))
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuSwitches:
+    """GPU-only speed switches, decided once from the machine (CUDA, Transformer Engine, apex)
+    and the recipe. Every one is off on a CPU, where the unfused paths compute the same thing.
+
+    - wgrad_fusion_te / wgrad_fusion_megatron: `gradient_accumulation_fusion`, weight gradients
+      accumulated straight into DDP's fp32 `main_grad` (no bf16 gradient materialised and then
+      added). TE layers do it themselves (`fuse_wgrad_accumulation`); megatron's own linears
+      (the local layers, the caption decoder's vocabulary-parallel output layer) need apex.
+    - bias_gelu_fusion: megatron's fused bias + GELU (fusions/fused_bias_gelu.py), which computes
+      the tanh approximation, exactly SigLIP's gelu_tanh (the same constants in fp32); megatron
+      selects it by `activation_func is F.gelu`, which the config then carries.
+    - bias_dropout_fusion: megatron's compiled bias + dropout + residual add, the same function
+      as the unfused one (fusions/fused_bias_dropout.py); dropout is 0.
+    - tp_only_amax_reduction: delayed-scaling FP8 reduces amaxes over the TP group only
+      (megatron's `tp_only_amax_red`), see `amax_reduction`.
+    - drop_core_attn_recompute: selective recompute of core attention is redundant under TE's
+      fused attention (flash / cuDNN store no score matrix; megatron warns), see
+      `recompute_granularity`.
+    masked_softmax_fusion (only megatron's DotProductAttention reads it; we use SDPA or TE's
+    attention) and persist_layer_norm (apex's FusedLayerNorm only; we use TE's or torch's
+    norms) have no effect on our layers and stay off.
+    """
+
+    cuda: bool
+    te: bool
+    wgrad_fusion_te: bool
+    wgrad_fusion_megatron: bool
+    bias_gelu_fusion: bool
+    bias_dropout_fusion: bool
+    tp_only_amax_reduction: bool
+    drop_core_attn_recompute: bool
+
+
+def gpu_switches(cfg, use_te: bool) -> GpuSwitches:
+    """The GPU-only switches for this machine (see `GpuSwitches`); all off without CUDA."""
+    cuda = use_cuda()
+    te = bool(use_te) and cuda
+    return GpuSwitches(
+        cuda=cuda, te=te,
+        wgrad_fusion_te=te,
+        wgrad_fusion_megatron=cuda and apex_wgrad_available(),
+        bias_gelu_fusion=cuda,
+        bias_dropout_fusion=cuda,
+        tp_only_amax_reduction=te and cfg.precision.fp8 is not None and cfg.precision.fp8_recipe == "delayed",
+        drop_core_attn_recompute=te and cfg.recompute.granularity == "selective",
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerChoices:
+    """What every block's TransformerConfig is built with beyond the recipe's sizes: which
+    blocks run FP8 and the GPU switches. Decided once (`layer_choices`) and handed down."""
+
+    fp8: Fp8Plan
+    gpu: GpuSwitches
+    use_te: bool
+
+
+def layer_choices(cfg, use_te: Optional[bool] = None) -> LayerChoices:
+    """The FP8 plan and GPU switches of a resolved recipe on this machine; use_te=None means
+    `model.transformer_impl`'s choice (models/specs.use_transformer_engine)."""
+    if use_te is None:
+        from tulip_mega.models.specs import use_transformer_engine
+
+        use_te = use_transformer_engine(cfg.model.transformer_impl)
+    return LayerChoices(fp8=fp8_plan(cfg), gpu=gpu_switches(cfg, use_te), use_te=bool(use_te))
+
+
+def tower_config(cfg, tower: Tower, choices: Optional[LayerChoices] = None) -> TransformerConfig:
+    """The TransformerConfig of one tower (sizes from the resolved recipe); `choices` from
+    `layer_choices` (computed here when None)."""
     t = cfg.model.vision if tower == "vision" else cfg.model.text
     return _transformer_config(
-        cfg, t, pipeline_parallel=cfg.parallel.pipeline_parallel, recompute=True,
-        layout=pipeline_layout(cfg, tower),
+        cfg, t, tower, choices or layer_choices(cfg), pipeline_parallel=cfg.parallel.pipeline_parallel,
+        recompute=True, layout=pipeline_layout(cfg, tower),
     )
 
 
@@ -74,7 +160,7 @@ def batch_p2p_comm(cfg) -> bool:
     return not (cfg.parallel.virtual_pipeline > 1 and cfg.parallel.pipeline_parallel == 2)
 
 
-def decoder_config(cfg, which: DecoderName) -> TransformerConfig:
+def decoder_config(cfg, which: DecoderName, choices: Optional[LayerChoices] = None) -> TransformerConfig:
     """The TransformerConfig of a reconstruction decoder ('mae' pixels or 'text' caption).
 
     Same precision, FP8, TP size and sequence parallel as the towers, the decoder's own sizes
@@ -98,24 +184,72 @@ def decoder_config(cfg, which: DecoderName) -> TransformerConfig:
     unset = [k for k in ("hidden_size", "num_heads", "ffn_hidden_size") if getattr(dec, k) is None]
     if unset:
         raise ValueError(f"model.{which}_decoder.{unset[0]} is unset: pass a config resolved by load_config")
-    return _transformer_config(cfg, dec, pipeline_parallel=1, recompute=False)
+    return _transformer_config(cfg, dec, f"{which}_decoder", choices or layer_choices(cfg), pipeline_parallel=1,
+                               recompute=False)
 
 
-def _transformer_config(cfg, t, pipeline_parallel: int, recompute: bool, layout=None) -> TransformerConfig:
+def recompute_granularity(cfg, t, choices: LayerChoices, recompute: bool) -> Optional[str]:
+    """`recompute.granularity` for a block of sizes `t`, or None when nothing is left to recompute.
+
+    Selective recompute re-runs core attention only (megatron's default `recompute_modules`),
+    to avoid storing the [b, heads, s, s] scores. TE's fused attention backends (flash
+    attention, cuDNN) store none, so there it only costs time: dropped where TE can use them,
+    head dims that are multiples of 8 up to 128 (TE's dot_product_attention/utils.py backend
+    filters; other head dims may fall back to TE's unfused attention, which does store them)."""
+    if not recompute:
+        return None
+    granularity = cfg.recompute.granularity
+    head_dim = t.hidden_size // t.num_heads
+    if granularity == "selective" and choices.gpu.drop_core_attn_recompute and fused_attention_head_dim(head_dim):
+        return None
+    return granularity
+
+
+def fused_attention_head_dim(head_dim: int) -> bool:
+    """Whether TE's fused attention backends take this head dim on every GPU TE supports."""
+    return head_dim % 8 == 0 and head_dim <= 128
+
+
+def amax_reduction(choices: LayerChoices) -> dict:
+    """FP8 amax reduction (delayed scaling): over the TP group only.
+
+    megatron enters one `fp8_autocast` per TransformerBlock call (transformer_block.py), and TE
+    reduces the amaxes of that region and updates the scales at its exit, and again in the
+    backward of its first module (fp8.py `reduce_and_update_fp8_tensors`), over megatron's
+    amax group: TP x DP by default, one cross-node all-reduce per block call and direction.
+    TE has no once-per-step setting short of one autocast around the whole step, which would
+    also put the blocks that must run bf16 into FP8. TP ranks must share scales (sequence
+    parallel gathers FP8 activations); data-parallel replicas need not: their weights stay
+    identical (gradients are averaged) and only their activation scales differ slightly. So
+    the group is TP only (`tp_only_amax_red`, an NVLink all-reduce; none at TP 1). The scales
+    still update at every block call, as before. Checkpoints keep data-parallel rank 0's
+    amax history, which every replica resumes from."""
+    return {"tp_only_amax_red": True} if choices.gpu.tp_only_amax_reduction else {}
+
+
+def _transformer_config(cfg, t, block: str, choices: LayerChoices, pipeline_parallel: int, recompute: bool,
+                        layout=None) -> TransformerConfig:
     """A TransformerConfig with the sizes of `t` (num_layers, hidden_size, num_heads,
-    ffn_hidden_size) and everything else from the recipe."""
+    ffn_hidden_size) for `block` (vision, text, mae_decoder, text_decoder) and everything else
+    from the recipe and `choices`."""
     dtype = params_dtype(cfg)
     cuda = use_cuda()
-    rc = cfg.recompute
-    granularity = rc.granularity if recompute else None
+    rc, gpu = cfg.recompute, choices.gpu
+    granularity = recompute_granularity(cfg, t, choices, recompute)
     fp8 = {}
-    if cfg.precision.fp8 is not None:
+    if choices.fp8.runs_fp8(block):
         fp8 = dict(
             fp8=cfg.precision.fp8,
             fp8_recipe=cfg.precision.fp8_recipe,
             fp8_amax_history_len=cfg.precision.fp8_amax_history_len,
             fp8_amax_compute_algo=cfg.precision.fp8_amax_compute_algo,
+            **amax_reduction(choices),
         )
+    # Fused weight-gradient accumulation needs it in every linear of the block: TE's for TE
+    # layers, apex's for megatron's own (local layers, the caption decoder's output layer).
+    megatron_linears = not choices.use_te or block == "text_decoder"
+    wgrad_fusion = ((gpu.wgrad_fusion_te or not choices.use_te)
+                    and (gpu.wgrad_fusion_megatron or not megatron_linears))
     return TransformerConfig(
         num_layers=t.num_layers,
         hidden_size=t.hidden_size,
@@ -142,16 +276,17 @@ def _transformer_config(cfg, t, pipeline_parallel: int, recompute: bool, layout=
         add_bias_linear=True,
         add_qkv_bias=True,
         gated_linear_unit=False,
-        activation_func=gelu_tanh,
+        # megatron's fused bias-GELU is keyed on F.gelu and computes the tanh approximation.
+        activation_func=F.gelu if gpu.bias_gelu_fusion else gelu_tanh,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         apply_query_key_layer_scaling=False,
         attention_softmax_in_fp32=True,
-        # Fusions are GPU kernels; the unfused paths compute the same thing.
-        bias_activation_fusion=False,
+        # GPU-only fusions (`GpuSwitches`); the unfused paths compute the same thing.
+        bias_activation_fusion=gpu.bias_gelu_fusion,
         masked_softmax_fusion=False,
-        bias_dropout_fusion=False,
-        gradient_accumulation_fusion=False,
+        bias_dropout_fusion=gpu.bias_dropout_fusion,
+        gradient_accumulation_fusion=wgrad_fusion,
         persist_layer_norm=False,
         # Initialisation is done layout-invariantly afterwards (tulip_mega.models.init).
         use_cpu_initialization=not cuda,
@@ -163,3 +298,62 @@ def _transformer_config(cfg, t, pipeline_parallel: int, recompute: bool, layout=
         recompute_num_layers=rc.num_layers if granularity == "full" else None,
     )
 
+
+# megatron-core 0.16.1's DDP default is max(40M, 1M x DP) parameters per bucket: at DP 256 a
+# 0.8B-parameter rank gets about 3 buckets, and the last one (the first layers' gradients,
+# ready last) is reduced after the backward pass with nothing left to overlap. We aim for
+# DDP_BUCKETS buckets (about 1/8 of the reduction exposed) but keep each rank's share of a
+# bucket at MIN_BUCKET_SHARE parameters (1 MB of fp32 gradients) so the collectives stay
+# bandwidth-bound, and never exceed megatron's default.
+DDP_BUCKETS = 8
+MIN_BUCKET_SHARE = 250_000
+
+
+def bucket_size_for(params: int, dp: int) -> int:
+    """DDP bucket size (parameters) for a model chunk of `params` parameters at DP `dp`."""
+    megatron_default = max(40_000_000, 1_000_000 * dp)
+    return min(megatron_default, max(math.ceil(params / DDP_BUCKETS), MIN_BUCKET_SHARE * dp))
+
+
+def ddp_bucket_size(cfg, model) -> Optional[int]:
+    """`DistributedDataParallelConfig.bucket_size` for `model` (a module or a list of model
+    chunks): `bucket_size_for` its largest chunk on a GPU with `parallel.overlap_grad_reduce`;
+    None (megatron's default, one bucket without overlap) otherwise."""
+    if not use_cuda() or not cfg.parallel.overlap_grad_reduce:
+        return None
+    from megatron.core import parallel_state
+
+    chunks = model if isinstance(model, (list, tuple)) else [model]
+    params = max(sum(p.numel() for p in m.parameters() if p.requires_grad) for m in chunks)
+    return bucket_size_for(params, parallel_state.get_data_parallel_world_size())
+
+
+def startup_lines(cfg, choices: LayerChoices, bucket_size: Optional[int]) -> list[str]:
+    """What `layer_choices` decided, for the start-up log: FP8 per block, the GPU switches,
+    recompute dropped under TE attention, and the DDP bucket (`bucket_size` as megatron's DDP
+    holds it: None = one bucket)."""
+    gpu = choices.gpu
+    lines = [choices.fp8.startup_line()]
+    if not gpu.cuda:
+        lines.append("GPU switches: off (no CUDA): no gradient accumulation, bias-GELU or bias-dropout-add fusion")
+        return lines
+    wgrad = " and ".join(name for name, on in (("TE layers", gpu.wgrad_fusion_te),
+                                               ("megatron's linears (apex)", gpu.wgrad_fusion_megatron)) if on)
+    if gpu.wgrad_fusion_te and not gpu.wgrad_fusion_megatron:
+        wgrad += " (not in blocks with megatron's own linears, e.g. the caption decoder: no apex)"
+    switches = [f"gradient accumulation fusion {'in ' + wgrad if wgrad else 'off (no TE layers, no apex)'}",
+                f"bias-GELU fusion {'on' if gpu.bias_gelu_fusion else 'off'}",
+                f"bias-dropout-add fusion {'on' if gpu.bias_dropout_fusion else 'off'}"]
+    if cfg.precision.fp8 is not None:
+        switches.append("FP8 amax reduction over " + ("TP only" if gpu.tp_only_amax_reduction else "TP x DP"))
+    lines.append("GPU switches: " + ", ".join(switches))
+    if cfg.recompute.granularity == "selective":
+        towers = {"vision": cfg.model.vision, "text": cfg.model.text}
+        dropped = [f"{name} (head dim {t.hidden_size // t.num_heads})" for name, t in towers.items()
+                   if recompute_granularity(cfg, t, choices, True) is None]
+        if dropped:
+            lines.append(f"recompute: selective core-attention recompute dropped for {', '.join(dropped)}: "
+                         "TE's fused attention stores no score matrix")
+    lines.append(f"DDP buckets: {bucket_size / 1e6:.1f}M parameters each (overlap_grad_reduce)" if bucket_size
+                 else "DDP buckets: one per model chunk (parallel.overlap_grad_reduce=false)")
+    return lines

@@ -4,7 +4,8 @@ The one place the layer implementation is decided: `use_transformer_engine(impl)
 recipe's `model.transformer_impl` (auto | te | local) and is the only caller of the TE import
 probe; every block (towers, decoders) and its final norm get their spec from `block_spec`.
 What TE needs is checked here too (`check_layer_support`: FP8 GEMMs and `transformer_impl:
-te`), and the parameter names the TE spec uses are in models/te_names.py beside it.
+te`; which blocks' GEMMs TE can run in FP8 is config/fp8_shapes.py), and the parameter names
+the TE spec uses are in models/te_names.py beside it.
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ from tulip_mega.config import Config, save_config, validate_layout
 from tulip_mega.config.streams import Streams, input_streams
 from tulip_mega.convert.pretrained import load_pretrained
 from tulip_mega.models.build import build_model_chunks
+from tulip_mega.models.megatron_config import LayerChoices, layer_choices, startup_lines
 from tulip_mega.models.pipeline_split import validate_split
 from tulip_mega.eval.runner import Evaluator, write_results
 from tulip_mega.models.specs import check_layer_support, use_transformer_engine
@@ -115,13 +116,15 @@ class _Run:
     loader: Any
     streams: Streams
     use_te: bool
+    choices: LayerChoices  # which blocks run FP8, the GPU switches (models/megatron_config.py)
 
 
 def _build(cfg: Config, dp_size: int) -> _Run:
     """The input streams (once), model stage, optimizer, scheduler, train step and loader."""
     streams = input_streams(cfg)
     use_te = use_transformer_engine(cfg.model.transformer_impl)
-    chunks = build_model_chunks(cfg, use_te=use_te, streams=streams)
+    choices = layer_choices(cfg, use_te)
+    chunks = build_model_chunks(cfg, use_te=use_te, streams=streams, choices=choices)
     for chunk in chunks:
         load_pretrained(chunk, cfg.model)
     # One DDP model, or one per model chunk under interleaved virtual stages (parallel.virtual_pipeline).
@@ -133,7 +136,7 @@ def _build(cfg: Config, dp_size: int) -> _Run:
     loader = build_train_loader(
         cfg, parallel_state.get_data_parallel_rank(), dp_size, streams
     ) if step_fn.needs_input else None
-    return _Run(model, optimizer, scheduler, step_fn, loader, streams, use_te)
+    return _Run(model, optimizer, scheduler, step_fn, loader, streams, use_te, choices)
 
 
 def _log_startup_facts(cfg: Config, env: LaunchEnv, dp_size: int, run: _Run, out_dir: Path) -> None:
@@ -156,6 +159,7 @@ def _log_startup_facts(cfg: Config, env: LaunchEnv, dp_size: int, run: _Run, out
         f"backend: {'nccl on CUDA' if use_cuda() else 'gloo on CPU'}, dtype {compute_dtype(cfg.precision.dtype)}",
         f"layers: {'Transformer Engine' if run.use_te else 'megatron-core local'} "
         f"(model.transformer_impl={cfg.model.transformer_impl})",
+        *startup_lines(cfg, run.choices, model_chunks(run.model)[0].ddp_config.bucket_size),
         f"loader: {loader}",
         f"run folder: {out_dir.resolve()} (debug log: {DEBUG_LOG_NAME})",
     ):

@@ -53,6 +53,7 @@ from dataloaders.base import Batch
 from tulip_mega.losses.reconstruction import mae_mask
 from tulip_mega.losses.stack import TulipLossStack
 from tulip_mega.losses.token_count import step_token_divisor
+from tulip_mega.models.megatron_config import ddp_bucket_size
 from tulip_mega.models.tulip import TulipModel
 from tulip_mega.parallel.init import device
 from tulip_mega.flops import uses_embedding_cache
@@ -97,6 +98,7 @@ def wrap_ddp(model: Union[TulipModel, list[TulipModel]], cfg) -> Chunks:
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
         use_distributed_optimizer=cfg.parallel.distributed_optimizer,
+        bucket_size=ddp_bucket_size(cfg, model),
     )
     if isinstance(model, list):
         return [DistributedDataParallel(config=m.config, ddp_config=ddp_config, module=m) for m in model]
