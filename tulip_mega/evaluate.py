@@ -27,6 +27,7 @@ from tulip_mega.training.checkpoint import (
     match_checkpoint_names,
     model_shape,
     reader_overrides,
+    restore_own_extra_state,
 )
 
 log = logging.getLogger("tulip_mega")
@@ -86,8 +87,7 @@ def load_weights(checkpoint: Path, module, model_config: dict) -> None:
     state = {f"model{i}": m.sharded_state_dict() for i, m in enumerate(chunks)}
     own = match_checkpoint_names(state, checkpoint_keys(checkpoint), checkpoint)
     loaded = dist_checkpointing.load(state, str(checkpoint))
-    for chunk, values in own.items():
-        loaded[chunk].update(values)
+    restore_own_extra_state(loaded, own)
     for i, m in enumerate(chunks):
         m.load_state_dict(loaded[f"model{i}"])
 

@@ -169,19 +169,16 @@ def _keys(state: dict) -> list[str]:
     return [item.key for item in state.values() if isinstance(item, (ShardedTensor, ShardedObject))]
 
 
-def _restore_own(loaded: dict, own: dict[str, dict]) -> None:
+def restore_own_extra_state(loaded: dict, own: dict[str, dict]) -> None:
     """Put back the `_extra_state` values the checkpoint did not have (see match_checkpoint_names)."""
     for chunk, values in own.items():
         loaded[chunk].update(values)
 
 
-def _sharded_state(model, optimizer, scheduler, loader_state: Optional[dict], extra: dict, is_loading: bool,
-                   rename=None) -> dict:
-    """The state dict of a checkpoint. `rename(models)` adapts the model's sharded state (key
-    names) before the optimizer state is derived from it."""
-    models = _model_states(model)
-    if rename is not None:
-        rename(models)
+def _sharded_state(models: dict[str, dict], optimizer, scheduler, loader_state: Optional[dict], extra: dict,
+                   is_loading: bool) -> dict:
+    """The state dict of a checkpoint around the model's sharded state `models`
+    (`_model_states`); the optimizer's entries take their keys from it."""
     shape, offset = _layout()
     state: dict[str, Any] = {
         **models,
@@ -226,7 +223,7 @@ def save_checkpoint(
         partial.mkdir()
     dist.barrier()
     extra = {"step": step, "model_config": model_config, "layout": list(_layout()[0])}
-    state = _sharded_state(model, optimizer, scheduler, loader_state, extra, False)
+    state = _sharded_state(_model_states(model), optimizer, scheduler, loader_state, extra, False)
     if async_queue is not None:
         # The write runs in a background process (training/async_checkpoint.py); the publish
         # below runs as the request's finalisation, on every rank, after every rank's write.
@@ -276,16 +273,15 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, loader_state: Optio
     saved_layout = common.get("layout")
     shape, _ = _layout()
     same_layout = saved_layout is None or tuple(saved_layout) == shape
-    available = checkpoint_keys(path)
-    own: dict[str, dict] = {}
-    state = _sharded_state(model, optimizer, scheduler, loader_state, {}, is_loading=True,
-                           rename=lambda models: own.update(match_checkpoint_names(models, available, path)))
+    models = _model_states(model)
+    own = match_checkpoint_names(models, checkpoint_keys(path), path)
+    state = _sharded_state(models, optimizer, scheduler, loader_state, {}, is_loading=True)
     if not same_layout:
         state.pop("rng")
         if saved_layout[2] != shape[2]:
             state.pop("loader", None)  # the loader position is per data-parallel rank
     loaded = dist_checkpointing.load(state, str(path))
-    _restore_own(loaded, own)
+    restore_own_extra_state(loaded, own)
     if isinstance(model, (list, tuple)):
         for i, chunk in enumerate(model):
             _unwrap(chunk).load_state_dict(loaded[f"model{i}"])
