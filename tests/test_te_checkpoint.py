@@ -11,8 +11,9 @@ once with local and once with TE names, and the run config beside both is a GPU 
 (`transformer_impl: te`, `fp8: hybrid`, `distributed_optimizer: true`).
 
 - resume: the TE checkpoint continues with exactly the losses of the local one, into local
-  layers and into (fake) TE layers; TE layers get the checkpoint's `_extra_state` back, and
-  keep their own when the checkpoint is local;
+  layers and into (fake) TE layers; TE layers get their own layer's saved `_extra_state` back;
+  from a local checkpoint, TE linears read the local linears' empty one and TE final norms,
+  which have none there, keep their own;
 - eval: `eval_config` + `load_weights` give the same embeddings from both;
 - reshard: both reshard (TP=2 x PP=1 from PP=2) to bit-identical tensors, model and optimizer;
 - an optimizer state written by megatron's DistributedOptimizer is refused by reshard on CPU.
