@@ -20,7 +20,15 @@ from megatron.core import parallel_state
 
 from tulip_mega.config import Config, ConfigError
 from tulip_mega.eval.runner import TASKS, Evaluator, write_results
-from tulip_mega.training.checkpoint import CheckpointError, check_model_config, model_shape
+from tulip_mega.training.checkpoint import (
+    CheckpointError,
+    check_model_config,
+    checkpoint_keys,
+    match_checkpoint_names,
+    model_shape,
+    reader_overrides,
+    restore_own_extra_state,
+)
 
 log = logging.getLogger("tulip_mega")
 
@@ -43,11 +51,11 @@ def eval_config(checkpoint: Path, task: str, data: str, classes: Optional[str] =
     if not recipe.is_file():
         raise ConfigError(f"no run config at {recipe}: pass --config RECIPE (the recipe the checkpoint was "
                           "trained with)")
-    layout: list[str] = []
+    # No optimizer is built; a TE run's recipe evaluates where TE is absent (local layers).
+    layout: list[str] = reader_overrides(builds_optimizer=False)
     if world_size == 1 and not any(o.startswith("parallel.") for o in overrides):
-        layout = ["parallel.tensor_parallel=1", "parallel.pipeline_parallel=1", "parallel.virtual_pipeline=1",
-                  "parallel.sequence_parallel=false",
-                  "parallel.distributed_optimizer=false"]
+        layout += ["parallel.tensor_parallel=1", "parallel.pipeline_parallel=1", "parallel.virtual_pipeline=1",
+                   "parallel.sequence_parallel=false"]
     # --classes or the classes.json beside the shards, never the training run's eval.classes
     task_keys = [f"eval.{task}_shards={data}", f"eval.classes={classes or 'null'}",
                  f"eval.linear_probe_classes={classes or 'null'}", "eval.interval=0",
@@ -66,7 +74,8 @@ def eval_config(checkpoint: Path, task: str, data: str, classes: Optional[str] =
 def load_weights(checkpoint: Path, module, model_config: dict) -> None:
     """Only the model's weights from a training checkpoint, into this rank's stage or, under
     interleaved virtual stages, its list of model chunks (any layout: tensors are keyed
-    globally, whatever the layout that saved them)."""
+    globally, whatever the layout that saved them; Transformer Engine or local layer names,
+    whichever wrote it)."""
     from megatron.core import dist_checkpointing
 
     checkpoint = Path(checkpoint)
@@ -75,8 +84,10 @@ def load_weights(checkpoint: Path, module, model_config: dict) -> None:
     common = dist_checkpointing.load_common_state_dict(str(checkpoint))
     check_model_config(checkpoint, common.get("model_config", {}), model_config)
     chunks = list(module) if isinstance(module, (list, tuple)) else [module]
-    loaded = dist_checkpointing.load({f"model{i}": m.sharded_state_dict() for i, m in enumerate(chunks)},
-                                     str(checkpoint))
+    state = {f"model{i}": m.sharded_state_dict() for i, m in enumerate(chunks)}
+    own = match_checkpoint_names(state, checkpoint_keys(checkpoint), checkpoint)
+    loaded = dist_checkpointing.load(state, str(checkpoint))
+    restore_own_extra_state(loaded, own)
     for i, m in enumerate(chunks):
         m.load_state_dict(loaded[f"model{i}"])
 

@@ -25,7 +25,7 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from tulip_mega.convert.plain_model import CONFIG_NAME, WEIGHTS_NAME, PlainConfig
-from tulip_mega.models.te_names import canonical_key  # TE's fused LayerNorm names -> local-spec names
+from tulip_mega.models.te_names import canonical_key, is_extra_state  # TE's names -> local-spec names
 
 TOWERS = {"vision": "vision_model", "text": "text_model"}
 
@@ -73,7 +73,7 @@ def is_model_key(key: str) -> bool:
 def megatron_key_to_plain(key: str, tensor: torch.Tensor, num_heads: dict[str, int]) -> Iterator[tuple[str, torch.Tensor]]:
     """(plain name, tensor) pairs for one full megatron tensor (layers stacked on axis 0)."""
     key = canonical_key(key)
-    if key.endswith("_extra_state"):
+    if is_extra_state(key):
         return
     if key in _SCALARS:
         yield key, tensor.reshape(1).clone()
@@ -237,7 +237,7 @@ def convert_checkpoint(
     out.mkdir(parents=True, exist_ok=True)
     with single_process_group():
         meta = dist_checkpointing.load_tensors_metadata(str(checkpoint))
-        keys = sorted(k for k in meta if is_model_key(k) and not k.endswith("_extra_state"))
+        keys = sorted(k for k in meta if is_model_key(k) and not is_extra_state(k))
         if not keys:
             raise ConversionError(f"{checkpoint} holds no model tensors")
         plan = _plan([(k, torch.empty(tuple(meta[k].global_shape), dtype=meta[k].dtype, device="meta"))

@@ -14,6 +14,10 @@ previous checkpoint usable. A checkpoint holds model, optimizer, LR scheduler, s
 states of every rank and each data-parallel rank's loader position; the resolved model
 config is stored beside them so loading a checkpoint of another model shape fails with a
 message naming the differing keys instead of a tensor-shape error.
+
+Checkpoints are read under their own layer names: one written by Transformer Engine layers
+(fused LayerNorm names, `_extra_state`) loads into local layers and the other way round, model
+and optimizer state alike, through the mapping in models/te_names.py (`match_checkpoint_names`).
 """
 
 from __future__ import annotations
@@ -28,9 +32,10 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
-from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
+from tulip_mega.models.te_names import checkpoint_key, is_extra_state, naming
 from tulip_mega.parallel.init import use_cuda
 
 log = logging.getLogger(__name__)
@@ -121,8 +126,59 @@ def _model_states(model) -> dict[str, dict]:
     return {"model": _unwrap(model).sharded_state_dict()}
 
 
-def _sharded_state(model, optimizer, scheduler, loader_state: Optional[dict], extra: dict, is_loading: bool) -> dict:
-    models = _model_states(model)
+def checkpoint_keys(path: Path) -> set[str]:
+    """Every tensor and object key a checkpoint holds (read from its metadata, no data)."""
+    from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
+
+    return {item.key for item in load_sharded_metadata(str(path)).values()}
+
+
+def match_checkpoint_names(models: dict[str, dict], available: set[str], path: Path) -> dict[str, dict]:
+    """Rename, in place, the model's sharded state (`_model_states`) to the layer names of a
+    checkpoint holding the keys `available`: TE and local names map both ways (te_names.py), so
+    the optimizer state built from it is read under the checkpoint's names too. `_extra_state`
+    entries the checkpoint lacks (local checkpoint, TE layers) are taken out of the request and
+    returned as {chunk: {state-dict key: the module's own value}} to be put back after loading
+    (TE's final norm from a local checkpoint); those the checkpoint has and the model lacks are
+    not read, and a local linear ignores the one it reads. Raises naming the model
+    keys the checkpoint has under neither name."""
+    ours = naming(k for state in models.values() for k in _keys(state))
+    own: dict[str, dict] = {}
+    missing = []
+    for chunk, state in models.items():
+        for name, item in list(state.items()):
+            if isinstance(item, ShardedObject) and is_extra_state(item.key):
+                if item.key not in available:
+                    own.setdefault(chunk, {})[name] = item.data
+                    del state[name]
+            elif isinstance(item, ShardedTensor):
+                item.key = checkpoint_key(item.key, available)
+                if item.key not in available:
+                    missing.append(item.key)
+    if missing:
+        raise CheckpointError(f"checkpoint {path} has no tensor for model key(s) {sorted(set(missing))[:8]} "
+                              "(under local or Transformer Engine names)")
+    theirs = naming(available)
+    if theirs != ours:
+        log.info("checkpoint %s has %s layer names; loaded into %s layers (names mapped, Transformer Engine "
+                 "FP8 state %s)", path, theirs, ours, "dropped" if theirs == "te" else "left to the layers")
+    return own
+
+
+def _keys(state: dict) -> list[str]:
+    return [item.key for item in state.values() if isinstance(item, (ShardedTensor, ShardedObject))]
+
+
+def restore_own_extra_state(loaded: dict, own: dict[str, dict]) -> None:
+    """Put back the `_extra_state` values the checkpoint did not have (see match_checkpoint_names)."""
+    for chunk, values in own.items():
+        loaded[chunk].update(values)
+
+
+def _sharded_state(models: dict[str, dict], optimizer, scheduler, loader_state: Optional[dict], extra: dict,
+                   is_loading: bool) -> dict:
+    """The state dict of a checkpoint around the model's sharded state `models`
+    (`_model_states`); the optimizer's entries take their keys from it."""
     shape, offset = _layout()
     state: dict[str, Any] = {
         **models,
@@ -167,7 +223,7 @@ def save_checkpoint(
         partial.mkdir()
     dist.barrier()
     extra = {"step": step, "model_config": model_config, "layout": list(_layout()[0])}
-    state = _sharded_state(model, optimizer, scheduler, loader_state, extra, False)
+    state = _sharded_state(_model_states(model), optimizer, scheduler, loader_state, extra, False)
     if async_queue is not None:
         # The write runs in a background process (training/async_checkpoint.py); the publish
         # below runs as the request's finalisation, on every rank, after every rank's write.
@@ -205,7 +261,9 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, loader_state: Optio
     """Load a checkpoint into this run's (possibly differently laid out) model and optimizer.
 
     Returns {"step": int, "loader": dict | None}. RNG states are restored when the layout is
-    the one that saved them; after a layout change the run's own seeds are kept.
+    the one that saved them; after a layout change the run's own seeds are kept. A checkpoint of
+    the other layer implementation (Transformer Engine vs local) loads too: see
+    `match_checkpoint_names`.
     """
     path = Path(path)
     if not dist_checkpointing.check_is_distributed_checkpoint(str(path)):
@@ -215,12 +273,15 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, loader_state: Optio
     saved_layout = common.get("layout")
     shape, _ = _layout()
     same_layout = saved_layout is None or tuple(saved_layout) == shape
-    state = _sharded_state(model, optimizer, scheduler, loader_state, {}, is_loading=True)
+    models = _model_states(model)
+    own = match_checkpoint_names(models, checkpoint_keys(path), path)
+    state = _sharded_state(models, optimizer, scheduler, loader_state, {}, is_loading=True)
     if not same_layout:
         state.pop("rng")
         if saved_layout[2] != shape[2]:
             state.pop("loader", None)  # the loader position is per data-parallel rank
     loaded = dist_checkpointing.load(state, str(path))
+    restore_own_extra_state(loaded, own)
     if isinstance(model, (list, tuple)):
         for i, chunk in enumerate(model):
             _unwrap(chunk).load_state_dict(loaded[f"model{i}"])
@@ -231,6 +292,36 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, loader_state: Optio
     if "rng" in loaded:
         _set_rng_state(loaded["rng"])
     return {"step": int(common["step"]), "loader": loaded.get("loader")}
+
+
+def reader_overrides(builds_optimizer: bool) -> list[str]:
+    """Recipe overrides under which eval and reshard read any run's checkpoint on this machine.
+
+    megatron's DistributedOptimizer takes CUDA parameters only, so it is off without CUDA (and
+    always when no optimizer is built: eval); FP8 and `model.transformer_impl: te` need
+    Transformer Engine, so where it does not import the layers are local and FP8 off (the
+    checkpoint's TE names are mapped on load, `match_checkpoint_names`)."""
+    from tulip_mega.models.specs import transformer_engine_available
+
+    out = []
+    if not builds_optimizer or not use_cuda():
+        out.append("parallel.distributed_optimizer=false")
+    if not transformer_engine_available():
+        out += ["model.transformer_impl=local", "precision.fp8=null"]
+    return out
+
+
+def distributed_optimizer_format(path: Path) -> Optional[str]:
+    """The sharding type of an optimizer state written by megatron's DistributedOptimizer
+    (e.g. 'fully_sharded_model_space'), or None for the plain optimizer's model-space format."""
+    def find(tree) -> Optional[str]:
+        if isinstance(tree, dict):
+            if "param_state_sharding_type" in tree:
+                return tree["param_state_sharding_type"]
+            return next((t for t in map(find, tree.values()) if t is not None), None)
+        return None
+
+    return find(dist_checkpointing.load_common_state_dict(str(path)).get("optimizer"))
 
 
 def check_model_config(path: Path, saved: dict, current: dict) -> None:

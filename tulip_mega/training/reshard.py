@@ -16,6 +16,14 @@ layout (`--virtual V`, `parallel.virtual_pipeline`): a checkpoint groups its mod
 chunk (`model0`, `model1`, ...) but keys every tensor globally, so it converts to and from
 any other PP, split and virtual size the same way. Run under torchrun (WORLD_SIZE = T x P)
 it uses those processes; otherwise it spawns T x P gloo processes on this machine.
+
+Any machine reshards (`reader_overrides`, `match_checkpoint_names` in training/checkpoint.py):
+without CUDA the optimizer is megatron's plain one (an optimizer state written by the
+DistributedOptimizer is refused with a message: its flattened format needs a GPU node), and
+without Transformer Engine the layers are local and read a TE run's names (models/te_names.py).
+The output carries the names of the layers that resharded it: a TE checkpoint resharded without
+TE comes out with local names and no `_extra_state`; TE layers resume it, with fresh FP8
+scaling state.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ def reshard_config(checkpoint: Path, tp: int, pp: int, overrides: Sequence[str] 
     from megatron.core import dist_checkpointing
 
     from tulip_mega.config import load_config
+    from tulip_mega.training.checkpoint import reader_overrides
 
     common = dist_checkpointing.load_common_state_dict(str(checkpoint))
     mc = common.get("model_config") or {}
@@ -39,6 +48,7 @@ def reshard_config(checkpoint: Path, tp: int, pp: int, overrides: Sequence[str] 
         raise ConversionError(f"{checkpoint} holds no model_config; was it saved by tulip-mega?")
     run_cfg = Path(checkpoint).resolve().parent.parent / "config.yaml"
     model_keys = [f"model.{tower}.{k}={v}" for tower in ("vision", "text") for k, v in mc[tower].items()]
+    model_keys += reader_overrides(builds_optimizer=True)
     layout = [f"parallel.tensor_parallel={tp}", f"parallel.pipeline_parallel={pp}", f"parallel.virtual_pipeline={virtual}",
               "model.init_from_hf=null", "model.init_from_open_clip=null"]
     if tp == 1:
@@ -74,7 +84,16 @@ def reshard(checkpoint, tp: int, pp: int, out, overrides: Sequence[str] = (), ti
     under OUT; returns OUT/step_<N>."""
     from tulip_mega.config import validate_layout
 
+    from tulip_mega.parallel.init import use_cuda
+    from tulip_mega.training.checkpoint import distributed_optimizer_format
+
     checkpoint, out = Path(checkpoint), Path(out)
+    sharding = distributed_optimizer_format(checkpoint)
+    if sharding is not None and not use_cuda():
+        raise ConversionError(
+            f"{checkpoint}: its optimizer state was written by megatron's DistributedOptimizer ({sharding}), "
+            "which runs only with CUDA; reshard it on a GPU node. Its weights read anywhere: tulip-mega eval, "
+            "tulip-mega convert")
     cfg = reshard_config(checkpoint, tp, pp, overrides, virtual)
     world = tp * pp
     validate_layout(cfg, world)
@@ -90,8 +109,14 @@ def reshard(checkpoint, tp: int, pp: int, out, overrides: Sequence[str] = (), ti
 
 def main(checkpoint: str, tp: int, pp: int, out: str, overrides: Optional[Sequence[str]] = None,
          virtual: int = 1) -> int:
+    from tulip_mega.training.checkpoint import reader_overrides
+
     path = reshard(checkpoint, tp, pp, out, overrides or (), virtual=virtual)
     chunks = f" x {virtual} virtual" if virtual > 1 else ""
+    forced = reader_overrides(builds_optimizer=True)
+    if forced:
+        print(f"note: read on this machine with {' '.join(forced)} (no CUDA: megatron's plain optimizer; no "
+              "Transformer Engine: local layers, checkpoint names mapped)")
     print(f"resharded {checkpoint} to TP={tp} x PP={pp}{chunks}: {path}")
     print(f"  continue training with: checkpoint.load={path} parallel.tensor_parallel={tp} "
           f"parallel.pipeline_parallel={pp}" + (f" parallel.virtual_pipeline={virtual}" if virtual > 1 else ""))
