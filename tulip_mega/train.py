@@ -19,7 +19,10 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
+
+if TYPE_CHECKING:
+    from tulip_mega.training.signals import PreemptionSignal
 
 EXIT_FINISHED = 0
 EXIT_CONFIG_ERROR = 2
@@ -42,6 +45,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from tulip_mega.training.signals import PreemptionSignal
+
+    # First, before the imports, process groups, model build and restore (minutes at 512
+    # ranks): a stop signal from then on is recorded and acted on at the first step boundary.
+    with PreemptionSignal() as stop_signal:
+        return _main(argv, stop_signal)
+
+
+def _main(argv: Optional[Sequence[str]], stop_signal: PreemptionSignal) -> int:
     args = build_parser().parse_args(argv)
     from tulip_mega.training.metrics import capture_warnings_early
 
@@ -70,7 +82,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from tulip_mega.training.step import TrainingHalted
 
     try:
-        summary = train(cfg)
+        summary = train(cfg, stop_signal=stop_signal)
     except CheckpointError as e:
         print(f"tulip-mega: checkpoint error: {e}", file=sys.stderr)
         return EXIT_CHECKPOINT_ERROR
