@@ -35,16 +35,22 @@ c % W, a second thread in each worker) for the position-seeded view parameters a
   stop means (checkpoint at the next step boundary, then close the loader), so the workers,
   the fork server and multiprocessing's resource tracker must not die of it: they start with
   those signals blocked (inherited from the starting thread) and workers then ignore them.
+  So ``close`` ends a busy worker with SIGKILL, and pools still open at interpreter exit are
+  closed by an exit hook that runs before multiprocessing's own (which would SIGTERM the
+  workers and wait for them forever).
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import multiprocessing as mp
+import multiprocessing.util  # noqa: F401 - its exit hook is registered before ours
 import os
 import queue
 import signal
 import traceback
+import weakref
 from collections import deque
 from collections.abc import Iterator
 from typing import Any, Optional
@@ -74,6 +80,19 @@ QUEUE_SAMPLES = 16384
 
 # Signals the loader's process decides on (tulip_mega.training.signals); Ctrl-C too.
 _PARENT_DECIDES = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
+
+
+# Pools not closed yet; closed at exit by a hook registered after multiprocessing.util's
+# (imported above), so it runs first.
+_OPEN_POOLS: "weakref.WeakSet[ReaderPool]" = weakref.WeakSet()
+
+
+def _close_open_pools() -> None:
+    for pool in list(_OPEN_POOLS):
+        pool.close()
+
+
+atexit.register(_close_open_pools)
 
 
 class ReaderWorkerError(RuntimeError):
@@ -272,6 +291,7 @@ class ReaderPool:
         self._drawn = 0  # draw chunks sent, over all calls (chunk c goes to worker c % W)
         self._sent = self._received = 0  # shards requested / fully read back, over all calls
         self._broken = False
+        _OPEN_POOLS.add(self)
 
     @property
     def workers(self) -> int:
@@ -380,9 +400,10 @@ class ReaderPool:
                     pass
         for p in self._procs:
             p.join(timeout=0.5)
-            if p.is_alive():  # still busy with queued shards nobody will read
-                p.terminate()
+            if p.is_alive():  # still busy with queued shards nobody will read (it ignores SIGTERM)
+                p.kill()
                 p.join(timeout=2.0)
+        _OPEN_POOLS.discard(self)
         for q in self._inbox + self._outbox + self._draw_in + self._draw_out:
             q.cancel_join_thread()
             q.close()

@@ -172,3 +172,35 @@ def test_reader_workers_ignore_stop_signals_sent_to_the_process_group(shapes_dat
     want = sum(1 for s in expand_shards(shapes_data["train"])[:3] for _ in iter_samples(s))
     assert f"read {want} alive [True, True] exit [0, 0] signal {signal.Signals(signum).name}" in out, (out, err)
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+
+
+_UNCLOSED_SCRIPT = textwrap.dedent("""
+    import sys
+    from dataloaders.dali_pipeline import ViewPlan
+    from dataloaders.host_prep import HostPrep
+    from dataloaders.reader_pool import ReaderPool
+    from dataloaders.shards import expand_shards
+    from dataloaders.tokenizer import Tokenizer
+
+    if __name__ == "__main__":
+        prep = HostPrep(ViewPlan(image_size=32), Tokenizer(sys.argv[2], 16), 0, 0)
+        pool = ReaderPool(prep, workers=2, chunk_size=16, queue_chunks=1)
+        it = pool.read(expand_shards(sys.argv[1]))
+        next(it)  # the workers are busy, their queues full: the process ends with the pool open
+        print("pids", " ".join(str(p.pid) for p in pool._procs), flush=True)
+""")
+
+
+def test_process_exits_promptly_with_a_reader_pool_left_open(shapes_data, tmp_path):
+    """Workers ignore SIGTERM, so multiprocessing's exit hook (terminate, then join) would wait
+    for them forever; the pool's own exit hook closes them first."""
+    script = tmp_path / "unclosed.py"
+    script.write_text(_UNCLOSED_SCRIPT)
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, str(script), shapes_data["train"], shapes_data["tokenizer"]], cwd=REPO,
+                          env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.startswith("pids"), proc.stderr
+    assert time.monotonic() - t0 < 30
+    assert "Traceback" not in proc.stderr, proc.stderr
+    for pid in map(int, proc.stdout.split()[1:]):  # no worker left behind
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()

@@ -161,3 +161,42 @@ def test_signal_before_the_launch_requeues_without_starting_the_tasks(shapes_dat
     assert calls[1] == "SCONTROL requeue 4242"
     assert "received SIGUSR1 before the tasks started" in proc.stdout
     assert "nothing to checkpoint yet" in proc.stdout and "requeueing job 4242" in proc.stdout
+
+
+# ---------------------------------------------------------------------------- trainer's CPU check
+
+def test_plan_host_cores_is_the_figure_plan_prints(capsys):
+    """The trainer's host-core need on tulip_1b at 64 x 8 GPUs = ceil(plan's printed cores per
+    loading rank / HOST_CORE_SHARE)."""
+    import math
+    import re
+
+    from tulip_mega.config import load_config
+    from tulip_mega.data_rate import HOST_CORE_SHARE
+    from tulip_mega.plan import main as plan_main
+    from tulip_mega.training.host_cpus import plan_host_cores
+
+    assert plan_main([str(REPO / "recipes" / "tulip_1b.yaml"), "--nodes", "64"]) == 0
+    printed = float(re.search(r"([\d.]+) CPU cores per loading rank", capsys.readouterr().out).group(1))
+    cfg = load_config(str(REPO / "recipes" / "tulip_1b.yaml"), [])
+    got = plan_host_cores(cfg, 512, 8)
+    # `printed` is rounded to 0.01 core: equal unless it sits within that of a whole worker.
+    assert got is not None and got >= 1 and abs(got - math.ceil(printed / HOST_CORE_SHARE)) <= 1
+
+
+def test_host_cpu_report_warns_when_the_affinity_is_short():
+    from tulip_mega.config import load_config
+    from tulip_mega.training.host_cpus import host_cpu_report, tasks_per_node
+
+    assert tasks_per_node({"SLURM_TASKS_PER_NODE": "8(x64)"}) == 8
+    assert tasks_per_node({"LOCAL_WORLD_SIZE": "4", "SLURM_NTASKS_PER_NODE": "8"}) == 4
+    assert tasks_per_node({}) == 1
+    cfg = load_config(str(REPO / "recipes" / "tulip_1b.yaml"), ["data.threads=3", "data.reader_workers=2"])
+    line, warning = host_cpu_report(cfg, 28, dali=True, plan_cores=5, omp_threads="19", torch_threads=19)
+    assert line == ("host cpus: 28 cores in this rank's affinity, OMP_NUM_THREADS=19, torch threads 19; the rank "
+                    "keeps 10 busy (training thread + data.threads 3 + host path 5 (data.reader_workers 2, plan 5) "
+                    "+ prefetch 1)")
+    assert warning is None
+    _, warning = host_cpu_report(cfg, 1, dali=True, plan_cores=None, omp_threads="1", torch_threads=1)
+    assert warning is not None and warning.startswith("this rank may use 1 CPU cores but keeps 7 busy")
+    assert host_cpu_report(cfg, 1, dali=False, plan_cores=None, omp_threads="1", torch_threads=1)[1] is None

@@ -33,6 +33,7 @@ from tulip_mega.parallel.init import (LaunchEnv, check_runtime_support, compute_
 from tulip_mega.training.async_checkpoint import CheckpointWriter
 from tulip_mega.training.checkpoint import load_checkpoint, model_shape, read_latest
 from tulip_mega.training.data import build_train_loader
+from tulip_mega.training.host_cpus import log_host_cpus
 from tulip_mega.flops import (contrastive_batch_line, contrastive_batch_size, count_flops, embedding_cache_flops,
                                tokens_per_sample)
 from tulip_mega.training.metrics import DEBUG_LOG_NAME, MetricsLogger, setup_logging
@@ -76,6 +77,7 @@ def train(cfg: Config, env: Optional[LaunchEnv] = None, stop_signal: Optional[Pr
     out_dir = _start_run(cfg, env)
     run = _build(cfg, dp_size)
     _log_startup_facts(cfg, env, dp_size, run, out_dir)
+    log_host_cpus(cfg, env.world_size, env.rank, run.loader, use_cuda())
     start_step = _restore(cfg, run)
     hooks = _Hooks(
         evaluation=EvalHook(cfg, run.model, out_dir, env.rank) if cfg.eval.interval else None,
