@@ -4,8 +4,9 @@ Also runs under a plain `srun` (rank/world from SLURM's environment) and as a si
 
 Exit codes (the SLURM scripts in slurm/ act on them):
   0   the run reached train.steps;
-  75  (EX_TEMPFAIL) stopped early after checkpointing: a stop signal (SIGUSR1/SIGTERM) or
-      run.max_wall_time_minutes. Relaunching with --resume continues from that checkpoint;
+  75  (EX_TEMPFAIL) stopped early after checkpointing: a stop signal (SIGUSR1/SIGTERM, handled
+      from the start of main: one during start-up stops before the first step, with nothing
+      new to save) or run.max_wall_time_minutes. Relaunching with --resume continues;
   2   config error (nothing was run);
   3   checkpoint error;
   4   train.max_skipped_steps consecutive steps had a non-finite loss or gradient norm (each was
