@@ -209,7 +209,7 @@ case $rc in
         say "training finished"
         exit 0 ;;
     "$EXIT_STOPPED_EARLY")
-        say "stopped early after checkpointing"
+        say "stopped early (exit 75: checkpointed, or stopped before its first step with nothing new to save)"
         requeue ;;
     4)
         say "training stopped: train.max_skipped_steps consecutive non-finite steps (exit 4); not requeueing," \

@@ -70,7 +70,7 @@ def _tiny(data: dict, steps: int) -> list[str]:
 
 
 def _submit(tmp_path: Path, name: str, overrides: list[str], **env_extra: str) -> str:
-    env = dict(os.environ, PYTHON=sys.executable, RUN_ROOT=str(tmp_path / "runs"), RUN_NAME=name, **env_extra)
+    env = {**os.environ, "PYTHON": sys.executable, "RUN_ROOT": str(tmp_path / "runs"), "RUN_NAME": name, **env_extra}
     out = subprocess.run(
         ["sbatch", "--parsable", *SBATCH_FLAGS, f"--job-name=ci-{name}", f"--output={tmp_path}/slurm-%j.out",
          str(SCRIPT), *overrides],
