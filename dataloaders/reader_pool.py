@@ -31,14 +31,27 @@ c % W, a second thread in each worker) for the position-seeded view parameters a
   is an end-of-file, not a read that blocks forever. An exception
   inside a worker comes back with its traceback and is raised the same way. Workers exit by
   themselves when the loader process is gone.
+- Stop signals: SLURM delivers SIGUSR1 / SIGTERM to every process of a job step (and
+  ``kill -- -PGID`` to a whole process group), workers included. The trainer decides what a
+  stop means (checkpoint at the next step boundary, then close the loader), so the workers,
+  the fork server and multiprocessing's resource tracker must not die of it: they start with
+  those signals blocked (inherited from the starting thread) and workers then ignore them.
+  So ``close`` ends a busy worker with SIGKILL, and pools still open at interpreter exit are
+  closed by an exit hook that runs before multiprocessing's own (which would SIGTERM the
+  workers and wait for them forever).
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import multiprocessing as mp
+import multiprocessing.util  # noqa: F401 - its exit hook is registered before ours
 import os
 import queue
+import signal
 import traceback
+import weakref
 from collections import deque
 from collections.abc import Iterator
 from typing import Any, Optional
@@ -65,6 +78,23 @@ MAX_CHUNK_BYTES = 8 << 20
 # enough for a whole shard ahead of the loader, which drains shard k from one worker while the
 # next reads shard k+1.
 QUEUE_SAMPLES = 16384
+
+
+# Signals the loader's process decides on (tulip_mega.training.signals); Ctrl-C too.
+_PARENT_DECIDES = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
+
+
+# Pools not closed yet; closed at exit by a hook registered after multiprocessing.util's
+# (imported above), so it runs first.
+_OPEN_POOLS: "weakref.WeakSet[ReaderPool]" = weakref.WeakSet()
+
+
+def _close_open_pools() -> None:
+    for pool in list(_OPEN_POOLS):
+        pool.close()
+
+
+atexit.register(_close_open_pools)
 
 
 class ReaderWorkerError(RuntimeError):
@@ -177,6 +207,8 @@ def _worker_main(prep: HostPrep, chunk_size: int, max_chunk_bytes: int, inbox: A
 
     import torch
 
+    for s in _PARENT_DECIDES:  # the loader's process decides, then closes the pool
+        signal.signal(s, signal.SIG_IGN)
     torch.set_num_threads(1)  # the tokeniser's small tensors; never compete with the trainer
     threading.Thread(target=_serve_draws, args=(prep, draw_in, draw_out, parent), daemon=True).start()
     while True:
@@ -203,6 +235,31 @@ def _context() -> mp.context.BaseContext:
     return mp.get_context("spawn")
 
 
+@contextlib.contextmanager
+def _parent_signals_blocked() -> Iterator[None]:
+    """Block the stop signals in this thread while helper processes start: every process
+    started meanwhile (resource tracker, fork server, and the workers the server forks)
+    inherits the mask, so a signal sent to all of them leaves them running; one meant for this
+    process waits until the end of the block (or goes to another thread) and is not lost."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, _PARENT_DECIDES)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _start_helpers(ctx: mp.context.BaseContext) -> None:
+    """Start multiprocessing's resource tracker and fork server now (inside
+    ``_parent_signals_blocked``) rather than at the first queue or process."""
+    from multiprocessing import forkserver, resource_tracker
+
+    resource_tracker.ensure_running()
+    # ... which unblocks SIGINT and SIGTERM in this thread when it starts the tracker: block again.
+    signal.pthread_sigmask(signal.SIG_BLOCK, _PARENT_DECIDES)
+    if ctx.get_start_method() == "forkserver":
+        forkserver.ensure_running()
+
+
 class ReaderPool:
     """``W`` worker processes reading shards ahead; ``read`` yields their items in order."""
 
@@ -216,26 +273,30 @@ class ReaderPool:
                              f"{workers}, {chunk_size}, {ahead}, {queue_chunks}, {max_chunk_bytes}")
         ctx = _context()
         self.ahead = ahead
-        self._inbox = [ctx.Queue() for _ in range(workers)]
-        self._outbox = [ctx.Queue(maxsize=queue_chunks) for _ in range(workers)]
-        self._draw_in = [ctx.Queue() for _ in range(workers)]
-        self._draw_out = [ctx.Queue() for _ in range(workers)]  # bounded by the loader's lookahead
-        self._procs = [
-            ctx.Process(target=_worker_main, args=(prep, chunk_size, max_chunk_bytes, self._inbox[w], self._outbox[w],
-                                                   self._draw_in[w], self._draw_out[w], os.getpid()),
-                        name=f"{name}-{w}", daemon=True)
-            for w in range(workers)
-        ]
-        for w, p in enumerate(self._procs):
-            p.start()
-            # Keep no write end of the worker's result pipes here: when the worker dies, even
-            # in the middle of a message, reading gets EOF instead of blocking forever.
-            for q in (self._outbox[w], self._draw_out[w]):
-                q._writer.close()  # noqa: SLF001 - the parent never puts to a result queue
+        with _parent_signals_blocked():
+            _start_helpers(ctx)
+            self._inbox = [ctx.Queue() for _ in range(workers)]
+            self._outbox = [ctx.Queue(maxsize=queue_chunks) for _ in range(workers)]
+            self._draw_in = [ctx.Queue() for _ in range(workers)]
+            self._draw_out = [ctx.Queue() for _ in range(workers)]  # bounded by the loader's lookahead
+            self._procs = [
+                ctx.Process(target=_worker_main, args=(prep, chunk_size, max_chunk_bytes, self._inbox[w],
+                                                       self._outbox[w], self._draw_in[w], self._draw_out[w],
+                                                       os.getpid()),
+                            name=f"{name}-{w}", daemon=True)
+                for w in range(workers)
+            ]
+            for w, p in enumerate(self._procs):
+                p.start()
+                # Keep no write end of the worker's result pipes here: when the worker dies, even
+                # in the middle of a message, reading gets EOF instead of blocking forever.
+                for q in (self._outbox[w], self._draw_out[w]):
+                    q._writer.close()  # noqa: SLF001 - the parent never puts to a result queue
         self._reading: list[deque[str]] = [deque() for _ in range(workers)]  # shards each worker holds
         self._drawn = 0  # draw chunks sent, over all calls (chunk c goes to worker c % W)
         self._sent = self._received = 0  # shards requested / fully read back, over all calls
         self._broken = False
+        _OPEN_POOLS.add(self)
 
     @property
     def workers(self) -> int:
@@ -344,9 +405,10 @@ class ReaderPool:
                     pass
         for p in self._procs:
             p.join(timeout=0.5)
-            if p.is_alive():  # still busy with queued shards nobody will read
-                p.terminate()
+            if p.is_alive():  # still busy with queued shards nobody will read (it ignores SIGTERM)
+                p.kill()
                 p.join(timeout=2.0)
+        _OPEN_POOLS.discard(self)
         for q in self._inbox + self._outbox + self._draw_in + self._draw_out:
             q.cancel_join_thread()
             q.close()

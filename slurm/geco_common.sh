@@ -26,6 +26,8 @@ cd "$REPO_DIR" || { echo "geco_$GECO_STAGE.sh: cannot cd to REPO_DIR=$REPO_DIR" 
 PYTHON=${PYTHON:-python3}
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
 : "${OMP_NUM_THREADS:=${SLURM_CPUS_PER_TASK:-1}}"; export OMP_NUM_THREADS
+# srun does not inherit the job's --cpus-per-task (SLURM >= 22.05): pass it on.
+[[ -n "${SLURM_CPUS_PER_TASK:-}" ]] && export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK
 
 CMD=("$PYTHON" -m tulip_mega.cli geco "$GECO_STAGE" --model "$GECO_MODEL" --in "$GECO_IN" --out "$GECO_OUT"
      --seed "${GECO_SEED:-0}" "$@")

@@ -8,7 +8,12 @@ overrides shrinking the model to the debug size:
 - a plain run finishes (exit 0, not requeued) and leaves `latest` and metrics.jsonl;
 - the pre-timeout warning (USR1 to the batch shell, as `--signal=B:USR1@300` sends it) makes
   every rank checkpoint and exit 75; the script requeues the job, the next run resumes, and the
-  job finishes with every step logged exactly once.
+  job finishes with every step logged exactly once;
+- the same warning while the ranks build their model (slowed down by tests/slow_build_python.py
+  as `$PYTHON`): they stop at the first step boundary with exit 75 instead of dying, the job is
+  requeued once and the next run finishes;
+- each task gets the node's CPUs / its tasks (--cpus-per-task) and OMP_NUM_THREADS, as the
+  launch record and the trainer's start-up line say.
 """
 
 from __future__ import annotations
@@ -64,8 +69,8 @@ def _tiny(data: dict, steps: int) -> list[str]:
     ]
 
 
-def _submit(tmp_path: Path, name: str, overrides: list[str]) -> str:
-    env = dict(os.environ, PYTHON=sys.executable, RUN_ROOT=str(tmp_path / "runs"), RUN_NAME=name)
+def _submit(tmp_path: Path, name: str, overrides: list[str], **env_extra: str) -> str:
+    env = {**os.environ, "PYTHON": sys.executable, "RUN_ROOT": str(tmp_path / "runs"), "RUN_NAME": name, **env_extra}
     out = subprocess.run(
         ["sbatch", "--parsable", *SBATCH_FLAGS, f"--job-name=ci-{name}", f"--output={tmp_path}/slurm-%j.out",
          str(SCRIPT), *overrides],
@@ -90,7 +95,7 @@ def _log(tmp_path: Path) -> str:
     return "\n".join(p.read_text(errors="replace") for p in sorted(tmp_path.glob("slurm-*.out")))
 
 
-def _wait_done(job_id: str, tmp_path: Path, timeout: float = 150.0) -> dict[str, str]:
+def _wait_done(job_id: str, tmp_path: Path, timeout: float = 300.0) -> dict[str, str]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         job = _job(job_id)
@@ -119,6 +124,37 @@ def test_sbatch_runs_to_completion(shapes_data, tmp_path):
     assert "git rev:" in record.read_text() and "--resume" in record.read_text()
     assert '"size": "debug"' in (run / "launch" / f"job{job_id}-restart0.config.json").read_text()
     assert "training finished" in log
+    # 2 CPUs, 2 tasks: one core each, and the one OpenMP thread the loader's threads leave.
+    assert "cpus:      1 per task (node 2 CPUs, 2 tasks), OMP_NUM_THREADS=1" in record.read_text()
+    assert "host cpus: " in log and "OMP_NUM_THREADS=1, torch threads 1;" in log, log
+
+
+def test_warning_signal_during_model_build_requeues_and_the_next_run_finishes(shapes_data, tmp_path):
+    steps = 3
+    run = tmp_path / "runs" / "early"
+    wrapper = tmp_path / "python"  # $PYTHON: the trainer with a 15 s model build
+    wrapper.write_text(f'#!/bin/sh\nexec {sys.executable} {REPO / "tests" / "slow_build_python.py"} "$@"\n')
+    wrapper.chmod(0o755)
+    marker = tmp_path / "building"
+    job_id = _submit(tmp_path, "early", _tiny(shapes_data, steps=steps), PYTHON=str(wrapper),
+                     SLOW_BUILD_MARKER=str(marker), SLOW_BUILD_SECONDS="15", PYTHONPATH=str(REPO))
+    deadline = time.monotonic() + 120
+    while not Path(f"{marker}.0").exists():  # rank 0 has started its model build
+        assert time.monotonic() < deadline, f"the model build never started\n{_job(job_id)}\n{_log(tmp_path)}"
+        time.sleep(0.2)
+    sig = subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], capture_output=True, text=True)
+    assert sig.returncode == 0, sig.stderr
+
+    job = _wait_done(job_id, tmp_path)
+    log = _log(tmp_path)
+    assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", f"{job}\n{log}"
+    assert int(job["Restarts"]) == 1, f"expected exactly one requeue: {job}\n{log}"
+    assert "received SIGUSR1: will checkpoint and stop at the next step boundary" in log, log
+    assert "stopping before step 1 (stop requested during start-up)" in log, log
+    assert "requeueing job" in log and "training finished" in log, log
+    assert "Traceback" not in log, log
+    assert (run / "checkpoints" / "latest").read_text().strip() == f"step_{steps:07d}"
+    assert _steps(run) == list(range(1, steps + 1))
 
 
 def test_warning_signal_checkpoints_requeues_and_resumes(shapes_data, tmp_path):

@@ -4,8 +4,9 @@ Also runs under a plain `srun` (rank/world from SLURM's environment) and as a si
 
 Exit codes (the SLURM scripts in slurm/ act on them):
   0   the run reached train.steps;
-  75  (EX_TEMPFAIL) stopped early after checkpointing: a stop signal (SIGUSR1/SIGTERM) or
-      run.max_wall_time_minutes. Relaunching with --resume continues from that checkpoint;
+  75  (EX_TEMPFAIL) stopped early after checkpointing: a stop signal (SIGUSR1/SIGTERM, handled
+      from the start of main: one during start-up stops before the first step, with nothing
+      new to save) or run.max_wall_time_minutes. Relaunching with --resume continues;
   2   config error (nothing was run);
   3   checkpoint error;
   4   train.max_skipped_steps consecutive steps had a non-finite loss or gradient norm (each was
@@ -20,7 +21,10 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
+
+if TYPE_CHECKING:
+    from tulip_mega.training.signals import PreemptionSignal
 
 EXIT_FINISHED = 0
 EXIT_CONFIG_ERROR = 2
@@ -44,6 +48,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from tulip_mega.training.signals import PreemptionSignal
+
+    # First, before the imports, process groups, model build and restore (minutes at 512
+    # ranks): a stop signal from then on is recorded and acted on at the first step boundary.
+    with PreemptionSignal() as stop_signal:
+        return _main(argv, stop_signal)
+
+
+def _main(argv: Optional[Sequence[str]], stop_signal: PreemptionSignal) -> int:
     args = build_parser().parse_args(argv)
     from tulip_mega.training.metrics import capture_warnings_early
 
@@ -72,7 +85,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from tulip_mega.training.step import TrainingHalted
 
     try:
-        summary = train(cfg)
+        summary = train(cfg, stop_signal=stop_signal)
     except CheckpointError as e:
         print(f"tulip-mega: checkpoint error: {e}", file=sys.stderr)
         return EXIT_CHECKPOINT_ERROR

@@ -34,6 +34,7 @@ from tulip_mega.parallel.init import (LaunchEnv, check_runtime_support, compute_
 from tulip_mega.training.async_checkpoint import CheckpointWriter
 from tulip_mega.training.checkpoint import load_checkpoint, model_shape, read_latest
 from tulip_mega.training.data import build_train_loader
+from tulip_mega.training.host_cpus import log_host_cpus
 from tulip_mega.flops import (contrastive_batch_line, contrastive_batch_size, count_flops, embedding_cache_flops,
                                tokens_per_sample)
 from tulip_mega.training.metrics import DEBUG_LOG_NAME, MetricsLogger, setup_logging
@@ -64,21 +65,28 @@ def checkpoint_root(cfg: Config) -> Path:
     return Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else run_dir(cfg) / "checkpoints"
 
 
-def train(cfg: Config, env: Optional[LaunchEnv] = None) -> dict:
-    """Train per the recipe; returns a summary (final metrics, paths) on every rank."""
+def train(cfg: Config, env: Optional[LaunchEnv] = None, stop_signal: Optional[PreemptionSignal] = None) -> dict:
+    """Train per the recipe; returns a summary (final metrics, paths) on every rank.
+
+    `stop_signal`: the run's stop-signal record, installed by the caller before its own start-up
+    (`tulip_mega.train.main` does); without one, one is installed here for the whole call."""
+    if stop_signal is None:
+        with PreemptionSignal() as own:
+            return train(cfg, env, own)
     env = env or launch_env()
     dp_size = _check_before_launch(cfg, env)
     out_dir = _start_run(cfg, env)
     run = _build(cfg, dp_size)
     _log_startup_facts(cfg, env, dp_size, run, out_dir)
+    log_host_cpus(cfg, env.world_size, env.rank, run.loader, use_cuda())
     start_step = _restore(cfg, run)
     hooks = _Hooks(
         evaluation=EvalHook(cfg, run.model, out_dir, env.rank) if cfg.eval.interval else None,
         checkpoint=CheckpointHook(cfg, run),
     )
-    with PreemptionHook(cfg) as preemption:
-        step, metrics, metrics_log, loader_wait = _run_steps(cfg, env, dp_size, run, start_step, out_dir,
-                                                             hooks, preemption)
+    preemption = PreemptionHook(cfg, stop_signal)
+    step, metrics, metrics_log, loader_wait = _run_steps(cfg, env, dp_size, run, start_step, out_dir,
+                                                         hooks, preemption)
     return _finish(cfg, env, out_dir, step, metrics, metrics_log, loader_wait, hooks.checkpoint.last_saved)
 
 
@@ -208,6 +216,13 @@ def _run_steps(cfg: Config, env: LaunchEnv, dp_size: int, run: _Run, start_step:
     metrics: dict = {}
     step = start_step
     with contextlib.closing(metrics_log):
+        if step < cfg.train.steps and preemption.must_stop()[0]:
+            # A stop during start-up (model build, restore): stop before the first step, without
+            # a save. The state here is what the next run rebuilds anyway (the checkpoint just
+            # restored, checkpoint.load, or the seeded init), and the minutes left before the
+            # kill are better not spent writing a copy of it.
+            log.warning("stopping before step %d (stop requested during start-up); nothing to save", step + 1)
+            return step, metrics, metrics_log, loader_wait
         while step < cfg.train.steps:
             t_step = time.perf_counter()
             metrics = run.step_fn(data_iter)
@@ -324,17 +339,10 @@ class CheckpointHook:
 class PreemptionHook:
     """Whether every rank must stop now: a stop signal on any rank or run.max_wall_time_minutes."""
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, stop_signal: PreemptionSignal) -> None:
         minutes = cfg.run.max_wall_time_minutes
         self.deadline = time.perf_counter() + 60 * minutes if minutes else None
-        self.signal = PreemptionSignal()
-
-    def __enter__(self) -> "PreemptionHook":
-        self.signal.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.signal.__exit__(*exc)
+        self.signal = stop_signal  # installed for the whole run, before the model was built
 
     def must_stop(self) -> tuple[bool, str]:
         """(stop, why), the same on every rank (one all-reduce)."""
