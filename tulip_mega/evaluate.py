@@ -32,7 +32,8 @@ def run_config_path(checkpoint: Path) -> Path:
 
 def eval_config(checkpoint: Path, task: str, data: str, classes: Optional[str] = None,
                 config: Optional[str] = None, overrides: Sequence[str] = (), world_size: int = 1,
-                val: Optional[str] = None) -> Config:
+                val: Optional[str] = None, fmt: Optional[str] = None, templates: Optional[str] = None,
+                split: Optional[str] = None) -> Config:
     """The run's recipe with the eval set swapped in; a single process runs at TP = PP = 1
     unless the overrides set a layout."""
     from tulip_mega.config import load_config
@@ -57,10 +58,25 @@ def eval_config(checkpoint: Path, task: str, data: str, classes: Optional[str] =
             raise ConfigError("--task linear_probe needs --val VAL_SHARDS (top-1 is reported on them; --data are "
                               "the shards the probe is fitted on)")
         task_keys.append(f"eval.linear_probe_val_shards={val}")
+    task_keys += format_keys(task, fmt, templates, split)
     others = [f"eval.{t}_shards=null" for t in TASKS if t != task]
     if task != "linear_probe":
         others.append("eval.linear_probe_val_shards=null")
     return load_config(str(recipe), layout + others + task_keys + list(overrides))
+
+
+def format_keys(task: str, fmt: Optional[str], templates: Optional[str], split: Optional[str]) -> list[str]:
+    """Recipe overrides for --format / --templates / --split (formats: tulip_mega/eval/formats.py)."""
+    if fmt is None:
+        fmt = {"zeroshot": "classes_json", "retrieval": "pairs"}.get(task)
+    elif task not in ("zeroshot", "retrieval"):
+        raise ConfigError(f"--format applies to --task zeroshot or retrieval, not {task!r}")
+    keys = {"zeroshot": [f"eval.zeroshot_format={fmt}", "eval.retrieval_format=pairs"],
+            "retrieval": [f"eval.retrieval_format={fmt}", "eval.zeroshot_format=classes_json"]}.get(task, [])
+    keys.append(f"eval.zeroshot_templates={templates or 'null'}")
+    if split:
+        keys.append(f"eval.split={split}")
+    return keys
 
 
 def load_weights(checkpoint: Path, module, model_config: dict) -> None:
@@ -83,7 +99,8 @@ def load_weights(checkpoint: Path, module, model_config: dict) -> None:
 
 def evaluate_checkpoint(checkpoint: str, task: str, data: str, classes: Optional[str] = None,
                         config: Optional[str] = None, overrides: Sequence[str] = (),
-                        out: Optional[str] = None, val: Optional[str] = None) -> dict:
+                        out: Optional[str] = None, val: Optional[str] = None, fmt: Optional[str] = None,
+                        templates: Optional[str] = None, split: Optional[str] = None) -> dict:
     """Evaluate `checkpoint` on one task; every rank returns {"metrics": ..., "out": json path}.
 
     Launch like training (single process, torchrun or srun); the layout is the recipe's (or
@@ -98,7 +115,8 @@ def evaluate_checkpoint(checkpoint: str, task: str, data: str, classes: Optional
 
     env = launch_env()
     checkpoint_path = Path(checkpoint)
-    cfg = eval_config(checkpoint_path, task, data, classes, config, overrides, env.world_size, val)
+    cfg = eval_config(checkpoint_path, task, data, classes, config, overrides, env.world_size, val, fmt, templates,
+                      split)
     validate_layout(cfg, env.world_size)
     check_runtime_support(cfg)
     check_layer_support(cfg.model, cfg.precision)
@@ -117,6 +135,7 @@ def evaluate_checkpoint(checkpoint: str, task: str, data: str, classes: Optional
         out = str(run / "eval" / f"{checkpoint_path.name}_{task}.json")
     if env.rank == 0:
         write_results(Path(out), metrics, checkpoint=str(checkpoint_path), task=task, data=data, val=val,
+                      format=cfg.eval.zeroshot_format if task == "zeroshot" else cfg.eval.retrieval_format,
                       layout=[cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel,
                               parallel_state.get_data_parallel_world_size()])
         for k, v in metrics.items():
@@ -177,6 +196,14 @@ def build_parser():
                                                  "(linear_probe: the shards the probe is fitted on; "
                                                  "scenes: the scenes folder)")
     p.add_argument("--tokenizer", default=None, help="scenes: SentencePiece model (default: the run's data.tokenizer)")
+    p.add_argument("--format", dest="fmt", default=None,
+                   choices=sorted({"classes_json", "clip_benchmark", "imagefolder", "imagenet", "pairs"}),
+                   help="zeroshot: classes_json (default), clip_benchmark, imagefolder or imagenet; retrieval: pairs "
+                        "(default) or clip_benchmark (several captions per image, COCO protocol); "
+                        "see docs/evaluation.md")
+    p.add_argument("--templates", default=None, help="zeroshot prompts for clip_benchmark / imagefolder / imagenet: "
+                                                     "openai, siglip or a file of '{c}' templates")
+    p.add_argument("--split", default=None, help="clip_benchmark sets: the split folder (default test)")
     p.add_argument("--val", default=None, help="linear_probe: the shards top-1 is reported on")
     p.add_argument("--classes", default=None, help="zeroshot / linear_probe: classes.json (default: beside --data)")
     p.add_argument("--config", default=None, help="the run's recipe (default: <run>/config.yaml beside checkpoints/)")
@@ -195,7 +222,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(json.dumps(result["metrics"], indent=1, sort_keys=True))
             return 0
         result = evaluate_checkpoint(args.checkpoint, args.task, args.data, args.classes, args.config,
-                                     args.overrides, args.out, val=args.val)
+                                     args.overrides, args.out, val=args.val, fmt=args.fmt,
+                                     templates=args.templates, split=args.split)
     except (ConfigError, FileNotFoundError, ValueError, KeyError) as e:
         print(f"tulip-mega: eval error: {e}", file=sys.stderr)
         return 2

@@ -23,10 +23,11 @@ import torch
 from megatron.core import parallel_state
 
 from dataloaders.shards import expand_shards
-from dataloaders.simple_loader import SimpleLoader
+from dataloaders.simple_loader import SimpleLoader, decode_image
 from dataloaders.tokenizer import Tokenizer
 from tulip_mega.config import Config, ConfigError
 from tulip_mega.eval.embed import Embedder, share_from_last_stage
+from tulip_mega.eval.formats import Item, load_classification, load_retrieval
 from tulip_mega.eval.linear_probe import linear_probe, load_probe_labels
 from tulip_mega.eval.retrieval import KS, retrieval_recall
 from tulip_mega.eval.zeroshot import class_embeddings, load_classes, zeroshot_accuracy
@@ -59,7 +60,11 @@ class Evaluator:
         checked = {f"eval.{t}_shards": available[t] for t in self.tasks}
         if "linear_probe" in self.tasks:
             checked["eval.linear_probe_val_shards"] = e.linear_probe_val_shards
+        own_format = {"eval.zeroshot_shards": e.zeroshot_format != "classes_json",
+                      "eval.retrieval_shards": e.retrieval_format != "pairs"}
         for key, spec in checked.items():  # a wrong path must fail now, not after hours of training
+            if own_format.get(key):
+                continue  # read (and checked) below by its format's loader
             try:
                 expand_shards(spec)
             except (FileNotFoundError, ValueError) as err:
@@ -71,9 +76,16 @@ class Evaluator:
         self.first = parallel_state.is_pipeline_first_stage()
         self.embedder = Embedder(model, self.micro_batch, cfg.model.vision.image_size, cfg.model.text.context_length)
         self.tokenizer = Tokenizer(cfg.data.tokenizer, context_length=cfg.model.text.context_length)
-        self.classes = None
+        self.classes = self.retrieval_set = None
         if "zeroshot" in self.tasks:
-            self.classes = load_classes(e.classes or default_classes_path(e.zeroshot_shards))
+            if e.zeroshot_format == "classes_json":
+                self.classes = load_classes(e.classes or default_classes_path(e.zeroshot_shards))
+            else:
+                self.classes = _config_error("eval.zeroshot_shards", e.zeroshot_shards, load_classification,
+                                             e.zeroshot_format, e.zeroshot_shards, e.split, e.zeroshot_templates)
+        if "retrieval" in self.tasks and e.retrieval_format == "clip_benchmark":
+            self.retrieval_set = _config_error("eval.retrieval_shards", e.retrieval_shards, load_retrieval,
+                                               e.retrieval_shards, e.split)
         self.probe_labels = None
         if "linear_probe" in self.tasks:
             self.probe_labels = load_probe_labels(e.linear_probe_classes or default_classes_path(e.linear_probe_shards))
@@ -117,6 +129,29 @@ class Evaluator:
             if cap is not None and seen >= cap:
                 return
 
+    def _item_images(self, items, label_of):
+        """(images, None, labels) micro-batches of this DP rank's format-reader items (at most its
+        share of eval.max_samples), decoded like every eval image (decode_image, then [-1, 1])."""
+        cap, size = self._rank_cap(), self.cfg.model.vision.image_size
+        if cap == 0:
+            return
+        images, labels, seen = [], [], 0
+        for item in items:
+            try:
+                pixels = decode_image(item.image, size)
+            except Exception as err:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, ...
+                raise ValueError(f"cannot decode the image of sample {item.key!r} ({type(err).__name__}: {err})")
+            images.append(torch.from_numpy(pixels.copy()).permute(2, 0, 1))
+            labels.append(label_of(item))
+            seen += 1
+            if len(images) == self.micro_batch or seen == cap:
+                yield _normalise(images), None, torch.tensor(labels, dtype=torch.long)
+                images, labels = [], []
+            if seen == cap:
+                return
+        if images:
+            yield _normalise(images), None, torch.tensor(labels, dtype=torch.long)
+
     def _prompt_batches(self, prompts: list[tuple[str, int]]):
         for i in range(0, len(prompts), self.micro_batch):
             part = prompts[i : i + self.micro_batch]
@@ -129,9 +164,11 @@ class Evaluator:
         prompts = [(p, c) for c, ps in enumerate(classes.prompts) for p in ps]
         mine = prompts[self.dp_rank :: self.dp_size]  # the prompt set is split over DP too
         text = self.embedder.embed(self._prompt_batches(mine) if self.first else None)
-        images = self.embedder.embed(
-            self._shard_batches(self.cfg.eval.zeroshot_shards, classes.label, with_text=False) if self.first else None
-        )
+        if self.first and self.cfg.eval.zeroshot_format != "classes_json":
+            source = self._item_images(classes.items(self.dp_rank, self.dp_size), lambda item: item.label)
+        elif self.first:
+            source = self._shard_batches(self.cfg.eval.zeroshot_shards, classes.label, with_text=False)
+        images = self.embedder.embed(source if self.first else None)
         values = [0.0] * len(ZEROSHOT_KEYS)
         if images is not None:  # last stage
             class_emb = class_embeddings(text["text_emb"], text["labels"], len(classes))
@@ -140,7 +177,10 @@ class Evaluator:
         return dict(zip(ZEROSHOT_KEYS, share_from_last_stage(values)))
 
     def retrieval(self) -> dict[str, float]:
-        """Recall@1/5/10 image->text and text->image over the retrieval set's pairs."""
+        """Recall@1/5/10 image->text and text->image: over the set's pairs, or for a clip_benchmark
+        set by the COCO protocol (several captions per image; tulip_mega/eval/retrieval.py)."""
+        if self.retrieval_set is not None:
+            return self._retrieval_grouped()
         pairs = self.embedder.embed(
             self._shard_batches(self.cfg.eval.retrieval_shards, lambda _key: 0, with_text=True)
             if self.first else None
@@ -151,6 +191,34 @@ class Evaluator:
             values = [recall[k] for k in RETRIEVAL_KEYS[:-1]] + [float(pairs["labels"].shape[0])]
         return dict(zip(RETRIEVAL_KEYS, share_from_last_stage(values)))
 
+
+    def _retrieval_grouped(self) -> dict[str, float]:
+        """Images and their captions embedded in two passes, each labelled with the image's uid;
+        the gathered uids say which captions belong to which image, whatever the layout. The
+        captions are those of the images embedded (eval.max_samples caps images)."""
+        read = self.retrieval_set.items
+        images = self.embedder.embed(self._item_images(read(self.dp_rank, self.dp_size), lambda item: item.uid)
+                                     if self.first else None)
+        texts = self.embedder.embed(self._caption_batches(read(self.dp_rank, self.dp_size)) if self.first else None)
+        values = [0.0] * (len(RETRIEVAL_KEYS) + 1)
+        if images is not None:  # last stage
+            uids, order = torch.sort(images["labels"])
+            text_image = torch.searchsorted(uids, texts["labels"])
+            recall = retrieval_recall(images["image_emb"][order], texts["text_emb"], KS, text_image=text_image)
+            values = [recall[k] for k in RETRIEVAL_KEYS[:-1]] + [float(uids.shape[0]), float(text_image.shape[0])]
+        return dict(zip((*RETRIEVAL_KEYS, "captions"), share_from_last_stage(values)))
+
+    def _caption_batches(self, items):
+        """(None, tokens, image uid) micro-batches of the captions of this rank's (capped) images."""
+        cap = self._rank_cap()
+        captions: list[tuple[str, int]] = []
+        for n, item in enumerate(items):
+            if cap is not None and n >= cap:
+                break
+            captions.extend((c, item.uid) for c in item.captions)
+        for i in range(0, len(captions), self.micro_batch):
+            part = captions[i : i + self.micro_batch]
+            yield None, self.tokenizer.encode([c for c, _ in part]), torch.tensor([u for _, u in part])
 
     def linear_probe(self) -> dict[str, float]:
         """Val top-1 of a logistic regression on the frozen image embeddings of the probe's train set.
@@ -172,6 +240,19 @@ class Evaluator:
             result = linear_probe(train_x, train_y, val_x, val_y, n_cls, seed=self.cfg.run.seed)
             values = [result[k] for k in PROBE_KEYS]
         return dict(zip(PROBE_KEYS, share_from_last_stage(values)))
+
+
+def _normalise(images: list[torch.Tensor]) -> torch.Tensor:
+    """uint8 [3, H, W] images -> float32 [k, 3, H, W] in [-1, 1] (the SimpleLoader's normalisation)."""
+    return torch.stack(images).to(torch.float32).div_(127.5).sub_(1.0)
+
+
+def _config_error(key: str, value, loader, *args):
+    """Run a format loader; a missing or malformed set becomes a ConfigError naming the recipe key."""
+    try:
+        return loader(*args)
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(f"{key}={value!r}: {err}") from err
 
 
 def _canonical(features: torch.Tensor, codes: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
