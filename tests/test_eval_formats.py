@@ -100,6 +100,45 @@ def write_imagefolder(root: Path, per_class: int = 3) -> None:
         (root / name / "notes.txt").write_text("not an image")
 
 
+MMVP_PATTERNS = ("Orientation", "Color and Appearance", "Quantity")
+
+
+def write_mmvp(root: Path, pairs_per_pattern: int = 3) -> None:
+    """MMVP-VLM as released: Questions.csv (qid, pattern, statement; a pair = two rows) and
+    MMVP_VLM_Images/<pattern>/<qid>.jpg, qids from 1."""
+    rows, qid, names = ["Question ID,Type,Statement"], 1, list(COLOURS)
+    for pattern in MMVP_PATTERNS:
+        (root / "MMVP_VLM_Images" / pattern).mkdir(parents=True)
+        for p in range(pairs_per_pattern):
+            for j in range(2):
+                name = names[(qid + p) % 3]
+                rows.append(f'{qid},{pattern},"the {name} one, seen {j}"')
+                (root / "MMVP_VLM_Images" / pattern / f"{qid}.jpg").write_bytes(
+                    _image(COLOURS[name], 300 + qid, "jpg"))
+                qid += 1
+    (root / "Questions.csv").write_text("\n".join(rows) + "\n")
+
+
+def _mmvp_by_hand(root: Path, model, tok) -> dict[str, float]:
+    """MMVP's scripts/evaluate_vlm.py, restated: consecutive CSV rows are a pair; per statement
+    the softmax over the pair's two images of logit_scale * cosine, img1 when > 0.5; truth
+    img1 for odd qids; a pair is right when both are; per pattern in blocks of pairs."""
+    import csv
+
+    rows = list(csv.reader(open(root / "Questions.csv")))[1:]
+    right: dict[str, list] = {}
+    for a, b in zip(rows[::2], rows[1::2]):
+        q1, q2 = int(a[0]), int(b[0])
+        img = _embed(model, tok, images=[(root / "MMVP_VLM_Images" / a[1] / f"{q}.jpg").read_bytes() for q in (q1, q2)])
+        ok = True
+        for q, statement in ((q1, a[2]), (q2, b[2])):
+            txt = _embed(model, tok, texts=["a photo of " + statement])
+            probs = (10.0 * img @ txt.T).flatten().softmax(0)
+            ok = ok and ("img1" if probs[0] > 0.5 else "img2") == ("img1" if q % 2 == 1 else "img2")
+        right.setdefault(a[1], []).append(ok)
+    return {p: sum(v) / len(v) for p, v in right.items()}
+
+
 # --- the independent reference -------------------------------------------------------------------
 def _pil_pixels(data: bytes) -> torch.Tensor:
     rgb = Image.open(io.BytesIO(data)).convert("RGB").resize((SIZE, SIZE), Image.Resampling.BICUBIC)
@@ -147,7 +186,7 @@ def _recall_by_hand(image_emb, text_emb, owner, k) -> tuple[float, float]:
     return i2t / len(image_emb), t2i / len(owner)
 
 
-def formats_worker(tokenizer: str, cls_root: str, ret_root: str, folder: str, templates: str) -> dict:
+def formats_worker(tokenizer: str, cls_root: str, ret_root: str, folder: str, templates: str, mmvp: str) -> dict:
     import warnings
 
     warnings.filterwarnings("ignore")
@@ -159,7 +198,8 @@ def formats_worker(tokenizer: str, cls_root: str, ret_root: str, folder: str, te
     base = [f"data.tokenizer={tokenizer}", "eval.batch_size=4", "parallel.tensor_parallel=1",
             "parallel.pipeline_parallel=1"]
     cfg = make_cfg(base + [f"eval.zeroshot_shards={cls_root}", "eval.zeroshot_format=clip_benchmark",
-                           f"eval.retrieval_shards={ret_root}", "eval.retrieval_format=clip_benchmark"])
+                           f"eval.retrieval_shards={ret_root}", "eval.retrieval_format=clip_benchmark",
+                           f"eval.mmvp_path={mmvp}"])
     init_parallel(1, 1, cfg.run.seed)
     model = build_model(cfg)
     out = {"wds": Evaluator(cfg, model).run()}
@@ -189,6 +229,7 @@ def formats_worker(tokenizer: str, cls_root: str, ret_root: str, folder: str, te
         out["ref_folder_top1"] = _zeroshot_by_hand(_embed(model, tok, images=[p.read_bytes() for p, _ in files]),
                                                    [c for _, c in files], prompts)
         out["ref_folder_samples"] = len(files)
+        out["ref_mmvp"] = _mmvp_by_hand(Path(mmvp), model, tok)
     return out
 
 
@@ -201,8 +242,9 @@ def test_clip_benchmark_and_imagefolder_sets_match_an_independent_computation(sh
     write_imagefolder(folder)
     templates = tmp_path / "templates.txt"
     templates.write_text("a {c} image\nthe colour {c}\n")
+    write_mmvp(tmp_path / "mmvp")
     results = run_distributed(formats_worker, 2, shapes_data["tokenizer"], str(cls_root), str(ret_root),
-                              str(folder), str(templates))
+                              str(folder), str(templates), str(tmp_path / "mmvp"))
     ref, got = results[0], results[0]["wds"]
     for key in got:
         if key != "eval/seconds":
@@ -215,6 +257,9 @@ def test_clip_benchmark_and_imagefolder_sets_match_an_independent_computation(sh
         assert got[f"eval/retrieval/image_to_text_r{k}"] == pytest.approx(i2t, abs=1e-6), k
         assert got[f"eval/retrieval/text_to_image_r{k}"] == pytest.approx(t2i, abs=1e-6), k
     assert 0 < got["eval/retrieval/text_to_image_r1"] < got["eval/retrieval/text_to_image_r10"] < 1
+    mmvp = {p: got[f"eval/mmvp/pattern_{p.lower().replace(' ', '_')}"] for p in MMVP_PATTERNS}
+    assert mmvp == pytest.approx(ref["ref_mmvp"])
+    assert got["eval/mmvp/average"] == pytest.approx(sum(mmvp.values()) / 3) and got["eval/mmvp/pairs"] == 9
     folder_got = results[0]["folder"]
     assert folder_got["eval/zeroshot/samples"] == ref["ref_folder_samples"] == 9
     assert folder_got["eval/zeroshot/top1"] == pytest.approx(ref["ref_folder_top1"], abs=1e-6)

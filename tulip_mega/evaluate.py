@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 from megatron.core import parallel_state
 
 from tulip_mega.config import Config, ConfigError
-from tulip_mega.eval.runner import TASKS, Evaluator, write_results
+from tulip_mega.eval.runner import DATA_KEYS, TASKS, Evaluator, write_results
 from tulip_mega.training.checkpoint import CheckpointError, check_model_config, model_shape
 
 log = logging.getLogger("tulip_mega")
@@ -50,7 +50,7 @@ def eval_config(checkpoint: Path, task: str, data: str, classes: Optional[str] =
                   "parallel.sequence_parallel=false",
                   "parallel.distributed_optimizer=false"]
     # --classes or the classes.json beside the shards, never the training run's eval.classes
-    task_keys = [f"eval.{task}_shards={data}", f"eval.classes={classes or 'null'}",
+    task_keys = [f"eval.{DATA_KEYS[task]}={data}", f"eval.classes={classes or 'null'}",
                  f"eval.linear_probe_classes={classes or 'null'}", "eval.interval=0",
                  "model.init_from_hf=null", "model.init_from_open_clip=null"]
     if task == "linear_probe":
@@ -59,7 +59,7 @@ def eval_config(checkpoint: Path, task: str, data: str, classes: Optional[str] =
                               "the shards the probe is fitted on)")
         task_keys.append(f"eval.linear_probe_val_shards={val}")
     task_keys += format_keys(task, fmt, templates, split)
-    others = [f"eval.{t}_shards=null" for t in TASKS if t != task]
+    others = [f"eval.{DATA_KEYS[t]}=null" for t in TASKS if t != task]
     if task != "linear_probe":
         others.append("eval.linear_probe_val_shards=null")
     return load_config(str(recipe), layout + others + task_keys + list(overrides))
@@ -194,7 +194,9 @@ def build_parser():
                         "probes) on a `data synth --kind scenes` folder; single process")
     p.add_argument("--data", required=True, help="eval shards: brace range, glob or folder "
                                                  "(linear_probe: the shards the probe is fitted on; "
-                                                 "scenes: the scenes folder)")
+                                                 "scenes: the scenes folder; clip_benchmark: the set's root; "
+                                                 "imagefolder / imagenet: the folder of class folders; "
+                                                 "mmvp: the MMVP-VLM folder)")
     p.add_argument("--tokenizer", default=None, help="scenes: SentencePiece model (default: the run's data.tokenizer)")
     p.add_argument("--format", dest="fmt", default=None,
                    choices=sorted({"classes_json", "clip_benchmark", "imagefolder", "imagenet", "pairs"}),

@@ -443,6 +443,8 @@ class EvalConfig:
                                         "clip_benchmark (its webdataset layout, one caption per .txt line; "
                                         "eval.retrieval_shards = the root)")
     split: str = _f("test", "split folder of clip_benchmark-format sets (<root>/<split>/nshards.txt)")
+    mmvp_path: Optional[str] = _f(None, "the MMVP-VLM folder as released (Questions.csv + MMVP_VLM_Images/); "
+                                        "null = no MMVP-VLM eval")
     batch_size: Optional[int] = _f(None, "eval micro-batch per data-parallel rank; null = train.micro_batch_size")
     max_samples: Optional[int] = _f(None, "evaluate at most this many samples per task (split over DP ranks); "
                                           "null = all")
@@ -450,9 +452,10 @@ class EvalConfig:
     def validate(self) -> None:
         _at_least(self, "eval", ("interval",), 0)
         _at_least(self, "eval", ("batch_size", "max_samples"), 1)
-        _require(not self.interval or bool(self.zeroshot_shards or self.retrieval_shards or self.linear_probe_shards),
-                 f"eval.interval={self.interval} but no eval set: set eval.zeroshot_shards, eval.retrieval_shards "
-                 "and/or eval.linear_probe_shards (or eval.interval=0)")
+        _require(not self.interval or bool(self.zeroshot_shards or self.retrieval_shards or self.linear_probe_shards
+                                           or self.mmvp_path),
+                 f"eval.interval={self.interval} but no eval set: set eval.zeroshot_shards, eval.retrieval_shards, "
+                 "eval.linear_probe_shards and/or eval.mmvp_path (or eval.interval=0)")
         zeroshot_formats = ("classes_json", "clip_benchmark", "imagefolder", "imagenet")
         _require(self.zeroshot_format in zeroshot_formats,
                  f"eval.zeroshot_format={self.zeroshot_format!r}: expected one of {', '.join(zeroshot_formats)}")

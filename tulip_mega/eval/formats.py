@@ -36,9 +36,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import TYPE_CHECKING, Iterator, Optional
 
 from dataloaders.shards import iter_samples
+
+if TYPE_CHECKING:
+    import torch
 from tulip_mega.config import ConfigError
 
 ZEROSHOT_FORMATS = ("classes_json", "clip_benchmark", "imagefolder", "imagenet")
@@ -267,3 +270,76 @@ def load_retrieval(path: str, split: str = "test") -> RetrievalSet:
         raise ConfigError(f"{root}/dataset_type.txt must say 'retrieval' for a CLIP_benchmark retrieval set "
                           f"(found {kind!r})")
     return RetrievalSet(shards, f"clip_benchmark retrieval set {root}")
+
+
+# --- MMVP-VLM ----------------------------------------------------------------------------------
+MMVP_IMAGE_DIRS = ("MMVP_VLM_Images", "MLLM_VLM Images")  # the README's name, the scoring script's
+MMVP_PROMPT = "a photo of "  # the scoring script's prefix to every statement
+
+
+@dataclass(frozen=True)
+class MMVPSet:
+    """MMVP-VLM (github.com/tsb0601/MMVP, scripts/evaluate_vlm.py): Questions.csv rows
+    (qid, pattern, statement) taken two at a time as a pair; both images of a pair are
+    `<images>/<pattern of the first row>/<qid>.jpg`."""
+
+    pairs: list[tuple[str, tuple[int, str], tuple[int, str]]]  # (pattern, (qid1, s1), (qid2, s2))
+    image_dir: Path
+
+    @property
+    def patterns(self) -> list[str]:
+        """The visual patterns, in the order the CSV first names them."""
+        return list(dict.fromkeys(p for p, _, _ in self.pairs))
+
+    def questions(self) -> list[tuple[int, str, Path]]:
+        """(qid, prompt, image path) of every row."""
+        return [(q, MMVP_PROMPT + s, self.image_dir / pattern / f"{q}.jpg")
+                for pattern, *rows in self.pairs for q, s in rows]
+
+
+def load_mmvp(path: str) -> MMVPSet:
+    """The released MMVP-VLM folder: Questions.csv + the image folder (see MMVP_IMAGE_DIRS)."""
+    import csv
+
+    root = Path(path)
+    csv_file = root / "Questions.csv"
+    image_dir = next((root / d for d in MMVP_IMAGE_DIRS if (root / d).is_dir()), None)
+    if not csv_file.is_file() or image_dir is None:
+        raise FileNotFoundError(f"{root} is not an MMVP-VLM folder: expected Questions.csv and an image folder "
+                                f"({' or '.join(MMVP_IMAGE_DIRS)}) holding <pattern>/<qid>.jpg")
+    with open(csv_file, newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))[1:]  # header skipped, as the scoring script does
+    rows = [r for r in rows if r]
+    if len(rows) % 2 or any(len(r) < 3 for r in rows):
+        raise ValueError(f"{csv_file}: expected rows of (qid, pattern, statement) in pairs, got {len(rows)} rows")
+    pairs = [(a[1], (int(a[0]), a[2]), (int(b[0]), b[2])) for a, b in zip(rows[::2], rows[1::2])]
+    mmvp = MMVPSet(pairs, image_dir)
+    missing = [str(p) for _, _, p in mmvp.questions() if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"MMVP-VLM images missing ({len(missing)}), e.g. {missing[:2]}")
+    return mmvp
+
+
+def mmvp_scores(mmvp: MMVPSet, image_emb: dict[int, "torch.Tensor"], text_emb: dict[int, "torch.Tensor"]
+                ) -> dict[str, float]:
+    """The scoring script's rule: statement q's prediction is img1 when its similarity to img1 is
+    higher than to img2 (softmax over the two images > 0.5), the truth is img1 when q is odd; a
+    pair counts when both statements are right. Per pattern: the fraction of its pairs right;
+    `average`: the mean over patterns (the number the MMVP paper plots); `pairs`: how many."""
+    right: dict[str, list[bool]] = {p: [] for p in mmvp.patterns}
+    for pattern, (q1, _), (q2, _) in mmvp.pairs:
+        ok = True
+        for q in (q1, q2):
+            img1_wins = float(image_emb[q1] @ text_emb[q]) > float(image_emb[q2] @ text_emb[q])
+            ok &= img1_wins == (q % 2 == 1)
+        right[pattern].append(ok)
+    per = {p: sum(v) / len(v) for p, v in right.items()}
+    return {**{mmvp_metric(p): v for p, v in per.items()}, "average": sum(per.values()) / len(per),
+            "pairs": float(len(mmvp.pairs))}
+
+
+def mmvp_metric(pattern: str) -> str:
+    """A pattern's metric name: lower case, runs of other characters as '_'."""
+    import re
+
+    return "pattern_" + re.sub(r"[^a-z0-9]+", "_", pattern.lower()).strip("_")

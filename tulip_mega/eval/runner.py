@@ -27,7 +27,7 @@ from dataloaders.simple_loader import SimpleLoader, decode_image
 from dataloaders.tokenizer import Tokenizer
 from tulip_mega.config import Config, ConfigError
 from tulip_mega.eval.embed import Embedder, share_from_last_stage
-from tulip_mega.eval.formats import Item, load_classification, load_retrieval
+from tulip_mega.eval.formats import Item, load_classification, load_mmvp, load_retrieval, mmvp_metric, mmvp_scores
 from tulip_mega.eval.linear_probe import linear_probe, load_probe_labels
 from tulip_mega.eval.retrieval import KS, retrieval_recall
 from tulip_mega.eval.zeroshot import class_embeddings, load_classes, zeroshot_accuracy
@@ -35,7 +35,9 @@ from tulip_mega.parallel.init import device
 
 log = logging.getLogger("tulip_mega")
 
-TASKS = ("zeroshot", "retrieval", "linear_probe")
+TASKS = ("zeroshot", "retrieval", "linear_probe", "mmvp")
+DATA_KEYS = {"zeroshot": "zeroshot_shards", "retrieval": "retrieval_shards", "linear_probe": "linear_probe_shards",
+             "mmvp": "mmvp_path"}  # the eval.* key naming each task's set
 PROBE_KEYS = ("top1", "l2", "holdout_top1", "train_samples", "samples")
 ZEROSHOT_KEYS = ("top1", "top5", "samples")
 RETRIEVAL_KEYS = tuple(f"{d}_r{k}" for d in ("image_to_text", "text_to_image") for k in KS) + ("samples",)
@@ -51,13 +53,12 @@ class Evaluator:
 
     def __init__(self, cfg: Config, model, tasks: Optional[Sequence[str]] = None) -> None:
         e = cfg.eval
-        available = {"zeroshot": e.zeroshot_shards, "retrieval": e.retrieval_shards,
-                     "linear_probe": e.linear_probe_shards}
+        available = {t: getattr(e, key) for t, key in DATA_KEYS.items()}
         self.tasks = [t for t in (tasks or TASKS) if available[t]]
         for t in tasks or ():
             if not available[t]:
-                raise ConfigError(f"eval task {t!r} needs eval.{t}_shards")
-        checked = {f"eval.{t}_shards": available[t] for t in self.tasks}
+                raise ConfigError(f"eval task {t!r} needs eval.{DATA_KEYS[t]}")
+        checked = {f"eval.{DATA_KEYS[t]}": available[t] for t in self.tasks if t != "mmvp"}
         if "linear_probe" in self.tasks:
             checked["eval.linear_probe_val_shards"] = e.linear_probe_val_shards
         own_format = {"eval.zeroshot_shards": e.zeroshot_format != "classes_json",
@@ -86,6 +87,9 @@ class Evaluator:
         if "retrieval" in self.tasks and e.retrieval_format == "clip_benchmark":
             self.retrieval_set = _config_error("eval.retrieval_shards", e.retrieval_shards, load_retrieval,
                                                e.retrieval_shards, e.split)
+        self.mmvp_set = None
+        if "mmvp" in self.tasks:
+            self.mmvp_set = _config_error("eval.mmvp_path", e.mmvp_path, load_mmvp, e.mmvp_path)
         self.probe_labels = None
         if "linear_probe" in self.tasks:
             self.probe_labels = load_probe_labels(e.linear_probe_classes or default_classes_path(e.linear_probe_shards))
@@ -129,10 +133,11 @@ class Evaluator:
             if cap is not None and seen >= cap:
                 return
 
-    def _item_images(self, items, label_of):
+    def _item_images(self, items, label_of, capped: bool = True):
         """(images, None, labels) micro-batches of this DP rank's format-reader items (at most its
-        share of eval.max_samples), decoded like every eval image (decode_image, then [-1, 1])."""
-        cap, size = self._rank_cap(), self.cfg.model.vision.image_size
+        share of eval.max_samples when `capped`), decoded like every eval image (decode_image,
+        then [-1, 1])."""
+        cap, size = (self._rank_cap() if capped else None), self.cfg.model.vision.image_size
         if cap == 0:
             return
         images, labels, seen = [], [], 0
@@ -219,6 +224,24 @@ class Evaluator:
         for i in range(0, len(captions), self.micro_batch):
             part = captions[i : i + self.micro_batch]
             yield None, self.tokenizer.encode([c for c, _ in part]), torch.tensor([u for _, u in part])
+
+    def mmvp(self) -> dict[str, float]:
+        """MMVP-VLM pair accuracy per visual pattern and averaged (tulip_mega/eval/formats.py
+        mmvp_scores): every image and every 'a photo of <statement>' embedded once, keyed by qid
+        (the whole set: eval.max_samples does not apply)."""
+        questions = self.mmvp_set.questions()[self.dp_rank :: self.dp_size]
+        images = (Item(q, str(path), path.read_bytes()) for q, _, path in questions)
+        image = self.embedder.embed(self._item_images(images, lambda item: item.uid, capped=False)
+                                     if self.first else None)
+        text = self.embedder.embed(self._prompt_batches([(prompt, q) for q, prompt, _ in questions])
+                                   if self.first else None)
+        names = [*map(mmvp_metric, self.mmvp_set.patterns), "average", "pairs"]
+        values = [0.0] * len(names)
+        if image is not None:  # last stage
+            by_qid = [dict(zip(e["labels"].tolist(), e[key])) for e, key in ((image, "image_emb"), (text, "text_emb"))]
+            scores = mmvp_scores(self.mmvp_set, *by_qid)
+            values = [scores[n] for n in names]
+        return dict(zip(names, share_from_last_stage(values)))
 
     def linear_probe(self) -> dict[str, float]:
         """Val top-1 of a logistic regression on the frozen image embeddings of the probe's train set.
