@@ -73,6 +73,24 @@ def write_clip_benchmark_classification(root: Path, per_shard=(7, 4)) -> None:
     (root / "test" / "nshards.txt").write_text(f"{len(per_shard)}\n")
 
 
+def write_clip_benchmark_probe(root: Path) -> None:
+    """Train (two shards) and test splits of a classification set, for a linear probe."""
+    names = list(COLOURS)
+    (root / "classnames.txt").write_text("\n".join(names) + "\n")
+    n = 0
+    for split, shards in (("train", (10, 8)), ("test", (9,))):
+        (root / split).mkdir(parents=True)
+        for s, count in enumerate(shards):
+            samples = []
+            for _ in range(count):
+                c = (n * 7) % 3
+                samples.append({"__key__": f"p{n:05d}", "png": _image(COLOURS[names[c]], 700 + n, "png"),
+                                "cls": str(c).encode()})
+                n += 1
+            _tar(root / split / f"{s}.tar", samples)
+        (root / split / "nshards.txt").write_text(f"{len(shards)}\n")
+
+
 def write_clip_benchmark_retrieval(root: Path, per_shard=(5, 4, 2)) -> None:
     names = list(COLOURS)
     (root / "test").mkdir(parents=True)
@@ -186,7 +204,8 @@ def _recall_by_hand(image_emb, text_emb, owner, k) -> tuple[float, float]:
     return i2t / len(image_emb), t2i / len(owner)
 
 
-def formats_worker(tokenizer: str, cls_root: str, ret_root: str, folder: str, templates: str, mmvp: str) -> dict:
+def formats_worker(tokenizer: str, cls_root: str, ret_root: str, folder: str, templates: str, mmvp: str,
+                   probe: str) -> dict:
     import warnings
 
     warnings.filterwarnings("ignore")
@@ -206,6 +225,9 @@ def formats_worker(tokenizer: str, cls_root: str, ret_root: str, folder: str, te
     folder_cfg = make_cfg(base + [f"eval.zeroshot_shards={folder}", "eval.zeroshot_format=imagefolder",
                                   f"eval.zeroshot_templates={templates}"])
     out["folder"] = Evaluator(folder_cfg, model, ["zeroshot"]).run()
+    probe_cfg = make_cfg(base + [f"eval.linear_probe_shards={probe}", f"eval.linear_probe_val_shards={probe}",
+                                 "eval.linear_probe_format=clip_benchmark"])
+    out["probe"] = Evaluator(probe_cfg, model, ["linear_probe"]).run()
     if torch.distributed.get_rank() == 0:  # the reference: plain PIL, one forward, counted by hand
         tok = Tokenizer(tokenizer, context_length=cfg.model.text.context_length)
         names = (Path(cls_root) / "classnames.txt").read_text().split()
@@ -230,6 +252,18 @@ def formats_worker(tokenizer: str, cls_root: str, ret_root: str, folder: str, te
                                                    [c for _, c in files], prompts)
         out["ref_folder_samples"] = len(files)
         out["ref_mmvp"] = _mmvp_by_hand(Path(mmvp), model, tok)
+        from tulip_mega.eval.linear_probe import linear_probe
+
+        split = {}
+        for name in ("train", "test"):  # in (shard, position) order: the evaluator's canonical order
+            root = Path(probe)
+            samples = []
+            for s in range(int((root / name / "nshards.txt").read_text())):
+                with tarfile.open(root / name / f"{s}.tar") as tar:
+                    files = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+                samples += [(files[k], int(files[k[:-4] + ".cls"])) for k in sorted(files) if k.endswith(".png")]
+            split[name] = (_embed(model, tok, images=[b for b, _ in samples]), torch.tensor([c for _, c in samples]))
+        out["ref_probe"] = linear_probe(*split["train"], *split["test"], 3, seed=cfg.run.seed)
     return out
 
 
@@ -243,8 +277,9 @@ def test_clip_benchmark_and_imagefolder_sets_match_an_independent_computation(sh
     templates = tmp_path / "templates.txt"
     templates.write_text("a {c} image\nthe colour {c}\n")
     write_mmvp(tmp_path / "mmvp")
+    write_clip_benchmark_probe(tmp_path / "probe")
     results = run_distributed(formats_worker, 2, shapes_data["tokenizer"], str(cls_root), str(ret_root),
-                              str(folder), str(templates), str(tmp_path / "mmvp"))
+                              str(folder), str(templates), str(tmp_path / "mmvp"), str(tmp_path / "probe"))
     ref, got = results[0], results[0]["wds"]
     for key in got:
         if key != "eval/seconds":
@@ -260,6 +295,12 @@ def test_clip_benchmark_and_imagefolder_sets_match_an_independent_computation(sh
     mmvp = {p: got[f"eval/mmvp/pattern_{p.lower().replace(' ', '_')}"] for p in MMVP_PATTERNS}
     assert mmvp == pytest.approx(ref["ref_mmvp"])
     assert got["eval/mmvp/average"] == pytest.approx(sum(mmvp.values()) / 3) and got["eval/mmvp/pairs"] == 9
+    probe, ref_probe = results[0]["probe"], ref["ref_probe"]
+    assert probe["eval/linear_probe/train_samples"] == 18 and probe["eval/linear_probe/samples"] == 9
+    for key in ("top1", "l2", "holdout_top1"):
+        assert probe[f"eval/linear_probe/{key}"] == pytest.approx(ref_probe[key]), key
+    assert [probe[f"eval/linear_probe/holdout_top1_l2_{10.0 ** e:g}"] for e in range(-6, 3)] == pytest.approx(
+        ref_probe["sweep"])
     folder_got = results[0]["folder"]
     assert folder_got["eval/zeroshot/samples"] == ref["ref_folder_samples"] == 9
     assert folder_got["eval/zeroshot/top1"] == pytest.approx(ref["ref_folder_top1"], abs=1e-6)

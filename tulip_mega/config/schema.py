@@ -443,6 +443,10 @@ class EvalConfig:
                                         "clip_benchmark (its webdataset layout, one caption per .txt line; "
                                         "eval.retrieval_shards = the root)")
     split: str = _f("test", "split folder of clip_benchmark-format sets (<root>/<split>/nshards.txt)")
+    linear_probe_format: str = _f("classes_json", "format of the probe's sets: classes_json (shards + classes.json), "
+                                                  "clip_benchmark (train split 'train' of linear_probe_shards, val split "
+                                                  "eval.split of linear_probe_val_shards) or imagefolder (train and val "
+                                                  "folders of class folders)")
     mmvp_path: Optional[str] = _f(None, "the MMVP-VLM folder as released (Questions.csv + MMVP_VLM_Images/); "
                                         "null = no MMVP-VLM eval")
     batch_size: Optional[int] = _f(None, "eval micro-batch per data-parallel rank; null = train.micro_batch_size")
@@ -461,6 +465,9 @@ class EvalConfig:
                  f"eval.zeroshot_format={self.zeroshot_format!r}: expected one of {', '.join(zeroshot_formats)}")
         _require(self.retrieval_format in ("pairs", "clip_benchmark"),
                  f"eval.retrieval_format={self.retrieval_format!r}: expected pairs or clip_benchmark")
+        _require(self.linear_probe_format in ("classes_json", "clip_benchmark", "imagefolder"),
+                 f"eval.linear_probe_format={self.linear_probe_format!r}: expected classes_json, clip_benchmark or "
+                 "imagefolder")
         _require(self.zeroshot_templates is None or self.zeroshot_format != "classes_json",
                  "eval.zeroshot_templates applies to clip_benchmark / imagefolder / imagenet sets; a classes.json "
                  "carries its own prompts")

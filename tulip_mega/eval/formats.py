@@ -81,6 +81,8 @@ def resolve_templates(spec: Optional[str], default: Optional[list[str]], where: 
             raise ConfigError(f"{where}: the set has no templates of its own; set eval.zeroshot_templates "
                               f"(one of {', '.join(TEMPLATE_SETS)} or a file with one '{{c}}' template per line)")
         templates = default
+    elif spec == "{c}":  # the class name alone (linear probes: prompts unused)
+        templates = [spec]
     elif spec in TEMPLATE_SETS:
         templates = shipped(f"{spec}_imagenet_templates.txt")
     else:
@@ -217,11 +219,14 @@ class ClassificationSet:
             yield item
 
 
-def load_classification(fmt: str, path: str, split: str = "test",
-                        templates: Optional[str] = None) -> ClassificationSet:
-    """A zero-shot set in `fmt` (see the module doc) at `path`."""
+def load_classification(fmt: str, path: str, split: str = "test", templates: Optional[str] = None,
+                        prompts: bool = True) -> ClassificationSet:
+    """A zero-shot set in `fmt` (see the module doc) at `path`; `prompts=False` (linear probes)
+    skips the templates."""
     root = Path(path)
     where = f"{fmt} set {root}"
+    if not prompts:
+        templates = "{c}"
     if fmt == "clip_benchmark":
         shards = wds_shards(root, split)
         kind = dataset_type(root)

@@ -28,7 +28,7 @@ from dataloaders.tokenizer import Tokenizer
 from tulip_mega.config import Config, ConfigError
 from tulip_mega.eval.embed import Embedder, share_from_last_stage
 from tulip_mega.eval.formats import Item, load_classification, load_mmvp, load_retrieval, mmvp_metric, mmvp_scores
-from tulip_mega.eval.linear_probe import linear_probe, load_probe_labels
+from tulip_mega.eval.linear_probe import L2_GRID, linear_probe, load_probe_labels
 from tulip_mega.eval.retrieval import KS, retrieval_recall
 from tulip_mega.eval.zeroshot import class_embeddings, load_classes, zeroshot_accuracy
 from tulip_mega.parallel.init import device
@@ -61,8 +61,10 @@ class Evaluator:
         checked = {f"eval.{DATA_KEYS[t]}": available[t] for t in self.tasks if t != "mmvp"}
         if "linear_probe" in self.tasks:
             checked["eval.linear_probe_val_shards"] = e.linear_probe_val_shards
+        probe_own = e.linear_probe_format != "classes_json"
         own_format = {"eval.zeroshot_shards": e.zeroshot_format != "classes_json",
-                      "eval.retrieval_shards": e.retrieval_format != "pairs"}
+                      "eval.retrieval_shards": e.retrieval_format != "pairs",
+                      "eval.linear_probe_shards": probe_own, "eval.linear_probe_val_shards": probe_own}
         for key, spec in checked.items():  # a wrong path must fail now, not after hours of training
             if own_format.get(key):
                 continue  # read (and checked) below by its format's loader
@@ -91,7 +93,17 @@ class Evaluator:
         if "mmvp" in self.tasks:
             self.mmvp_set = _config_error("eval.mmvp_path", e.mmvp_path, load_mmvp, e.mmvp_path)
         self.probe_labels = None
-        if "linear_probe" in self.tasks:
+        self.probe_sets = None
+        if "linear_probe" in self.tasks and e.linear_probe_format != "classes_json":
+            self.probe_sets = [
+                _config_error(key, path, load_classification, e.linear_probe_format, path, split, None, False)
+                for key, path, split in (("eval.linear_probe_shards", e.linear_probe_shards, "train"),
+                                         ("eval.linear_probe_val_shards", e.linear_probe_val_shards, e.split))]
+            if self.probe_sets[0].names != self.probe_sets[1].names:
+                raise ConfigError(f"the linear probe's train and val sets name different classes "
+                                  f"({self.probe_sets[0].source}: {self.probe_sets[0].names[:3]}..., "
+                                  f"{self.probe_sets[1].source}: {self.probe_sets[1].names[:3]}...)")
+        elif "linear_probe" in self.tasks:
             self.probe_labels = load_probe_labels(e.linear_probe_classes or default_classes_path(e.linear_probe_shards))
 
     def run(self) -> dict[str, float]:
@@ -249,20 +261,28 @@ class Evaluator:
         The embedder returns each DP rank's part in turn, so the row order depends on the layout;
         rows are put in one canonical order (by crc32 of the sample key, carried with the label)
         before the probe's seeded held-out split, so every layout fits the same problem."""
-        e, names = self.cfg.eval, self.probe_labels
-        n_cls = len(names.names)
+        e = self.cfg.eval
+        if self.probe_sets is not None:  # a format reader: the sample's uid orders it
+            n_cls = len(self.probe_sets[0])
+            sources = [self._item_images(ds.items(self.dp_rank, self.dp_size), lambda it: it.uid * n_cls + it.label)
+                       for ds in self.probe_sets]
+        else:
+            names = self.probe_labels
+            n_cls = len(names.names)
 
-        def code(key: str) -> int:  # crc32(key) and the class in one non-negative int64
-            return zlib.crc32(key.encode()) * n_cls + names.label(key)
+            def code(key: str) -> int:  # crc32(key) and the class in one non-negative int64
+                return zlib.crc32(key.encode()) * n_cls + names.label(key)
 
-        sets = [self.embedder.embed(self._shard_batches(shards, code, with_text=False) if self.first else None)
-                for shards in (e.linear_probe_shards, e.linear_probe_val_shards)]
-        values = [0.0] * len(PROBE_KEYS)
+            sources = [self._shard_batches(shards, code, with_text=False)
+                       for shards in (e.linear_probe_shards, e.linear_probe_val_shards)]
+        sets = [self.embedder.embed(source if self.first else None) for source in sources]
+        keys = list(PROBE_KEYS) + [f"holdout_top1_l2_{l2:g}" for l2 in L2_GRID]
+        values = [0.0] * len(keys)
         if sets[0] is not None:  # last stage
             (train_x, train_y), (val_x, val_y) = [_canonical(s["image_emb"], s["labels"], n_cls) for s in sets]
             result = linear_probe(train_x, train_y, val_x, val_y, n_cls, seed=self.cfg.run.seed)
-            values = [result[k] for k in PROBE_KEYS]
-        return dict(zip(PROBE_KEYS, share_from_last_stage(values)))
+            values = [result[k] for k in PROBE_KEYS] + list(result["sweep"])
+        return dict(zip(keys, share_from_last_stage(values)))
 
 
 def _normalise(images: list[torch.Tensor]) -> torch.Tensor:
