@@ -93,14 +93,13 @@ def write_wds_retrieval(root: Path, count: int = 60, per_shard: int = 25) -> int
     return captions_total
 
 
-def write_imagenet(val: Path, count: int = 200) -> None:
-    """1000 WordNet-id folders (n00000000 ...: sorted = index order) with images in ten of them."""
+def write_imagenet(val: Path) -> None:
+    """1000 WordNet-id folders (n00000000 ...: sorted = index order), one image in each (torchvision's
+    ImageFolder, which clip_benchmark uses, refuses empty class folders)."""
     for c in range(1000):
         (val / f"n{c:08d}").mkdir(parents=True)
-    for i in range(count):
-        c = (i % 10) * 97
-        image, _ = shape_image(2000 + i, "jpeg")
-        (val / f"n{c:08d}" / f"ILSVRC2012_val_{i:08d}.JPEG").write_bytes(image)
+        image, _ = shape_image(2000 + c, "jpeg")
+        (val / f"n{c:08d}" / f"ILSVRC2012_val_{c:08d}.JPEG").write_bytes(image)
 
 
 def write_mmvp(root: Path, patterns=("Orientation", "Color and Appearance", "Quantity"), pairs: int = 3) -> None:

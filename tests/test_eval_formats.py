@@ -76,6 +76,7 @@ def write_clip_benchmark_classification(root: Path, per_shard=(7, 4)) -> None:
 def write_clip_benchmark_probe(root: Path) -> None:
     """Train (two shards) and test splits of a classification set, for a linear probe."""
     names = list(COLOURS)
+    root.mkdir(parents=True)
     (root / "classnames.txt").write_text("\n".join(names) + "\n")
     n = 0
     for split, shards in (("train", (10, 8)), ("test", (9,))):

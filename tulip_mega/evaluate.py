@@ -5,7 +5,10 @@ runs the scenes benchmark (tulip_mega/eval/scenes.py) in a single process.
 
 `evaluate_checkpoint(...)` rebuilds the model from the run's config.yaml (beside the
 checkpoint folder, or --config), loads only the weights (any layout: dist_checkpointing
-reshards), runs tulip_mega.eval.runner.Evaluator on one task and writes a JSON file. It lives
+reshards), runs tulip_mega.eval.runner.Evaluator on one task (its set in any format of
+tulip_mega/eval/formats.py, --format) and writes a JSON file. `evaluate_suite(...)`
+(--benchmarks) runs the named sets of a suite file (tulip_mega/eval/suite.py) with one model
+load and writes one JSON and a markdown table. It lives
 outside tulip_mega/eval so that the eval package never imports the trainer (which imports it).
 """
 

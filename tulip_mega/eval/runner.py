@@ -1,7 +1,9 @@
 """Zero-shot, retrieval and linear-probe evaluation of a model as laid out for training.
 
 `Evaluator(cfg, model).run()` evaluates the recipe's eval sets (eval.zeroshot_shards,
-eval.retrieval_shards) with the model as laid out for training (any TP x PP x DP); every
+eval.retrieval_shards, eval.linear_probe_shards, eval.mmvp_path; in this project's shard format
+or the standard ones read by tulip_mega/eval/formats.py, per eval.*_format) with the model as
+laid out for training (any TP x PP x DP); every
 rank returns the same metrics, keyed `eval/zeroshot/top1`, `eval/retrieval/image_to_text_r1`,
 ... The trainer calls it every eval.interval steps and at the end (tulip_mega/training/loop.py).
 
@@ -157,7 +159,7 @@ class Evaluator:
             try:
                 pixels = decode_image(item.image, size)
             except Exception as err:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, ...
-                raise ValueError(f"cannot decode the image of sample {item.key!r} ({type(err).__name__}: {err})")
+                raise ValueError(f"cannot decode the image of sample {item.key!r} ({type(err).__name__}: {err})") from err
             images.append(torch.from_numpy(pixels.copy()).permute(2, 0, 1))
             labels.append(label_of(item))
             seen += 1
