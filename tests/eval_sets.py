@@ -14,7 +14,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from dataloaders.synthetic import BACKGROUNDS, CAPTION_TEMPLATES, FOREGROUNDS, SHAPES, _render, fill_template, make_sample
+from dataloaders.synthetic import (BACKGROUNDS, CAPTION_TEMPLATES, FOREGROUNDS, SHAPES, _render, fill_template,
+                                   make_sample)
 
 FIELDS = ("webp", "png", "jpg", "jpeg")
 SIZE = 32

@@ -1,8 +1,9 @@
 """Both directions with CLIP_benchmark (`clip-benchmark`, a dev dependency).
 
-A debug-size checkpoint (recipes/tiny_cpu.yaml, 150 steps on the shapes set) is exported to open_clip; `clip_benchmark eval` runs on the export in a
-fresh process that never imports this project (open_clip's own `local-dir:` loading), and
-`tulip-mega eval` runs on the checkpoint, on the same sets written here in the published layouts:
+A debug-size checkpoint (recipes/tiny_cpu.yaml, 150 steps on the shapes set) is exported to
+open_clip; `clip_benchmark eval` runs on the export in a fresh process that never imports this
+project (open_clip's own `local-dir:` loading), and `tulip-mega eval` runs on the checkpoint, on
+the same sets written here in the published layouts (tests/eval_sets.py):
 a CLIP_benchmark webdataset classification set and retrieval set (1-4 captions per image), and
 an ImageNet-1k ImageFolder tree (`<root>/val/<wnid>/`, what clip_benchmark's
 `imagenet1k-unverified` reads, with its default OpenAI class names and 80 templates, which equal
@@ -97,8 +98,9 @@ def test_clip_benchmark_and_tulip_mega_eval_agree_on_webdataset_sets(exported, t
     ours = _tulip_eval(exported["checkpoint"], "retrieval", "clip_benchmark", str(data / "ret"), tmp_path / "rt.json")
     assert ours["eval/retrieval/samples"] == 60 and ours["eval/retrieval/captions"] == exported["captions"] == 168
     for k in (1, 5, 10):  # clip_benchmark: "image retrieval" = text -> image, "text retrieval" = image -> text
-        print(f"R@{k}: t2i {theirs[f'image_retrieval_recall@{k}']:.4f} / {ours[f'eval/retrieval/text_to_image_r{k}']:.4f}"
-              f", i2t {theirs[f'text_retrieval_recall@{k}']:.4f} / {ours[f'eval/retrieval/image_to_text_r{k}']:.4f}")
+        t2i = (theirs[f"image_retrieval_recall@{k}"], ours[f"eval/retrieval/text_to_image_r{k}"])
+        i2t = (theirs[f"text_retrieval_recall@{k}"], ours[f"eval/retrieval/image_to_text_r{k}"])
+        print(f"R@{k} (clip_benchmark / tulip-mega): t2i {t2i[0]:.4f} / {t2i[1]:.4f}, i2t {i2t[0]:.4f} / {i2t[1]:.4f}")
         assert ours[f"eval/retrieval/text_to_image_r{k}"] == pytest.approx(theirs[f"image_retrieval_recall@{k}"],
                                                                            abs=0.01)
         assert ours[f"eval/retrieval/image_to_text_r{k}"] == pytest.approx(theirs[f"text_retrieval_recall@{k}"],

@@ -159,7 +159,8 @@ class Evaluator:
             try:
                 pixels = decode_image(item.image, size)
             except Exception as err:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, ...
-                raise ValueError(f"cannot decode the image of sample {item.key!r} ({type(err).__name__}: {err})") from err
+                raise ValueError(f"cannot decode the image of sample {item.key!r} "
+                                 f"({type(err).__name__}: {err})") from err
             images.append(torch.from_numpy(pixels.copy()).permute(2, 0, 1))
             labels.append(label_of(item))
             seen += 1
