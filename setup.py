@@ -32,9 +32,10 @@ setup(
         "wandb": ["wandb>=0.17"],
         # transformers: convert tests (SiglipTextConfig.projection_size) and geco; diffusers: geco image tests;
         # open_clip_torch + timm: convert --to open_clip tests; wandb: logging.wandb tests; scikit-learn: the
-        # reference logistic regression of the linear-probe tests.
+        # reference logistic regression of the linear-probe tests; clip-benchmark: `clip_benchmark eval` on the
+        # open_clip export (adds webdataset, braceexpand, pycocoevalcap, pycocotools; torch stays the pinned one).
         "dev": ["pytest>=7", "pytest-timeout", "transformers>=4.49", "diffusers>=0.30", "open_clip_torch>=3.0",
-                "timm>=1.0.15", "wandb>=0.17", "scikit-learn"],
+                "timm>=1.0.15", "wandb>=0.17", "scikit-learn", "clip-benchmark>=1.6.2"],
     },
     entry_points={"console_scripts": ["tulip-mega=tulip_mega.cli:main"]},
 )

@@ -51,3 +51,14 @@ def small_shards(tmp_path) -> str:
 
     info = write_shapes_dataset(str(tmp_path / "in"), num_train=18, num_val=0, samples_per_shard=6, image_size=16)
     return info["train_spec"]
+
+
+@pytest.fixture(scope="session")
+def eval_checkpoint(shapes_data, tmp_path_factory) -> str:
+    """recipes/tiny_cpu.yaml trained 150 steps at TP = PP = 1 on the shapes set: a model that
+    knows its colours a little (the eval format, CLIP_benchmark and suite tests)."""
+    from eval_sets import train_worker
+    from tulip_mega.parallel.spawn import run_distributed
+
+    run = tmp_path_factory.mktemp("eval_checkpoint")
+    return run_distributed(train_worker, 1, str(run), shapes_data["train"], shapes_data["tokenizer"], 150)[0]

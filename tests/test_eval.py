@@ -85,6 +85,68 @@ def test_retrieval_recall_matches_brute_force():
         retrieval_recall(image, text[:5])
 
 
+def _recall_by_hand(image, text, text_image, k):
+    """COCO protocol in plain Python: (image->text, text->image) recall@k, ties counted against."""
+    n, m, d = image.shape[0], text.shape[0], image.shape[1]
+    sim = [[sum(image[i][j].item() * text[c][j].item() for j in range(d)) for c in range(m)] for i in range(n)]
+    i2t = t2i = 0
+    for i in range(n):
+        mine = [c for c in range(m) if text_image[c] == i]
+        best = max(sim[i][c] for c in mine)
+        i2t += sum(1 for c in range(m) if c not in mine and sim[i][c] >= best) < k
+    for c in range(m):
+        own = sim[text_image[c]][c]
+        t2i += sum(1 for i in range(n) if i != text_image[c] and sim[i][c] >= own) < k
+    return i2t / n, t2i / m
+
+
+def test_retrieval_several_captions_per_image_matches_hand_count():
+    n, d = 20, 8
+    counts = [1 + (i * 7) % 6 for i in range(n)]  # 1..6 captions per image, uneven
+    owner = torch.tensor([i for i in range(n) for _ in range(counts[i])])
+    owner = owner[torch.randperm(len(owner), generator=torch.Generator().manual_seed(6))]  # any caption order
+    image = _unit(n, d, 7)
+    text = F.normalize(image[owner] + 2.0 * _unit(len(owner), d, 8), dim=-1)  # noisy captions of their image
+    got = retrieval_recall(image, text, ks=(1, 3, 5), text_image=owner)
+    for k in (1, 3, 5):
+        i2t, t2i = _recall_by_hand(image, text, owner.tolist(), k)
+        assert got[f"image_to_text_r{k}"] == pytest.approx(i2t)
+        assert got[f"text_to_image_r{k}"] == pytest.approx(t2i)
+    assert 0 < got["text_to_image_r1"] < got["text_to_image_r5"] < 1
+    with pytest.raises(ValueError, match=r"images \[3\] have no caption"):
+        retrieval_recall(image, text[owner != 3], text_image=owner[owner != 3])
+
+
+def test_retrieval_one_caption_per_image_is_the_paired_score():
+    """text_image = 0..N-1 (or None) gives exactly the paired formula: rank = #(others >= true)."""
+    n, d = 64, 8
+    text = _unit(n, d, 9)
+    image = F.normalize(text + 1.0 * _unit(n, d, 10), dim=-1)
+    image[5] = image[9]  # an exact tie
+    sims = image @ text.T
+    paired_i2t = (sims >= sims.diagonal().unsqueeze(1)).sum(1) - 1
+    paired_t2i = (sims.T >= sims.diagonal().unsqueeze(1)).sum(1) - 1
+    for owner in (None, torch.arange(n)):
+        got = retrieval_recall(image, text, ks=(1, 5, 10), text_image=owner)
+        for k in (1, 5, 10):
+            assert got[f"image_to_text_r{k}"] == (paired_i2t < k).float().mean().item()
+            assert got[f"text_to_image_r{k}"] == (paired_t2i < k).float().mean().item()
+
+
+def test_retrieval_five_captions_per_image_coco_protocol_vs_pairs():
+    """A model that puts each image on its group of 5 (identical) captions: the COCO protocol
+    scores recall@1 = 1; scoring the 5 captions as 5 unrelated (image, caption) pairs gives 0
+    (the other 4 copies tie with the true caption and count above it)."""
+    n, per, d = 10, 5, 16
+    image = _unit(n, d, 11)
+    owner = torch.arange(n).repeat_interleave(per)
+    text = image[owner].clone()
+    coco = retrieval_recall(image, text, ks=(1,), text_image=owner)
+    pairs = retrieval_recall(image[owner], text, ks=(1,))
+    assert coco == {"image_to_text_r1": 1.0, "text_to_image_r1": 1.0}
+    assert pairs == {"image_to_text_r1": 0.0, "text_to_image_r1": 0.0}
+
+
 def test_classes_file_errors_name_the_problem(tmp_path):
     with pytest.raises(FileNotFoundError, match="classes.json"):
         load_classes(tmp_path / "nope.json")

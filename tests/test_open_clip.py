@@ -25,8 +25,8 @@ import open_clip  # noqa: E402
 from harness import make_cfg  # noqa: E402
 from tulip_mega.convert.megatron_to_plain import ConversionError  # noqa: E402
 from tulip_mega.convert.openclip import (  # noqa: E402
-    CONFIG_FILE, WEIGHTS_FILE, import_open_clip, open_clip_model_config, plain_config_from_open_clip,
-    plain_to_open_clip)
+    CONFIG_FILE, WEIGHTS_FILE, import_open_clip, load_open_clip_state, open_clip_model_config,
+    plain_config_from_open_clip, plain_to_open_clip)
 from tulip_mega.convert.plain_model import PlainConfig, TulipPlainModel  # noqa: E402
 from tulip_mega.parallel.spawn import run_distributed  # noqa: E402
 
@@ -146,6 +146,56 @@ def test_stock_open_clip_loads_export_and_matches_our_embeddings(exported):
     torch.testing.assert_close(img, ref_img, rtol=0, atol=1e-5)
     torch.testing.assert_close(txt, ref_txt, rtol=0, atol=1e-5)
     torch.testing.assert_close(logits, ours.similarity(ref_img, ref_txt), rtol=1e-5, atol=1e-4)
+
+
+FRESH_PROCESS = """
+import json, sys
+import open_clip, torch
+from timm.models._registry import is_model
+model, _, preprocess = open_clip.create_model_and_transforms("local-dir:" + sys.argv[1])
+model.eval()
+tokens = open_clip.get_tokenizer("local-dir:" + sys.argv[1])(json.loads(sys.argv[2]))
+images = torch.load(sys.argv[3])
+with torch.no_grad():
+    img, txt = model.encode_image(images, normalize=True), model.encode_text(tokens, normalize=True)
+torch.save({"img": img, "txt": txt, "tokens": tokens, "project": sorted(m for m in sys.modules if m.split(".")[0] in ("tulip_mega", "dataloaders")),
+            "registered": is_model("vit_tulip_debug_patch8_siglip_32"), "act": type(model.visual.trunk.blocks[0].mlp.act).__name__,
+            "preprocess": repr(preprocess)}, sys.argv[4])
+"""
+
+
+@pytest.mark.multiprocess
+def test_export_loads_in_a_process_that_never_imports_this_project(exported, tmp_path):
+    """The debug export's vision tower is a timm config folder (local-dir:), so stock open_clip +
+    timm build it with no tulip_mega import and no registered debug model; same embeddings."""
+    from dataloaders.tokenizer import Tokenizer
+
+    out = exported["root"] / "export"
+    cfg = exported["cfg"]
+    side = cfg.model.vision.image_size
+    images = torch.randn(3, 3, side, side, generator=torch.Generator().manual_seed(2))
+    torch.save(images, tmp_path / "images.pt")
+    texts = ["a red circle on a dark background", "green square"]
+    script = tmp_path / "load.py"
+    script.write_text(FRESH_PROCESS)
+    proc = subprocess.run([sys.executable, str(script), str(out), json.dumps(texts), str(tmp_path / "images.pt"),
+                           str(tmp_path / "got.pt")], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = torch.load(tmp_path / "got.pt")
+    assert got["project"] == [] and got["registered"] is False and got["act"] == "GELUTanh"
+    assert f"Resize(size=({side}, {side}), interpolation=bicubic" in got["preprocess"]
+    ours = TulipPlainModel.from_pretrained(exported["root"] / "plain")
+    assert got["tokens"].tolist() == Tokenizer(exported["spm"], cfg.model.text.context_length).encode(texts).tolist()
+    with torch.no_grad():
+        torch.testing.assert_close(got["img"], ours.encode_image(images), rtol=0, atol=1e-5)
+        torch.testing.assert_close(got["txt"], ours.encode_text(got["tokens"]), rtol=0, atol=1e-5)
+    # Our importer reads the folder back, also after it was moved (the timm folder is found beside the config).
+    moved = tmp_path / "moved"
+    import shutil
+
+    shutil.copytree(out, moved)
+    cfg_moved, _ = load_open_clip_state(moved)
+    assert cfg_moved == _plain_cfg(cfg)
 
 
 @pytest.mark.parametrize("size", sorted(TULIP_RELEASE))

@@ -444,6 +444,22 @@ class EvalConfig:
     linear_probe_val_shards: Optional[str] = _f(None, "val shards the linear probe reports top-1 on")
     linear_probe_classes: Optional[str] = _f(None, "classes.json of the probe (classes + labels / train_labels / "
                                                    "val_labels: key -> class); null = beside the probe train shards")
+    zeroshot_format: str = _f("classes_json", "format of the zero-shot set: classes_json (shards + classes.json), "
+                                              "clip_benchmark (its webdataset layout; eval.zeroshot_shards = the "
+                                              "root), imagefolder or imagenet (eval.zeroshot_shards = the folder of "
+                                              "class folders); see docs/evaluation.md")
+    zeroshot_templates: Optional[str] = _f(None, "openai, siglip or a file of '{c}' templates; null = the set's own "
+                                                 "(clip_benchmark's file, openai for imagefolder / imagenet)")
+    retrieval_format: str = _f("pairs", "format of the retrieval set: pairs (shards, one caption per sample) or "
+                                        "clip_benchmark (its webdataset layout, one caption per .txt line; "
+                                        "eval.retrieval_shards = the root)")
+    split: str = _f("test", "split folder of clip_benchmark-format sets (<root>/<split>/nshards.txt)")
+    linear_probe_format: str = _f("classes_json", "format of the probe's sets: classes_json (shards + classes.json), "
+                                                  "clip_benchmark (train split 'train' of linear_probe_shards, val split "
+                                                  "eval.split of linear_probe_val_shards) or imagefolder (train and val "
+                                                  "folders of class folders)")
+    mmvp_path: Optional[str] = _f(None, "the MMVP-VLM folder as released (Questions.csv + MMVP_VLM_Images/); "
+                                        "null = no MMVP-VLM eval")
     batch_size: Optional[int] = _f(None, "eval micro-batch per data-parallel rank; null = train.micro_batch_size")
     max_samples: Optional[int] = _f(None, "evaluate at most this many samples per task (split over DP ranks); "
                                           "null = all")
@@ -451,9 +467,21 @@ class EvalConfig:
     def validate(self) -> None:
         _at_least(self, "eval", ("interval",), 0)
         _at_least(self, "eval", ("batch_size", "max_samples"), 1)
-        _require(not self.interval or bool(self.zeroshot_shards or self.retrieval_shards or self.linear_probe_shards),
-                 f"eval.interval={self.interval} but no eval set: set eval.zeroshot_shards, eval.retrieval_shards "
-                 "and/or eval.linear_probe_shards (or eval.interval=0)")
+        _require(not self.interval or bool(self.zeroshot_shards or self.retrieval_shards or self.linear_probe_shards
+                                           or self.mmvp_path),
+                 f"eval.interval={self.interval} but no eval set: set eval.zeroshot_shards, eval.retrieval_shards, "
+                 "eval.linear_probe_shards and/or eval.mmvp_path (or eval.interval=0)")
+        zeroshot_formats = ("classes_json", "clip_benchmark", "imagefolder", "imagenet")
+        _require(self.zeroshot_format in zeroshot_formats,
+                 f"eval.zeroshot_format={self.zeroshot_format!r}: expected one of {', '.join(zeroshot_formats)}")
+        _require(self.retrieval_format in ("pairs", "clip_benchmark"),
+                 f"eval.retrieval_format={self.retrieval_format!r}: expected pairs or clip_benchmark")
+        _require(self.linear_probe_format in ("classes_json", "clip_benchmark", "imagefolder"),
+                 f"eval.linear_probe_format={self.linear_probe_format!r}: expected classes_json, clip_benchmark or "
+                 "imagefolder")
+        _require(self.zeroshot_templates is None or self.zeroshot_format != "classes_json",
+                 "eval.zeroshot_templates applies to clip_benchmark / imagefolder / imagenet sets; a classes.json "
+                 "carries its own prompts")
         _require(bool(self.linear_probe_shards) == bool(self.linear_probe_val_shards),
                  "eval.linear_probe_shards and eval.linear_probe_val_shards go together (train and val shards)")
 

@@ -16,10 +16,15 @@ and `get_tokenizer("local-dir:OUT")`:
 Import (`import_open_clip(dir)`): such a folder (or a TULIP release folder) -> full tensors in
 our megatron key space, what `model.init_from_open_clip` loads into any TP x PP.
 
-The vision tower is named, not described: open_clip builds it with `timm.create_model(name)`.
-Our b16 / so400m / g16 sizes are timm's SigLIP models. The debug size has no timm model, so
-importing this module registers one (`DEBUG_TIMM_NAME`) in timm's registry; a process loading
-a debug-size export must import `tulip_mega.convert.openclip` first.
+The vision tower is named, not described: open_clip builds it with `timm.create_model(name)`
+(open_clip 3.3 passes no architecture arguments to timm). Our b16 / so400m / g16 sizes are
+timm's SigLIP models, named as in the TULIP release configs. The debug size has no timm model:
+its export names `local-dir:<OUT>/timm_vision` instead, a timm config folder (`config.json`:
+a registered SigLIP ViT as `architecture` plus the debug size's `model_args`, tanh-GELU) that
+timm's own `local-dir:` loader builds, so stock open_clip + timm load it in a process that never
+imports this project. The path is absolute (timm resolves `local-dir:` against the working
+directory): a moved debug export needs the name edited. Importing this module also registers
+`DEBUG_TIMM_NAME` in timm, for exports written before the timm folder existed.
 
 Numerics: ours, HF SigLIP, big_vision and timm's g/16 use tanh-GELU everywhere; timm's
 `vit_base_patch16_siglip_224` and `vit_so400m_patch14_siglip_384` use erf-GELU in the vision
@@ -55,6 +60,8 @@ TIMM_VISION = {
     (384, 16, 40, 1536, 16, 6144): ("vit_giantopt_patch16_siglip_384", 384),
 }
 _VISION_KEYS = ("image_size", "patch_size", "num_layers", "hidden_size", "num_heads", "ffn_hidden_size")
+TIMM_DIR = "timm_vision"  # the export's timm config folder (debug size)
+_TIMM_BASE = "vit_base_patch16_siglip_224"  # the registered SigLIP ViT the folder's model_args resize
 # Tokenizer cleaning that equals dataloaders/tokenizer.py (lower-case, squeeze spaces; punctuation kept).
 TOKENIZER_KWARGS = {"clean": "lower"}
 IMAGE_MEAN = IMAGE_STD = (0.5, 0.5, 0.5)
@@ -92,8 +99,26 @@ def _mlp_ratio(width: int, ffn: int) -> float:
     return r
 
 
-def open_clip_model_config(cfg: PlainConfig, hf_tokenizer_name: str, init_logit_bias: float = -10.0) -> dict:
-    """open_clip's model config for a TULIP architecture (the TULIP release layout)."""
+def timm_vision_config(vision: dict) -> dict:
+    """timm's config.json for our vision tower: a registered SigLIP ViT resized by `model_args`
+    (what timm's `local-dir:` loader reads; SigLIP MAP head, no class token, tanh-GELU)."""
+    v = vision
+    return {
+        "architecture": _TIMM_BASE,
+        "num_classes": 0,
+        "model_args": {"img_size": v["image_size"], "patch_size": v["patch_size"], "embed_dim": v["hidden_size"],
+                       "depth": v["num_layers"], "num_heads": v["num_heads"],
+                       "mlp_ratio": v["ffn_hidden_size"] / v["hidden_size"], "class_token": False,
+                       "global_pool": "map", "act_layer": "gelu_tanh"},
+        "pretrained_cfg": {"input_size": [3, v["image_size"], v["image_size"]], "interpolation": "bicubic",
+                           "mean": list(IMAGE_MEAN), "std": list(IMAGE_STD), "crop_pct": 1.0, "num_classes": 0},
+    }
+
+
+def open_clip_model_config(cfg: PlainConfig, hf_tokenizer_name: str, init_logit_bias: float = -10.0,
+                           timm_dir: Optional[Path] = None) -> dict:
+    """open_clip's model config for a TULIP architecture (the TULIP release layout). With
+    `timm_dir` (the export's timm config folder) the debug size names it as `local-dir:`."""
     v, t = cfg.vision, cfg.text
     arch = tuple(v[k] for k in _VISION_KEYS)
     if arch not in TIMM_VISION:
@@ -101,6 +126,8 @@ def open_clip_model_config(cfg: PlainConfig, hf_tokenizer_name: str, init_logit_
         raise ConversionError(f"no timm model for the vision tower {dict(zip(_VISION_KEYS, arch))}: open_clip "
                               f"builds timm vision towers by name; the known ones are {known}")
     timm_name, image_size = TIMM_VISION[arch]
+    if timm_name == DEBUG_TIMM_NAME and timm_dir is not None:
+        timm_name = f"local-dir:{Path(timm_dir).resolve()}"
     text = {
         "context_length": t["context_length"],
         "vocab_size": t["vocab_size"],
@@ -129,9 +156,31 @@ def open_clip_model_config(cfg: PlainConfig, hf_tokenizer_name: str, init_logit_
     }
 
 
-def plain_config_from_open_clip(model_cfg: dict, source: str = "open_clip config") -> PlainConfig:
-    """Our architecture of an open_clip model config (refusing what TULIP cannot hold)."""
-    vc, tc = model_cfg.get("vision_cfg", {}), model_cfg.get("text_cfg", {})
+def _timm_folder_name(name: Optional[str], folder: Optional[Path]) -> Optional[str]:
+    """The timm model a `local-dir:` vision tower stands for (its config.json read from the named
+    folder, or from <folder>/timm_vision when the export was moved); other names unchanged."""
+    if not (isinstance(name, str) and name.startswith("local-dir:")):
+        return name
+    where = Path(name[len("local-dir:"):])
+    if not (where / "config.json").is_file() and folder is not None:
+        where = Path(folder) / TIMM_DIR
+    if not (where / "config.json").is_file():
+        raise ConversionError(f"vision_cfg.timm_model_name={name!r}: no timm config.json there"
+                              + (f" nor in {Path(folder) / TIMM_DIR}" if folder is not None else ""))
+    data = json.loads((where / "config.json").read_text())
+    for arch, (timm_name, _) in TIMM_VISION.items():
+        v = dict(zip(_VISION_KEYS, arch))
+        if data.get("architecture") == _TIMM_BASE and data.get("model_args") == timm_vision_config(v)["model_args"]:
+            return timm_name
+    raise ConversionError(f"{where / 'config.json'}: not one of TULIP's vision towers ({data.get('model_args')})")
+
+
+def plain_config_from_open_clip(model_cfg: dict, source: str = "open_clip config",
+                                folder: Optional[Path] = None) -> PlainConfig:
+    """Our architecture of an open_clip model config (refusing what TULIP cannot hold); `folder`:
+    where the config lives (to find a moved export's timm config folder)."""
+    vc, tc = dict(model_cfg.get("vision_cfg", {})), model_cfg.get("text_cfg", {})
+    vc["timm_model_name"] = _timm_folder_name(vc.get("timm_model_name"), folder)
     by_name = {name: arch for arch, (name, _) in TIMM_VISION.items()}
     problems = []
     if vc.get("timm_model_name") not in by_name:
@@ -275,7 +324,10 @@ def export_open_clip(checkpoint: Union[str, Path], out: Union[str, Path], tokeni
     # open_clip's local-dir:/hf-hub: loaders take the tokenizer from the folder itself; the absolute
     # path serves get_tokenizer for a config registered by name (open_clip.add_model_config).
     model_cfg = open_clip_model_config(cfg, hf_tokenizer_name=str(out.resolve()),
-                                       init_logit_bias=_run_bias_init(checkpoint))
+                                       init_logit_bias=_run_bias_init(checkpoint), timm_dir=out / TIMM_DIR)
+    if model_cfg["vision_cfg"]["timm_model_name"].startswith("local-dir:"):
+        (out / TIMM_DIR).mkdir(exist_ok=True)
+        (out / TIMM_DIR / "config.json").write_text(json.dumps(timm_vision_config(cfg.vision), indent=2) + "\n")
     save_file(plain_to_open_clip(plain, cfg), str(out / WEIGHTS_FILE), metadata={"format": "pt"})
     del plain
     write_processor(out, tokenizer, cfg)
@@ -309,7 +361,7 @@ def load_open_clip_state(folder: Union[str, Path]) -> tuple[PlainConfig, dict[st
     if not config_path.is_file():
         raise ConversionError(f"{folder} has no {CONFIG_FILE} (an open_clip hub-layout folder is expected)")
     data = json.loads(config_path.read_text())
-    cfg = plain_config_from_open_clip(data.get("model_cfg", data), str(config_path))
+    cfg = plain_config_from_open_clip(data.get("model_cfg", data), str(config_path), folder)
     weights = [p for p in (folder / WEIGHTS_FILE, folder / "open_clip_pytorch_model.bin") if p.is_file()]
     if not weights:
         raise ConversionError(f"{folder} has neither {WEIGHTS_FILE} nor open_clip_pytorch_model.bin")

@@ -1,4 +1,6 @@
-"""Evaluation: zero-shot classification and image-text retrieval on WebDataset shards.
+"""Evaluation: zero-shot classification, image-text retrieval (COCO protocol), MMVP-VLM and linear
+probes, on this project's shards or the standard formats (formats.py: CLIP_benchmark webdataset,
+ImageFolder, ImageNet-1k, MMVP-VLM), one set at a time or as a suite (suite.py).
 
 Pure metrics (zeroshot.py, retrieval.py) import only torch; the distributed embedding
 extraction (embed.py) and the runner (runner.py: in-training hook and `tulip-mega eval`)

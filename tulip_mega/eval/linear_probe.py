@@ -94,7 +94,8 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tens
                  max_iter: int = 1000) -> dict[str, float]:
     """Sweep the L2 strength (over `l2_grid`) on a held-out slice of train, refit on all of train, val top-1.
 
-    `max_iter` caps the L-BFGS iterations of each fit."""
+    `max_iter` caps the L-BFGS iterations of each fit; `sweep` holds the held-out top-1 of every
+    grid value (in grid order)."""
     n = len(train_y)
     if n < 2 or len(val_y) == 0:
         raise ValueError(f"linear probe needs >= 2 train and >= 1 val samples, got {n} and {len(val_y)}")
@@ -108,4 +109,4 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tens
     best = max(range(len(l2_grid)), key=lambda i: (scores[i], l2_grid[i]))  # ties: the stronger penalty
     w, b = fit_logistic(train_x, train_y, num_classes, l2_grid[best], max_iter)
     return {"top1": top1(w, b, val_x, val_y), "l2": l2_grid[best], "holdout_top1": scores[best],
-            "train_samples": float(n), "samples": float(len(val_y))}
+            "train_samples": float(n), "samples": float(len(val_y)), "sweep": scores}
