@@ -11,9 +11,10 @@ on a lent GPU) to see that construction hold:
   nccl_layouts       TP2, PP2, DP2 (and TP2 x PP2 on 4 GPUs) over NCCL equal the CPU reference
   overlap_grad_reduce  megatron DDP with overlapped reduction + distributed optimizer trains like
                      the plain setting (5 optimizer steps, fp32)
-  gpu_fusions        the GPU-only switches (models/megatron_config.gpu_switches) on vs off: same losses
+  gpu_fusions        the GPU-only switches (models/megatron_config.gpu_switches) on vs forced off: same
+                     losses in fp32 (full stack), and the step time ratio at B/16 widths in bf16
   te_fp8_curves      TE bf16 vs FP8 (hybrid, delayed scaling) loss curves, 50 steps
-  te_checkpoint_on_cpu  a checkpoint written by TE layers on the GPU resumes and evaluates on the CPU
+  te_checkpoint_on_cpu  a checkpoint written by TE layers on the GPU resumes on the CPU with local layers
   dali_mixed_decode  DALI `mixed` (nvJPEG) decode vs CPU decode of the same batch
   mfu                step time and MFU of the B/16 and 1B (g/16) widths (benchmarks/train_step.py)
 
@@ -231,19 +232,62 @@ def check_overlap_grad_reduce(args) -> str:
             f"optimizer within rel {max(diffs):.1e}")
 
 
-def check_gpu_fusions(args) -> str:
-    need_gpus(1)
+def switches_worker(overrides: list[str], steps: int, fused: bool) -> dict:
+    """`steps` optimizer steps with the GPU switches as this machine chooses them (fused) or all
+    forced off; losses and the median step time after 2 untimed steps."""
+    import statistics
+
+    from harness import build_train_step, global_batches, rank_microbatches
+    from megatron.core import parallel_state
     from tulip_mega.models import megatron_config
 
-    if not hasattr(megatron_config, "gpu_switches"):
-        raise Skip("this version of tulip_mega has no GPU switch table (models/megatron_config.gpu_switches)")
-    base = TULIP + ["precision.dtype=bf16", "train.steps=5"]
-    on = run_ranks(1, "nccl", base, 5, True)
-    off = run_ranks(1, "nccl", base + ["precision.gpu_fusions=false"], 5, True)
-    diffs = [abs(x - y) / max(abs(y), 1e-12) for x, y in zip(on[0]["losses"], off[0]["losses"])]
-    if max(diffs) > 2e-2:
-        raise AssertionError(f"losses with fusions {on[0]['losses']} vs without {off[0]['losses']}")
-    return f"bf16, 5 steps: fused vs unfused losses within rel {max(diffs):.1e} (bf16 rounding)"
+    exact_fp32()
+    if not fused:
+        chosen = megatron_config.gpu_switches
+        megatron_config.gpu_switches = lambda cfg, use_te: dataclasses.replace(
+            chosen(cfg, use_te), wgrad_fusion_te=False, wgrad_fusion_megatron=False, bias_gelu_fusion=False,
+            bias_dropout_fusion=False, tp_only_amax_reduction=False, drop_core_attn_recompute=False)
+    cfg, model, optimizer, scheduler, step = build_train_step(overrides)
+    switches = megatron_config.layer_choices(cfg).gpu
+    batches = global_batches(cfg, 2, seed=1)
+    dp = parallel_state.get_data_parallel_rank()
+    losses, times = [], []
+    for i in range(steps + 2):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        metrics = step(rank_microbatches(cfg, [batches[i % 2]], dp, 1))
+        torch.cuda.synchronize()
+        if i >= 2:
+            times.append(time.perf_counter() - t0)
+        losses.append(metrics["loss"])
+    return {"losses": losses, "ms": 1e3 * statistics.median(times), "switches": dataclasses.asdict(switches)}
+
+
+def check_gpu_fusions(args) -> str:
+    need_gpus(1)
+    # Same function: fp32 debug-size full stack, fused vs unfused within fp32 rounding.
+    exact = TULIP + FP32 + ["model.transformer_impl=local"]
+    on = run_distributed_one(switches_worker, exact + ["precision.bias_fusions=true"], 5, True)
+    off = run_distributed_one(switches_worker, exact, 5, False)
+    diffs = [abs(x - y) / max(abs(y), 1e-12) for x, y in zip(on["losses"], off["losses"])]
+    if max(diffs) > 1e-4:
+        raise AssertionError(f"losses with the GPU switches {on['losses']} vs without {off['losses']}")
+    enabled = sorted(k for k, v in on["switches"].items() if v and k not in ("cuda", "te"))
+    # Speed: B/16 widths, 2 layers per tower, bf16, plain SigLIP; alternating runs are separate processes.
+    steps = 5 if args.quick else 20
+    speed = ["model.size=b16", "model.vision.num_layers=2", "model.text.num_layers=2", "train.global_batch_size=128",
+             "train.micro_batch_size=128", "precision.dtype=bf16"]
+    fast = run_distributed_one(switches_worker, speed + ["precision.bias_fusions=true"], steps, True)["ms"]
+    slow = run_distributed_one(switches_worker, speed, steps, False)["ms"]
+    return (f"on: {', '.join(enabled) or 'none'}; fp32 full stack, 5 steps: losses within rel {max(diffs):.1e}; "
+            f"b16 widths 2+2 layers micro 128 bf16: {fast:.1f} ms/step with vs {slow:.1f} without "
+            f"(ratio {fast / slow:.3f})")
+
+
+def run_distributed_one(fn: Callable, *args) -> dict:
+    from tulip_mega.parallel.spawn import run_distributed
+
+    return run_distributed(fn, 1, *args, backend="nccl", timeout=900)[0]
 
 
 def check_te_fp8_curves(args) -> str:

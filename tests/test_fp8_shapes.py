@@ -252,7 +252,9 @@ def test_gpu_switches_are_all_off_on_cpu(monkeypatch):
 @pytest.mark.parametrize("apex", [False, True])
 def test_gpu_switches_on_with_cuda_and_te(monkeypatch, apex):
     _gpu(monkeypatch, cuda=True, apex=apex)
-    cfg = load_config(REPO / "recipes" / "tulip_1b.yaml")
+    default = mc.layer_choices(load_config(REPO / "recipes" / "tulip_1b.yaml"), use_te=True)
+    assert not default.gpu.bias_gelu_fusion and not default.gpu.bias_dropout_fusion  # opt-in: measured slower
+    cfg = load_config(REPO / "recipes" / "tulip_1b.yaml", ["precision.bias_fusions=true"])
     choices = mc.layer_choices(cfg, use_te=True)
     vision, text = mc.tower_config(cfg, "vision", choices), mc.tower_config(cfg, "text", choices)
     mae, caption = mc.decoder_config(cfg, "mae", choices), mc.decoder_config(cfg, "text", choices)

@@ -192,6 +192,9 @@ class PrecisionConfig:
         "bf16", "a tower or decoder with a GEMM width Transformer Engine cannot run in FP8 (per rank, not a "
                 "multiple of 16): bf16 = that block runs bf16, error = refuse the recipe "
                 "(tulip_mega/config/fp8_shapes.py)")
+    bias_fusions: bool = _f(
+        False, "GPU only: megatron's torch.compile'd bias+GELU and bias+dropout+add kernels; off by default, "
+               "measured slower on an H200 (benchmarks/RESULTS.md, GPU acceptance)")
 
     def validate(self) -> None:
         # Whether this machine has Transformer Engine for FP8 is checked at launch, with the

@@ -61,6 +61,9 @@ class GpuSwitches:
       selects it by `activation_func is F.gelu`, which the config then carries.
     - bias_dropout_fusion: megatron's compiled bias + dropout + residual add, the same function
       as the unfused one (fusions/fused_bias_dropout.py); dropout is 0.
+      Both bias fusions need `precision.bias_fusions: true`: megatron-core compiles them with
+      torch.compile, and on an H200 (torch 2.11, megatron-core 0.16.1, local layers) the step was
+      slower with them (benchmarks/RESULTS.md "GPU acceptance").
     - tp_only_amax_reduction: delayed-scaling FP8 reduces amaxes over the TP group only
       (megatron's `tp_only_amax_red`), see `amax_reduction`.
     - drop_core_attn_recompute: selective recompute of core attention is redundant under TE's
@@ -89,8 +92,8 @@ def gpu_switches(cfg, use_te: bool) -> GpuSwitches:
         cuda=cuda, te=te,
         wgrad_fusion_te=te,
         wgrad_fusion_megatron=cuda and apex_wgrad_available(),
-        bias_gelu_fusion=cuda,
-        bias_dropout_fusion=cuda,
+        bias_gelu_fusion=cuda and cfg.precision.bias_fusions,
+        bias_dropout_fusion=cuda and cfg.precision.bias_fusions,
         tp_only_amax_reduction=te and cfg.precision.fp8 is not None and cfg.precision.fp8_recipe == "delayed",
         drop_core_attn_recompute=te and cfg.recompute.granularity == "selective",
     )
