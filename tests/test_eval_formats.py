@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from eval_sets import write_tar
 from harness import make_cfg
 from tulip_mega.config import ConfigError
 from tulip_mega.eval.formats import load_classification, load_retrieval, shipped
@@ -45,17 +46,6 @@ def _image(colour: tuple[int, int, int], seed: int, fmt: str) -> bytes:
     return out.getvalue()
 
 
-def _tar(path: Path, samples: list[dict[str, bytes]]) -> None:
-    """A webdataset shard: consecutive `key.ext` files per sample."""
-    with tarfile.open(path, "w") as tar:
-        for sample in samples:
-            for ext, data in sample.items():
-                if ext != "__key__":
-                    info = tarfile.TarInfo(f"{sample['__key__']}.{ext}")
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
-
-
 def write_clip_benchmark_classification(root: Path, per_shard=(7, 4)) -> None:
     names = list(COLOURS)
     (root / "test").mkdir(parents=True)
@@ -69,7 +59,7 @@ def write_clip_benchmark_classification(root: Path, per_shard=(7, 4)) -> None:
             samples.append({"__key__": f"s{n:05d}", FIELDS[n % 4]: _image(COLOURS[names[c]], n, FIELDS[n % 4]),
                             "cls": str(c).encode()})
             n += 1
-        _tar(root / "test" / f"{s}.tar", samples)
+        write_tar(root / "test" / f"{s}.tar", samples)
     (root / "test" / "nshards.txt").write_text(f"{len(per_shard)}\n")
 
 
@@ -88,7 +78,7 @@ def write_clip_benchmark_probe(root: Path) -> None:
                 samples.append({"__key__": f"p{n:05d}", "png": _image(COLOURS[names[c]], 700 + n, "png"),
                                 "cls": str(c).encode()})
                 n += 1
-            _tar(root / split / f"{s}.tar", samples)
+            write_tar(root / split / f"{s}.tar", samples)
         (root / split / "nshards.txt").write_text(f"{len(shards)}\n")
 
 
@@ -105,7 +95,7 @@ def write_clip_benchmark_retrieval(root: Path, per_shard=(5, 4, 2)) -> None:
             samples.append({"__key__": f"r{n:05d}", FIELDS[n % 4]: _image(COLOURS[name], 100 + n, FIELDS[n % 4]),
                             "txt": "\n".join(captions).encode()})
             n += 1
-        _tar(root / "test" / f"{s}.tar", samples)
+        write_tar(root / "test" / f"{s}.tar", samples)
     (root / "test" / "nshards.txt").write_text(f"{len(per_shard)}\n")
 
 

@@ -115,3 +115,30 @@ def test_transformer_impl_te_without_te_names_the_key(monkeypatch):
     assert specs.use_transformer_engine("auto") is False
     monkeypatch.setattr(specs, "transformer_engine_available", lambda: True)
     assert specs.use_transformer_engine("local") is False and specs.use_transformer_engine("auto") is True
+
+
+def test_eval_progress_logs_samples_and_rate(caplog, monkeypatch):
+    """A long embedding pass says how far it is (tulip_mega/eval/embed.py); a silent rank or a
+    short pass says nothing."""
+    import logging
+
+    from tulip_mega.eval.embed import _Progress
+
+    caplog.set_level(logging.INFO, logger="tulip_mega")
+    monkeypatch.setattr(logging.getLogger("tulip_mega"), "propagate", True)
+    p = _Progress("zero-shot images", speaks=True, every=0.0)
+    p.update(32)
+    p.update(16)
+    p.done()
+    lines = [r.getMessage() for r in caplog.records if r.name == "tulip_mega"]
+    assert lines[0].startswith("zero-shot images: 32 samples embedded") and "/s)" in lines[0]
+    assert lines[1].startswith("zero-shot images: 48 samples embedded")
+    assert lines[2].startswith("zero-shot images: done, 48 samples")
+    caplog.clear()
+    quiet = _Progress("x", speaks=False, every=0.0)
+    quiet.update(5)
+    quiet.done()
+    short = _Progress("y", speaks=True, every=3600.0)
+    short.update(5)
+    short.done()
+    assert not [r for r in caplog.records if r.name == "tulip_mega"]

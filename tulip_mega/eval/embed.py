@@ -20,6 +20,8 @@ Models run in eval mode under no_grad; the previous train/eval mode is restored.
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Iterable, Iterator
 from typing import Optional
 
@@ -30,7 +32,10 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from tulip_mega.parallel.init import device
 
+log = logging.getLogger("tulip_mega")
+
 PAD = -1  # label of a padding row
+PROGRESS_SECONDS = 30.0  # how often a long embedding pass logs its progress
 _FAILED = -1  # chunk header sent by a first stage that could not read its data
 
 # A source yields (images [k,3,H,W] | None, tokens [k,L] | None, labels [k]) with k <= micro
@@ -152,12 +157,16 @@ class Embedder:
             micro = micro + [(torch.zeros(b, 3, s, s), torch.zeros(b, L, dtype=torch.long))] * extra
         return micro, torch.cat([labels, torch.full((extra, b), PAD, dtype=torch.long)])
 
-    def embed(self, source: Optional[Source]) -> Optional[dict[str, torch.Tensor]]:
+    def embed(self, source: Optional[Source], desc: str = "eval") -> Optional[dict[str, torch.Tensor]]:
         """Embed this DP rank's part of a set (source read on the first stage only; other stages
         may pass None). Returns on the last stage the WHOLE set, gathered over DP:
         {"image_emb" [N, e], "text_emb" [N, e], "labels" [N]} (float32 / int64, on the CPU);
-        None on the other stages. Every rank of the job must call it (collectives)."""
+        None on the other stages. Every rank of the job must call it (collectives). A long pass
+        logs `desc`, the samples done and the rate every PROGRESS_SECONDS (from the reading rank
+        of data-parallel rank 0; its count times DP is the set's)."""
         it = iter(source) if (self.first and source is not None) else iter(())
+        progress = _Progress(desc, self.first and parallel_state.get_data_parallel_rank() == 0
+                             and parallel_state.get_tensor_model_parallel_rank() == 0)
         image, text, labels = [], [], []
         was_training = self.chunks[0].training
         for chunk in self.chunks:
@@ -169,6 +178,7 @@ class Embedder:
                     n = lab.shape[0]
                     if n == 0:
                         break
+                    progress.update(int((lab != PAD).sum()))
                     micro, lab = self._pad_to_pipeline(micro, lab)
                     n = lab.shape[0]
                     outputs = self._run(micro, n)
@@ -180,6 +190,7 @@ class Embedder:
         finally:
             for chunk in self.chunks:
                 chunk.train(was_training)
+        progress.done()
         if not self.last:
             return None
         e = self.embed_dim
@@ -189,6 +200,30 @@ class Embedder:
             "labels": torch.cat(labels) if labels else torch.empty(0, dtype=torch.long),
         }
         return {k: gather_data_parallel(v) for k, v in local.items()}
+
+
+class _Progress:
+    """Samples embedded so far by this rank, logged at most every PROGRESS_SECONDS (and once at
+    the end of a pass that logged), so a long eval set shows it is moving."""
+
+    def __init__(self, desc: str, speaks: bool, every: Optional[float] = None) -> None:
+        self.desc, self.speaks = desc, speaks
+        self.every = PROGRESS_SECONDS if every is None else every
+        self.start = self.last = time.monotonic()
+        self.count, self.logged = 0, False
+
+    def update(self, n: int) -> None:
+        self.count += n
+        now = time.monotonic()
+        if self.speaks and now - self.last >= self.every:
+            self.last, self.logged = now, True
+            log.info("%s: %d samples embedded on data-parallel rank 0 (%.1f/s)", self.desc, self.count,
+                     self.count / max(now - self.start, 1e-9))
+
+    def done(self) -> None:
+        if self.speaks and self.logged:
+            log.info("%s: done, %d samples on data-parallel rank 0 in %.0f s", self.desc, self.count,
+                     time.monotonic() - self.start)
 
 
 def gather_data_parallel(t: torch.Tensor) -> torch.Tensor:

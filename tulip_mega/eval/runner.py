@@ -183,12 +183,12 @@ class Evaluator:
         classes = self.classes
         prompts = [(p, c) for c, ps in enumerate(classes.prompts) for p in ps]
         mine = prompts[self.dp_rank :: self.dp_size]  # the prompt set is split over DP too
-        text = self.embedder.embed(self._prompt_batches(mine) if self.first else None)
+        text = self.embedder.embed(self._prompt_batches(mine) if self.first else None, "zero-shot prompts")
         if self.first and self.cfg.eval.zeroshot_format != "classes_json":
             source = self._item_images(classes.items(self.dp_rank, self.dp_size), lambda item: item.label)
         elif self.first:
             source = self._shard_batches(self.cfg.eval.zeroshot_shards, classes.label, with_text=False)
-        images = self.embedder.embed(source if self.first else None)
+        images = self.embedder.embed(source if self.first else None, "zero-shot images")
         values = [0.0] * len(ZEROSHOT_KEYS)
         if images is not None:  # last stage
             class_emb = class_embeddings(text["text_emb"], text["labels"], len(classes))
@@ -203,7 +203,7 @@ class Evaluator:
             return self._retrieval_grouped()
         pairs = self.embedder.embed(
             self._shard_batches(self.cfg.eval.retrieval_shards, lambda _key: 0, with_text=True)
-            if self.first else None
+            if self.first else None, "retrieval pairs",
         )
         values = [0.0] * len(RETRIEVAL_KEYS)
         if pairs is not None:
@@ -218,8 +218,9 @@ class Evaluator:
         captions are those of the images embedded (eval.max_samples caps images)."""
         read = self.retrieval_set.items
         images = self.embedder.embed(self._item_images(read(self.dp_rank, self.dp_size), lambda item: item.uid)
-                                     if self.first else None)
-        texts = self.embedder.embed(self._caption_batches(read(self.dp_rank, self.dp_size)) if self.first else None)
+                                     if self.first else None, "retrieval images")
+        texts = self.embedder.embed(self._caption_batches(read(self.dp_rank, self.dp_size)) if self.first else None,
+                                    "retrieval captions")
         values = [0.0] * (len(RETRIEVAL_KEYS) + 1)
         if images is not None:  # last stage
             uids, order = torch.sort(images["labels"])
