@@ -129,6 +129,7 @@ def test_signal_on_one_rank_during_build_stops_every_rank_before_step_one(shapes
 _POOL_SCRIPT = textwrap.dedent("""
     import signal, sys, time
     from dataloaders.dali_pipeline import ViewPlan
+    from dataloaders.dp_split import ShardSlice
     from dataloaders.host_prep import HostPrep
     from dataloaders.reader_pool import ReaderPool
     from dataloaders.shards import expand_shards
@@ -136,7 +137,7 @@ _POOL_SCRIPT = textwrap.dedent("""
     from tulip_mega.training.signals import PreemptionSignal
 
     def main():
-        shards = expand_shards(sys.argv[1])
+        shards = [ShardSlice(s) for s in expand_shards(sys.argv[1])]
         prep = HostPrep(ViewPlan(image_size=32, local_crops=2, local_size=16), Tokenizer(sys.argv[2], 16), 0, 0)
         with PreemptionSignal() as stop:
             pool = ReaderPool(prep, workers=2, chunk_size=16)
@@ -177,6 +178,7 @@ def test_reader_workers_ignore_stop_signals_sent_to_the_process_group(shapes_dat
 _UNCLOSED_SCRIPT = textwrap.dedent("""
     import sys
     from dataloaders.dali_pipeline import ViewPlan
+    from dataloaders.dp_split import ShardSlice
     from dataloaders.host_prep import HostPrep
     from dataloaders.reader_pool import ReaderPool
     from dataloaders.shards import expand_shards
@@ -185,7 +187,7 @@ _UNCLOSED_SCRIPT = textwrap.dedent("""
     if __name__ == "__main__":
         prep = HostPrep(ViewPlan(image_size=32), Tokenizer(sys.argv[2], 16), 0, 0)
         pool = ReaderPool(prep, workers=2, chunk_size=16, queue_chunks=1)
-        it = pool.read(expand_shards(sys.argv[1]))
+        it = pool.read([ShardSlice(s) for s in expand_shards(sys.argv[1])])
         next(it)  # the workers are busy, their queues full: the process ends with the pool open
         print("pids", " ".join(str(p.pid) for p in pool._procs), flush=True)
 """)
