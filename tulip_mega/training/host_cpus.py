@@ -71,7 +71,7 @@ def host_cpu_report(cfg: Config, affinity: int, dali: bool, plan_cores: Optional
             f"{torch_threads}; the rank keeps {need} busy ({parts})")
     if affinity >= need:
         return line, None
-    return line, (f"this rank may use {affinity} CPU cores but keeps {need} busy ({parts}): the loader will share "
+    return line, (f"this rank may use {affinity} CPU cores but keeps {need} busy (above): the loader will share "
                   "cores and the GPU may wait for data. Give each task more cores (sbatch --cpus-per-task; "
                   "slurm/common.sh derives it from the node) or lower data.threads / data.reader_workers")
 
