@@ -286,7 +286,8 @@ def test_gpu_without_te_uses_megatron_linears_only_with_apex(monkeypatch):
         _gpu(monkeypatch, cuda=True, apex=apex)
         choices = mc.layer_choices(cfg, use_te=False)
         config = mc.tower_config(cfg, "vision", choices)
-        assert config.gradient_accumulation_fusion == apex and config.bias_activation_fusion
+        assert config.gradient_accumulation_fusion == apex
+        assert not config.bias_activation_fusion  # opt-in (precision.bias_fusions): measured slower
         assert not config.tp_only_amax_red and config.recompute_granularity == cfg.recompute.granularity
 
 
