@@ -241,6 +241,11 @@ def _two_passes(tower, guard, micro: list[torch.Tensor], other: torch.Tensor):
     stream first, e.g. MAE, then the contrastive one), as TrainStep runs them."""
     with guard.cache_pass(), torch.no_grad():
         cached = [tower(x) for x in micro]
+    return cached, _replay(tower, guard, micro, other)
+
+
+def _replay(tower, guard, micro: list[torch.Tensor], other: torch.Tensor) -> list[torch.Tensor]:
+    """The gradient pass of `_two_passes` alone."""
     replayed = []
     with guard.replay_pass():
         for x in micro:
@@ -248,7 +253,7 @@ def _two_passes(tower, guard, micro: list[torch.Tensor], other: torch.Tensor):
             out = tower(x)
             out.sum().backward()
             replayed.append(out.detach())
-    return cached, replayed
+    return replayed
 
 
 def _state(tower, name):
@@ -281,13 +286,7 @@ def test_fp8_replay_uses_the_cache_pass_scales(under_no_grad):
         assert torch.equal(_state(tower, n).scale, start[n][0]), n
         assert torch.equal(_state(tower, n).amax_history, start[n][1]), n
     assert all(torch.equal(c, s) for c, s in zip(cached, at_start))
-    replayed = []
-    with guard.replay_pass():
-        for x in micro:
-            tower(other).sum().backward()
-            out = tower(x)
-            out.sum().backward()
-            replayed.append(out.detach())
+    replayed = _replay(tower, guard, micro, other)
     for m, (c, r) in enumerate(zip(cached, replayed)):
         assert torch.equal(c, r), f"micro-batch {m}: the replay differs from the cache"
     # TE still updates in the replay (the scales move once per step), and the hooks are gone.

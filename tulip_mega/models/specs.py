@@ -58,6 +58,14 @@ def use_transformer_engine(impl: str = "auto") -> bool:
     return available
 
 
+def overrides_where_te_absent() -> list[str]:
+    """Recipe overrides that read a Transformer Engine run's checkpoint where TE does not import
+    (eval, reshard): local layers and no FP8; nothing where TE imports."""
+    if transformer_engine_available():
+        return []
+    return ["model.transformer_impl=local", "precision.fp8=null"]
+
+
 def check_layer_support(model_cfg, precision) -> None:
     """The FP8 gate: recipe settings the layer implementation of this machine cannot run,
     refused at launch before any process group exists. FP8 GEMMs need Transformer Engine layers."""

@@ -301,14 +301,12 @@ def reader_overrides(builds_optimizer: bool) -> list[str]:
     always when no optimizer is built: eval); FP8 and `model.transformer_impl: te` need
     Transformer Engine, so where it does not import the layers are local and FP8 off (the
     checkpoint's TE names are mapped on load, `match_checkpoint_names`)."""
-    from tulip_mega.models.specs import transformer_engine_available
+    from tulip_mega.models.specs import overrides_where_te_absent
 
     out = []
     if not builds_optimizer or not use_cuda():
         out.append("parallel.distributed_optimizer=false")
-    if not transformer_engine_available():
-        out += ["model.transformer_impl=local", "precision.fp8=null"]
-    return out
+    return out + overrides_where_te_absent()
 
 
 def distributed_optimizer_format(path: Path) -> Optional[str]:
