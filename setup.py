@@ -6,7 +6,7 @@ setup(
     version="0.1.0",
     description="TULIP vision-language pretraining with megatron-core tensor/pipeline parallelism",
     python_requires=">=3.10",
-    packages=find_packages(include=["tulip_mega", "tulip_mega.*", "dataloaders", "dataloaders.*"]),
+    packages=find_packages(include=["tulip_mega", "tulip_mega.*"]),
     package_data={"": ["*.yaml", "*.txt"]},
     install_requires=[
         "torch>=2.4",

@@ -19,8 +19,8 @@ def pytest_configure(config):
 @pytest.fixture(scope="session")
 def shapes_data(tmp_path_factory) -> dict:
     """Synthetic shapes shards (32 px) and a tokenizer trained on their captions."""
-    from dataloaders.synthetic import write_shapes_dataset
-    from dataloaders.tokenizer import train_tokenizer_from_shards
+    from tulip_mega.datagen.synthetic import write_shapes_dataset
+    from tulip_mega.data.tokenizer import train_tokenizer_from_shards
 
     out = tmp_path_factory.mktemp("shapes")
     info = write_shapes_dataset(str(out), num_train=1024, num_val=128, samples_per_shard=128, image_size=32)
@@ -32,8 +32,8 @@ def shapes_data(tmp_path_factory) -> dict:
 def quickstart_data(tmp_path_factory) -> dict:
     """What scripts/quickstart.sh trains on: `tulip-mega data synth` and `tulip-mega tokenizer
     train` with their defaults (8 x 1024 train samples at 64 px, 256 val, classes.json)."""
-    from dataloaders.synthetic import write_shapes_dataset
-    from dataloaders.tokenizer import train_tokenizer_from_shards
+    from tulip_mega.datagen.synthetic import write_shapes_dataset
+    from tulip_mega.data.tokenizer import train_tokenizer_from_shards
     from tulip_mega.cli import build_parser
 
     out = tmp_path_factory.mktemp("quickstart_shapes")
@@ -47,7 +47,7 @@ def quickstart_data(tmp_path_factory) -> dict:
 def small_shards(tmp_path) -> str:
     """3 shards x 6 samples of 16 px shapes, with the generator's pos/neg jpg and json negatives
     (the GeCo stage tests' input)."""
-    from dataloaders.synthetic import write_shapes_dataset
+    from tulip_mega.datagen.synthetic import write_shapes_dataset
 
     info = write_shapes_dataset(str(tmp_path / "in"), num_train=18, num_val=0, samples_per_shard=6, image_size=16)
     return info["train_spec"]

@@ -1,7 +1,7 @@
 """Eval sets written in the published formats (no download), for the format, CLIP_benchmark and
 suite tests: CLIP_benchmark's webdataset layout (its builder.py `build_wds_dataset`), an
 ImageNet-1k ImageFolder tree, MMVP-VLM as released (github.com/tsb0601/MMVP). Images are the
-quickstart's shapes (dataloaders/synthetic.py) re-encoded as .webp / .png / .jpg / .jpeg, so a
+quickstart's shapes (tulip_mega/datagen/synthetic.py) re-encoded as .webp / .png / .jpg / .jpeg, so a
 briefly trained model scores above zero on them.
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from dataloaders.synthetic import (BACKGROUNDS, CAPTION_TEMPLATES, FOREGROUNDS, SHAPES, _render, fill_template,
+from tulip_mega.datagen.synthetic import (BACKGROUNDS, CAPTION_TEMPLATES, FOREGROUNDS, SHAPES, _render, fill_template,
                                    make_sample)
 
 FIELDS = ("webp", "png", "jpg", "jpeg")

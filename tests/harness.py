@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from dataloaders.base import Batch
+from tulip_mega.data.base import Batch
 from tulip_mega.config import load_config
 from tulip_mega.config.schema import Config
 
@@ -37,11 +37,11 @@ def global_batches(cfg: Config, steps: int, seed: int = 0,
     random, so missing fields (ignored pairs) are exercised too.
 
     Every text (caption, paraphrase, negative, EDA caption) is laid out as the tokenizer
-    encodes it (dataloaders/tokenizer.py): ids, eos, then pad up to the context, with its
+    encodes it (tulip_mega/data/tokenizer.py): ids, eos, then pad up to the context, with its
     length (eos included) drawn per text from 1..context, so the towers, the pairwise text
     terms and the caption decoder all see padding and captions of mixed length.
     `caption_lengths` fixes the captions' lengths instead (one per sample of a global batch)."""
-    from dataloaders.tokenizer import EOS_ID, PAD_ID
+    from tulip_mega.data.tokenizer import EOS_ID, PAD_ID
     from tulip_mega.config.streams import input_streams
 
     g = torch.Generator().manual_seed(seed)
@@ -299,7 +299,7 @@ def kill_mid_second_shard(argv: Sequence[str], out_dir, shard_names: Sequence[st
 
 def read_all(spec: str) -> dict[str, dict]:
     """Every sample of the shards of ``spec`` by key (read with shards.iter_samples)."""
-    from dataloaders.shards import expand_shards, iter_samples
+    from tulip_mega.data.shards import expand_shards, iter_samples
 
     return {s["__key__"]: s for shard in expand_shards(spec) for s in iter_samples(shard)}
 
@@ -310,8 +310,8 @@ def background_labels(data_dir, pattern: str) -> dict[str, int]:
     import json
     from pathlib import Path
 
-    from dataloaders.shards import iter_samples
-    from dataloaders.synthetic import BACKGROUNDS
+    from tulip_mega.data.shards import iter_samples
+    from tulip_mega.datagen.synthetic import BACKGROUNDS
 
     labels = {}
     for shard in sorted(Path(data_dir).glob(pattern)):

@@ -4,7 +4,7 @@ a slow model build when MODULE is tulip_mega.train.
 The model build (`tulip_mega.training.loop.build_model_chunks`) first touches the file named by
 SLOW_BUILD_MARKER (so a test knows the build has started and can send a signal then), then
 sleeps SLOW_BUILD_SECONDS (default 5) before building: a stand-in for the minutes a 512-rank
-start-up takes. Used as `$PYTHON` by tests (tests/test_signals.py, tests/test_slurm.py), so
+start-up takes. Used as `$PYTHON` by tests (tests/integration/test_signals.py, tests/integration/test_slurm.py), so
 the production code carries no test hook.
 """
 

@@ -14,9 +14,9 @@ from typing import Any, Callable, Optional, Sequence
 
 def _cmd_data_synth(args: argparse.Namespace) -> int:
     if args.kind == "scenes":
-        from dataloaders.synthetic_scenes import write_scenes_dataset as write
+        from tulip_mega.datagen.synthetic_scenes import write_scenes_dataset as write
     else:
-        from dataloaders.synthetic import write_shapes_dataset as write
+        from tulip_mega.datagen.synthetic import write_shapes_dataset as write
 
     # Unset sizes take each writer's own defaults (shapes: the quickstart's 8 x 1024 samples).
     sizes = {k: getattr(args, k) for k in ("num_train", "num_val", "samples_per_shard") if getattr(args, k) is not None}
@@ -28,8 +28,8 @@ def _cmd_data_synth(args: argparse.Namespace) -> int:
 
 
 def _cmd_data_index(args: argparse.Namespace) -> int:
-    from dataloaders.dali_index import build_index
-    from dataloaders.shards import expand_shards
+    from tulip_mega.data.dali_index import build_index
+    from tulip_mega.data.shards import expand_shards
 
     damaged = 0
     for shard in expand_shards(args.data):
@@ -41,7 +41,7 @@ def _cmd_data_index(args: argparse.Namespace) -> int:
 
 def inspect_recipe(recipe: str | None, overrides: list[str], out_png: str, rows: int = 8) -> str:
     """Grid of the first batch the recipe's training loader yields on DP rank 0 (seed included)."""
-    from dataloaders.inspect import batch_grid
+    from tulip_mega.data.inspect import batch_grid
     from tulip_mega.config import load_config
     from tulip_mega.training.data import build_train_loader
 
@@ -69,7 +69,7 @@ def _cmd_data_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_data_stats(args: argparse.Namespace) -> int:
-    from dataloaders.inspect import shard_stats
+    from tulip_mega.data.inspect import shard_stats
 
     stats = shard_stats(args.data)
     print(json.dumps(stats, indent=2))
@@ -77,7 +77,7 @@ def _cmd_data_stats(args: argparse.Namespace) -> int:
 
 
 def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
-    from dataloaders.tokenizer import Tokenizer, train_tokenizer_from_shards
+    from tulip_mega.data.tokenizer import Tokenizer, train_tokenizer_from_shards
 
     path = train_tokenizer_from_shards(args.data, args.out, vocab_size=args.vocab_size)
     tok = Tokenizer(path, context_length=16)
@@ -93,9 +93,9 @@ def _geco_run(args: argparse.Namespace, make_stage: Callable[[Optional[str]], An
     """
     import logging
 
-    from dataloaders.geco.run import run_geco, worker_from_env
-    from dataloaders.geco.text import ModelNotFoundError
-    from dataloaders.shards import expand_shards
+    from tulip_mega.datagen.geco.run import run_geco, worker_from_env
+    from tulip_mega.datagen.geco.text import ModelNotFoundError
+    from tulip_mega.data.shards import expand_shards
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     worker, workers, local = worker_from_env()
@@ -119,18 +119,18 @@ def _geco_run(args: argparse.Namespace, make_stage: Callable[[Optional[str]], An
 
 
 def _cmd_geco_text(args: argparse.Namespace) -> int:
-    from dataloaders.geco.run import TextStage
-    from dataloaders.geco.text import GenerationSettings
+    from tulip_mega.datagen.geco.run import TextStage
+    from tulip_mega.datagen.geco.text import GenerationSettings
 
     settings = GenerationSettings(num_paraphrases=args.paraphrases, max_new_tokens=args.max_new_tokens,
                                   max_words=args.max_words, temperature=args.temperature)
 
     def stage(device: str) -> TextStage:
         if args.model == "eda":
-            from dataloaders.geco.rules import RuleTextGenerator
+            from tulip_mega.datagen.geco.rules import RuleTextGenerator
 
             return TextStage(RuleTextGenerator(settings))
-        from dataloaders.geco.text import LLMTextGenerator
+        from tulip_mega.datagen.geco.text import LLMTextGenerator
 
         return TextStage(LLMTextGenerator(args.model, settings, device=device, dtype=args.dtype,
                                           batch_size=args.gen_batch))
@@ -139,7 +139,7 @@ def _cmd_geco_text(args: argparse.Namespace) -> int:
 
 
 def _cmd_geco_image(args: argparse.Namespace) -> int:
-    from dataloaders.geco.image import DiffusersImageEditor, ImageEditSettings, ImageStage
+    from tulip_mega.datagen.geco.image import DiffusersImageEditor, ImageEditSettings, ImageStage
 
     try:
         settings = ImageEditSettings(

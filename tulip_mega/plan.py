@@ -249,7 +249,7 @@ def _duration(seconds: float) -> str:
 
 def recipe_comment(cfg, plan: Plan, command: str) -> list[str]:
     """The `# plan:` block a recipe carries as its expected numbers: the command, then one line
-    per number. tests/test_plan.py re-runs the command and checks the block is what it prints
+    per number. tests/unit/test_plan.py re-runs the command and checks the block is what it prints
     (regenerate with `tulip-mega plan RECIPE --nodes N --recipe-comment`)."""
     v, t = cfg.model.vision, cfg.model.text
     pairs = cfg.train.steps * plan.global_batch

@@ -69,7 +69,7 @@ def _lookup(config: dict, key: str) -> Optional[str]:
 
 def _split_spec(spec: str) -> list[str]:
     """A shard spec's comma-separated parts (commas inside braces belong to the part), as
-    dataloaders.shards.expand_shards splits it."""
+    tulip_mega.data.shards.expand_shards splits it."""
     parts, depth, cur = [], 0, []
     for ch in spec:
         depth += ch == "{"

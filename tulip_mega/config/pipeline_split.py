@@ -3,7 +3,7 @@
 Pure arithmetic on the recipe: the `even` split and the structure of an explicit
 `[[vision, text], ...]` list. Choosing a `balanced` split needs the FLOP model and lives in
 `tulip_mega/models/pipeline_split.py`, which builds on this module (config must not import
-models or training: see tests/test_structure.py).
+models or training: see tests/unit/test_structure.py).
 """
 
 from __future__ import annotations

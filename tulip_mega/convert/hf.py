@@ -22,9 +22,9 @@ import torch
 from tulip_mega.convert.megatron_to_plain import ConversionError, convert_checkpoint, plain_model_to_megatron
 from tulip_mega.convert.plain_model import CONFIG_NAME, PlainConfig
 
-# Our tokenizer's ids (dataloaders/tokenizer.py): T5 / SigLIP style.
+# Our tokenizer's ids (tulip_mega/data/tokenizer.py): T5 / SigLIP style.
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
-IMAGE_MEAN = IMAGE_STD = [0.5, 0.5, 0.5]  # dataloaders.base
+IMAGE_MEAN = IMAGE_STD = [0.5, 0.5, 0.5]  # tulip_mega.data.base
 
 
 def _transformers_supports_projection() -> Optional[bool]:

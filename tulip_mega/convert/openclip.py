@@ -62,7 +62,7 @@ TIMM_VISION = {
 _VISION_KEYS = ("image_size", "patch_size", "num_layers", "hidden_size", "num_heads", "ffn_hidden_size")
 TIMM_DIR = "timm_vision"  # the export's timm config folder (debug size)
 _TIMM_BASE = "vit_base_patch16_siglip_224"  # the registered SigLIP ViT the folder's model_args resize
-# Tokenizer cleaning that equals dataloaders/tokenizer.py (lower-case, squeeze spaces; punctuation kept).
+# Tokenizer cleaning that equals tulip_mega/data/tokenizer.py (lower-case, squeeze spaces; punctuation kept).
 TOKENIZER_KWARGS = {"clean": "lower"}
 IMAGE_MEAN = IMAGE_STD = (0.5, 0.5, 0.5)
 
@@ -331,7 +331,7 @@ def export_open_clip(checkpoint: Union[str, Path], out: Union[str, Path], tokeni
     save_file(plain_to_open_clip(plain, cfg), str(out / WEIGHTS_FILE), metadata={"format": "pt"})
     del plain
     write_processor(out, tokenizer, cfg)
-    # Bicubic squash resize, like tulip-mega eval's loader (dataloaders/simple_loader.py).
+    # Bicubic squash resize, like tulip-mega eval's loader (tulip_mega/data/simple_loader.py).
     preprocess = {"mean": list(IMAGE_MEAN), "std": list(IMAGE_STD), "interpolation": "bicubic",
                   "resize_mode": "squash", "size": model_cfg["vision_cfg"]["image_size"]}
     (out / CONFIG_FILE).write_text(json.dumps(

@@ -22,7 +22,7 @@ with SigLIP's canonicalised class names for `imagenet`), or a file of templates 
 null = the set's own (clip_benchmark's templates file; `openai` for imagefolder / imagenet).
 Prompts are `template.format(c=name)`, as in CLIP_benchmark.
 
-Images are decoded like every other eval set here (dataloaders/simple_loader.py `decode_image`:
+Images are decoded like every other eval set here (tulip_mega/data/simple_loader.py `decode_image`:
 PIL, RGB, bicubic squash resize to the model's square size, no crop; then (x / 255 - 0.5) / 0.5),
 which is what the open_clip export's preprocess_cfg asks open_clip for.
 
@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Optional
 
-from dataloaders.shards import iter_samples
+from tulip_mega.data.shards import iter_samples
 
 if TYPE_CHECKING:
     import torch

@@ -24,9 +24,9 @@ from typing import Optional, Sequence
 import torch
 from megatron.core import parallel_state
 
-from dataloaders.shards import expand_shards
-from dataloaders.simple_loader import SimpleLoader, decode_image
-from dataloaders.tokenizer import Tokenizer
+from tulip_mega.data.shards import expand_shards
+from tulip_mega.data.simple_loader import SimpleLoader, decode_image
+from tulip_mega.data.tokenizer import Tokenizer
 from tulip_mega.config import Config, ConfigError
 from tulip_mega.eval.embed import Embedder, share_from_last_stage
 from tulip_mega.eval.formats import Item, load_classification, load_mmvp, load_retrieval, mmvp_metric, mmvp_scores

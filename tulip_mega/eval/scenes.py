@@ -1,6 +1,6 @@
 """The scenes benchmark: zero-shot per attribute, MMVP-style pairs, linear probes (pure torch).
 
-On the held-out split of `tulip-mega data synth --kind scenes` (dataloaders/synthetic_scenes.py):
+On the held-out split of `tulip-mega data synth --kind scenes` (tulip_mega/datagen/synthetic_scenes.py):
 
 - **zero-shot per attribute**: for each val image and each attribute its scene can change in
   (count, size, colour, shape, position, binding), the candidates are its canonical caption and
@@ -27,7 +27,7 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 
-from dataloaders.synthetic_scenes import ATTRIBUTES, alternatives, applicable, caption
+from tulip_mega.datagen.synthetic_scenes import ATTRIBUTES, alternatives, applicable, caption
 from tulip_mega.eval.linear_probe import linear_probe
 
 PROBES = ("count", "size", "colour", "shape", "position")
@@ -158,7 +158,7 @@ def headline(metrics: dict[str, float]) -> list[str]:
 
 # --- embedding with an exported plain model ------------------------------------------------------
 def _embed_images(model, shards: str, tokenizer, image_size: int, batch: int = 64) -> dict[str, torch.Tensor]:
-    from dataloaders.simple_loader import SimpleLoader
+    from tulip_mega.data.simple_loader import SimpleLoader
 
     loader = SimpleLoader(shards, batch_size=batch, image_size=image_size, tokenizer=tokenizer, shuffle_buffer=0,
                           num_epochs=1)
@@ -173,7 +173,7 @@ def _embed_images(model, shards: str, tokenizer, image_size: int, batch: int = 6
 def plain_model_metrics(model_dir: Union[str, Path], data_dir: Union[str, Path], tokenizer_path: str,
                         seed: int = 0, probe_train: bool = True) -> dict[str, float]:
     """Scenes metrics of a TulipPlainModel folder on the scenes set in `data_dir` (single process)."""
-    from dataloaders.tokenizer import Tokenizer
+    from tulip_mega.data.tokenizer import Tokenizer
     from tulip_mega.convert.plain_model import TulipPlainModel
 
     data_dir = Path(data_dir)

@@ -69,7 +69,7 @@ class Benchmark:
         elif self.format == "mmvp":
             ok = (p / "Questions.csv").is_file()
         else:
-            from dataloaders.shards import expand_shards
+            from tulip_mega.data.shards import expand_shards
 
             try:
                 ok = bool(expand_shards(self.path))

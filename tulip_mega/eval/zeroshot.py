@@ -5,7 +5,7 @@ is embedded by the text tower; the class embedding is the re-normalised mean of 
 L2-normalised embeddings; an image is classified by its cosine similarity to every class
 embedding (the logit scale and bias are monotone, so they do not change the ranking).
 
-The class list is a `classes.json` as written by dataloaders/synthetic.py:
+The class list is a `classes.json` as written by tulip_mega/datagen/synthetic.py:
 `{"classes": [{"index": i, "name": ..., "prompts": [...]}, ...], "val_labels": {key: i}}`.
 The same format works for any labelled set: `prompts` per class, `val_labels` per sample key.
 """

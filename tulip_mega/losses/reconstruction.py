@@ -25,7 +25,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from dataloaders.tokenizer import PAD_ID
+from tulip_mega.data.tokenizer import PAD_ID
 from tulip_mega.losses.common import require_all
 
 __all__ = ["PAD_ID", "causal_text_loss", "mae_loss", "mae_mask", "mae_targets", "patchify"]
@@ -143,7 +143,7 @@ def causal_text_loss(logits: torch.Tensor, targets: torch.Tensor, pad_id: int = 
             targets[:, t]: the caller does the causal shift. Like megatron, float32 logits
             are overwritten in place (saves an [L, B, V] copy); pass a clone if you need them.
         targets: [B, L] int64 token ids in [0, V).
-        pad_id: ignored target id; default the tokenizer's pad id (dataloaders.tokenizer).
+        pad_id: ignored target id; default the tokenizer's pad id (tulip_mega.data.tokenizer).
         divisor: the training step passes the step's token count per micro-batch
             (losses/token_count.py), so that the step's loss is the mean over all of its
             tokens whatever the split into micro-batches and data-parallel ranks.

@@ -175,7 +175,7 @@ class TulipModel(MegatronModule):
         mae_idx: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
         streams: Optional[Streams] = None,
     ):
-        """See the class docstring. `batch` (a dataloaders.base.Batch) carries the extra views
+        """See the class docstring. `batch` (a tulip_mega.data.base.Batch) carries the extra views
         and texts on the first stage and the caption tokens on the last; `mae_idx` is
         (visible_idx [b, k], masked_idx [b, m]) when the streams include MAE."""
         streams = streams or self.eval_streams

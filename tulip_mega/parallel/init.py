@@ -2,7 +2,7 @@
 
 Every device fact is decided here and nowhere else: `use_cuda()` (GPU or CPU), `device()`,
 the process-group backend (NCCL or gloo, in `init_parallel`) and `compute_dtype()` (what
-`precision.dtype: auto` means on this machine). A test (tests/test_structure.py) fails when
+`precision.dtype: auto` means on this machine). A test (tests/unit/test_structure.py) fails when
 another module calls `torch.cuda.is_available()`.
 
 `launch_env()` reads rank/world/master from torchrun's variables, or from SLURM's when the

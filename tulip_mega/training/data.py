@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from typing import Optional
 
-from dataloaders.base import BatchLoader
-from dataloaders.dali_pipeline import ViewPlan, dali_available
-from dataloaders.shards import expand_shards
-from dataloaders.simple_loader import SimpleLoader
-from dataloaders.tokenizer import Tokenizer
+from tulip_mega.data.base import BatchLoader
+from tulip_mega.data.dali_pipeline import ViewPlan, dali_available
+from tulip_mega.data.shards import expand_shards
+from tulip_mega.data.simple_loader import SimpleLoader
+from tulip_mega.data.tokenizer import Tokenizer
 from tulip_mega.config import Config, ConfigError
 from tulip_mega.config.streams import Streams
 
@@ -55,7 +55,7 @@ def build_train_loader(cfg: Config, dp_rank: int, dp_size: int, streams: Optiona
     )
     shards = expand_shards(cfg.data.train_shards)
     if use_dali(cfg):
-        from dataloaders.dali_loader import DaliLoader
+        from tulip_mega.data.dali_loader import DaliLoader
 
         return DaliLoader(shards, plan=plan, threads=cfg.data.threads, prefetch=cfg.data.prefetch,
                           reader_workers=cfg.data.reader_workers, **common)

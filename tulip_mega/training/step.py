@@ -49,7 +49,7 @@ from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from dataloaders.base import Batch
+from tulip_mega.data.base import Batch
 from tulip_mega.losses.reconstruction import mae_mask
 from tulip_mega.losses.stack import TulipLossStack
 from tulip_mega.losses.token_count import step_token_divisor
@@ -503,7 +503,7 @@ def reduce_reports(reports: list[dict], keys: tuple[str, ...], extra: Optional[d
 def _pad_id(cfg) -> int:
     """The caption padding id (ignored by the text reconstruction loss): the tokenizer's own
     when its file is there, else the id our tokenizer trainer assigns."""
-    from dataloaders.tokenizer import PAD_ID, Tokenizer
+    from tulip_mega.data.tokenizer import PAD_ID, Tokenizer
 
     if cfg.loss.weights.text_recon > 0 and os.path.isfile(cfg.data.tokenizer):
         return Tokenizer(cfg.data.tokenizer).pad_id

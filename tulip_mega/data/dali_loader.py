@@ -1,0 +1,452 @@
+"""The DALI batch loader: SimpleLoader's exact sample stream, DALI decode + every view.
+
+Why this design (issue #4 allowed either a ``fn.readers.webdataset`` pipeline with DALI
+checkpointing, or a Python shard reader feeding ``fn.external_source``; this is the second):
+
+- Bad data. Measured with DALI 2.4: a corrupt or truncated JPEG makes the decoder raise and
+  leaves the pipeline unusable ("Current pipeline object is no longer valid"), and the
+  webdataset reader has no per-sample skip for such a failure. With our own reader we know
+  exactly which samples a failed run held, so the loader rebuilds the pipeline, probes the
+  samples one by one, drops and counts the bad ones (warning with shard and key), and re-runs
+  the good ones: no good sample is lost and the batch is exactly the one an undamaged run with
+  the bad sample removed would give. Truncated tars, missing captions, non-UTF-8 text and
+  malformed JSON are caught on the host before DALI sees the sample (``shards.iter_samples``
+  keeps every good sample before a truncation and reports it once, naming the shard).
+- Exact resume. The order of samples is ``SimpleLoader``'s (inherited: shard permutation per
+  epoch, DP split by sample ranges, seeded shuffle buffer), so the position is (epoch, samples
+  consumed in it), and every random number of a sample (views, EDA) is drawn from a generator seeded by
+  (seed, DP rank, epoch, index in epoch) (see dali_pipeline). Resume replays the tar stream
+  without decoding and continues with the very batch an uninterrupted run yields; both
+  loaders share the state format, so a run may even switch between them.
+- TP ranks and several pipeline stages of one DP rank build the same loader and get the same
+  batches: nothing depends on timing, threads or DALI's RNG.
+- What counts as bad depends on what the recipe reads: ``key.json`` is parsed only when the
+  loss terms need paraphrases/negatives (a malformed one is then a skipped sample, otherwise
+  the sample is still good); a missing or empty GeCo edit is not bad data (zeros, valid False),
+  a corrupt one is (the whole sample is skipped, since its views could not all be built).
+
+Host work in parallel (``reader_workers``, issue #18): next to a GPU the Python host path is
+the ceiling, and profiling it showed ~80% of the loader thread in tarfile's header parsing. So
+with ``reader_workers`` = W > 0, W processes (``tulip_mega.data.reader_pool``) each read whole
+shard slices (slice k of the read order on worker k % W, read back in that order) and do the
+per-sample work that needs no position (``HostPrep.record``: JSON, JPEG header, tokenising);
+the shuffle buffer stays here, and from 2 workers on the position-seeded draws
+(``HostPrep.draw``) go back to the workers in chunks of positions. The items, their order and
+every random number are those of the sequential read, for any W, so resume (even under
+another W) and the TP/PP lockstep hold. DALI's own ``fn.readers.webdataset`` was
+not used for the same reasons as above (no per-sample skip, resume needs DALI checkpointing,
+and the per-position view parameters come from Python anyway).
+
+Decode runs on the GPU (``device="mixed"``: nvJPEG / hardware decoder) when
+``tulip_mega.parallel.init.use_cuda()`` is true, on the CPU otherwise; image tensors then live
+on that device, token tensors on the host. Text (caption, GeCo paraphrases and negatives, EDA
+copy) is tokenised on the host to ``tokenizer.context_length``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import itertools
+import logging
+import os
+import queue
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from PIL import Image
+
+from tulip_mega.data.base import Batch
+from tulip_mega.data.dali_pipeline import ViewPlan, build_pipeline, to_torch
+from tulip_mega.data.dp_split import ShardSlice
+from tulip_mega.data.host_prep import Entry, HostPrep, HostSample, Result
+from tulip_mega.data.reader_pool import READ_CHUNK, ReaderPool
+from tulip_mega.data.simple_loader import SimpleLoader, _Damage
+from tulip_mega.data.tokenizer import Tokenizer
+
+__all__ = ["DaliLoader"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Prepared:
+    """A sample that passed the host-side checks: its bytes (kept by the reader) + host results."""
+
+    key: str
+    shard: str
+    jpg: bytes
+    host: HostSample
+    pos: Optional[bytes] = None
+    neg: Optional[bytes] = None
+
+
+@dataclass
+class _Failure:
+    """An exception raised in the prefetch thread, re-raised in the consumer."""
+
+    error: BaseException
+
+
+@lru_cache(maxsize=1)
+def _placeholder_jpeg() -> np.ndarray:
+    """A tiny valid JPEG fed in place of a missing GeCo edit (its view is zeroed afterwards)."""
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (128, 128, 128)).save(buf, format="JPEG")
+    return np.frombuffer(buf.getvalue(), dtype=np.uint8)
+
+
+class _ShardFiles:
+    """Image bytes of a sample, from the sample dict or, where a reader worker sent only
+    ``__offsets__``, read back from its shard with ``os.pread`` (open files kept per shard)."""
+
+    def __init__(self, keep: int = 16) -> None:
+        self.keep = keep
+        self._fds: dict[str, int] = {}
+
+    def get(self, item: dict[str, Any], ext: str) -> Optional[bytes]:
+        data = item.get(ext)
+        if data is not None:
+            return data
+        where = item.get("__offsets__", {}).get(ext)
+        if where is None:
+            return None
+        shard = item["__shard__"]
+        fd = self._fds.get(shard)
+        if fd is None:
+            if len(self._fds) >= self.keep:
+                os.close(self._fds.pop(next(iter(self._fds))))
+            fd = self._fds[shard] = os.open(shard, os.O_RDONLY)
+        offset, size = where
+        data = os.pread(fd, size, offset)
+        if len(data) != size:
+            raise OSError(f"shard {shard} changed while reading: {ext} of {item['__key__']!r} at byte {offset} "
+                          f"has {len(data)} of {size} bytes")
+        return data
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+def _stack(rows: list[np.ndarray]) -> torch.Tensor:
+    return torch.from_numpy(np.stack(rows))
+
+
+class DaliLoader(SimpleLoader):
+    """``BatchLoader`` yielding every field of ``plan`` (view 0, crops, GeCo, EDA) via DALI."""
+
+    def __init__(
+        self,
+        shards: list[str] | str,
+        batch_size: int,
+        plan: ViewPlan,
+        tokenizer: Tokenizer,
+        dp_rank: int = 0,
+        dp_size: int = 1,
+        seed: int = 0,
+        shuffle_buffer: int = 256,
+        num_epochs: int | None = None,
+        threads: int = 2,
+        gpu: bool | None = None,
+        prefetch: int = 1,
+        reader_workers: int = 0,
+        chunk_size: int = 64,
+        read_chunk_size: int = READ_CHUNK,
+    ) -> None:
+        super().__init__(shards, batch_size, plan.image_size, tokenizer, dp_rank, dp_size, seed,
+                         shuffle_buffer, num_epochs)
+        if threads < 1 or prefetch < 0 or reader_workers < 0 or chunk_size < 1 or read_chunk_size < 1:
+            raise ValueError(f"threads, chunk_size and read_chunk_size must be >= 1, prefetch and reader_workers "
+                             f">= 0, got {threads}, {chunk_size}, {read_chunk_size}, {prefetch}, {reader_workers}")
+        if gpu is None:
+            from tulip_mega.parallel.init import use_cuda
+
+            gpu = use_cuda()
+        self.plan = plan
+        # The device is captured here, on the rank's main thread: the CUDA current device is
+        # per thread, and the pipeline is built and run in the prefetch thread.
+        self.device_id = torch.cuda.current_device() if gpu else None
+        self.threads = threads
+        self.prefetch = prefetch
+        self.reader_workers = reader_workers  # processes for the host work; 0 = in the loader's thread
+        self.chunk_size = chunk_size  # samples per unit of host work (draws, in the loader or a worker)
+        self.read_chunk_size = read_chunk_size  # samples per reader-worker message (reader_pool.READ_CHUNK)
+        self.gpu = gpu
+        self._pool: Optional[ReaderPool] = None  # reader workers while an iteration runs
+        self._files = _ShardFiles()  # image bytes the workers left in the shard (offsets only)
+        self._pipe = None  # built lazily; dropped (rebuilt) after a failed run
+        self._rebuilds = 0
+
+    # ------------------------------------------------------------------ host side
+
+    def _entries(self, epoch: int, consumed: int) -> Iterator[Entry]:
+        """(epoch, index, item) from a position on, sequentially: tar read + shuffle buffer.
+
+        An epoch's end is the entry (epoch, -1, None). This part stays in the loader's thread:
+        the shuffle buffer's order depends on every item read before."""
+        while self.num_epochs is None or epoch < self.num_epochs:
+            stream = self._stream(epoch)
+            for _ in range(consumed):  # replay without decoding
+                if next(stream, None) is None:
+                    break
+            for item in stream:
+                yield epoch, consumed, item
+                consumed += 1
+            yield epoch, -1, None
+            epoch, consumed = epoch + 1, 0
+
+    def _chunks(self, entries: Iterator[Entry]) -> Iterator[list[Entry]]:
+        while True:
+            chunk = list(itertools.islice(entries, self.chunk_size))
+            if not chunk:
+                return
+            yield chunk
+
+    def _host_prep(self) -> HostPrep:
+        return HostPrep(self.plan, self.tokenizer, self.seed, self.dp_rank)
+
+    def _read_slices(self, slices: list[ShardSlice]) -> Iterator[dict[str, Any] | _Damage]:
+        if self._pool is None:  # no reader workers: read here, inspect later in prepare()
+            return super()._read_slices(slices)
+        return self._pool.read(slices)
+
+    def host_stream(self, epoch: int = 0, consumed: int = 0) -> Iterator[tuple[Entry, Result]]:
+        """Every entry from a position on with its host result, in stream order.
+
+        With ``reader_workers`` > 0 a ``ReaderPool`` reads and inspects the shards ahead in
+        that many processes, and once the shuffle buffer here has fixed the positions, two or
+        more workers also make the position-dependent draws (``HostPrep.draw``) for chunks of them;
+        the values are the same wherever they are computed, so results do not depend on the
+        worker count. The host-only benchmark times this generator."""
+        prep = self._host_prep()
+        if self.reader_workers:
+            self._pool = ReaderPool(prep, self.reader_workers, chunk_size=self.read_chunk_size,
+                                    name=f"dali-reader-dp{self.dp_rank}")
+        try:
+            chunks = self._chunks(self._entries(epoch, consumed))
+            # One worker reading and drawing is slower than the worker reading while this thread
+            # draws (clip-rocket set: ~2,400 vs ~4,900 samples/s, benchmarks/RESULTS.md): a
+            # worker's reader and draw threads share one GIL. From 2 workers on, they draw.
+            if self._pool is None or not prep.draws_anything or self._pool.workers < 2:
+                for chunk in chunks:
+                    yield from zip(chunk, prep.prepare(chunk))
+                return
+
+            def requests() -> Iterator[tuple[Any, str, list]]:
+                for chunk in chunks:
+                    infos = prep.infos(chunk)
+                    shard = next((e[2]["__shard__"] for e in chunk if isinstance(e[2], dict)), "?")
+                    yield (chunk, infos), shard, prep.requests(chunk, infos)
+
+            for (chunk, infos), drawn in self._pool.draw(requests()):  # the draws, in the workers
+                yield from zip(chunk, prep.assemble(infos, drawn))
+        finally:
+            if self._pool is not None:
+                self._pool.close()
+                self._pool = None
+            self._files.close()
+
+    # ------------------------------------------------------------------ DALI side
+
+    def _execute(self, samples: list[_Prepared]) -> list[torch.Tensor]:
+        if self._pipe is None:
+            if self.gpu:
+                torch.cuda.set_device(self.device_id)
+            self._pipe = build_pipeline(self.plan, self.batch_size, self.threads, self.gpu, self.device_id)
+        pipe = self._pipe
+        pipe.feed_input("jpg", [np.frombuffer(s.jpg, dtype=np.uint8) for s in samples])
+        if self.plan.uses_params:
+            pipe.feed_input("params", [s.host.params for s in samples])
+        if self.plan.edits:
+            for name in ("pos", "neg"):
+                data = [getattr(s, name) for s in samples]
+                pipe.feed_input(name, [_placeholder_jpeg() if d is None else np.frombuffer(d, np.uint8) for d in data])
+        return [to_torch(out, self.device_id) for out in pipe.run()]
+
+    def _run(self, samples: list[_Prepared]) -> tuple[Optional[list[torch.Tensor]], list[tuple[_Prepared, str]]]:
+        """(outputs, []) or (None, [(bad sample, reason), ...]) after isolating the bad ones.
+
+        A failed run invalidates the pipeline, so it is rebuilt; each sample is then run alone
+        to find the culprits. A failure that no single sample reproduces is not bad data and
+        is raised.
+        """
+        try:
+            return self._execute(samples), []
+        except RuntimeError as error:
+            self._pipe, self._rebuilds = None, self._rebuilds + 1
+            bad = []
+            for s in samples:
+                try:
+                    self._execute([s])
+                except RuntimeError as e:
+                    self._pipe, self._rebuilds = None, self._rebuilds + 1
+                    reason = " ".join(str(e).split())
+                    bad.append((s, f"undecodable image in DALI ({reason[:300]})"))
+            if not bad:
+                raise RuntimeError(
+                    f"DALI pipeline failed on a batch whose samples all decode alone: {error}"
+                ) from error
+            return None, bad
+
+    def _collate(self, samples: list[_Prepared], outs: list[torch.Tensor]) -> Batch:  # type: ignore[override]
+        plan = self.plan
+        hosts = [s.host.info for s in samples]
+        batch = Batch(images=outs[0], tokens=_stack([h.tokens for h in hosts]), keys=[s.key for s in samples])
+        rest = iter(outs[1:])
+        if plan.crops:
+            batch.crops = next(rest)  # [B, G-1, 3, H, W]
+        if plan.local_crops:
+            batch.local_crops = next(rest)  # [B, n, 3, h, w]
+        if plan.edits:
+            valid = torch.tensor([[h.has_pos, h.has_neg] for h in hosts], dtype=torch.bool)
+            edits = next(rest)  # [B, 2, 3, H, W]; a placeholder was decoded where an edit is missing
+            edits[~valid.to(edits.device)] = 0.0
+            batch.edits, batch.edit_valid = edits, valid
+        if plan.paraphrases:
+            batch.paraphrases = _stack([h.paraphrases for h in hosts])  # [B, P, L]
+            batch.paraphrase_valid = _stack([h.paraphrase_valid for h in hosts])
+        if plan.negatives:
+            batch.negatives = _stack([h.negatives for h in hosts])  # [B, N, L]
+            batch.negative_valid = _stack([h.negative_valid for h in hosts])
+        if plan.eda:
+            batch.eda_tokens = _stack([s.host.eda_tokens for s in samples])
+        return batch
+
+    # ------------------------------------------------------------------ iteration
+
+    def _produce(self) -> Iterator[tuple[Optional[Batch], tuple[int, int, int, int]]]:
+        """(batch, position after it) pairs from the committed position; a final (None, position).
+
+        Positions are (epoch, consumed in epoch, samples, skipped); ``__iter__`` commits one only
+        when its batch is handed out, so a producer running ahead never moves the checkpoint.
+        """
+        epoch, consumed = self._epoch, self._consumed
+        samples, skipped = self._samples, self._skipped
+        pending: list[_Prepared] = []
+
+        def skip(item: Any, reason: str) -> None:
+            nonlocal skipped
+            skipped += 1
+            if isinstance(item, _Damage):
+                logger.warning("skipping rest of shard: %s", reason)
+            else:
+                if isinstance(item, _Prepared):
+                    key, shard = item.key, item.shard
+                else:
+                    key, shard = item["__key__"], item["__shard__"]
+                logger.warning("skipping sample %r in shard %s: %s", key, shard, reason)
+
+        def flush() -> Optional[Batch]:
+            nonlocal pending
+            outs, bad = self._run(pending)
+            if bad:
+                for s, reason in bad:
+                    skip(s, reason)
+                drop = {id(s) for s, _ in bad}
+                pending = [s for s in pending if id(s) not in drop]
+                return None
+            batch = self._collate(pending, outs)
+            pending = []
+            return batch
+
+        resumed, good = consumed > 0, 0
+        for (ep, index, item), result in self.host_stream(epoch, consumed):
+            if item is None:  # the end of epoch ep
+                if good == 0 and not resumed:
+                    raise RuntimeError(
+                        f"dp rank {self.dp_rank}/{self.dp_size}: epoch {ep} produced no usable samples "
+                        f"from shards {self.epoch_shards(ep)[:4]}... ({skipped} skipped so far); "
+                        f"check the data (and that there are at least dp_size samples)"
+                    )
+                epoch, consumed, resumed, good = ep + 1, 0, False, 0
+                continue
+            consumed = index + 1
+            if result is None:
+                continue
+            if isinstance(result, str):
+                skip(item, result)
+                continue
+            pending.append(_Prepared(
+                key=item["__key__"], shard=item["__shard__"], jpg=self._files.get(item, "jpg"), host=result,
+                pos=self._files.get(item, "pos.jpg") if result.info.has_pos else None,
+                neg=self._files.get(item, "neg.jpg") if result.info.has_neg else None,
+            ))
+            good += 1
+            if len(pending) == self.batch_size:
+                batch = flush()
+                if batch is not None:
+                    samples += len(batch)
+                    yield batch, (epoch, consumed, samples, skipped)
+        while pending:  # finite runs: the short last batch (after dropping any bad samples)
+            batch = flush()
+            if batch is not None:
+                samples += len(batch)
+                yield batch, (epoch, consumed, samples, skipped)
+        yield None, (epoch, consumed, samples, skipped)
+
+    def _commit(self, position: tuple[int, int, int, int]) -> None:
+        self._epoch, self._consumed, self._samples, self._skipped = position
+
+    def __iter__(self) -> Iterator[Batch]:
+        """Yield batches starting right after the last batch yielded (or the loaded state).
+
+        With ``prefetch`` > 0 a background thread prepares that many batches ahead (DALI and
+        sentencepiece release the GIL), so the training step rarely waits; results and
+        positions are identical to the synchronous path, which ``prefetch=0`` runs.
+        """
+        if self.prefetch == 0:
+            with contextlib.closing(self._produce()) as produced:  # closing stops the reader workers
+                for batch, position in produced:
+                    self._commit(position)
+                    if batch is not None:
+                        yield batch
+            return
+        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+
+        def put(item: Any) -> bool:
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def work() -> None:
+            if self.gpu:
+                torch.cuda.set_device(self.device_id)
+            try:
+                with contextlib.closing(self._produce()) as produced:  # closing stops the reader workers
+                    for item in produced:
+                        if not put(item):
+                            return
+            except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
+                put(_Failure(e))
+
+        thread = threading.Thread(target=work, name=f"dali-loader-dp{self.dp_rank}", daemon=True)
+        thread.start()
+        try:
+            while True:
+                item = q.get()
+                if isinstance(item, _Failure):
+                    raise item.error
+                batch, position = item
+                self._commit(position)
+                if batch is None:
+                    return
+                yield batch
+        finally:
+            stop.set()
+            thread.join()
+
+    def stats(self) -> dict[str, int]:
+        """``samples``, ``skipped`` (cumulative over resumes) and ``pipeline_rebuilds`` (this process)."""
+        return {**super().stats(), "pipeline_rebuilds": self._rebuilds}

@@ -1,0 +1,238 @@
+"""The DALI loader's per-sample host work, split by what it depends on.
+
+Everything the host computes for a sample except reading the tar and decoding its images, in
+two parts:
+
+- ``inspect`` depends on the sample alone: caption checks (``read_caption``), the GeCo
+  ``key.json`` parse, the JPEG header read (image size, and an early "is this an image"
+  check), and the tokenisation of the caption and GeCo texts. Reader workers run it right
+  after reading a shard, before the shuffle buffer (``tulip_mega.data.reader_pool``).
+- ``draw`` depends on the sample's position too: its random view parameters and EDA copy,
+  drawn from generators seeded by (seed, DP rank, epoch, index in epoch), and the EDA copy's
+  tokens. It can only run once the shuffle buffer has fixed the position; the loader then
+  runs it itself or hands chunks of positions to the reader workers.
+
+Why: the same two functions run whether or not there are worker processes, so a sample's
+result cannot depend on where it ran or on the worker count. Tokenisation is row-independent
+(each text is encoded, truncated and padded on its own), so batching it per chunk instead of
+per batch gives bit-identical token tensors.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+import numpy as np
+from PIL import Image
+
+from tulip_mega.data.dali_pipeline import ViewPlan, sample_params
+from tulip_mega.data.eda import eda
+from tulip_mega.data.simple_loader import _Damage, read_caption
+from tulip_mega.data.tokenizer import Tokenizer
+
+__all__ = ["HOST", "IMAGE_FILES", "Drawn", "Entry", "HostPrep", "HostSample", "Inspected", "Request", "Result"]
+
+IMAGE_FILES = ("jpg", "pos.jpg", "neg.jpg")  # the files DALI decodes
+# The key under which a reader worker stores a sample's ``inspect`` result in the sample dict.
+HOST = "__host__"
+# One unit of position-dependent work: (epoch, index in epoch, sample dict or _Damage marker);
+# the end of an epoch is (epoch, -1, None) and its result is None.
+Entry = tuple[int, int, Union[dict[str, Any], _Damage, None]]
+
+
+@dataclass
+class Inspected:
+    """What ``inspect`` learns from a good sample alone (no random draws)."""
+
+    caption: str
+    width: int
+    height: int
+    tokens: np.ndarray  # int64 [L] the caption
+    has_pos: bool = False  # GeCo edits present and non-empty (an empty file = missing edit)
+    has_neg: bool = False
+    paraphrases: Optional[np.ndarray] = None  # int64 [P, L], padding rows where invalid
+    paraphrase_valid: Optional[np.ndarray] = None  # bool [P]
+    negatives: Optional[np.ndarray] = None  # int64 [N, L]
+    negative_valid: Optional[np.ndarray] = None  # bool [N]
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        # Positional fields: unpickles in about half the time of the default (state dict), and
+        # the loader thread unpickles one per sample that a reader worker sends.
+        return Inspected, (self.caption, self.width, self.height, self.tokens, self.has_pos, self.has_neg,
+                           self.paraphrases, self.paraphrase_valid, self.negatives, self.negative_valid)
+
+
+@dataclass
+class HostSample:
+    """A sample that passed the host-side checks, with every random choice made."""
+
+    info: Inspected
+    params: np.ndarray  # float32 [views, len(PARAMS)]
+    eda_tokens: Optional[np.ndarray] = None  # int64 [L]
+
+
+# A HostSample, a reason string (a counted skip) or None (an uncounted drop).
+Result = Union[HostSample, str, None]
+# What ``draw`` needs per good sample: (epoch, index in epoch, width, height, caption) ...
+Request = tuple[int, int, int, int, str]
+# ... and what it gives back: (view parameters [views, len(PARAMS)], EDA tokens [L] or None).
+Drawn = tuple[np.ndarray, Optional[np.ndarray]]
+
+
+def _texts(meta: dict[str, Any], name: str) -> tuple[str, ...]:
+    value = meta.get(name, [])
+    if not isinstance(value, list) or not all(isinstance(t, str) for t in value):
+        raise ValueError(f"json field {name!r} must be a list of strings, got {type(value).__name__}")
+    return tuple(t for t in value if t.strip())
+
+
+class HostPrep:
+    """Picklable settings + ``inspect`` (reader workers) and ``prepare`` (the loader)."""
+
+    def __init__(self, plan: ViewPlan, tokenizer: Tokenizer, seed: int, dp_rank: int) -> None:
+        self.plan, self.tokenizer, self.seed, self.dp_rank = plan, tokenizer, seed, dp_rank
+        # Without random views nothing is drawn: one shared parameter matrix, no generator per sample.
+        self._plain = None if plan.uses_params else sample_params(None, 1, 1, plan)  # type: ignore[arg-type]
+
+    def _check(self, item: dict[str, Any]) -> tuple[str, tuple[str, ...], tuple[str, ...], int, int] | str | None:
+        caption = read_caption(item)
+        if not isinstance(caption, tuple):
+            return caption
+        plan = self.plan
+        paraphrases: tuple[str, ...] = ()
+        negatives: tuple[str, ...] = ()
+        if plan.needs_json and "json" in item:
+            try:
+                meta = json.loads(item["json"].decode("utf-8"))
+                if not isinstance(meta, dict):
+                    raise ValueError(f"expected a JSON object, got {type(meta).__name__}")
+                paraphrases, negatives = _texts(meta, "paraphrases"), _texts(meta, "negatives")
+            except (UnicodeDecodeError, ValueError) as e:
+                return f"malformed json ({e})"
+        try:  # header only: the size for the crop windows, and an early check that it is an image
+            with Image.open(io.BytesIO(item["jpg"])) as im:
+                width, height = im.size
+        except Exception as e:  # noqa: BLE001 - PIL raises many types for garbage
+            return f"undecodable image ({type(e).__name__}: {e})"
+        return caption[0], paraphrases[: plan.paraphrases], negatives[: plan.negatives], width, height
+
+    def inspect(self, items: list[dict[str, Any]]) -> list[Inspected | str | None]:
+        """One result per sample dict: Inspected, a reason string (counted skip) or None
+        (uncounted drop); the texts of all good samples go through the tokeniser once."""
+        plan = self.plan
+        checked = [self._check(item) for item in items]
+        texts: list[str] = []
+        for c in checked:
+            if isinstance(c, tuple):
+                caption, paraphrases, negatives, _, _ = c
+                texts.append(caption)
+                texts += list(paraphrases) + [""] * (plan.paraphrases - len(paraphrases))
+                texts += list(negatives) + [""] * (plan.negatives - len(negatives))
+        rows = self.tokenizer.encode(texts).numpy() if texts else None  # [texts, L]
+        pad = self.tokenizer.pad_id
+        out: list[Inspected | str | None] = []
+        r = 0
+        for item, c in zip(items, checked):
+            if not isinstance(c, tuple):
+                out.append(c)
+                continue
+            caption, paraphrases, negatives, width, height = c
+            info = Inspected(caption=caption, width=width, height=height, tokens=rows[r],
+                             has_pos=bool(item.get("pos.jpg")) if plan.edits else False,
+                             has_neg=bool(item.get("neg.jpg")) if plan.edits else False)
+            r += 1
+            for name, count, got in (("paraphrases", plan.paraphrases, paraphrases),
+                                     ("negatives", plan.negatives, negatives)):
+                if count:
+                    valid = np.arange(count) < len(got)
+                    block = rows[r : r + count].copy()
+                    block[~valid] = pad
+                    setattr(info, name, block)
+                    setattr(info, "paraphrase_valid" if name == "paraphrases" else "negative_valid", valid)
+                    r += count
+            out.append(info)
+        return out
+
+    def record(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """What a reader worker sends back: each sample dict with its ``inspect`` result under
+        ``HOST``, without the text files (already parsed and tokenised) and, where
+        ``__offsets__`` says where they are (``iter_samples(offsets=True)``), without the image
+        bytes: the loader reads those back with ``read_file`` when it feeds DALI, so a worker's
+        queue holds ~1 KB per sample and can run a whole shard ahead."""
+        drop = {"txt", "json"}
+        out = []
+        for item, info in zip(items, self.inspect(items)):
+            where = item.get("__offsets__", {})
+            gone = drop | {ext for ext in IMAGE_FILES if ext in where}
+            out.append({**{k: v for k, v in item.items() if k not in gone}, HOST: info})
+        return out
+
+    def infos(self, entries: list[Entry]) -> list[Inspected | str | None]:
+        """``inspect`` results for a chunk: taken from the records a worker made, computed
+        here for raw samples (no workers), the damage message for a _Damage."""
+        raw = [item for _, _, item in entries if isinstance(item, dict) and HOST not in item]
+        fresh = iter(self.inspect(raw) if raw else [])
+        out: list[Inspected | str | None] = []
+        for _, _, item in entries:
+            if item is None:
+                out.append(None)
+            elif isinstance(item, _Damage):
+                out.append(item.message)
+            else:
+                out.append(item[HOST] if HOST in item else next(fresh))
+        return out
+
+    @property
+    def draws_anything(self) -> bool:
+        """False when no sample draws a random number (plain SigLIP): nothing worth shipping."""
+        return self._plain is None or self.plan.eda
+
+    @staticmethod
+    def requests(entries: list[Entry], infos: list[Inspected | str | None]) -> list[Request]:
+        """What ``draw`` needs for the good samples of a chunk: position, image size, caption."""
+        return [(epoch, index, info.width, info.height, info.caption)
+                for (epoch, index, _), info in zip(entries, infos) if isinstance(info, Inspected)]
+
+    def draw(self, requests: list[Request]) -> list[Drawn]:
+        """The position-dependent draws: view parameters from a generator seeded by (seed, DP
+        rank, epoch, index), the EDA copy from one seeded the same way, and the EDA copies'
+        tokens (one tokeniser call). Runs in the loader or in a reader worker (same values)."""
+        plan = self.plan
+        params: list[np.ndarray] = []
+        eda_texts: list[str] = []
+        for epoch, index, width, height, caption in requests:
+            if self._plain is None:
+                rng = np.random.default_rng([self.seed, self.dp_rank, epoch, index])
+                params.append(sample_params(rng, width, height, plan))
+            else:
+                params.append(self._plain)
+            if plan.eda:
+                text_rng = random.Random(f"eda/{self.seed}/{self.dp_rank}/{epoch}/{index}")
+                eda_texts.append(eda(caption, text_rng, plan.eda_config) or caption)
+        rows = list(self.tokenizer.encode(eda_texts).numpy()) if eda_texts else [None] * len(params)
+        return list(zip(params, rows))
+
+    @staticmethod
+    def assemble(infos: list[Inspected | str | None], drawn: list[Drawn]) -> list[Result]:
+        """One result per entry: a HostSample for each good sample (in order), else its reason."""
+        answers = iter(drawn)
+        out: list[Result] = []
+        for info in infos:
+            if isinstance(info, Inspected):
+                params, eda_tokens = next(answers)
+                out.append(HostSample(info=info, params=params, eda_tokens=eda_tokens))
+            else:
+                out.append(info)
+        return out
+
+    def prepare(self, entries: list[Entry]) -> list[Result]:
+        """One result per entry, in order, all computed here (``infos``, ``draw``, ``assemble``)."""
+        infos = self.infos(entries)
+        if not self.draws_anything:  # what draw() gives then, without building its requests
+            return [HostSample(info=info, params=self._plain, eda_tokens=None) if isinstance(info, Inspected) else info
+                    for info in infos]
+        return self.assemble(infos, self.draw(self.requests(entries, infos)))
