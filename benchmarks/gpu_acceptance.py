@@ -354,10 +354,10 @@ def check_dali_mixed_decode(args) -> str:
     need_gpus(1)
     if importable("nvidia.dali") is None:
         raise Skip("DALI does not import (pip install nvidia-dali-cuda120 or -cuda130)")
-    from dataloaders.dali_loader import DaliLoader
-    from dataloaders.dali_pipeline import ViewPlan
-    from dataloaders.synthetic import write_shapes_dataset
-    from dataloaders.tokenizer import Tokenizer, train_tokenizer_from_shards
+    from tulip_mega.data.dali_loader import DaliLoader
+    from tulip_mega.data.dali_pipeline import ViewPlan
+    from tulip_mega.datagen.synthetic import write_shapes_dataset
+    from tulip_mega.data.tokenizer import Tokenizer, train_tokenizer_from_shards
 
     data = Path(args.workdir) / "dali_shapes"
     info = write_shapes_dataset(str(data), num_train=256, num_val=0, samples_per_shard=64, image_size=224)

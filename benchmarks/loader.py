@@ -52,13 +52,13 @@ from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dataloaders.dali_loader import DaliLoader  # noqa: E402
-from dataloaders.dali_pipeline import ViewPlan, rrc_window  # noqa: E402
-from dataloaders.host_prep import HostPrep  # noqa: E402
-from dataloaders.reader_pool import READ_CHUNK, _read  # noqa: E402
-from dataloaders.shards import expand_shards, iter_samples  # noqa: E402
-from dataloaders.synthetic import write_shapes_dataset  # noqa: E402
-from dataloaders.tokenizer import Tokenizer, train_tokenizer_from_shards  # noqa: E402
+from tulip_mega.data.dali_loader import DaliLoader  # noqa: E402
+from tulip_mega.data.dali_pipeline import ViewPlan, rrc_window  # noqa: E402
+from tulip_mega.data.host_prep import HostPrep  # noqa: E402
+from tulip_mega.data.reader_pool import READ_CHUNK, _read  # noqa: E402
+from tulip_mega.data.shards import expand_shards, iter_samples  # noqa: E402
+from tulip_mega.datagen.synthetic import write_shapes_dataset  # noqa: E402
+from tulip_mega.data.tokenizer import Tokenizer, train_tokenizer_from_shards  # noqa: E402
 
 
 class PilViews(torch.utils.data.Dataset):

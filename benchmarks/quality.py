@@ -53,8 +53,8 @@ EQUAL_TEXT = ("model.text.context_length=16",)
 
 def make_data(out: Path, num_train: int, num_val: int, seed: int = 0) -> Path:
     """The scenes set and a tokenizer on its captions (reused when already written)."""
-    from dataloaders.synthetic_scenes import write_scenes_dataset
-    from dataloaders.tokenizer import train_tokenizer_from_shards
+    from tulip_mega.datagen.synthetic_scenes import write_scenes_dataset
+    from tulip_mega.data.tokenizer import train_tokenizer_from_shards
 
     done = out / "done.json"
     want = {"num_train": num_train, "num_val": num_val, "seed": seed}

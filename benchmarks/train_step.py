@@ -69,7 +69,7 @@ def sync() -> None:
 
 def make_batch(cfg, dev, seed: int = 0):
     """One micro-batch of random inputs with every field the recipe's loss terms need."""
-    from dataloaders.base import Batch
+    from tulip_mega.data.base import Batch
     from tulip_mega.config.streams import input_streams
 
     g = torch.Generator().manual_seed(seed)

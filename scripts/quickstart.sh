@@ -6,9 +6,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install_cpu.sh
 export PATH="$PWD/.venv/bin:$PATH"
-# The shapes dataset at the generator's DATASET_VERSION (dataloaders/synthetic.py). One written by
+# The shapes dataset at the generator's DATASET_VERSION (tulip_mega/datagen/synthetic.py). One written by
 # an older version is replaced (its shards, classes.json and tokenizer; nothing else in data/shapes).
-version=$(python -c 'from dataloaders.synthetic import DATASET_VERSION; print(DATASET_VERSION)')
+version=$(python -c 'from tulip_mega.datagen.synthetic import DATASET_VERSION; print(DATASET_VERSION)')
 if ! grep -qs "\"version\": $version\b" data/shapes/classes.json; then
   rm -f data/shapes/train-*.tar data/shapes/val-*.tar data/shapes/classes.json data/shapes/tokenizer.*
   tulip-mega data synth --out data/shapes

@@ -2,7 +2,7 @@
 #
 # Runs `tulip-mega geco $GECO_STAGE` once per srun task (one per GPU). Each process works out
 # its worker index from SLURM's environment: (array index - min) * ntasks + procid, of
-# array count * ntasks (dataloaders/geco/run.py: worker_from_env), and takes every
+# array count * ntasks (tulip_mega/datagen/geco/run.py: worker_from_env), and takes every
 # num_workers-th shard. SLURM_LOCALID picks the GPU.
 #
 # Resumable: a shard whose output exists is complete and skipped; a killed task leaves only

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Start a real single-node SLURM cluster on loopback, for CI (tests/test_slurm.py).
+# Start a real single-node SLURM cluster on loopback, for CI (tests/integration/test_slurm.py).
 #
 # Idempotent and fast: installs slurm-wlm + munge when missing (Debian/Ubuntu, needs root),
 # writes /etc/slurm/slurm.conf for this machine (NodeName = hostname, NodeAddr=127.0.0.1,
