@@ -1,0 +1,58 @@
+"""`RunLayout`: how one run is laid out, resolved once at start-up (`tulip_mega.launch`).
+
+Every consumer (loader, model builder, step, loop, eval, reshard, FLOP counter, `plan`) reads
+the layout from this one object instead of re-deriving a piece of it from the recipe. Pure
+data, no torch: config validation and `plan` use it without a process group.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+from tulip_mega.config.pipeline_split import Split, even_split
+from tulip_mega.config.streams import Streams
+
+Tower = Literal["vision", "text"]
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """Sizes, batch arithmetic, input streams and pipeline split of one run.
+
+    `split` has one (vision layers, text layers) pair per model part in megatron's order
+    (virtual-chunk major: PP x virtual pairs). `microbatches` is per step per DP rank.
+    """
+
+    world_size: int
+    tensor_parallel: int
+    pipeline_parallel: int
+    virtual_pipeline: int
+    data_parallel: int
+    micro_batch_size: int
+    global_batch_size: int
+    microbatches: int
+    contrastive_batch: int  # pairs each contrastive term compares per step
+    embedding_cache: bool  # the two-pass global contrastive batch (loss.contrastive_batch=global, > 1 micro-batch)
+    streams: Streams
+    split: Split
+
+    @property
+    def model_parts(self) -> int:
+        """Model parts (virtual stages) each pipeline rank holds."""
+        return self.virtual_pipeline
+
+    def tower_layout(self, tower: Tower, vision_layers: int, text_layers: int) -> Optional[list[list[str]]]:
+        """megatron's `pipeline_model_parallel_layout` (list form) for one tower, or None where
+        megatron's default split is the same (no interleaving and PP divides both towers evenly)."""
+        if self.pipeline_parallel == 1:
+            return None
+        stages = len(self.split)
+        if (self.virtual_pipeline == 1 and vision_layers % stages == 0 and text_layers % stages == 0
+                and self.split == even_split(vision_layers, text_layers, stages)):
+            return None
+        col = 0 if tower == "vision" else 1
+        rows = [["decoder"] * pair[col] for pair in self.split]
+        rows[0] = ["embedding"] + rows[0]
+        rows[-1] = rows[-1] + ["loss"]
+        return rows
