@@ -54,7 +54,7 @@ def _stage_step(model, cfg, shape, images, tokens):
         model.set_input_tensor(received)
     out = model(images, tokens, streams=model.train_streams)
     if model.post_process:
-        loss = (out["image_emb"] * torch.ones_like(out["image_emb"])).sum() + out["text_emb"].sum()
+        loss = (out.image_emb * torch.ones_like(out.image_emb)).sum() + out.text_emb.sum()
         loss.backward()
     else:
         out.backward(torch.randn_like(out))

@@ -99,15 +99,16 @@ def make_batch(cfg, dev, seed: int = 0):
 
 
 class Ours:
-    def __init__(self, cfg, use_te, num_microbatches: int = 1):
+    def __init__(self, cfg, use_te):
+        from tulip_mega.launch import resolve_layout
         from tulip_mega.models.build import build_model
         from tulip_mega.training.optimizer import make_optimizer, make_scheduler
         from tulip_mega.training.step import TrainStep, wrap_ddp
 
-        self.model = wrap_ddp(build_model(cfg, use_te=use_te), cfg)
+        self.model = wrap_ddp([build_model(cfg, use_te=use_te)], cfg)
         optimizer = make_optimizer(cfg, self.model)
-        self.step = TrainStep(cfg, self.model, optimizer, make_scheduler(cfg, optimizer),
-                              num_microbatches=num_microbatches)
+        layout = resolve_layout(cfg, torch.distributed.get_world_size())
+        self.step = TrainStep(cfg, layout, self.model, optimizer, make_scheduler(cfg, optimizer))
 
     def __call__(self, batch) -> float:
         batches = batch if isinstance(batch, list) else [batch]
@@ -173,7 +174,7 @@ def compare_contrastive_modes(args, use_te) -> None:
     modes = ["micro", "global"] if args.contrastive_batch == "both" else [args.contrastive_batch]
     dev = get_device()
     cfgs = {m: build_cfg(args, m) for m in modes}
-    steps = {m: Ours(cfgs[m], use_te, num_microbatches=args.accum) for m in modes}
+    steps = {m: Ours(cfgs[m], use_te) for m in modes}
     batches = [make_batch(cfgs[modes[0]], dev, seed=i) for i in range(args.accum)]
     for _ in range(args.warmup):
         for m in modes:
@@ -241,7 +242,7 @@ def main() -> int:
         destroy_parallel()
         return 0
     ours, plain = Ours(cfg, use_te), Plain(cfg, dev)
-    n_ours = sum(p.numel() for p in ours.model.parameters())
+    n_ours = sum(p.numel() for part in ours.model for p in part.parameters())
     n_plain = sum(p.numel() for p in plain.model.parameters())
     batch = make_batch(cfg, dev)
     for _ in range(args.warmup):

@@ -194,6 +194,7 @@ def build_train_step(overrides: Sequence[str]):
     from megatron.core import parallel_state
 
     from tulip_mega.convert.pretrained import load_pretrained
+    from tulip_mega.launch import resolve_layout
     from tulip_mega.models.build import build_model_chunks
     from tulip_mega.parallel.init import init_parallel
     from tulip_mega.training.optimizer import make_optimizer, make_scheduler
@@ -207,12 +208,11 @@ def build_train_step(overrides: Sequence[str]):
     chunks = build_model_chunks(cfg)
     for chunk in chunks:
         load_pretrained(chunk, cfg.model)
-    # One DDP model, or a list of DDP chunks under interleaved virtual stages.
-    model = wrap_ddp(chunks if cfg.parallel.virtual_pipeline > 1 else chunks[0], cfg)
+    model = wrap_ddp(chunks, cfg)
     optimizer = make_optimizer(cfg, model)
     scheduler = make_scheduler(cfg, optimizer)
-    num_micro = cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp_size)
-    return cfg, model, optimizer, scheduler, TrainStep(cfg, model, optimizer, scheduler, num_micro)
+    layout = resolve_layout(cfg, dist.get_world_size())
+    return cfg, model, optimizer, scheduler, TrainStep(cfg, layout, model, optimizer, scheduler)
 
 
 def step_worker(overrides: Sequence[str], steps: int = 1, optimizer_steps: bool = False,

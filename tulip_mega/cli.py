@@ -43,11 +43,15 @@ def inspect_recipe(recipe: str | None, overrides: list[str], out_png: str, rows:
     """Grid of the first batch the recipe's training loader yields on DP rank 0 (seed included)."""
     from tulip_mega.data.inspect import batch_grid
     from tulip_mega.config import load_config
+    from tulip_mega.launch import resolve_layout
     from tulip_mega.training.data import build_train_loader
 
-    # one micro-batch of `rows` samples (the global batch only has to stay a multiple of it)
-    cfg = load_config(recipe, [*overrides, f"train.micro_batch_size={rows}", f"train.global_batch_size={rows}"])
-    loader = build_train_loader(cfg, dp_rank=0, dp_size=1)
+    # One micro-batch of `rows` samples in one process: DP rank 0 reads the same samples at any TP x PP.
+    one_process = ["parallel.tensor_parallel=1", "parallel.pipeline_parallel=1", "parallel.virtual_pipeline=1",
+                   "parallel.pipeline_split=even"]
+    cfg = load_config(recipe, [*overrides, f"train.micro_batch_size={rows}", f"train.global_batch_size={rows}",
+                               *one_process])
+    loader = build_train_loader(cfg, resolve_layout(cfg, 1), dp_rank=0)
     batch = next(iter(loader))
     tok = getattr(loader, "tokenizer")
     return batch_grid(batch, tok.decode(batch.tokens), out_png, max_rows=rows)

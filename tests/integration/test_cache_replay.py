@@ -39,7 +39,7 @@ def _record_comparisons(step) -> list:
     def compare(output, micro):
         real(output, micro)
         seen.append((micro, sorted(check.cached[micro]),
-                     max(float((output[k].detach() - v).abs().max()) for k, v in check.cached[micro].items())))
+                     max(float((output.tensors()[k].detach() - v).abs().max()) for k, v in check.cached[micro].items())))
     check.compare = compare
     return seen
 
@@ -133,7 +133,7 @@ def _dropout_worker(overrides):
     clean = stochastic_layers(step.modules)
     step.module.vision_block.layers[0].mlp.add_module("dropout", torch.nn.Dropout(0.1))
     try:
-        TrainStep(cfg, model, optimizer, scheduler, step.num_microbatches)
+        TrainStep(cfg, step.layout, model, optimizer, scheduler)
         return clean, None
     except TrainingHalted as e:
         return clean, str(e)

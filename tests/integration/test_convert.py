@@ -79,10 +79,10 @@ def serial_worker(checkpoint: str, resharded: str, hf_dir: str) -> dict:
     cfg, model, opt, sch, _ = build_train_step(SERIAL + EXTRA)
     load_checkpoint(Path(checkpoint), model, opt, sch, None, model_shape(cfg))
     images, tokens = _inputs(cfg)
-    model.module.eval()
+    model[0].module.eval()
     with torch.no_grad():
-        out = model.module(images, tokens)
-    ref = {k: v.detach().clone() for k, v in out.items()}
+        out = model[0].module(images, tokens)
+    ref = {k: v.detach().clone() for k, v in out.tensors().items()}
 
     # load_full_tensors names the offending key.
     errors = []
@@ -90,7 +90,7 @@ def serial_worker(checkpoint: str, resharded: str, hf_dir: str) -> dict:
     for bad in ({k: v for k, v in full.items() if k != "text_head.weight"},
                 {**full, "vision_block.layers.mlp.linear_fc1.weight": torch.zeros(2, 128, 64)}):
         try:
-            load_full_tensors(model.module, bad)
+            load_full_tensors(model[0].module, bad)
         except (KeyError, ValueError) as e:
             errors.append(str(e))
 

@@ -321,11 +321,12 @@ RECIPES = {
 @pytest.mark.parametrize("name", sorted(RECIPES))
 def test_build_train_loader_emits_exactly_the_recipes_streams(shapes_data, name) -> None:
     from tulip_mega.config.streams import input_streams
+    from tulip_mega.launch import resolve_layout
     from tulip_mega.training.data import build_train_loader
 
     cfg = _cfg(shapes_data, *RECIPES[name])
     s = input_streams(cfg)
-    loader = build_train_loader(cfg, dp_rank=0, dp_size=1)
+    loader = build_train_loader(cfg, resolve_layout(cfg, 1), dp_rank=0)
     assert isinstance(loader, DaliLoader)
     batch = next(iter(loader))
     B, L, S = 4, cfg.model.text.context_length, 32
@@ -349,12 +350,14 @@ def test_build_train_loader_emits_exactly_the_recipes_streams(shapes_data, name)
 
 def test_simple_loader_refuses_fields_it_cannot_make(shapes_data) -> None:
     from tulip_mega.config import ConfigError
+    from tulip_mega.launch import resolve_layout
     from tulip_mega.training.data import build_train_loader
 
     cfg = _cfg(shapes_data, "data.loader=simple", *RECIPES["tulip"])
     with pytest.raises(ConfigError, match=r"data\.loader=simple.*'crops'"):
-        build_train_loader(cfg, 0, 1)
-    plain = build_train_loader(_cfg(shapes_data, "data.loader=simple"), 0, 1)
+        build_train_loader(cfg, resolve_layout(cfg, 1), 0)
+    simple = _cfg(shapes_data, "data.loader=simple")
+    plain = build_train_loader(simple, resolve_layout(simple, 1), 0)
     assert isinstance(plain, SimpleLoader) and not isinstance(plain, DaliLoader)
 
 

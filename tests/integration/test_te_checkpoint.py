@@ -118,7 +118,7 @@ def write_worker(root: str) -> dict:
     for _ in range(2):
         step(it)
     for name in ("local", "te"):
-        with fake_te(model.module) if name == "te" else contextlib.nullcontext():
+        with fake_te(model[0].module) if name == "te" else contextlib.nullcontext():
             save_checkpoint(Path(root) / name / "checkpoints", 2, model, opt, sch, None, model_shape(cfg))
         if dist.get_rank() == 0:
             save_config(make_cfg(LAYOUT + EXTRA + GPU_RUN), Path(root) / name / "config.yaml")
@@ -137,9 +137,9 @@ def resume_worker(root: str) -> dict:
     for ckpt in ("local", "te"):
         for layers in ("local", "te"):
             cfg, model, opt, sch, step = build_train_step(LAYOUT + EXTRA)
-            with fake_te(model.module) if layers == "te" else contextlib.nullcontext():
+            with fake_te(model[0].module) if layers == "te" else contextlib.nullcontext():
                 restored = load_checkpoint(Path(root) / ckpt / STEP, model, opt, sch, None, model_shape(cfg))
-                modules = _te_modules(model.module) if layers == "te" else []
+                modules = _te_modules(model[0].module) if layers == "te" else []
                 got = {n: _received(m) for n, m in modules}
                 it = _batches(cfg, 2, 4)
                 losses = [step(it)["loss"] for _ in range(2)]
@@ -176,7 +176,7 @@ def eval_worker(root: str) -> dict:
         model.eval()
         with torch.no_grad():
             emb = model(images, tokens)
-        out[name] = {"image_emb": emb["image_emb"], "text_emb": emb["text_emb"],
+        out[name] = {"image_emb": emb.image_emb, "text_emb": emb.text_emb,
                      "config": (cfg.parallel.distributed_optimizer, cfg.precision.fp8, cfg.model.transformer_impl)}
     return out
 

@@ -31,7 +31,7 @@ def _decay_worker(overrides):
 
     cfg, model, optimizer, _, _ = build_train_step(overrides)
     return {"wd": weight_decay_table(model, optimizer), "configured": cfg.optim.weight_decay,
-            "shapes": {n: tuple(p.shape) for n, p in model.named_parameters()}}
+            "shapes": {n: tuple(p.shape) for part in model for n, p in part.named_parameters()}}
 
 
 @pytest.mark.multiprocess
@@ -59,7 +59,7 @@ def test_weight_decay_only_on_kernels():
 # --- non-finite guard ---------------------------------------------------------------------------
 def _snapshot(model, optimizer) -> dict:
     """Every weight and every Adam state tensor (moments, step), copied."""
-    state = {f"param/{n}": p.detach().clone() for n, p in model.named_parameters()}
+    state = {f"param/{n}": p.detach().clone() for part in model for n, p in part.named_parameters()}
     for j, sub in enumerate(getattr(optimizer, "chained_optimizers", [optimizer])):
         for i, s in enumerate(sub.optimizer.state.values()):
             for k, v in s.items():
@@ -257,6 +257,7 @@ def test_infonce_scale_is_clamped_at_100():
     """open_clip clamps the InfoNCE temperature at 100; the stack does so for both InfoNCE terms,
     and a scale above the clamp gets no gradient."""
     from tulip_mega.losses.infonce import infonce_loss
+    from tulip_mega.losses.outputs import ModelOutputs
     from tulip_mega.losses.stack import TulipLossStack
 
     cfg = make_cfg(CLIP_ROCKET)
@@ -265,8 +266,10 @@ def test_infonce_scale_is_clamped_at_100():
     emb = [torch.nn.functional.normalize(torch.randn(6, 8, generator=g), dim=-1) for _ in range(4)]
     scale = torch.tensor(300.0, requires_grad=True)
     aug_scale = torch.tensor(50.0, requires_grad=True)
-    out = {"image_emb": emb[0], "text_emb": emb[1], "aug_image": emb[2], "aug_text": emb[3],
-           "logit_scale": scale, "aug_logit_scale": aug_scale}
+    zero = torch.zeros(())
+    out = ModelOutputs(image_emb=emb[0], text_emb=emb[1], aug_image=emb[2], aug_text=emb[3], logit_scale=scale,
+                       logit_bias=zero, ii_logit_scale=scale, ii_logit_bias=zero, tt_logit_scale=scale,
+                       tt_logit_bias=zero, aug_logit_scale=aug_scale)
     total, terms = stack(out)
     assert terms["image_text"].item() == pytest.approx(infonce_loss(emb[0], emb[1], 100.0).item())
     assert terms["aug_contrastive"].item() == pytest.approx(

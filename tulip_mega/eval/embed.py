@@ -30,6 +30,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from tulip_mega.losses.outputs import ModelOutputs
 from tulip_mega.parallel.init import device
 
 log = logging.getLogger("tulip_mega")
@@ -125,8 +126,8 @@ class Embedder:
         return model(images, tokens), self._collect
 
     @staticmethod
-    def _collect(output: dict, non_loss_data: bool = True) -> dict:
-        return {"image_emb": output["image_emb"].detach().float(), "text_emb": output["text_emb"].detach().float()}
+    def _collect(output: ModelOutputs, non_loss_data: bool = True) -> dict:
+        return {"image_emb": output.image_emb.detach().float(), "text_emb": output.text_emb.detach().float()}
 
     def _run(self, micro: list, n: int) -> list[dict]:
         return self._forward_backward(

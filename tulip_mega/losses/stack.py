@@ -32,6 +32,7 @@ from tulip_mega.config.streams import CONTRASTIVE_TERMS, RECONSTRUCTION_TERMS, S
 from tulip_mega.losses.chance import infonce_chance_loss, sigmoid_chance_loss, weighted_pairs_chance_loss
 from tulip_mega.losses.common import rank_and_world
 from tulip_mega.losses.infonce import DistributedInfoNCELoss
+from tulip_mega.losses.outputs import ModelOutputs
 from tulip_mega.losses.pairwise import DistributedPairSigmoidLoss, same_sample_weights
 from tulip_mega.losses.reconstruction import causal_text_loss, mae_loss
 from tulip_mega.losses.sigmoid import DistributedSigmoidLoss
@@ -97,7 +98,7 @@ class TulipLossStack(torch.nn.Module):
         s = self.streams
         return bool(s.mae_visible or s.text_recon or s.geco_edits or s.paraphrases or s.negatives)
 
-    def forward(self, out: dict, batch=None, mae_idx=None, terms: Optional[Sequence[str]] = None,
+    def forward(self, out: ModelOutputs, batch=None, mae_idx=None, terms: Optional[Sequence[str]] = None,
                 text_divisor: Optional[float] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(weighted total, {term: unweighted value}) on this rank, over the enabled `terms`
         (default: all enabled terms; the training step passes the contrastive or the
@@ -111,37 +112,37 @@ class TulipLossStack(torch.nn.Module):
         total = sum(self.weights[name] * value for name, value in values.items())
         return total, values
 
-    def chance(self, out: dict, batch=None, terms: Optional[Sequence[str]] = None) -> dict[str, torch.Tensor]:
+    def chance(self, out: ModelOutputs, batch=None, terms: Optional[Sequence[str]] = None) -> dict[str, torch.Tensor]:
         """{term: the loss a model that has learned nothing gets at this contrastive batch} for
         the enabled contrastive `terms` (losses/chance.py). Tensor ops only: no device sync."""
         names = [n for n in (self.contrastive_terms if terms is None else terms) if n in self.contrastive_terms]
         values = {}
         for name in names:
             if name == "aug_contrastive" or (name == "image_text" and self.contrastive == "infonce"):
-                value = infonce_chance_loss(out["image_emb"].shape[0] * self.dp_size)
+                value = infonce_chance_loss(out.image_emb.shape[0] * self.dp_size)
             elif name == "image_text" and not self.hard_negatives:
-                columns = out["image_emb"].shape[0] * self.dp_size
+                columns = out.image_emb.shape[0] * self.dp_size
                 value = sigmoid_chance_loss(1.0, columns - 1.0)
             else:
                 local, remote = getattr(self, f"_{name}_pairs")(out, batch)[2:4]
                 value = weighted_pairs_chance_loss(local, remote, self.dp_size)
-            values[name] = torch.as_tensor(value, dtype=torch.float32, device=out["image_emb"].device)
+            values[name] = torch.as_tensor(value, dtype=torch.float32, device=out.image_emb.device)
         return values
 
     # --- the terms ---------------------------------------------------------------------------
-    def _image_text(self, out: dict, batch, mae_idx) -> torch.Tensor:
-        image, text = out["image_emb"], out["text_emb"]
+    def _image_text(self, out: ModelOutputs, batch, mae_idx) -> torch.Tensor:
+        image, text = out.image_emb, out.text_emb
         if self.contrastive == "infonce":
-            return self.infonce(image, text, out["logit_scale"].clamp(max=self.max_infonce_scale))
+            return self.infonce(image, text, out.logit_scale.clamp(max=self.max_infonce_scale))
         if not self.hard_negatives:
-            return self.sigmoid(image, text, out["logit_scale"], out["logit_bias"])
-        return self.pairwise(*self._image_text_pairs(out, batch), out["logit_scale"], out["logit_bias"])
+            return self.sigmoid(image, text, out.logit_scale, out.logit_bias)
+        return self.pairwise(*self._image_text_pairs(out, batch), out.logit_scale, out.logit_bias)
 
-    def _image_text_pairs(self, out: dict, batch) -> tuple[torch.Tensor, ...]:
+    def _image_text_pairs(self, out: ModelOutputs, batch) -> tuple[torch.Tensor, ...]:
         """(rows, columns, local weights, remote weights) of image-text with GeCo hard negatives."""
-        image, text = out["image_emb"], out["text_emb"]
+        image, text = out.image_emb, out.text_emb
         s = self.streams
-        negatives = out["texts_emb"][s.text_slice("negatives")]  # [N, b, e]
+        negatives = out.texts_emb[s.text_slice("negatives")]  # [N, b, e]
         b = image.shape[0]
         ones = torch.ones(1, b, device=image.device)
         valid_neg = batch.negative_valid[:, : s.negatives].t().to(image.device)  # [N, b]
@@ -151,13 +152,13 @@ class TulipLossStack(torch.nn.Module):
         cols = torch.cat([text.unsqueeze(0), negatives]).reshape(-1, text.shape[-1])
         return image, cols, local, remote
 
-    def _image_image(self, out: dict, batch, mae_idx) -> torch.Tensor:
-        return self.pairwise(*self._image_image_pairs(out, batch), out["ii_logit_scale"], out["ii_logit_bias"])
+    def _image_image(self, out: ModelOutputs, batch, mae_idx) -> torch.Tensor:
+        return self.pairwise(*self._image_image_pairs(out, batch), out.ii_logit_scale, out.ii_logit_bias)
 
-    def _image_image_pairs(self, out: dict, batch) -> tuple[torch.Tensor, ...]:
+    def _image_image_pairs(self, out: ModelOutputs, batch) -> tuple[torch.Tensor, ...]:
         """(rows, columns, local weights, remote weights) between the image views."""
         s = self.streams
-        views = out["view_emb"]  # [V, b, e]: first, crops, edits, local crops
+        views = out.view_emb  # [V, b, e]: first, crops, edits, local crops
         V, b, _ = views.shape
         same = torch.ones(V, b, device=views.device)
         valid = torch.ones(V, b, dtype=torch.bool, device=views.device)
@@ -171,14 +172,14 @@ class TulipLossStack(torch.nn.Module):
         rows = views[:anchors].reshape(anchors * b, -1)
         return rows, views.reshape(V * b, -1), local, remote
 
-    def _text_text(self, out: dict, batch, mae_idx) -> torch.Tensor:
-        return self.pairwise(*self._text_text_pairs(out, batch), out["tt_logit_scale"], out["tt_logit_bias"])
+    def _text_text(self, out: ModelOutputs, batch, mae_idx) -> torch.Tensor:
+        return self.pairwise(*self._text_text_pairs(out, batch), out.tt_logit_scale, out.tt_logit_bias)
 
-    def _text_text_pairs(self, out: dict, batch) -> tuple[torch.Tensor, ...]:
+    def _text_text_pairs(self, out: ModelOutputs, batch) -> tuple[torch.Tensor, ...]:
         """(rows, columns, local weights, remote weights): the caption against its GeCo texts."""
         s = self.streams
         n_texts = 1 + s.paraphrases + s.negatives  # the EDA caption (if any) is not a GeCo text
-        texts = out["texts_emb"][:n_texts]  # [1+P+N, b, e]
+        texts = out.texts_emb[:n_texts]  # [1+P+N, b, e]
         b = texts.shape[1]
         dev = texts.device
         parts_valid = [torch.ones(1, b, dtype=torch.bool, device=dev)]
@@ -194,14 +195,14 @@ class TulipLossStack(torch.nn.Module):
         local, remote = pair_weights(torch.cat(parts_same), torch.cat(parts_valid), [0])
         return texts[0], texts.reshape(n_texts * b, -1), local, remote
 
-    def _mae(self, out: dict, batch, mae_idx) -> torch.Tensor:
-        images = batch.images.to(out["mae_pred"].device)
-        return mae_loss(out["mae_pred"].float(), images.float(), mae_idx[1], self.patch_size, self.mae_norm_pix)
+    def _mae(self, out: ModelOutputs, batch, mae_idx) -> torch.Tensor:
+        images = batch.images.to(out.mae_pred.device)
+        return mae_loss(out.mae_pred.float(), images.float(), mae_idx[1], self.patch_size, self.mae_norm_pix)
 
-    def _text_recon(self, out: dict, batch, divisor: Optional[float]) -> torch.Tensor:
-        return causal_text_loss(out["text_logits"], batch.tokens.to(out["text_logits"].device), self.pad_id,
+    def _text_recon(self, out: ModelOutputs, batch, divisor: Optional[float]) -> torch.Tensor:
+        return causal_text_loss(out.text_logits, batch.tokens.to(out.text_logits.device), self.pad_id,
                                 divisor)
 
-    def _aug_contrastive(self, out: dict, batch, mae_idx) -> torch.Tensor:
-        scale = out["aug_logit_scale"].clamp(max=self.max_infonce_scale)
-        return self.aug_infonce(out["aug_image"], out["aug_text"], scale)
+    def _aug_contrastive(self, out: ModelOutputs, batch, mae_idx) -> torch.Tensor:
+        scale = out.aug_logit_scale.clamp(max=self.max_infonce_scale)
+        return self.aug_infonce(out.aug_image, out.aug_text, scale)

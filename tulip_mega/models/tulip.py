@@ -32,6 +32,7 @@ from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from tulip_mega.config.streams import Heads, Streams
+from tulip_mega.losses.outputs import ModelOutputs
 from tulip_mega.models.decoders import AugProjector, CausalTextDecoder, MAEDecoder
 from tulip_mega.models.packing import ActivationPacker, PackedPart
 from tulip_mega.models.specs import block_spec
@@ -94,6 +95,7 @@ class TulipModel(MegatronModule):
         self.text_config = text_config
         self.context_length = t.context_length
         self.train_streams = streams
+        self.heads = heads
         self.eval_streams = base_streams(self.train_streams)
         self._sp_tp = vision_config.tensor_model_parallel_size if vision_config.sequence_parallel else 1
         self._received: Optional[torch.Tensor] = None
@@ -226,7 +228,22 @@ class TulipModel(MegatronModule):
             return gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=False)
         return x
 
-    def _heads(self, hidden: dict[str, torch.Tensor], tokens, mae_idx, streams: Streams) -> dict:
+    def _pair_logits(self) -> dict[str, torch.Tensor]:
+        """exp(scale) and bias of each sigmoid term: image_image's and text_text's own parameters
+        where the recipe separates them (`model.separate_logit_params`), else image_text's."""
+        it = (self.logit_scale, self.logit_bias)
+        pairs = {
+            "": it,
+            "ii_": (self.ii_logit_scale, self.ii_logit_bias) if self.heads.image_image_logit else it,
+            "tt_": (self.tt_logit_scale, self.tt_logit_bias) if self.heads.text_text_logit else it,
+        }
+        out = {}
+        for prefix, (scale, bias) in pairs.items():
+            out[f"{prefix}logit_scale"] = scale.float().exp()
+            out[f"{prefix}logit_bias"] = bias.float()
+        return out
+
+    def _heads(self, hidden: dict[str, torch.Tensor], tokens, mae_idx, streams: Streams) -> ModelOutputs:
         """Last stage: final hidden states -> embeddings, scales, decoder outputs."""
         b = hidden["text"].shape[1] // streams.texts
         pooled = [self.vision_head(self._full_sequence(hidden["global"]).transpose(0, 1))]  # [G*b, e]
@@ -237,21 +254,11 @@ class TulipModel(MegatronModule):
         texts_raw = self.text_head(text_last).view(streams.texts, b, -1)  # [T, b, e]
         views_emb = F.normalize(views_raw.float(), dim=-1)
         texts_emb = F.normalize(texts_raw.float(), dim=-1)
-        out = {
-            "image_emb": views_emb[0],
-            "text_emb": texts_emb[0],
-            "logit_scale": self.logit_scale.float().exp(),
-            "logit_bias": self.logit_bias.float(),
-        }
+        out = {"image_emb": views_emb[0], "text_emb": texts_emb[0], **self._pair_logits()}
         if views_emb.shape[0] > 1:
             out["view_emb"] = views_emb
         if streams.texts > 1:
             out["texts_emb"] = texts_emb
-        for prefix in ("ii", "tt"):
-            scale = getattr(self, f"{prefix}_logit_scale", None)
-            out[f"{prefix}_logit_scale"] = scale.float().exp() if scale is not None else out["logit_scale"]
-            bias = getattr(self, f"{prefix}_logit_bias", None)
-            out[f"{prefix}_logit_bias"] = bias.float() if bias is not None else out["logit_bias"]
         if streams.eda_caption and streams.extra_global_crops:
             crop = streams.global_slice("crops").start  # the first extra global crop
             eda = streams.text_slice("eda").start
@@ -263,4 +270,4 @@ class TulipModel(MegatronModule):
             out["mae_pred"] = self.mae_decoder(self._full_sequence(hidden["mae"]), visible_idx, masked_idx)
         if streams.text_recon:
             out["text_logits"] = self.text_decoder(texts_raw[0], tokens)  # [L, b, vocab/TP]
-        return out
+        return ModelOutputs(**out)

@@ -20,6 +20,8 @@ from typing import Iterable, Optional
 import torch
 import torch.distributed as dist
 
+from tulip_mega.losses.outputs import ModelOutputs
+
 # max |replayed - cached| / max |cached| allowed per output, by compute precision. A replay runs
 # the same kernels on the same inputs, so it is normally bit-identical; the tolerances leave
 # room for kernels that are not deterministic (atomics) and their rounding: fp32 ~80 ulps of
@@ -77,10 +79,10 @@ class CacheCheck:
         """The cache pass's outputs of this step, one dict per micro-batch (last stage)."""
         self.cached, self.worst = cached, {}
 
-    def compare(self, output: dict, micro: int) -> None:
+    def compare(self, output: ModelOutputs, micro: int) -> None:
         """Record how far micro-batch `micro`'s replayed outputs are from the cached ones."""
         for key, ref in self.cached[micro].items():
-            got = output[key].detach().to(ref.dtype)
+            got = output.tensors()[key].detach().to(ref.dtype)
             diff = float((got - ref).abs().max()) if got.shape == ref.shape else float("inf")
             scale = max(float(ref.abs().max()), 1e-12)
             rel = diff / scale

@@ -116,14 +116,17 @@ def _unwrap(model):
     return getattr(model, "module", model)
 
 
-def _model_states(model) -> dict[str, dict]:
-    """The model's sharded state under megatron's names: `model`, or one `model<i>` per chunk
-    under interleaved virtual stages (a list of chunks). Only the grouping differs: every
-    tensor is stored under its global key (layers numbered globally by megatron from each
-    chunk's layout offset), so the files are the same for any PP x virtual layout and reshard."""
-    if isinstance(model, (list, tuple)):
-        return {f"model{i}": _unwrap(m).sharded_state_dict() for i, m in enumerate(model)}
-    return {"model": _unwrap(model).sharded_state_dict()}
+def _state_names(parts: list) -> list[str]:
+    """megatron's names for the model parts' states: `model` for one part, `model<i>` per part
+    under interleaved virtual stages."""
+    return ["model"] if len(parts) == 1 else [f"model{i}" for i in range(len(parts))]
+
+
+def _model_states(parts: list) -> dict[str, dict]:
+    """The model parts' sharded states under megatron's names (`_state_names`). Only the grouping
+    differs: every tensor is stored under its global key (layers numbered globally by megatron
+    from each part's layout offset), so the files are the same for any PP x virtual layout."""
+    return {name: _unwrap(m).sharded_state_dict() for name, m in zip(_state_names(parts), parts)}
 
 
 def checkpoint_keys(path: Path) -> set[str]:
@@ -282,11 +285,8 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, loader_state: Optio
             state.pop("loader", None)  # the loader position is per data-parallel rank
     loaded = dist_checkpointing.load(state, str(path))
     restore_own_extra_state(loaded, own)
-    if isinstance(model, (list, tuple)):
-        for i, chunk in enumerate(model):
-            _unwrap(chunk).load_state_dict(loaded[f"model{i}"])
-    else:
-        _unwrap(model).load_state_dict(loaded["model"])
+    for name, part in zip(_state_names(model), model):
+        _unwrap(part).load_state_dict(loaded[name])
     optimizer.load_state_dict(loaded["optimizer"])
     scheduler.load_state_dict(loaded["scheduler"])
     if "rng" in loaded:

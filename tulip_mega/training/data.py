@@ -10,15 +10,13 @@ seed, randomness a function of the position only), so they see identical batches
 
 from __future__ import annotations
 
-from typing import Optional
-
 from tulip_mega.data.base import BatchLoader
 from tulip_mega.data.dali_pipeline import ViewPlan, dali_available
 from tulip_mega.data.shards import expand_shards
 from tulip_mega.data.simple_loader import SimpleLoader
 from tulip_mega.data.tokenizer import Tokenizer
 from tulip_mega.config import Config, ConfigError
-from tulip_mega.config.streams import Streams
+from tulip_mega.config.run_layout import RunLayout
 
 
 def use_dali(cfg: Config) -> bool:
@@ -34,9 +32,10 @@ def use_dali(cfg: Config) -> bool:
     return available
 
 
-def build_train_loader(cfg: Config, dp_rank: int, dp_size: int, streams: Optional[Streams] = None) -> BatchLoader:
-    """The loader yielding this DP rank's micro-batches (size train.micro_batch_size), with the
-    fields the run's resolved input `streams` need (default: derived from `cfg`)."""
+def build_train_loader(cfg: Config, layout: RunLayout, dp_rank: int) -> BatchLoader:
+    """The loader yielding DP rank `dp_rank`'s micro-batches (size train.micro_batch_size), with
+    the fields the run's input streams (`layout.streams`) need."""
+    streams, dp_size = layout.streams, layout.data_parallel
     tokenizer = Tokenizer(cfg.data.tokenizer, context_length=cfg.model.text.context_length)
     if tokenizer.vocab_size > cfg.model.text.vocab_size:
         raise ConfigError(

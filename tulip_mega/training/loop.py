@@ -24,6 +24,7 @@ from megatron.core import parallel_state
 from tulip_mega.config import Config, save_config, validate_layout
 from tulip_mega.config.streams import Streams, input_streams
 from tulip_mega.convert.pretrained import load_pretrained
+from tulip_mega.launch import resolve_layout
 from tulip_mega.models.build import build_model_chunks
 from tulip_mega.models.megatron_config import LayerChoices, layer_choices, startup_lines
 from tulip_mega.models.pipeline_split import validate_split
@@ -52,7 +53,7 @@ from tulip_mega.training.throughput import (
 )
 from tulip_mega.training.signals import PreemptionSignal
 from tulip_mega.training.optimizer import make_optimizer, make_scheduler
-from tulip_mega.training.step import TrainStep, model_chunks, wrap_ddp
+from tulip_mega.training.step import TrainStep, wrap_ddp
 
 log = logging.getLogger("tulip_mega")
 
@@ -135,15 +136,12 @@ def _build(cfg: Config, dp_size: int) -> _Run:
     chunks = build_model_chunks(cfg, use_te=use_te, streams=streams, choices=choices)
     for chunk in chunks:
         load_pretrained(chunk, cfg.model)
-    # One DDP model, or one per model chunk under interleaved virtual stages (parallel.virtual_pipeline).
-    model = wrap_ddp(chunks if cfg.parallel.virtual_pipeline > 1 else chunks[0], cfg)
+    model = wrap_ddp(chunks, cfg)
     optimizer = make_optimizer(cfg, model)
     scheduler = make_scheduler(cfg, optimizer)
-    num_micro = cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp_size)
-    step_fn = TrainStep(cfg, model, optimizer, scheduler, num_micro)
-    loader = build_train_loader(
-        cfg, parallel_state.get_data_parallel_rank(), dp_size, streams
-    ) if step_fn.needs_input else None
+    layout = resolve_layout(cfg, dp_size * cfg.parallel.tensor_parallel * cfg.parallel.pipeline_parallel)
+    step_fn = TrainStep(cfg, layout, model, optimizer, scheduler)
+    loader = build_train_loader(cfg, layout, parallel_state.get_data_parallel_rank()) if step_fn.needs_input else None
     return _Run(model, optimizer, scheduler, step_fn, loader, streams, use_te, choices)
 
 
@@ -151,7 +149,7 @@ def _log_startup_facts(cfg: Config, env: LaunchEnv, dp_size: int, run: _Run, out
     """One line per fact on rank 0 (other ranks log warnings only)."""
     par, tr = cfg.parallel, cfg.train
     num_micro = run.step_fn.num_microbatches
-    n_params = sum(p.numel() for chunk in model_chunks(run.model) for p in chunk.parameters())
+    n_params = sum(p.numel() for chunk in run.model for p in chunk.parameters())
     v, t = cfg.model.vision, cfg.model.text
     flops = count_flops(cfg, contrastive_batch_size(cfg, dp_size), streams=run.streams)
     cache = embedding_cache_flops(cfg, num_micro, run.streams)
@@ -167,7 +165,7 @@ def _log_startup_facts(cfg: Config, env: LaunchEnv, dp_size: int, run: _Run, out
         f"backend: {'nccl on CUDA' if use_cuda() else 'gloo on CPU'}, dtype {compute_dtype(cfg.precision.dtype)}",
         f"layers: {'Transformer Engine' if run.use_te else 'megatron-core local'} "
         f"(model.transformer_impl={cfg.model.transformer_impl})",
-        *startup_lines(cfg, run.choices, model_chunks(run.model)[0].ddp_config.bucket_size),
+        *startup_lines(cfg, run.choices, run.model[0].ddp_config.bucket_size),
         f"loader: {loader}",
         f"run folder: {out_dir.resolve()} (debug log: {DEBUG_LOG_NAME})",
     ):

@@ -111,7 +111,7 @@ def guarded_step(optimizer, loss_is_finite: bool) -> tuple[bool, float]:
     return True, grad_norm
 
 
-def weight_decay_table(model: torch.nn.Module, optimizer: Optional[object] = None) -> dict[str, float]:
+def weight_decay_table(model_parts: list[torch.nn.Module], optimizer: Optional[object] = None) -> dict[str, float]:
     """{parameter name: weight decay of the optimizer group holding it} (tests and docs).
 
     Groups are matched by parameter identity, which holds when the optimizer steps the model's
@@ -122,4 +122,4 @@ def weight_decay_table(model: torch.nn.Module, optimizer: Optional[object] = Non
         for group in optimizer.param_groups:
             for p in group["params"]:
                 by_param[id(p)] = group["weight_decay"]
-    return {name: by_param.get(id(p), float("nan")) for name, p in model.named_parameters()}
+    return {name: by_param.get(id(p), float("nan")) for part in model_parts for name, p in part.named_parameters()}

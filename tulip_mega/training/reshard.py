@@ -69,7 +69,7 @@ def _reshard_worker(cfg, checkpoint: str, out: str) -> str:
     init_parallel(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel, cfg.run.seed,
                   virtual_pipeline=cfg.parallel.virtual_pipeline)
     chunks = build_model_chunks(cfg)
-    model = wrap_ddp(chunks if cfg.parallel.virtual_pipeline > 1 else chunks[0], cfg)
+    model = wrap_ddp(chunks, cfg)
     optimizer = make_optimizer(cfg, model)
     scheduler = make_scheduler(cfg, optimizer)
     restored = load_checkpoint(Path(checkpoint), model, optimizer, scheduler, None, model_shape(cfg))

@@ -41,7 +41,7 @@ import math
 import os
 import zlib
 from functools import partial
-from typing import Any, Callable, Iterator, Optional, Union
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -49,14 +49,15 @@ from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from tulip_mega.config.run_layout import RunLayout
 from tulip_mega.data.base import Batch
+from tulip_mega.losses.outputs import ModelOutputs
 from tulip_mega.losses.reconstruction import mae_mask
 from tulip_mega.losses.stack import TulipLossStack
 from tulip_mega.losses.token_count import step_token_divisor
 from tulip_mega.models.megatron_config import ddp_bucket_size
 from tulip_mega.models.tulip import TulipModel
 from tulip_mega.parallel.init import device
-from tulip_mega.flops import uses_embedding_cache
 from tulip_mega.training.cache_check import CacheCheck, stochastic_layers, tolerance
 from tulip_mega.training.fp8_replay import replay_guard
 from tulip_mega.training.optimizer import guarded_step
@@ -87,27 +88,16 @@ class CacheReplayMismatch(TrainingHalted):
     exit_code = 6
 
 
-Chunks = Union[DistributedDataParallel, list[DistributedDataParallel]]
-
-
-def wrap_ddp(model: Union[TulipModel, list[TulipModel]], cfg) -> Chunks:
-    """megatron DDP: gradient buckets reduced over the data-parallel group (ZeRO-1 optional).
-    A list of model chunks (interleaved virtual stages) gets one DDP wrapper per chunk, as
-    megatron's own trainer does; the optimizer and `finalize_model_grads` take the list."""
+def wrap_ddp(parts: list[TulipModel], cfg) -> list[DistributedDataParallel]:
+    """megatron DDP, one wrapper per model part (virtual stage), as megatron's own trainer
+    does: gradient buckets reduced over the data-parallel group (ZeRO-1 optional)."""
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
         use_distributed_optimizer=cfg.parallel.distributed_optimizer,
-        bucket_size=ddp_bucket_size(cfg, model),
+        bucket_size=ddp_bucket_size(cfg, parts),
     )
-    if isinstance(model, list):
-        return [DistributedDataParallel(config=m.config, ddp_config=ddp_config, module=m) for m in model]
-    return DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
-
-
-def model_chunks(model: Chunks) -> list:
-    """The model as a list of chunks: [model] without interleaving."""
-    return list(model) if isinstance(model, (list, tuple)) else [model]
+    return [DistributedDataParallel(config=m.config, ddp_config=ddp_config, module=m) for m in parts]
 
 
 class ScheduledModel(torch.nn.Module):
@@ -135,15 +125,15 @@ class ScheduledModel(torch.nn.Module):
 class TrainStep:
     """Forward+backward over the micro-batches of one global batch, then a guarded optimizer step."""
 
-    def __init__(self, cfg, model: Chunks, optimizer, scheduler, num_microbatches: int) -> None:
-        """`model`: this rank's DDP model, or under interleaved virtual stages the list of its
-        DDP model chunks in megatron's order (training/step.py: wrap_ddp)."""
+    def __init__(self, cfg, layout: RunLayout, model_parts: list[DistributedDataParallel], optimizer,
+                 scheduler) -> None:
+        """`model_parts`: this rank's DDP model parts (one per virtual stage) in megatron's order."""
         self.cfg = cfg
-        self.model = model
-        self.chunks = model_chunks(model)
+        self.chunks = model_parts
         self.optimizer = optimizer
         self.scheduler = scheduler
-        self.num_microbatches = num_microbatches
+        self.layout = layout
+        self.num_microbatches = layout.microbatches
         self.micro_batch_size = cfg.train.micro_batch_size
         self.modules: list[TulipModel] = [c.module for c in self.chunks]
         # Every chunk of a rank runs the same streams, so any chunk gives the p2p shapes.
@@ -169,7 +159,7 @@ class TrainStep:
         self._reader = readers[0] if readers else None
         # The embedding cache is needed only when a step has several micro-batches: with one,
         # the micro-step's contrastive batch already is the global batch.
-        self.global_contrastive = uses_embedding_cache(cfg, num_microbatches)
+        self.global_contrastive = layout.embedding_cache
         self.cache_streams = self.streams.contrastive_only()
         if self.global_contrastive:
             _refuse_stochastic_layers(self.modules)
@@ -189,7 +179,7 @@ class TrainStep:
         schedule_config = copy.copy(self.chunks[0].config)
         schedule_config.finalize_model_grads_func = finalize_model_grads
         # The interleaved schedule enters every chunk's no_sync when given a list.
-        schedule_config.no_sync_func = [c.no_sync for c in self.chunks] if self.interleaved else model.no_sync
+        schedule_config.no_sync_func = [c.no_sync for c in self.chunks] if self.interleaved else self.chunks[0].no_sync
         schedule_config.grad_scale_func = optimizer.scale_loss
         self._scheduled = [ScheduledModel(c, schedule_config, i) for i, c in enumerate(self.chunks)]
         self.packed_shape = self.module.packed_shape(self.micro_batch_size, self.streams)
@@ -256,16 +246,16 @@ class TrainStep:
         return output, partial(self._loss_func, batch=batch, mae_idx=mae_idx, micro=micro)
 
     @staticmethod
-    def _keep_embeddings(output: dict) -> tuple[torch.Tensor, dict]:
+    def _keep_embeddings(output: ModelOutputs) -> tuple[torch.Tensor, dict]:
         """Pass 1 on the last stage: keep every tensor output (embeddings, scales), no graph."""
-        kept = {k: v.detach() for k, v in output.items() if isinstance(v, torch.Tensor)}
+        kept = {k: v.detach() for k, v in output.tensors().items()}
         return torch.zeros((), device=kept["image_emb"].device), kept
 
-    def _loss_func(self, output: dict, batch=None, mae_idx=None, micro: int = 0) -> tuple[torch.Tensor, dict]:
+    def _loss_func(self, output: ModelOutputs, batch=None, mae_idx=None, micro: int = 0) -> tuple[torch.Tensor, dict]:
         terms = None if not self.global_contrastive else self.loss.reconstruction_terms
         total, values = self.loss(output, batch, mae_idx, terms=terms, text_divisor=self._text_divisor)
         if not isinstance(total, torch.Tensor):  # no reconstruction term switched on
-            total = torch.zeros((), device=output["image_emb"].device)
+            total = torch.zeros((), device=output.image_emb.device)
         if self.global_contrastive:
             if self._check is not None:
                 self._check.compare(output, micro)
@@ -276,16 +266,17 @@ class TrainStep:
         report = {f"loss/{name}": value.detach().clone() for name, value in values.items()}
         if not self.global_contrastive:  # else the global pass reported them for the whole batch
             report.update({f"chance/{name}": v for name, v in self.loss.chance(output, batch).items()})
-        report["logit_scale"] = output["logit_scale"].detach().clone()
-        report["logit_bias"] = output["logit_bias"].detach().clone()
+        report["logit_scale"] = output.logit_scale.detach().clone()
+        report["logit_bias"] = output.logit_bias.detach().clone()
         return total, report
 
-    def _contrastive_surrogate(self, output: dict, micro: int) -> torch.Tensor:
+    def _contrastive_surrogate(self, output: ModelOutputs, micro: int) -> torch.Tensor:
         """sum_k <output_k, dL_global/d output_k> for this micro-batch: its gradient with respect
         to the weights is this micro-batch's share of the global contrastive loss's gradient."""
-        total = torch.zeros((), device=output["image_emb"].device)
+        total = torch.zeros((), device=output.image_emb.device)
+        tensors = output.tensors()
         for key, grad in self._cache_grads[micro].items():
-            total = total + (output[key].float() * grad).sum()
+            total = total + (tensors[key].float() * grad).sum()
         return total
 
     def _run_schedule(self, data_iterator, forward_step, shape, forward_only: bool) -> list:
@@ -326,7 +317,7 @@ class TrainStep:
                 leaves[key] = torch.cat(parts, dim=parts[0].dim() - 2).requires_grad_()
         batch = Batch.concat(self._batches).to(device()) if self._batches else None
         with torch.enable_grad():
-            total, values = self.loss(leaves, batch, None, terms=self.loss.contrastive_terms)
+            total, values = self.loss(ModelOutputs.from_tensors(leaves), batch, None, terms=self.loss.contrastive_terms)
             total.backward()
         for m in range(n):
             grads = {}
@@ -339,7 +330,7 @@ class TrainStep:
                     grads[key] = leaf.grad.narrow(leaf.dim() - 2, m * b, b)
             self._cache_grads.append(grads)
         report = {f"loss/{name}": value.detach() for name, value in values.items()}
-        report.update({f"chance/{name}": v for name, v in self.loss.chance(leaves, batch).items()})
+        report.update({f"chance/{name}": v for name, v in self.loss.chance(ModelOutputs.from_tensors(leaves), batch).items()})
         return report
 
     # --- one step ------------------------------------------------------------------------
