@@ -6,16 +6,12 @@ exactly what is drawn ("a red circle on a gray background", or just "a photo of 
 circle"), and zero-shot accuracy on the (shape, colour) classes listed in ``classes.json``
 measures whether the model learned colour *and* shape.
 
-What makes it learnable in the quickstart's budget (issue #14; recipes/tiny_cpu.yaml has the
-numbers): backgrounds are neutral (white / black / gray, never a shape colour), so a
-contrastive batch holds many pairs that differ only in shape, and an image's colours are
-unambiguous; half the caption templates leave the background out, as the zero-shot prompts
-do; shapes are large (circumradius 0.3-0.45 of the image), upright and centred, so at 32 px the
-five shapes stay distinct and a 16-patch ViT need not learn translation invariance from 40k
-samples (version 2 placed them anywhere: zero-shot 0.39-0.45 where version 3 reaches 0.69-0.86,
-same recipe and seeds). Version 1 (before 2026-11-30: nine backgrounds including the shape
-colours, every caption naming it, smaller rotated shapes) was not learnable in minutes: the
-quickstart stayed at chance on its zero-shot classes.
+What makes it learnable in the quickstart's budget (recipes/tiny_cpu.yaml has the numbers;
+the versions that were not are in benchmarks/RESULTS.md): backgrounds are neutral (white /
+black / gray, never a shape colour), so a contrastive batch holds many pairs that differ only
+in shape; half the caption templates leave the background out, as the zero-shot prompts do;
+shapes are large (circumradius 0.3-0.45 of the image), upright and centred, so at 32 px the
+five shapes stay distinct and a 16-patch ViT need not learn translation invariance.
 Compositional hard negatives (colour/shape/background swapped) and paraphrases (the other
 caption templates) go into each sample's json, and GeCo-style image edits into ``key.pos.jpg``
 (same shape and colour, new size) and ``key.neg.jpg`` (another shape or colour), so
