@@ -275,7 +275,7 @@ def test_loader_dp_ranks_disjoint_and_complete(data: dict, tok: Tokenizer, num_s
     per_rank = []
     for rank in range(dp_size):
         loader = SimpleLoader(shards, batch, 32, tok, dp_rank=rank, dp_size=dp_size, seed=5, shuffle_buffer=8)
-        n = sum(s.stop - s.start for s in loader.epoch_slices(0))
+        n = sum(s.stop - s.start for s in loader.stream.epoch_slices(0))
         assert n == len(everything) // dp_size
         keys = take_keys(loader, n)
         assert len(set(keys)) == n  # one round: no repeats
