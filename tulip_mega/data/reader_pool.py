@@ -1,9 +1,7 @@
 """Reader worker processes: read and inspect whole shards ahead, hand samples back in order.
 
 Why processes, and why by shard: the host work per sample is Python holding the GIL (threads
-do not scale it), and a large part of it is reading the tar itself (with tarfile that was
-about 80% of the loader thread's time once the rest moved out; ``shards``' lean reader cut it
-from ~100 to ~20 us per sample, after which the JPEG header read is the largest part). So a
+do not scale it), and a large part of it is reading the tar itself. So a
 worker takes whole shards: it reads one with ``shards.iter_samples`` (the same reader, so the
 same samples, the same partial last sample and the same damage message), runs
 ``HostPrep.record`` on chunks of it (JSON, JPEG header, tokenising) and sends the records back,
