@@ -579,7 +579,7 @@ def test_a_dying_reader_worker_is_a_clear_error_naming_the_shard(two_shards, tok
         list(zip(range(20), dl))
     message = str(err.value)
     # the shard holding key train0000040 (exit, raise) or position 40 of epoch 0 (draw; no shuffle)
-    assert (dl.epoch_shards(0)[0] if how == "draw" else two_shards[0]) in message
+    assert (dl.stream.epoch_shards(0)[0] if how == "draw" else two_shards[0]) in message
     expected = {"exit": "exit code 3", "raise": "planted failure at train0000040",
                 "draw": "drawing view parameters"}[how]
     assert expected in message

@@ -206,8 +206,8 @@ def test_each_rank_reads_at_most_two_shards_in_part(data) -> None:
     for dp in (4, 8):  # 96 samples: round 0 is epoch 0
         ranks = [SimpleLoader(files, 4, 32, data["tok"], dp_rank=r, dp_size=dp) for r in range(dp)]
         for ld in ranks:
-            assert len([s for s in ld.epoch_slices(0) if (s.start, s.stop) != (0, 16)]) <= 2
-        ends = collections.Counter(s.shard for ld in ranks for s in ld.epoch_slices(0) if s.ends)
+            assert len([s for s in ld.stream.epoch_slices(0) if (s.start, s.stop) != (0, 16)]) <= 2
+        ends = collections.Counter(s.shard for ld in ranks for s in ld.stream.epoch_slices(0) if s.ends)
         assert ends == collections.Counter(files)
 
 

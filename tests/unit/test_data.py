@@ -275,7 +275,7 @@ def test_loader_dp_ranks_disjoint_and_complete(data: dict, tok: Tokenizer, num_s
     per_rank = []
     for rank in range(dp_size):
         loader = SimpleLoader(shards, batch, 32, tok, dp_rank=rank, dp_size=dp_size, seed=5, shuffle_buffer=8)
-        n = sum(s.stop - s.start for s in loader.epoch_slices(0))
+        n = sum(s.stop - s.start for s in loader.stream.epoch_slices(0))
         assert n == len(everything) // dp_size
         keys = take_keys(loader, n)
         assert len(set(keys)) == n  # one round: no repeats
@@ -374,3 +374,18 @@ def test_loader_skips_and_counts_bad_data(data: dict, tok: Tokenizer, tmp_path, 
     second.load_state_dict(first.state_dict())
     part += [b.keys for b in itertools.islice(second, 8)]
     assert part == reference and second.state_dict() == infinite.state_dict()
+
+
+def test_the_trainer_maps_the_recipe_onto_the_loaders_own_config() -> None:
+    """EdaConfig's defaults are the recipe's; view_plan copies the recipe's crop and colour settings."""
+    from tulip_mega.config import load_config
+    from tulip_mega.config.schema import AugmentConfig
+    from tulip_mega.data.eda import EdaConfig
+    from tulip_mega.launch import resolve_layout
+    from tulip_mega.training.data import eda_config, view_plan
+
+    assert eda_config(AugmentConfig()) == EdaConfig()
+    cfg = load_config(None, ["data.augment.eda_swap=0.25", "data.views.local_size=64"])
+    plan = view_plan(cfg, resolve_layout(cfg, 1).streams)
+    assert plan.eda_config == EdaConfig(swap=0.25) and plan.local_size == 64
+    assert plan.image_size == cfg.model.vision.image_size and plan.fields() == ("images", "tokens", "keys")

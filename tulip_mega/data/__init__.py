@@ -7,6 +7,7 @@ an optional extra, and importing this package must stay cheap and work without i
 from tulip_mega.data.base import IMAGE_MEAN, IMAGE_STD, Batch, BatchLoader
 from tulip_mega.data.dali_pipeline import ViewPlan, dali_available
 from tulip_mega.data.eda import EdaConfig, eda
+from tulip_mega.data.sample_stream import Damaged, Position, SampleStream
 from tulip_mega.data.shards import ShardReadError, ShardWriter, expand_shards, iter_samples
 from tulip_mega.data.simple_loader import SimpleLoader
 from tulip_mega.data.tokenizer import Tokenizer, train_tokenizer, train_tokenizer_from_shards
@@ -16,7 +17,10 @@ __all__ = [
     "IMAGE_STD",
     "Batch",
     "BatchLoader",
+    "Damaged",
     "EdaConfig",
+    "Position",
+    "SampleStream",
     "ShardReadError",
     "ShardWriter",
     "SimpleLoader",

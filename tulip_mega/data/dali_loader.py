@@ -1,46 +1,31 @@
-"""The DALI batch loader: SimpleLoader's exact sample stream, DALI decode + every view.
+"""The DALI batch loader: the PIL loader's exact sample stream, DALI decode + every view.
 
-Why this design (issue #4 allowed either a ``fn.readers.webdataset`` pipeline with DALI
-checkpointing, or a Python shard reader feeding ``fn.external_source``; this is the second):
+Why a Python shard reader feeding ``fn.external_source`` rather than DALI's
+``fn.readers.webdataset``:
 
 - Bad data. Measured with DALI 2.4: a corrupt or truncated JPEG makes the decoder raise and
   leaves the pipeline unusable ("Current pipeline object is no longer valid"), and the
   webdataset reader has no per-sample skip for such a failure. With our own reader we know
   exactly which samples a failed run held, so the loader rebuilds the pipeline, probes the
   samples one by one, drops and counts the bad ones (warning with shard and key), and re-runs
-  the good ones: no good sample is lost and the batch is exactly the one an undamaged run with
-  the bad sample removed would give. Truncated tars, missing captions, non-UTF-8 text and
-  malformed JSON are caught on the host before DALI sees the sample (``shards.iter_samples``
-  keeps every good sample before a truncation and reports it once, naming the shard).
-- Exact resume. The order of samples is ``SimpleLoader``'s (inherited: shard permutation per
-  epoch, DP split by sample ranges, seeded shuffle buffer), so the position is (epoch, samples
-  consumed in it), and every random number of a sample (views, EDA) is drawn from a generator seeded by
-  (seed, DP rank, epoch, index in epoch) (see dali_pipeline). Resume replays the tar stream
-  without decoding and continues with the very batch an uninterrupted run yields; both
-  loaders share the state format, so a run may even switch between them.
-- TP ranks and several pipeline stages of one DP rank build the same loader and get the same
-  batches: nothing depends on timing, threads or DALI's RNG.
+  the good ones: the batch is exactly the one an undamaged run with the bad sample removed
+  would give. Truncated tars, missing captions, non-UTF-8 text and malformed JSON are caught
+  on the host before DALI sees the sample.
+- Exact resume. The order of samples is the ``SampleStream``'s (shared with ``SimpleLoader``),
+  so the position is (epoch, samples consumed in it), and every random number of a sample
+  (views, EDA) is drawn from a generator seeded by (seed, DP rank, epoch, index in epoch) (see
+  dali_pipeline); both loaders share the state format. TP ranks and several pipeline stages of
+  one DP rank build the same loader and get the same batches.
 - What counts as bad depends on what the recipe reads: ``key.json`` is parsed only when the
-  loss terms need paraphrases/negatives (a malformed one is then a skipped sample, otherwise
-  the sample is still good); a missing or empty GeCo edit is not bad data (zeros, valid False),
-  a corrupt one is (the whole sample is skipped, since its views could not all be built).
+  loss terms need paraphrases/negatives; a missing or empty GeCo edit is not bad data (zeros,
+  valid False), a corrupt one is (the whole sample is skipped).
 
-Host work in parallel (``reader_workers``, issue #18): next to a GPU the Python host path is
-the ceiling, and profiling it showed ~80% of the loader thread in tarfile's header parsing. So
-with ``reader_workers`` = W > 0, W processes (``tulip_mega.data.reader_pool``) each read whole
-shard slices (slice k of the read order on worker k % W, read back in that order) and do the
-per-sample work that needs no position (``HostPrep.record``: JSON, JPEG header, tokenising);
-the shuffle buffer stays here, and from 2 workers on the position-seeded draws
-(``HostPrep.draw``) go back to the workers in chunks of positions. The items, their order and
-every random number are those of the sequential read, for any W, so resume (even under
-another W) and the TP/PP lockstep hold. DALI's own ``fn.readers.webdataset`` was
-not used for the same reasons as above (no per-sample skip, resume needs DALI checkpointing,
-and the per-position view parameters come from Python anyway).
-
-Decode runs on the GPU (``device="mixed"``: nvJPEG / hardware decoder) when
+Host work in parallel (``reader_workers`` = W > 0): W processes (``reader_pool``) read and
+inspect whole shard slices ahead; the shuffle buffer stays here, and from 2 workers on the
+position-seeded draws go back to the workers. Items, order and random numbers are those of the
+sequential read for any W. Decode runs on the GPU (``device="mixed"``) when
 ``tulip_mega.parallel.init.use_cuda()`` is true, on the CPU otherwise; image tensors then live
-on that device, token tensors on the host. Text (caption, GeCo paraphrases and negatives, EDA
-copy) is tokenised on the host to ``tokenizer.context_length``.
+on that device, token tensors on the host.
 """
 
 from __future__ import annotations
@@ -63,10 +48,9 @@ from PIL import Image
 
 from tulip_mega.data.base import Batch
 from tulip_mega.data.dali_pipeline import ViewPlan, build_pipeline, to_torch
-from tulip_mega.data.dp_split import ShardSlice
-from tulip_mega.data.host_prep import Entry, HostPrep, HostSample, Result
+from tulip_mega.data.host_prep import HostPrep, HostSample, Result
 from tulip_mega.data.reader_pool import READ_CHUNK, ReaderPool
-from tulip_mega.data.simple_loader import SimpleLoader, _Damage
+from tulip_mega.data.sample_stream import Cursor, Entry, Position, SampleStream, read_slices
 from tulip_mega.data.tokenizer import Tokenizer
 
 __all__ = ["DaliLoader"]
@@ -139,7 +123,7 @@ def _stack(rows: list[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(np.stack(rows))
 
 
-class DaliLoader(SimpleLoader):
+class DaliLoader:
     """``BatchLoader`` yielding every field of ``plan`` (view 0, crops, GeCo, EDA) via DALI."""
 
     def __init__(
@@ -160,8 +144,8 @@ class DaliLoader(SimpleLoader):
         chunk_size: int = 64,
         read_chunk_size: int = READ_CHUNK,
     ) -> None:
-        super().__init__(shards, batch_size, plan.image_size, tokenizer, dp_rank, dp_size, seed,
-                         shuffle_buffer, num_epochs)
+        if batch_size < 1 or plan.image_size < 1:
+            raise ValueError(f"batch_size and image_size must be >= 1, got {batch_size}, {plan.image_size}")
         if threads < 1 or prefetch < 0 or reader_workers < 0 or chunk_size < 1 or read_chunk_size < 1:
             raise ValueError(f"threads, chunk_size and read_chunk_size must be >= 1, prefetch and reader_workers "
                              f">= 0, got {threads}, {chunk_size}, {read_chunk_size}, {prefetch}, {reader_workers}")
@@ -169,6 +153,9 @@ class DaliLoader(SimpleLoader):
             from tulip_mega.parallel.init import use_cuda
 
             gpu = use_cuda()
+        self.stream = SampleStream(shards, dp_rank, dp_size, seed, shuffle_buffer, num_epochs)
+        self.batch_size = batch_size
+        self.tokenizer = tokenizer
         self.plan = plan
         # The device is captured here, on the rank's main thread: the CUDA current device is
         # per thread, and the pipeline is built and run in the prefetch thread.
@@ -186,22 +173,6 @@ class DaliLoader(SimpleLoader):
 
     # ------------------------------------------------------------------ host side
 
-    def _entries(self, epoch: int, consumed: int) -> Iterator[Entry]:
-        """(epoch, index, item) from a position on, sequentially: tar read + shuffle buffer.
-
-        An epoch's end is the entry (epoch, -1, None). This part stays in the loader's thread:
-        the shuffle buffer's order depends on every item read before."""
-        while self.num_epochs is None or epoch < self.num_epochs:
-            stream = self._stream(epoch)
-            for _ in range(consumed):  # replay without decoding
-                if next(stream, None) is None:
-                    break
-            for item in stream:
-                yield epoch, consumed, item
-                consumed += 1
-            yield epoch, -1, None
-            epoch, consumed = epoch + 1, 0
-
     def _chunks(self, entries: Iterator[Entry]) -> Iterator[list[Entry]]:
         while True:
             chunk = list(itertools.islice(entries, self.chunk_size))
@@ -210,12 +181,7 @@ class DaliLoader(SimpleLoader):
             yield chunk
 
     def _host_prep(self) -> HostPrep:
-        return HostPrep(self.plan, self.tokenizer, self.seed, self.dp_rank)
-
-    def _read_slices(self, slices: list[ShardSlice]) -> Iterator[dict[str, Any] | _Damage]:
-        if self._pool is None:  # no reader workers: read here, inspect later in prepare()
-            return super()._read_slices(slices)
-        return self._pool.read(slices)
+        return HostPrep(self.plan, self.tokenizer, self.stream.seed, self.stream.dp_rank)
 
     def host_stream(self, epoch: int = 0, consumed: int = 0) -> Iterator[tuple[Entry, Result]]:
         """Every entry from a position on with its host result, in stream order.
@@ -228,9 +194,10 @@ class DaliLoader(SimpleLoader):
         prep = self._host_prep()
         if self.reader_workers:
             self._pool = ReaderPool(prep, self.reader_workers, chunk_size=self.read_chunk_size,
-                                    name=f"dali-reader-dp{self.dp_rank}")
+                                    name=f"dali-reader-dp{self.stream.dp_rank}")
         try:
-            chunks = self._chunks(self._entries(epoch, consumed))
+            read = read_slices if self._pool is None else self._pool.read
+            chunks = self._chunks(self.stream.entries(epoch, consumed, read))
             # One worker reading and drawing is slower than the worker reading while this thread
             # draws (clip-rocket set: ~2,400 vs ~4,900 samples/s, benchmarks/RESULTS.md): a
             # worker's reader and draw threads share one GIL. From 2 workers on, they draw.
@@ -295,7 +262,7 @@ class DaliLoader(SimpleLoader):
                 ) from error
             return None, bad
 
-    def _collate(self, samples: list[_Prepared], outs: list[torch.Tensor]) -> Batch:  # type: ignore[override]
+    def _collate(self, samples: list[_Prepared], outs: list[torch.Tensor]) -> Batch:
         plan = self.plan
         hosts = [s.host.info for s in samples]
         batch = Batch(images=outs[0], tokens=_stack([h.tokens for h in hosts]), keys=[s.key for s in samples])
@@ -321,78 +288,53 @@ class DaliLoader(SimpleLoader):
 
     # ------------------------------------------------------------------ iteration
 
-    def _produce(self) -> Iterator[tuple[Optional[Batch], tuple[int, int, int, int]]]:
+    def _prepared(self, item: dict[str, Any], result: HostSample) -> _Prepared:
+        """A host-checked sample with the image bytes DALI decodes (read back where a worker sent offsets)."""
+        files = self._files
+        return _Prepared(key=item["__key__"], shard=item["__shard__"], jpg=files.get(item, "jpg"), host=result,
+                         pos=files.get(item, "pos.jpg") if result.info.has_pos else None,
+                         neg=files.get(item, "neg.jpg") if result.info.has_neg else None)
+
+    def _flush(self, pending: list[_Prepared], cursor: Cursor) -> tuple[Optional[Batch], list[_Prepared]]:
+        """(batch of ``pending``, []); or, when DALI rejected samples, (None, the others) after
+        skipping the bad ones."""
+        outs, bad = self._run(pending)
+        if not bad:
+            return self._collate(pending, outs), []
+        for s, reason in bad:
+            cursor.skip(reason, s.key, s.shard)
+        drop = {id(s) for s, _ in bad}
+        return None, [s for s in pending if id(s) not in drop]
+
+    def _produce(self) -> Iterator[tuple[Optional[Batch], Position]]:
         """(batch, position after it) pairs from the committed position; a final (None, position).
 
-        Positions are (epoch, consumed in epoch, samples, skipped); ``__iter__`` commits one only
-        when its batch is handed out, so a producer running ahead never moves the checkpoint.
+        ``__iter__`` commits a position only when its batch is handed out, so a producer
+        running ahead never moves the checkpoint.
         """
-        epoch, consumed = self._epoch, self._consumed
-        samples, skipped = self._samples, self._skipped
+        cursor = self.stream.cursor()
         pending: list[_Prepared] = []
-
-        def skip(item: Any, reason: str) -> None:
-            nonlocal skipped
-            skipped += 1
-            if isinstance(item, _Damage):
-                logger.warning("skipping rest of shard: %s", reason)
-            else:
-                if isinstance(item, _Prepared):
-                    key, shard = item.key, item.shard
-                else:
-                    key, shard = item["__key__"], item["__shard__"]
-                logger.warning("skipping sample %r in shard %s: %s", key, shard, reason)
-
-        def flush() -> Optional[Batch]:
-            nonlocal pending
-            outs, bad = self._run(pending)
-            if bad:
-                for s, reason in bad:
-                    skip(s, reason)
-                drop = {id(s) for s, _ in bad}
-                pending = [s for s in pending if id(s) not in drop]
-                return None
-            batch = self._collate(pending, outs)
-            pending = []
-            return batch
-
-        resumed, good = consumed > 0, 0
-        for (ep, index, item), result in self.host_stream(epoch, consumed):
-            if item is None:  # the end of epoch ep
-                if good == 0 and not resumed:
-                    raise RuntimeError(
-                        f"dp rank {self.dp_rank}/{self.dp_size}: epoch {ep} produced no usable samples "
-                        f"from shards {self.epoch_shards(ep)[:4]}... ({skipped} skipped so far); "
-                        f"check the data (and that there are at least dp_size samples)"
-                    )
-                epoch, consumed, resumed, good = ep + 1, 0, False, 0
-                continue
-            consumed = index + 1
-            if result is None:
+        for entry, result in self.host_stream(cursor.epoch, cursor.consumed):
+            item = cursor.advance(entry)
+            if item is None or result is None:
                 continue
             if isinstance(result, str):
-                skip(item, result)
+                cursor.skip_item(item, result)
                 continue
-            pending.append(_Prepared(
-                key=item["__key__"], shard=item["__shard__"], jpg=self._files.get(item, "jpg"), host=result,
-                pos=self._files.get(item, "pos.jpg") if result.info.has_pos else None,
-                neg=self._files.get(item, "neg.jpg") if result.info.has_neg else None,
-            ))
-            good += 1
+            pending.append(self._prepared(item, result))
+            cursor.keep()
             if len(pending) == self.batch_size:
-                batch = flush()
+                batch, pending = self._flush(pending, cursor)
                 if batch is not None:
-                    samples += len(batch)
-                    yield batch, (epoch, consumed, samples, skipped)
+                    yield batch, cursor.emit(len(batch))
         while pending:  # finite runs: the short last batch (after dropping any bad samples)
-            batch = flush()
+            batch, pending = self._flush(pending, cursor)
             if batch is not None:
-                samples += len(batch)
-                yield batch, (epoch, consumed, samples, skipped)
-        yield None, (epoch, consumed, samples, skipped)
+                yield batch, cursor.emit(len(batch))
+        yield None, cursor.position()
 
-    def _commit(self, position: tuple[int, int, int, int]) -> None:
-        self._epoch, self._consumed, self._samples, self._skipped = position
+    def _commit(self, position: Position) -> None:
+        self.stream.position = position
 
     def __iter__(self) -> Iterator[Batch]:
         """Yield batches starting right after the last batch yielded (or the loaded state).
@@ -401,13 +343,16 @@ class DaliLoader(SimpleLoader):
         sentencepiece release the GIL), so the training step rarely waits; results and
         positions are identical to the synchronous path, which ``prefetch=0`` runs.
         """
-        if self.prefetch == 0:
-            with contextlib.closing(self._produce()) as produced:  # closing stops the reader workers
-                for batch, position in produced:
-                    self._commit(position)
-                    if batch is not None:
-                        yield batch
-            return
+        produced = self._produce() if self.prefetch == 0 else self._prefetched()
+        with contextlib.closing(produced):  # closing stops the reader workers and the prefetch thread
+            for batch, position in produced:
+                self._commit(position)
+                if batch is None:
+                    return
+                yield batch
+
+    def _prefetched(self) -> Iterator[tuple[Optional[Batch], Position]]:
+        """``_produce``'s pairs, made up to ``prefetch`` ahead in a background thread."""
         q: queue.Queue = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
 
@@ -431,22 +376,33 @@ class DaliLoader(SimpleLoader):
             except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
                 put(_Failure(e))
 
-        thread = threading.Thread(target=work, name=f"dali-loader-dp{self.dp_rank}", daemon=True)
+        thread = threading.Thread(target=work, name=f"dali-loader-dp{self.stream.dp_rank}", daemon=True)
         thread.start()
         try:
             while True:
                 item = q.get()
                 if isinstance(item, _Failure):
                     raise item.error
-                batch, position = item
-                self._commit(position)
-                if batch is None:
+                yield item
+                if item[0] is None:
                     return
-                yield batch
         finally:
             stop.set()
             thread.join()
 
+    @property
+    def epoch(self) -> int:
+        """Round (``dp_split``) of the current position: the last yielded batch ended in it."""
+        return self.stream.position.epoch
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serialisable position after the last yielded batch (``SimpleLoader``'s format)."""
+        return self.stream.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from ``state`` (``SampleStream.load_state_dict``: same stream or refused)."""
+        self.stream.load_state_dict(state)
+
     def stats(self) -> dict[str, int]:
         """``samples``, ``skipped`` (cumulative over resumes) and ``pipeline_rebuilds`` (this process)."""
-        return {**super().stats(), "pipeline_rebuilds": self._rebuilds}
+        return {**self.stream.stats(), "pipeline_rebuilds": self._rebuilds}

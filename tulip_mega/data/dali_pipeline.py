@@ -53,7 +53,8 @@ def dali_available() -> bool:
 
 @dataclass(frozen=True)
 class ViewPlan:
-    """Everything the loader emits per sample, resolved from the recipe by ``from_config``."""
+    """Everything the loader emits per sample: its views, GeCo fields and EDA copy (the trainer
+    builds it from the recipe and its input streams: ``tulip_mega.training.data.view_plan``)."""
 
     image_size: int
     crops: int = 0  # extra global crops after view 0
@@ -71,25 +72,7 @@ class ViewPlan:
     paraphrases: int = 0
     negatives: int = 0
     eda: bool = False
-    eda_config: EdaConfig = field(default_factory=EdaConfig.default)
-
-    @classmethod
-    def from_config(cls, cfg, streams=None) -> ViewPlan:
-        """Exactly the fields the resolved input streams (``tulip_mega.config.streams.Streams``)
-        say the non-zero loss terms need; `streams` defaults to ``input_streams(cfg)``."""
-        if streams is None:
-            from tulip_mega.config.streams import input_streams
-
-            streams = input_streams(cfg)
-        s, v, a = streams, cfg.data.views, cfg.data.augment
-        return cls(
-            image_size=cfg.model.vision.image_size, crops=s.extra_global_crops,
-            global_scale=tuple(v.global_scale), local_crops=s.local_crops, local_size=v.local_size,
-            local_scale=tuple(v.local_scale), edits=s.geco_edits, first_view_crop=a.first_view_crop,
-            flip_prob=a.flip_prob, color_jitter=tuple(a.color_jitter), color_jitter_prob=a.color_jitter_prob,
-            grayscale_prob=a.grayscale_prob, blur_prob=a.blur_prob, paraphrases=s.paraphrases,
-            negatives=s.negatives, eda=s.eda_caption, eda_config=EdaConfig.from_augment(a),
-        )
+    eda_config: EdaConfig = field(default_factory=EdaConfig)
 
     def fields(self) -> tuple[str, ...]:
         """The ``Batch`` fields a loader must fill for this plan (the others stay None)."""

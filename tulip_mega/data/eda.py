@@ -29,24 +29,13 @@ _ALPHA = 0.1
 
 @dataclass(frozen=True)
 class EdaConfig:
-    """Probabilities of the four EDA operations (per caption)."""
+    """Probabilities of the four EDA operations (per caption); the defaults are clip-rocket's,
+    the same as the recipe's ``data.augment.eda_*`` defaults."""
 
-    synonym: float
-    swap: float
-    deletion: float
-    stopword: float
-
-    @classmethod
-    def from_augment(cls, augment) -> EdaConfig:
-        """From ``cfg.data.augment`` (fields eda_synonym, eda_swap, eda_deletion, eda_stopword)."""
-        return cls(augment.eda_synonym, augment.eda_swap, augment.eda_deletion, augment.eda_stopword)
-
-    @classmethod
-    def default(cls) -> EdaConfig:
-        """The recipe defaults (docs/losses.md), read from the config schema."""
-        from tulip_mega.config.schema import AugmentConfig
-
-        return cls.from_augment(AugmentConfig())
+    synonym: float = 0.4
+    swap: float = 0.4
+    deletion: float = 0.2
+    stopword: float = 0.8
 
 
 def _bare(word: str) -> str:
@@ -79,8 +68,8 @@ def _keep_some(words: list[str], kept: list[str], rng: random.Random) -> list[st
 
 def eda(text: str, rng: random.Random, config: Optional[EdaConfig] = None) -> str:
     """One EDA-augmented copy of ``text`` (never empty when ``text`` has a word); `config`
-    None = the recipe defaults."""
-    config = config or EdaConfig.default()
+    None = the defaults."""
+    config = config or EdaConfig()
     words = text.split()
     if not words:
         return text

@@ -31,17 +31,16 @@ from PIL import Image
 
 from tulip_mega.data.dali_pipeline import ViewPlan, sample_params
 from tulip_mega.data.eda import eda
-from tulip_mega.data.simple_loader import _Damage, read_caption
+from tulip_mega.data.sample_stream import Damaged, Entry, read_caption
 from tulip_mega.data.tokenizer import Tokenizer
 
-__all__ = ["HOST", "IMAGE_FILES", "Drawn", "Entry", "HostPrep", "HostSample", "Inspected", "Request", "Result"]
+__all__ = ["HOST", "IMAGE_FILES", "Drawn", "HostPrep", "HostSample", "Inspected", "Request", "Result"]
 
 IMAGE_FILES = ("jpg", "pos.jpg", "neg.jpg")  # the files DALI decodes
 # The key under which a reader worker stores a sample's ``inspect`` result in the sample dict.
 HOST = "__host__"
-# One unit of position-dependent work: (epoch, index in epoch, sample dict or _Damage marker);
-# the end of an epoch is (epoch, -1, None) and its result is None.
-Entry = tuple[int, int, Union[dict[str, Any], _Damage, None]]
+# One unit of position-dependent work is a sample_stream.Entry: (epoch, index in epoch, sample
+# dict or Damaged record); the end of an epoch is (epoch, -1, None) and its result is None.
 
 
 @dataclass
@@ -173,14 +172,14 @@ class HostPrep:
 
     def infos(self, entries: list[Entry]) -> list[Inspected | str | None]:
         """``inspect`` results for a chunk: taken from the records a worker made, computed
-        here for raw samples (no workers), the damage message for a _Damage."""
+        here for raw samples (no workers), the damage message for a ``Damaged`` record."""
         raw = [item for _, _, item in entries if isinstance(item, dict) and HOST not in item]
         fresh = iter(self.inspect(raw) if raw else [])
         out: list[Inspected | str | None] = []
         for _, _, item in entries:
             if item is None:
                 out.append(None)
-            elif isinstance(item, _Damage):
+            elif isinstance(item, Damaged):
                 out.append(item.message)
             else:
                 out.append(item[HOST] if HOST in item else next(fresh))

@@ -1,9 +1,7 @@
 """Reader worker processes: read and inspect whole shards ahead, hand samples back in order.
 
 Why processes, and why by shard: the host work per sample is Python holding the GIL (threads
-do not scale it), and a large part of it is reading the tar itself (with tarfile that was
-about 80% of the loader thread's time once the rest moved out; ``shards``' lean reader cut it
-from ~100 to ~20 us per sample, after which the JPEG header read is the largest part). So a
+do not scale it), and a large part of it is reading the tar itself. So a
 worker takes whole shards: it reads one with ``shards.iter_samples`` (the same reader, so the
 same samples, the same partial last sample and the same damage message), runs
 ``HostPrep.record`` on chunks of it (JSON, JPEG header, tokenising) and sends the records back,
@@ -61,7 +59,7 @@ import numpy as np
 from tulip_mega.data.dp_split import ShardSlice, read_slice
 from tulip_mega.data.host_prep import HOST, Drawn, HostPrep, Inspected, Request
 from tulip_mega.data.shards import ShardReadError
-from tulip_mega.data.simple_loader import _Damage
+from tulip_mega.data.sample_stream import Damaged, Item
 
 __all__ = ["ReaderPool", "ReaderWorkerError"]
 
@@ -174,8 +172,8 @@ def _read(prep: HostPrep, piece: ShardSlice | str, chunk_size: int, outbox: Any,
                 if not _put(outbox, ("items", _pack(prep.record(chunk))), parent):
                     return False
                 chunk, size = [], 0
-    except ShardReadError as e:  # exactly what SimpleLoader._read_slices does in-process
-        chunk = prep.record(chunk) + [_Damage(piece.shard, str(e))]
+    except ShardReadError as e:  # exactly what sample_stream.read_slices does in-process
+        chunk = prep.record(chunk) + [Damaged(piece.shard, str(e))]
         return _put(outbox, ("items", _pack(chunk)), parent) and _put(outbox, ("end", None), parent)
     if chunk and not _put(outbox, ("items", _pack(prep.record(chunk))), parent):
         return False
@@ -339,8 +337,8 @@ class ReaderPool:
                 raise ReaderWorkerError(f"loader reader worker {w} failed while {what} shard {shard}:\n{payload}")
             return kind, payload
 
-    def read(self, slices: list[ShardSlice]) -> Iterator[dict[str, Any] | _Damage]:
-        """The items of ``slices`` in order (sample records with ``HOST`` set, and a _Damage
+    def read(self, slices: list[ShardSlice]) -> Iterator[Item]:
+        """The items of ``slices`` in order (sample records with ``HOST`` set, and a ``Damaged``
         after a damaged shard's good samples), as ``dp_split.read_slice`` would give them."""
         if self._broken:
             raise RuntimeError("ReaderPool.read: an earlier read was abandoned mid-way; build a new pool")

@@ -13,6 +13,7 @@ brace spec) never picks up a half-written shard after a crash.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import io
 import itertools
@@ -21,8 +22,10 @@ import os
 import posixpath
 import re
 import tarfile
-from collections.abc import Iterator, Mapping
-from typing import Any
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any, BinaryIO, Literal, NamedTuple, Optional
+
+import numpy as np
 
 __all__ = ["ShardReadError", "ShardWriter", "expand_shards", "iter_samples", "split_name"]
 
@@ -203,8 +206,77 @@ def iter_samples(path: str, offsets: bool = False) -> Iterator[dict[str, Any]]:
     yield from samples
 
 
+class Members(NamedTuple):
+    """File members read intact from a tar, in order, as parallel lists: one record per run of
+    headers rather than one object per file, since this is the loaders' hot loop."""
+
+    names: list[str]  # member names, e.g. "000042.pos.jpg"
+    offsets: list[int]  # byte offset of each file's data in the tar
+    data: list[bytes]
+
+
+class Damage(NamedTuple):
+    """Where reading a shard stopped and why; ``name``: the member whose data could not be read
+    (its header was intact, so its key is known), None when a header or the archive's end is bad."""
+
+    reason: str
+    name: Optional[str] = None
+
+
+def _group(path: str, runs: Iterable[Members | Damage], offsets: bool) -> Iterator[dict[str, Any]]:
+    """Samples from member runs: consecutive files sharing a key (``split_name``) form one
+    sample; files without an extension are ignored. A ``Damage`` ends the shard (``_damaged``)."""
+    pending: dict[str, Any] | None = None
+    num_good, last_key = 0, None
+    for run in runs:
+        if isinstance(run, Damage):
+            yield from _damaged(path, run, pending, num_good, last_key)
+        for name, at, data in zip(*run):
+            if "/" in name:
+                split = split_name(name)
+                if split is None:
+                    continue
+                key, ext = split
+            else:  # split_name without the path split
+                key, dot, ext = name.partition(".")
+                if not dot or not key or not ext:
+                    continue
+                ext = ext.lower()
+            if pending is not None and pending["__key__"] != key:
+                yield pending
+                num_good, last_key = num_good + 1, pending["__key__"]
+                pending = None
+            if pending is None:
+                pending = {"__key__": key, "__shard__": path}
+            pending[ext] = data
+            if offsets:
+                pending.setdefault("__offsets__", {})[ext] = (at, len(data))
+    if pending is not None:
+        yield pending
+
+
+def _damaged(path: str, damage: Damage, pending: dict[str, Any] | None, num_good: int,
+             last_key: str | None) -> Iterator[dict[str, Any]]:
+    """The sample being assembled when ``damage`` stopped the reading, then ShardReadError.
+
+    It is complete when the damaged member starts another sample; otherwise it may have lost
+    files that came after it, and is yielded with ``"__partial__": True``."""
+    split = None if damage.name is None else split_name(damage.name)
+    if pending is not None and split is not None and split[0] != pending["__key__"]:
+        yield pending
+        num_good, last_key, pending = num_good + 1, pending["__key__"], None
+    if pending is not None:
+        pending["__partial__"] = True
+        yield pending
+        num_good, last_key = num_good + 1, pending["__key__"]
+    raise ShardReadError(path, damage.reason, last_key, num_good)
+
+
+# --------------------------------------------------------------------------- the lean reader
+
+
 class _Unusual(Exception):
-    """``_iter_lean`` met something it leaves to tarfile (damage, global pax headers, compression)."""
+    """The lean reader met something it leaves to tarfile (damage, global pax headers, compression)."""
 
 
 _WINDOW = 1 << 22  # bytes read at a time by the lean reader
@@ -224,192 +296,219 @@ def _octal(field: bytes) -> int:
     return int(field.split(b"\0", 1)[0].strip() or b"0", 8)  # tarfile's nti for these forms
 
 
-def _iter_lean(path: str, offsets: bool) -> Iterator[dict[str, Any]]:
-    """``iter_samples`` for uncompressed tars, parsing plain headers with one regex each.
+class _Window:
+    """Bytes [base, base + len(buf)) of an open shard, read ahead ``_WINDOW`` bytes at a time."""
 
-    A plain header is a regular file or directory whose numeric fields are plain octal and
-    whose name has no ustar prefix (what tarfile and GNU tar write for short names); its
-    unsigned checksum, which tarfile checks, is computed for ``_BATCH`` headers at once with
-    numpy. Any other header (pax or GNU long names, links, a ustar prefix) is parsed by
-    tarfile itself, one member, and the lean reading goes on after it. Whatever would make
-    tarfile stop or fail (a bad checksum, garbage, a cut file, a pax global header, sparse
-    files, compression) raises _Unusual before any sample that is not fully checked is
-    yielded, and ``iter_samples`` lets tarfile read the whole shard.
-    """
-    import numpy as np
+    __slots__ = ("f", "end", "buf", "base")
 
-    tf: tarfile.TarFile | None = None
-    with open(path, "rb") as f:
-        end = os.fstat(f.fileno()).st_size
-        buf = f.read(min(_WINDOW, end))
-        if buf.startswith(_COMPRESSED_MAGIC):
+    def __init__(self, f: BinaryIO) -> None:
+        self.f = f
+        self.end = os.fstat(f.fileno()).st_size
+        self.buf = f.read(min(_WINDOW, self.end))
+        self.base = 0  # file offset of buf[0]; the file position is base + len(buf)
+
+    def cover(self, start: int, stop: int) -> int:
+        """Make ``buf`` hold bytes [start, stop) of the file; returns start's index in it."""
+        buf, base, f = self.buf, self.base, self.f
+        if stop <= base + len(buf):
+            return start - base
+        if start <= base + len(buf):
+            buf = buf[start - base:] + f.read(max(_WINDOW, stop - base - len(buf)))
+        else:
+            f.seek(start)
+            buf = f.read(max(_WINDOW, stop - start))
+        self.buf, self.base = buf, start
+        if stop > start + len(buf):
+            raise _Unusual(f"the file changed while reading byte {stop}")
+        return 0
+
+
+class _Scan(NamedTuple):
+    """A run of headers read by ``_scan``, with what checking their checksums needs."""
+
+    members: Members
+    heads: list[bytes]  # every header of the run (directories too), raw
+    sums: list[int]  # their stored checksums
+    dirs: list[int]  # indices in heads of the directories (no member)
+    pos: int  # file offset of the next header
+    stop: Literal["full", "marker", "special"]  # _BATCH headers / end of archive / a header for tarfile
+
+
+def _scan(win: _Window, pos: int) -> _Scan:
+    """Plain headers from ``pos`` on, each parsed with one regex, up to _BATCH of them, the
+    end-of-archive marker or a header the regex does not cover (pax or GNU long names, links,
+    a ustar prefix, a file cut off). No room for a header is _Unusual."""
+    names: list[str] = []
+    offs: list[int] = []
+    datas: list[bytes] = []
+    heads: list[bytes] = []
+    sums: list[int] = []
+    dirs: list[int] = []
+    buf, base, end = win.buf, win.base, win.end
+    stop: Literal["full", "marker", "special"] = "full"
+    while len(heads) < _BATCH:
+        if pos + _BLOCK > end:
+            raise _Unusual("cut")  # no room for a header or an end marker (nothing unchecked is pending)
+        r = pos - base
+        if pos + _BLOCK > base + len(buf):
+            r = win.cover(pos, pos + _BLOCK)
+            buf, base = win.buf, win.base
+        if buf[r] == 0 and buf[r:r + _BLOCK] == _ZERO_BLOCK:
+            stop = "marker"
+            break
+        m = _HEADER.match(buf, r + 100, r + 157)
+        if m is None or buf[r + 345] != 0 or _DEVICES.match(buf, r + 329, r + 345) is None:
+            stop = "special"
+            break
+        size_field, sum_field, kind = m.groups()
+        name = buf[r:r + 100].split(b"\0", 1)[0].decode(tarfile.ENCODING, "surrogateescape")
+        if kind == b"5" or (kind == b"\0" and name.endswith("/")):
+            dirs.append(len(heads))
+            heads.append(buf[r:r + _BLOCK])
+            sums.append(_octal(sum_field))
+            pos += _BLOCK
+            continue
+        size = _octal(size_field)
+        data_at = pos + _BLOCK
+        if data_at + size > end:
+            stop = "special"  # data cut off: tarfile says what it makes of it
+            break
+        if data_at + size > base + len(buf):
+            r = win.cover(pos, data_at + size)
+            buf, base = win.buf, win.base
+        heads.append(buf[r:r + _BLOCK])
+        sums.append(_octal(sum_field))
+        names.append(name)
+        offs.append(data_at)
+        datas.append(buf[r + _BLOCK:r + _BLOCK + size])
+        pos = data_at + (size + _BLOCK - 1) // _BLOCK * _BLOCK
+    return _Scan(Members(names, offs, datas), heads, sums, dirs, pos, stop)
+
+
+def _checked(scan: _Scan) -> Members:
+    """The scan's members, or those before the first header whose unsigned checksum (what
+    tarfile checks) is wrong, followed by _Unusual from ``_lean_runs``."""
+    if not scan.heads:
+        return scan.members
+    blocks = np.frombuffer(b"".join(scan.heads), dtype=np.uint8).reshape(len(scan.heads), _BLOCK)
+    got = blocks.sum(1, dtype=np.int64) - blocks[:, 148:156].sum(1, dtype=np.int64) + 256
+    bad = np.flatnonzero(got != np.asarray(scan.sums, dtype=np.int64))
+    if not len(bad):
+        return scan.members
+    kept = int(bad[0]) - sum(1 for d in scan.dirs if d < bad[0])
+    names, offs, datas = scan.members
+    return Members(names[:kept], offs[:kept], datas[:kept])
+
+
+class _OneByOne:
+    """Python's tarfile parsing the headers ``_scan`` leaves, one member at a time."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.tf: tarfile.TarFile | None = None  # opened at the first such header
+
+    def read_into(self, members: Members, win: _Window, pos: int) -> int:
+        """Append the member whose header is at ``pos`` (when it is a file); returns the next
+        header's offset. Damage, and what the lean reader does not handle, is _Unusual."""
+        if self.tf is None:
+            self.tf = tarfile.open(self.path, mode="r:")
+            self.tf.next()  # the first member, parsed at open
+        tf = self.tf
+        tf.fileobj.seek(pos)
+        tf.offset = pos
+        info = tf.next()
+        if info is None or tf.pax_headers:  # damage or an end tarfile sees; global pax headers
+            raise _Unusual(f"header at byte {pos}")
+        if info.isfile():
+            if info.type not in (tarfile.REGTYPE, tarfile.AREGTYPE) or info.sparse is not None \
+                    or info.offset_data + info.size > win.end:
+                raise _Unusual(f"member at byte {pos}")
+            r = win.cover(info.offset_data, info.offset_data + info.size)
+            members.names.append(info.name)
+            members.offsets.append(info.offset_data)
+            members.data.append(win.buf[r:r + info.size])
+        return tf.offset
+
+    def close(self) -> None:
+        if self.tf is not None:
+            self.tf.close()
+
+
+def _lean_runs(path: str) -> Iterator[Members]:
+    """The members of an uncompressed shard, a checksum-checked run of headers at a time.
+
+    Whatever would make tarfile stop or fail (a bad checksum, garbage, a cut file, a pax
+    global header, sparse files, compression) raises _Unusual before any member that is not
+    fully checked is handed on."""
+    with open(path, "rb") as f, contextlib.closing(_OneByOne(path)) as one:
+        win = _Window(f)
+        if win.buf.startswith(_COMPRESSED_MAGIC):
             raise _Unusual("compressed")
-        base = 0  # file offset of buf[0]; the file position is base + len(buf)
-
-        def cover(start: int, stop: int) -> int:
-            """Make buf hold bytes [start, stop) of the file; returns start's index in buf."""
-            nonlocal buf, base
-            if stop <= base + len(buf):
-                return start - base
-            if start <= base + len(buf):
-                buf = buf[start - base:] + f.read(max(_WINDOW, stop - base - len(buf)))
-            else:
-                f.seek(start)
-                buf = f.read(max(_WINDOW, stop - start))
-            base = start
-            if stop > base + len(buf):
-                raise _Unusual(f"the file changed while reading byte {stop}")
-            return 0
-
+        pos = 0
         try:
-            pos = 0  # file offset of the next header
-            pending: dict[str, Any] | None = None
-            finished = False
-            while not finished:
-                heads: list[bytes] = []
-                sums: list[int] = []
-                members: list[tuple[str, int, bytes] | None] = []  # (name, data offset, data); None: not a file
-                special = False
-                while len(heads) < _BATCH:
-                    if pos + _BLOCK > end:
-                        raise _Unusual("cut")  # no room for a header or an end marker (nothing unchecked is pending)
-                    r = cover(pos, pos + _BLOCK)
-                    if buf[r] == 0 and buf[r:r + _BLOCK] == _ZERO_BLOCK:
-                        finished = True  # the end-of-archive marker
-                        break
-                    m = _HEADER.match(buf, r + 100, r + 157)
-                    if m is None or buf[r + 345] != 0 or _DEVICES.match(buf, r + 329, r + 345) is None:
-                        special = True
-                        break
-                    size_field, sum_field, kind = m.groups()
-                    name = buf[r:r + 100].split(b"\0", 1)[0].decode(tarfile.ENCODING, "surrogateescape")
-                    if kind == b"5" or (kind == b"\0" and name.endswith("/")):
-                        heads.append(buf[r:r + _BLOCK])
-                        sums.append(_octal(sum_field))
-                        members.append(None)
-                        pos += _BLOCK
-                        continue
-                    size = _octal(size_field)
-                    data_at = pos + _BLOCK
-                    if data_at + size > end:
-                        special = True  # data cut off: tarfile says what it makes of it
-                        break
-                    r = cover(pos, data_at + size)
-                    heads.append(buf[r:r + _BLOCK])
-                    sums.append(_octal(sum_field))
-                    members.append((name, data_at, buf[r + _BLOCK:r + _BLOCK + size]))
-                    pos = data_at + (size + _BLOCK - 1) // _BLOCK * _BLOCK
-                if heads:
-                    blocks = np.frombuffer(b"".join(heads), dtype=np.uint8).reshape(len(heads), _BLOCK)
-                    got = blocks.sum(1, dtype=np.int64) - blocks[:, 148:156].sum(1, dtype=np.int64) + 256
-                    bad = np.flatnonzero(got != np.asarray(sums, dtype=np.int64))
-                    if len(bad):
-                        members, special, finished = members[: bad[0]], False, False
-                        members.append(False)  # type: ignore[arg-type] - marks the stop
-                if special:  # one member parsed by tarfile itself
-                    if tf is None:
-                        tf = tarfile.open(path, mode="r:")
-                        tf.next()  # the first member, parsed at open
-                    tf.fileobj.seek(pos)
-                    tf.offset = pos
-                    info = tf.next()
-                    if info is None or tf.pax_headers:  # damage or an end tarfile sees; global pax headers
-                        raise _Unusual(f"header at byte {pos}")
-                    if info.isfile():
-                        if info.type not in (tarfile.REGTYPE, tarfile.AREGTYPE) or info.sparse is not None \
-                                or info.offset_data + info.size > end:
-                            raise _Unusual(f"member at byte {pos}")
-                        r = cover(info.offset_data, info.offset_data + info.size)
-                        members.append((info.name, info.offset_data, buf[r:r + info.size]))
-                    pos = tf.offset
-                for member in members:
-                    if member is None:
-                        continue
-                    if member is False:
-                        raise _Unusual(f"bad checksum before byte {pos}")
-                    name, data_at, data = member
-                    if "/" in name:
-                        split = split_name(name)
-                    else:  # split_name without the path split
-                        stem, dot, ext = name.partition(".")
-                        split = (stem, ext.lower()) if dot and stem and ext else None
-                    if split is None:
-                        continue
-                    key, ext = split
-                    if pending is not None and pending["__key__"] != key:
-                        yield pending
-                        pending = None
-                    if pending is None:
-                        pending = {"__key__": key, "__shard__": path}
-                    pending[ext] = data
-                    if offsets:
-                        pending.setdefault("__offsets__", {})[ext] = (data_at, len(data))
+            while True:
+                scan = _scan(win, pos)
+                members = _checked(scan)
+                if members is not scan.members:
+                    yield members
+                    raise _Unusual(f"bad checksum before byte {scan.pos}")
+                pos = scan.pos
+                if scan.stop == "special":
+                    pos = one.read_into(members, win, pos)
+                yield members
+                if scan.stop == "marker":
+                    return
         except (tarfile.TarError, EOFError) as e:
             raise _Unusual(f"{type(e).__name__}: {e}") from e
-        finally:
-            if tf is not None:
-                tf.close()
-    if pending is not None:
-        yield pending
 
 
-def _iter_tarfile(path: str, offsets: bool) -> Iterator[dict[str, Any]]:
-    """``iter_samples`` with Python's tarfile: any shard, every damage case (the reference)."""
-    path = os.fspath(path)
-    num_good = 0
-    last_key: str | None = None
-    pending: dict[str, Any] | None = None
+def _iter_lean(path: str, offsets: bool) -> Iterator[dict[str, Any]]:
+    """``iter_samples`` for uncompressed tars without damage; _Unusual for anything else."""
+    return _group(path, _lean_runs(path), offsets)
 
-    def fail(reason: str) -> ShardReadError:
-        return ShardReadError(path, reason, last_key, num_good)
 
+# --------------------------------------------------------------------------- the tarfile reader
+
+
+def _tarfile_runs(path: str, compressed: bool) -> Iterator[Members | Damage]:
+    """The file members of any shard, one per run, read by Python's tarfile; a ``Damage`` where
+    reading stops (a bad header, an unreadable file, no end-of-archive marker)."""
     try:
-        compressed = _is_compressed(path)
         tf = tarfile.open(path, mode="r:*" if compressed else "r:")
     except (OSError, tarfile.TarError, EOFError) as e:
-        raise fail(f"cannot open: {type(e).__name__}: {e}") from e
-
+        yield Damage(f"cannot open: {type(e).__name__}: {e}")
+        return
     with tf:
         members = iter(tf)
-        error: str | None = None
         while True:
             try:
                 member = next(members)
             except StopIteration:
                 break
             except (OSError, tarfile.TarError, EOFError) as e:
-                error = f"bad header: {type(e).__name__}: {e}"
-                break
-            if not member.isfile():
+                yield Damage(f"bad header: {type(e).__name__}: {e}")
+                return
+            if not member.isfile() or split_name(member.name) is None:
                 continue
-            split = split_name(member.name)
-            if split is None:
-                continue
-            key, ext = split
-            if pending is not None and pending["__key__"] != key:
-                yield pending
-                num_good, last_key = num_good + 1, pending["__key__"]
-                pending = None
             try:
                 f = tf.extractfile(member)
                 data = f.read() if f is not None else b""
             except (OSError, tarfile.TarError, EOFError) as e:
-                error = f"{member.name}: {type(e).__name__}: {e}"
-                break
-            if pending is None:
-                pending = {"__key__": key, "__shard__": path}
-            pending[ext] = data
-            if offsets and not compressed:
-                pending.setdefault("__offsets__", {})[ext] = (member.offset_data, len(data))
-        if error is None and not compressed and not _end_marker_ok(tf.fileobj, tf.offset):
-            error = f"no end-of-archive marker at byte {tf.offset} (file cut off or garbled header)"
-    if pending is not None:
-        if error is not None:
-            pending["__partial__"] = True
-        yield pending
-        num_good, last_key = num_good + 1, pending["__key__"]
-    if error is not None:
-        raise fail(error)
+                yield Damage(f"{member.name}: {type(e).__name__}: {e}", member.name)
+                return
+            yield Members([member.name], [member.offset_data], [data])
+        if not compressed and not _end_marker_ok(tf.fileobj, tf.offset):
+            yield Damage(f"no end-of-archive marker at byte {tf.offset} (file cut off or garbled header)")
+
+
+def _iter_tarfile(path: str, offsets: bool) -> Iterator[dict[str, Any]]:
+    """``iter_samples`` with Python's tarfile: any shard, every damage case (the reference)."""
+    path = os.fspath(path)
+    try:
+        compressed = _is_compressed(path)
+    except OSError:
+        compressed = False  # tarfile.open fails the same way, and _tarfile_runs reports it
+    return _group(path, _tarfile_runs(path, compressed), offsets and not compressed)
 
 
 # --------------------------------------------------------------------------- writing

@@ -141,7 +141,7 @@ class Tokenizer:
             texts = [texts]
         L = self.context_length
         # One thread: sentencepiece's thread pool costs more than it saves on a chunk of
-        # captions (~25 us of wall time per text vs ~2 us, benchmarks/RESULTS.md, issue #18).
+        # captions (~25 us of wall time per text vs ~2 us, benchmarks/RESULTS.md).
         ids = self._sp.encode([" ".join(t.lower().split()) for t in texts], out_type=int, num_threads=1)
         out = np.full((len(texts), L), self.pad_id, dtype=np.int64)  # numpy rows: ~6 us less per text than torch
         for i, seq in enumerate(ids):

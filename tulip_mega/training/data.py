@@ -1,22 +1,27 @@
 """Build the training loader for this data-parallel rank from the recipe.
 
-The single place the trainer learns about data. ``data.loader`` picks the implementation:
-``dali`` (DALI decode + every view, GeCo fields and EDA; needs the ``dali`` extra), ``simple``
-(PIL, view 0 + caption only: it refuses recipes needing more, naming the field) or ``auto``
-(DALI when it imports). Both loaders read the same sample order and share the state format.
-TP ranks, and every pipeline stage, of one DP rank build identical loaders (same shards, same
-seed, randomness a function of the position only), so they see identical batches.
+The single place the trainer learns about data: it maps the recipe onto the loaders' own
+arguments (``view_plan``, ``eda_config``), so the data package never reads the recipe.
+``data.loader`` picks the implementation: ``dali`` (DALI decode + every view, GeCo fields and
+EDA; needs the ``dali`` extra), ``simple`` (PIL, view 0 + caption only: it refuses recipes
+needing more, naming the field) or ``auto`` (DALI when it imports). Both loaders read the same
+sample order and share the state format. TP ranks, and every pipeline stage, of one DP rank
+build identical loaders (same shards, same seed, randomness a function of the position only),
+so they see identical batches.
 """
 
 from __future__ import annotations
 
 from tulip_mega.data.base import BatchLoader
 from tulip_mega.data.dali_pipeline import ViewPlan, dali_available
+from tulip_mega.data.eda import EdaConfig
 from tulip_mega.data.shards import expand_shards
-from tulip_mega.data.simple_loader import SimpleLoader
+from tulip_mega.data.simple_loader import LoaderFieldError, SimpleLoader
 from tulip_mega.data.tokenizer import Tokenizer
 from tulip_mega.config import Config, ConfigError
 from tulip_mega.config.run_layout import RunLayout
+from tulip_mega.config.schema import AugmentConfig
+from tulip_mega.config.streams import Streams
 
 
 def use_dali(cfg: Config) -> bool:
@@ -32,10 +37,26 @@ def use_dali(cfg: Config) -> bool:
     return available
 
 
-def build_train_loader(cfg: Config, layout: RunLayout, dp_rank: int) -> BatchLoader:
-    """The loader yielding DP rank `dp_rank`'s micro-batches (size train.micro_batch_size), with
-    the fields the run's input streams (`layout.streams`) need."""
-    streams, dp_size = layout.streams, layout.data_parallel
+def eda_config(augment: AugmentConfig) -> EdaConfig:
+    """The EDA probabilities of ``data.augment`` (eda_synonym, eda_swap, eda_deletion, eda_stopword)."""
+    return EdaConfig(augment.eda_synonym, augment.eda_swap, augment.eda_deletion, augment.eda_stopword)
+
+
+def view_plan(cfg: Config, streams: Streams) -> ViewPlan:
+    """Exactly the fields the resolved input streams say the non-zero loss terms need, with the
+    recipe's crop scales and augmentation strengths."""
+    s, v, a = streams, cfg.data.views, cfg.data.augment
+    return ViewPlan(
+        image_size=cfg.model.vision.image_size, crops=s.extra_global_crops,
+        global_scale=tuple(v.global_scale), local_crops=s.local_crops, local_size=v.local_size,
+        local_scale=tuple(v.local_scale), edits=s.geco_edits, first_view_crop=a.first_view_crop,
+        flip_prob=a.flip_prob, color_jitter=tuple(a.color_jitter), color_jitter_prob=a.color_jitter_prob,
+        grayscale_prob=a.grayscale_prob, blur_prob=a.blur_prob, paraphrases=s.paraphrases,
+        negatives=s.negatives, eda=s.eda_caption, eda_config=eda_config(a),
+    )
+
+
+def _tokenizer(cfg: Config) -> Tokenizer:
     tokenizer = Tokenizer(cfg.data.tokenizer, context_length=cfg.model.text.context_length)
     if tokenizer.vocab_size > cfg.model.text.vocab_size:
         raise ConfigError(
@@ -43,12 +64,18 @@ def build_train_loader(cfg: Config, layout: RunLayout, dp_rank: int) -> BatchLoa
             f"model.text.vocab_size={cfg.model.text.vocab_size}; raise model.text.vocab_size "
             f"(a multiple of parallel.tensor_parallel) or train a smaller tokenizer"
         )
-    plan = ViewPlan.from_config(cfg, streams)
+    return tokenizer
+
+
+def build_train_loader(cfg: Config, layout: RunLayout, dp_rank: int) -> BatchLoader:
+    """The loader yielding DP rank `dp_rank`'s micro-batches (size train.micro_batch_size), with
+    the fields the run's input streams (`layout.streams`) need."""
+    plan = view_plan(cfg, layout.streams)
     common = dict(
         batch_size=cfg.train.micro_batch_size,
-        tokenizer=tokenizer,
+        tokenizer=_tokenizer(cfg),
         dp_rank=dp_rank,
-        dp_size=dp_size,
+        dp_size=layout.data_parallel,
         seed=cfg.run.seed,
         shuffle_buffer=cfg.data.shuffle_buffer,
     )
@@ -58,4 +85,7 @@ def build_train_loader(cfg: Config, layout: RunLayout, dp_rank: int) -> BatchLoa
 
         return DaliLoader(shards, plan=plan, threads=cfg.data.threads, prefetch=cfg.data.prefetch,
                           reader_workers=cfg.data.reader_workers, **common)
-    return SimpleLoader(shards, image_size=cfg.model.vision.image_size, fields=plan.fields(), **common)
+    try:
+        return SimpleLoader(shards, image_size=cfg.model.vision.image_size, fields=plan.fields(), **common)
+    except LoaderFieldError as e:
+        raise ConfigError(str(e)) from e
