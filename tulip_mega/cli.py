@@ -191,7 +191,7 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from tulip_mega.convert.megatron_to_plain import ConversionError
+    from tulip_mega.convert.common import ConversionError
 
     try:
         if args.to == "hf":
@@ -203,7 +203,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
             export_open_clip(args.checkpoint, args.out, tokenizer=args.tokenizer, layernorm_eps=args.layernorm_eps)
         else:
-            from tulip_mega.convert.megatron_to_plain import convert_checkpoint
+            from tulip_mega.convert.plain import convert_checkpoint
 
             if args.tokenizer:
                 print("note: --tokenizer is only used with --to hf", file=sys.stderr)
@@ -216,7 +216,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 def _cmd_reshard(args: argparse.Namespace) -> int:
     from tulip_mega.config import ConfigError
-    from tulip_mega.convert.megatron_to_plain import ConversionError
+    from tulip_mega.convert.common import ConversionError
     from tulip_mega.training.reshard import main as reshard_main
 
     try:
