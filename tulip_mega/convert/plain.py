@@ -69,6 +69,21 @@ def is_model_key(key: str) -> bool:
     return head in ("vision_embed", "vision_block", "vision_head", "text_embed", "text_block", "text_head") or key in _SCALARS
 
 
+def split_qkv(fused: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One layer's fused QKV weight or bias -> separate q, k, v. Megatron interleaves by head:
+    rows are [head][q|k|v][head_dim], so a plain reshape to [3 * h, ...] would mix heads."""
+    grouped = fused.reshape(num_heads, 3, fused.shape[0] // (3 * num_heads), *fused.shape[1:])
+    q, k, v = (grouped[:, j].reshape(-1, *fused.shape[1:]).clone() for j in range(3))
+    return q, k, v
+
+
+def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """The inverse of `split_qkv`: separate q, k, v of one layer -> megatron's head-interleaved QKV."""
+    h = q.shape[0]
+    fused = torch.stack([t.reshape(num_heads, h // num_heads, *t.shape[1:]) for t in (q, k, v)], dim=1)
+    return fused.reshape(3 * h, *q.shape[1:])
+
+
 def megatron_key_to_plain(key: str, tensor: torch.Tensor, num_heads: dict[str, int]) -> Iterator[tuple[str, torch.Tensor]]:
     """(plain name, tensor) pairs for one full megatron tensor (layers stacked on axis 0)."""
     key = canonical_key(key)
@@ -92,11 +107,9 @@ def megatron_key_to_plain(key: str, tensor: torch.Tensor, num_heads: dict[str, i
             base = f"{plain_tower}.encoder.layers.{i}."
             layer = tensor[i]
             if sub in _QKV:
-                nh = num_heads[tower]
                 kind = sub.rsplit(".", 1)[1]
-                grouped = layer.reshape(nh, 3, layer.shape[0] // (3 * nh), *layer.shape[1:])
-                for j, name in enumerate("qkv"):
-                    yield f"{base}self_attn.{name}_proj.{kind}", grouped[:, j].reshape(-1, *layer.shape[1:]).clone()
+                for name, t in zip("qkv", split_qkv(layer, num_heads[tower])):
+                    yield f"{base}self_attn.{name}_proj.{kind}", t
             elif sub in _LAYER:
                 yield base + _LAYER[sub], layer.clone()
             else:
@@ -148,9 +161,7 @@ def plain_to_megatron(plain: dict[str, torch.Tensor], num_layers: dict[str, int]
             per_layer = []
             for i in range(L):
                 q, k, v = (take(f"{plain_tower}.encoder.layers.{i}.self_attn.{n}_proj.{kind}") for n in "qkv")
-                h = q.shape[0]
-                fused = torch.stack([t.reshape(nh, h // nh, *t.shape[1:]) for t in (q, k, v)], dim=1)
-                per_layer.append(fused.reshape(3 * h, *q.shape[1:]))
+                per_layer.append(fuse_qkv(q, k, v, nh))
             out[f"{tower}_block.layers.self_attention.linear_qkv.{kind}"] = torch.stack(per_layer)
     extra = sorted(set(plain) - used)
     if extra:
