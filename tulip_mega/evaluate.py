@@ -220,7 +220,7 @@ def evaluate_scenes_checkpoint(checkpoint: str, data: str, config: Optional[str]
     import tempfile
 
     from tulip_mega.config import load_config
-    from tulip_mega.convert.megatron_to_plain import convert_checkpoint
+    from tulip_mega.convert.plain import convert_checkpoint
     from tulip_mega.eval.scenes import plain_model_metrics
     from tulip_mega.parallel.init import launch_env
 

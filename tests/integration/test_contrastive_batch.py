@@ -78,7 +78,7 @@ def _plain_float64_reference(ref_run: list[dict], chunks: int) -> tuple[float, d
     """Plain SigLIP in float64 from the run's initial weights: mean over `chunks` equal parts of
     the global batch of the dense sigmoid loss (chunks=1: the global-batch loss). Returns the
     loss and its gradients in megatron's (layer-stacked) key space."""
-    from tulip_mega.convert.megatron_to_plain import megatron_key_to_plain, plain_to_megatron
+    from tulip_mega.convert.plain import megatron_key_to_plain, plain_to_megatron
     from tulip_mega.convert.plain_model import PlainConfig, TulipPlainModel
 
     cfg = make_cfg(PLAIN)

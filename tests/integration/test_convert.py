@@ -150,7 +150,7 @@ def runs(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def plain_dir(runs) -> Path:
-    from tulip_mega.convert.megatron_to_plain import convert_checkpoint
+    from tulip_mega.convert.plain import convert_checkpoint
 
     out = runs["root"] / "plain"
     t0 = time.perf_counter()
@@ -296,7 +296,7 @@ def test_cli_convert_pytorch(runs, tmp_path):
 
 def test_siglip_that_cannot_be_expressed_is_refused():
     from tulip_mega.convert.hf import plain_config_from_siglip
-    from tulip_mega.convert.megatron_to_plain import ConversionError
+    from tulip_mega.convert.common import ConversionError
 
     good = {"text_config": dict(vocab_size=10, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
                                 num_attention_heads=2, max_position_embeddings=4, projection_size=12),
@@ -313,7 +313,7 @@ def test_siglip_that_cannot_be_expressed_is_refused():
 def test_init_from_hf_checks_the_recipe(runs):
     from harness import make_cfg
     from tulip_mega.convert.hf import import_hf_siglip
-    from tulip_mega.convert.megatron_to_plain import ConversionError
+    from tulip_mega.convert.common import ConversionError
 
     hf_dir = runs["root"] / "hf_random"
     assert "text_head.weight" in import_hf_siglip(hf_dir, make_cfg(SERIAL).model)
@@ -322,7 +322,7 @@ def test_init_from_hf_checks_the_recipe(runs):
 
 
 def test_te_names_map_like_local_names():
-    from tulip_mega.convert.megatron_to_plain import megatron_key_to_plain
+    from tulip_mega.convert.plain import megatron_key_to_plain
 
     heads = {"vision": 2, "text": 2}
     ln = torch.randn(3, 8)
@@ -335,7 +335,7 @@ def test_te_names_map_like_local_names():
 
 
 def test_qkv_split_follows_megatron_layout():
-    from tulip_mega.convert.megatron_to_plain import megatron_key_to_plain
+    from tulip_mega.convert.plain import megatron_key_to_plain
 
     nh, hn, h, L = 4, 3, 12, 2
     w = torch.arange(L * 3 * h * h, dtype=torch.float32).reshape(L, 3 * h, h)

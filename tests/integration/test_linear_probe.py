@@ -120,7 +120,7 @@ def test_eval_linear_probe_at_pp2_equals_probe_on_plain_features(shapes_data, tm
     from tulip_mega.data.shards import expand_shards
     from tulip_mega.data.simple_loader import SimpleLoader
     from tulip_mega.data.tokenizer import Tokenizer
-    from tulip_mega.convert.megatron_to_plain import convert_checkpoint
+    from tulip_mega.convert.plain import convert_checkpoint
     from tulip_mega.convert.plain_model import TulipPlainModel
 
     src = Path(shapes_data["train"]).parent

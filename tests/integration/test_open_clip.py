@@ -23,7 +23,7 @@ pytest.importorskip("transformers")
 import open_clip  # noqa: E402
 
 from harness import make_cfg  # noqa: E402
-from tulip_mega.convert.megatron_to_plain import ConversionError  # noqa: E402
+from tulip_mega.convert.common import ConversionError  # noqa: E402
 from tulip_mega.convert.openclip import (  # noqa: E402
     CONFIG_FILE, WEIGHTS_FILE, import_open_clip, load_open_clip_state, open_clip_model_config,
     plain_config_from_open_clip, plain_to_open_clip)
@@ -95,7 +95,7 @@ def import_worker(root: str, source: str) -> str:
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory) -> dict:
     from tulip_mega.data.tokenizer import train_tokenizer
-    from tulip_mega.convert.megatron_to_plain import convert_checkpoint
+    from tulip_mega.convert.plain import convert_checkpoint
     from tulip_mega.convert.openclip import export_open_clip
 
     root = tmp_path_factory.mktemp("open_clip")

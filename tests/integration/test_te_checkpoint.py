@@ -287,7 +287,7 @@ def distopt_worker(path: str) -> None:
 
 @pytest.mark.multiprocess
 def test_reshard_refuses_distributed_optimizer_state_without_cuda(tmp_path):
-    from tulip_mega.convert.megatron_to_plain import ConversionError
+    from tulip_mega.convert.common import ConversionError
     from tulip_mega.training.reshard import reshard
 
     (tmp_path / "ckpt").mkdir()

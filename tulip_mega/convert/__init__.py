@@ -1,11 +1,12 @@
-"""Checkpoint conversion: megatron dist checkpoints <-> plain PyTorch / Hugging Face SigLIP.
+"""Checkpoint conversion between our megatron dist checkpoints and external formats.
 
-- `plain_model`: a small pure-PyTorch TULIP model (no megatron import) with Hugging Face
-  SigLIP parameter names, loadable from `model.safetensors` + `config.json`.
-- `megatron_to_plain`: dist checkpoint (any TP/PP) -> plain safetensors, tensor by tensor.
-- `hf`: export to / import from `transformers.SiglipModel` directories.
-- resharding a checkpoint for another TP x PP layout is tulip_mega/training/reshard.py (it builds the
-  model and optimizer like the trainer).
+One module per format, each with both directions: `plain` (plain PyTorch safetensors with
+Hugging Face SigLIP names), `hf` (`transformers.SiglipModel` folders), `openclip` (open_clip hub
+folders); `common` holds the error type and the run-config and recipe checks they share.
+`plain_model` is the pure-PyTorch model a plain export loads into; `pretrained` starts a
+training run from HF or open_clip weights. Resharding a checkpoint for another TP x PP layout
+is tulip_mega/training/reshard.py (it builds the model and optimizer like the trainer).
 
-Only `plain_model` is imported here, so `import tulip_mega.convert` stays megatron-free.
+The package imports none of them, and megatron-core is imported only where a dist checkpoint
+is read, so the plain model and the format mappings run without it.
 """

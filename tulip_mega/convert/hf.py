@@ -19,7 +19,8 @@ from typing import Callable, Optional, Union
 
 import torch
 
-from tulip_mega.convert.megatron_to_plain import ConversionError, convert_checkpoint, plain_model_to_megatron
+from tulip_mega.convert.common import ConversionError, check_matches_recipe, run_tokenizer
+from tulip_mega.convert.plain import convert_checkpoint, plain_model_to_megatron
 from tulip_mega.convert.plain_model import CONFIG_NAME, PlainConfig
 
 # Our tokenizer's ids (tulip_mega/data/tokenizer.py): T5 / SigLIP style.
@@ -170,24 +171,13 @@ def export_hf(checkpoint: Union[str, Path], out: Union[str, Path], tokenizer: Op
     if note:
         log(note)
     if tokenizer is None:
-        tokenizer = _run_tokenizer(Path(checkpoint))
+        tokenizer = run_tokenizer(checkpoint)
     if tokenizer is not None:
         write_processor(out, tokenizer, cfg)
         log(f"wrote SiglipProcessor files (tokenizer {tokenizer}) to {out}")
     else:
         log("no --tokenizer given: wrote the model only (no processor files)")
     return stats
-
-
-def _run_tokenizer(checkpoint: Path) -> Optional[Path]:
-    """data.tokenizer of the run's config.yaml beside the checkpoint, when that file exists."""
-    run_cfg = checkpoint.resolve().parent.parent / "config.yaml"
-    if not run_cfg.is_file():
-        return None
-    import yaml
-
-    tok = ((yaml.safe_load(run_cfg.read_text()) or {}).get("data") or {}).get("tokenizer")
-    return Path(tok) if tok and Path(tok).is_file() else None
 
 
 def load_hf_state(hf_dir: Union[str, Path]) -> tuple[PlainConfig, dict[str, torch.Tensor]]:
@@ -218,14 +208,3 @@ def import_hf_siglip(hf_dir: Union[str, Path], model_cfg=None) -> dict[str, torc
         check_matches_recipe(cfg, model_cfg, hf_dir, "model.init_from_hf", "SiglipModel")
     return plain_model_to_megatron(state, cfg)
 
-
-def check_matches_recipe(cfg: PlainConfig, model_cfg, source, key: str, what: str) -> None:
-    """Raise naming every recipe key whose value differs from the source model's architecture
-    (shape checks alone would miss e.g. the LayerNorm epsilon)."""
-    diffs = [f"model.{tower}.{k}: {source} has {v!r}, the recipe {getattr(getattr(model_cfg, tower), k)!r}"
-             for tower in ("vision", "text") for k, v in getattr(cfg, tower).items()
-             if getattr(getattr(model_cfg, tower), k) != v]
-    if cfg.layernorm_eps != model_cfg.layernorm_eps:
-        diffs.append(f"model.layernorm_eps: {source} has {cfg.layernorm_eps!r}, the recipe {model_cfg.layernorm_eps!r}")
-    if diffs:
-        raise ConversionError(f"{key}: the {what} does not match the recipe:\n  " + "\n  ".join(diffs))

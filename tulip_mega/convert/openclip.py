@@ -43,7 +43,9 @@ from typing import Callable, Optional, Union
 
 import torch
 
-from tulip_mega.convert.megatron_to_plain import ConversionError, convert_checkpoint, plain_model_to_megatron
+from tulip_mega.convert.common import ConversionError, check_matches_recipe, run_config_value, run_tokenizer
+from tulip_mega.convert.hf import write_processor
+from tulip_mega.convert.plain import convert_checkpoint, plain_model_to_megatron
 from tulip_mega.convert.plain_model import WEIGHTS_NAME, PlainConfig
 
 CONFIG_FILE = "open_clip_config.json"
@@ -308,10 +310,8 @@ def export_open_clip(checkpoint: Union[str, Path], out: Union[str, Path], tokeni
     """Dist checkpoint -> an open_clip hub-layout folder (weights, config, tokenizer)."""
     from safetensors.torch import load_file, save_file
 
-    from tulip_mega.convert.hf import _run_tokenizer, write_processor
-
     checkpoint, out = Path(checkpoint), Path(out)
-    tokenizer = tokenizer or _run_tokenizer(checkpoint)
+    tokenizer = tokenizer or run_tokenizer(checkpoint)
     if tokenizer is None:
         raise ConversionError("--to open_clip needs the run's SentencePiece model (--tokenizer spm.model, or a "
                               "run config.yaml beside the checkpoint naming data.tokenizer): open_clip would "
@@ -343,14 +343,8 @@ def export_open_clip(checkpoint: Union[str, Path], out: Union[str, Path], tokeni
 
 def _run_bias_init(checkpoint: Path) -> float:
     """model.bias_init of the run's config.yaml (open_clip's init_logit_bias), -10 when unknown."""
-    run_cfg = checkpoint.resolve().parent.parent / "config.yaml"
-    if run_cfg.is_file():
-        import yaml
-
-        value = ((yaml.safe_load(run_cfg.read_text()) or {}).get("model") or {}).get("bias_init")
-        if value is not None:
-            return float(value)
-    return -10.0
+    value = run_config_value(checkpoint, "model", "bias_init")
+    return -10.0 if value is None else float(value)
 
 
 # --- import ----------------------------------------------------------------------------------
@@ -382,8 +376,6 @@ def import_open_clip(folder: Union[str, Path], model_cfg=None) -> dict[str, torc
     With `model_cfg` (the recipe's `model` section) the architecture must equal it, every
     differing key named.
     """
-    from tulip_mega.convert.hf import check_matches_recipe
-
     cfg, state = load_open_clip_state(folder)
     if model_cfg is not None:
         check_matches_recipe(cfg, model_cfg, folder, "model.init_from_open_clip", "open_clip model")

@@ -32,7 +32,7 @@ import os
 from pathlib import Path
 from typing import Optional, Sequence
 
-from tulip_mega.convert.megatron_to_plain import ConversionError
+from tulip_mega.convert.common import ConversionError
 
 
 def reshard_config(checkpoint: Path, tp: int, pp: int, overrides: Sequence[str] = (), virtual: int = 1):

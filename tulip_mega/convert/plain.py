@@ -1,13 +1,14 @@
-"""Megatron dist checkpoint (any TP x PP) -> plain PyTorch `model.safetensors` + `config.json`.
+"""Megatron dist checkpoint (any TP x PP) <-> plain PyTorch tensors with Hugging Face SigLIP names.
 
-The torch_dist format stores every tensor under its global (unsharded) key, so the layout
-that saved it does not matter here: each model tensor is read whole, one at a time, turned
-into plain per-layer tensors (fused QKV split into q/k/v, TE's fused LayerNorm names mapped,
-`_extra_state` dropped) and the stacked original freed; peak host memory is the output plus
-one stacked tensor. Optimizer state is never read.
+Export (`convert_checkpoint`, `tulip-mega convert CKPT --to pytorch OUT`): the torch_dist format
+stores every tensor under its global (unsharded) key, so the layout that saved it does not
+matter: each model tensor is read whole, one at a time, turned into plain per-layer tensors
+(fused QKV split into q/k/v, TE's fused LayerNorm names mapped, `_extra_state` dropped) and
+written straight into `model.safetensors`; peak host memory is one stacked tensor. Optimizer
+state is never read.
 
-The key mapping lives in `megatron_key_to_plain` / `plain_to_megatron` (both megatron-free)
-so the Hugging Face import (`tulip_mega.convert.hf`) reuses it in reverse.
+Import (`plain_to_megatron`): plain-named full tensors -> our megatron key space (layers
+stacked, QKV fused), what the Hugging Face and open_clip imports end with.
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ import struct
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
+from tulip_mega.convert.common import ConversionError, run_config_value
 from tulip_mega.convert.plain_model import CONFIG_NAME, WEIGHTS_NAME, PlainConfig
 from tulip_mega.models.te_names import canonical_key, is_extra_state  # TE's names -> local-spec names
 
@@ -61,13 +63,25 @@ _LAYER = {
 _QKV = ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias")
 
 
-class ConversionError(RuntimeError):
-    """A checkpoint or model that cannot be converted; the message says why."""
-
-
 def is_model_key(key: str) -> bool:
+    """Whether a checkpoint key is a SigLIP model tensor (not an optimizer, decoder or training-only one)."""
     head = key.split(".", 1)[0]
     return head in ("vision_embed", "vision_block", "vision_head", "text_embed", "text_block", "text_head") or key in _SCALARS
+
+
+def split_qkv(fused: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One layer's fused QKV weight or bias -> separate q, k, v. Megatron interleaves by head:
+    rows are [head][q|k|v][head_dim], so a plain reshape to [3 * h, ...] would mix heads."""
+    grouped = fused.reshape(num_heads, 3, fused.shape[0] // (3 * num_heads), *fused.shape[1:])
+    q, k, v = (grouped[:, j].reshape(-1, *fused.shape[1:]).clone() for j in range(3))
+    return q, k, v
+
+
+def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """The inverse of `split_qkv`: separate q, k, v of one layer -> megatron's head-interleaved QKV."""
+    h = q.shape[0]
+    fused = torch.stack([t.reshape(num_heads, h // num_heads, *t.shape[1:]) for t in (q, k, v)], dim=1)
+    return fused.reshape(3 * h, *q.shape[1:])
 
 
 def megatron_key_to_plain(key: str, tensor: torch.Tensor, num_heads: dict[str, int]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -93,11 +107,9 @@ def megatron_key_to_plain(key: str, tensor: torch.Tensor, num_heads: dict[str, i
             base = f"{plain_tower}.encoder.layers.{i}."
             layer = tensor[i]
             if sub in _QKV:
-                nh = num_heads[tower]
                 kind = sub.rsplit(".", 1)[1]
-                grouped = layer.reshape(nh, 3, layer.shape[0] // (3 * nh), *layer.shape[1:])
-                for j, name in enumerate("qkv"):
-                    yield f"{base}self_attn.{name}_proj.{kind}", grouped[:, j].reshape(-1, *layer.shape[1:]).clone()
+                for name, t in zip("qkv", split_qkv(layer, num_heads[tower])):
+                    yield f"{base}self_attn.{name}_proj.{kind}", t
             elif sub in _LAYER:
                 yield base + _LAYER[sub], layer.clone()
             else:
@@ -106,12 +118,16 @@ def megatron_key_to_plain(key: str, tensor: torch.Tensor, num_heads: dict[str, i
     raise ConversionError(f"unknown model key {key!r}")
 
 
+def _num_heads(config: PlainConfig) -> dict[str, int]:
+    return {"vision": config.vision["num_heads"], "text": config.text["num_heads"]}
+
+
 def plain_model_to_megatron(plain: dict[str, torch.Tensor], config: PlainConfig) -> dict[str, torch.Tensor]:
     """`plain_to_megatron` with the layer and head counts of a plain-model architecture."""
     return plain_to_megatron(
         plain,
         num_layers={"vision": config.vision["num_layers"], "text": config.text["num_layers"]},
-        num_heads={"vision": config.vision["num_heads"], "text": config.text["num_heads"]},
+        num_heads=_num_heads(config),
     )
 
 
@@ -145,9 +161,7 @@ def plain_to_megatron(plain: dict[str, torch.Tensor], num_layers: dict[str, int]
             per_layer = []
             for i in range(L):
                 q, k, v = (take(f"{plain_tower}.encoder.layers.{i}.self_attn.{n}_proj.{kind}") for n in "qkv")
-                h = q.shape[0]
-                fused = torch.stack([t.reshape(nh, h // nh, *t.shape[1:]) for t in (q, k, v)], dim=1)
-                per_layer.append(fused.reshape(3 * h, *q.shape[1:]))
+                per_layer.append(fuse_qkv(q, k, v, nh))
             out[f"{tower}_block.layers.self_attention.linear_qkv.{kind}"] = torch.stack(per_layer)
     extra = sorted(set(plain) - used)
     if extra:
@@ -162,7 +176,7 @@ def plain_config_from_checkpoint(path: Path, common: dict, layernorm_eps: Option
     if "vision" not in mc or "text" not in mc:
         raise ConversionError(f"{path} holds no model_config (vision/text); was it saved by tulip-mega?")
     if layernorm_eps is None:
-        # Checkpoints store it with the model shape; older ones only in the run's config.yaml.
+        # Stored with the model shape; a checkpoint without it falls back to the run's config.yaml.
         layernorm_eps = mc.get("layernorm_eps")
     if layernorm_eps is None:
         layernorm_eps = _eps_from_run_config(path)
@@ -170,13 +184,10 @@ def plain_config_from_checkpoint(path: Path, common: dict, layernorm_eps: Option
 
 
 def _eps_from_run_config(path: Path) -> float:
-    run_cfg = Path(path).resolve().parent.parent / "config.yaml"
-    if run_cfg.is_file():
-        import yaml
-
-        eps = ((yaml.safe_load(run_cfg.read_text()) or {}).get("model") or {}).get("layernorm_eps")
-        if eps is not None:
-            return float(eps)
+    """model.layernorm_eps of the run's config.yaml, else the schema default (with a note)."""
+    eps = run_config_value(path, "model", "layernorm_eps")
+    if eps is not None:
+        return float(eps)
     from tulip_mega.config.schema import ModelConfig
 
     eps = ModelConfig().layernorm_eps
@@ -185,7 +196,7 @@ def _eps_from_run_config(path: Path) -> float:
 
 
 @contextlib.contextmanager
-def single_process_group():
+def single_process_group() -> Iterator[None]:
     """A 1-rank gloo group for dist_checkpointing's loader when none exists (plain CLI use)."""
     import torch.distributed as dist
 
@@ -202,15 +213,71 @@ def single_process_group():
 
 _ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
               torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
+# Per megatron key, in file order: the (plain name, shape, dtype) of each tensor it becomes.
+Plan = list[tuple[str, list[tuple[str, tuple[int, ...], torch.dtype]]]]
 
 
-def _plan(keys_meta: list[tuple[str, torch.Tensor]], num_heads: dict[str, int]) -> list[tuple[str, list]]:
-    """Per megatron key, the (plain name, shape, dtype) it becomes: computed on meta tensors, no data."""
+def _plan(checkpoint: Path, meta: dict[str, Any], num_heads: dict[str, int]) -> Plan:
+    """The plain tensors each model key of the checkpoint becomes: computed on meta tensors, no data read."""
+    keys = sorted(k for k in meta if is_model_key(k) and not is_extra_state(k))
+    if not keys:
+        raise ConversionError(f"{checkpoint} holds no model tensors")
     plan = []
-    for key, meta in keys_meta:
-        outs = [(n, tuple(t.shape), t.dtype) for n, t in megatron_key_to_plain(key, meta, num_heads)]
-        plan.append((key, outs))
+    for key in keys:
+        shaped = torch.empty(tuple(meta[key].global_shape), dtype=meta[key].dtype, device="meta")
+        plan.append((key, [(n, tuple(t.shape), t.dtype) for n, t in megatron_key_to_plain(key, shaped, num_heads)]))
     return plan
+
+
+def _safetensors_header(plan: Plan, metadata: dict[str, str]) -> tuple[bytes, int]:
+    """(the safetensors JSON header laying the planned tensors out in order, padded to 8 bytes; data size)."""
+    header: dict = {"__metadata__": metadata}
+    offset = 0
+    for _, outs in plan:
+        for name, shape, dtype in outs:
+            if dtype not in _ST_DTYPES:
+                raise ConversionError(f"{name}: dtype {dtype} has no safetensors code here")
+            n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+            offset += n
+    head = json.dumps(header, separators=(",", ":")).encode()
+    return head + b" " * (-len(head) % 8), offset  # data starts 8-byte aligned
+
+
+def _plain_tensors(checkpoint: Path, meta: dict[str, Any], plan: Plan, num_heads: dict[str, int], total: int,
+                   log: Callable[[str], None]) -> Iterator[torch.Tensor]:
+    """The planned plain tensors in order, reading one whole megatron tensor at a time and freeing
+    it before the next; logs progress per megatron key."""
+    from megatron.core import dist_checkpointing
+
+    written = count = 0
+    for i, (key, outs) in enumerate(plan, 1):
+        full = dist_checkpointing.load({key: meta[key]}, str(checkpoint), validate_access_integrity=False).pop(key)
+        for (name, shape, _), (got, t) in zip(outs, megatron_key_to_plain(key, full, num_heads)):
+            assert got == name and tuple(t.shape) == shape, (got, name, t.shape, shape)
+            written += t.numel() * t.element_size()
+            count += 1
+            yield t
+            del t
+        del full
+        log(f"[{i}/{len(plan)}] {key}: {count} plain tensors, {written / 2**20:.1f} / {total / 2**20:.1f} MiB")
+
+
+def _write_safetensors(path: Path, head: bytes, total: int, tensors: Iterator[torch.Tensor]) -> int:
+    """Write `head` then each tensor's bytes to `path` (through a .partial file); returns the tensor count."""
+    tmp = path.with_name(path.name + ".partial")
+    written = count = 0
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(head)))
+        f.write(head)
+        for t in tensors:
+            f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+            written += t.numel() * t.element_size()
+            count += 1
+    if written != total:
+        raise ConversionError(f"wrote {written} bytes, planned {total}")
+    os.replace(tmp, path)
+    return count
 
 
 def convert_checkpoint(
@@ -233,46 +300,15 @@ def convert_checkpoint(
     t0 = time.perf_counter()
     common = dist_checkpointing.load_common_state_dict(str(checkpoint))
     config = plain_config_from_checkpoint(checkpoint, common, layernorm_eps)
-    num_heads = {"vision": config.vision["num_heads"], "text": config.text["num_heads"]}
+    num_heads = _num_heads(config)
     out.mkdir(parents=True, exist_ok=True)
     with single_process_group():
         meta = dist_checkpointing.load_tensors_metadata(str(checkpoint))
-        keys = sorted(k for k in meta if is_model_key(k) and not is_extra_state(k))
-        if not keys:
-            raise ConversionError(f"{checkpoint} holds no model tensors")
-        plan = _plan([(k, torch.empty(tuple(meta[k].global_shape), dtype=meta[k].dtype, device="meta"))
-                      for k in keys], num_heads)
-        header: dict = {"__metadata__": {"format": "pt", "source": str(checkpoint), "step": str(common.get("step"))}}
-        offset = 0
-        for _, outs in plan:
-            for name, shape, dtype in outs:
-                if dtype not in _ST_DTYPES:
-                    raise ConversionError(f"{name}: dtype {dtype} has no safetensors code here")
-                n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-                header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
-                offset += n
-        total = offset
-        head = json.dumps(header, separators=(",", ":")).encode()
-        head += b" " * (-len(head) % 8)  # data starts 8-byte aligned
-        written = count = 0
-        tmp = out / (WEIGHTS_NAME + ".partial")
-        with open(tmp, "wb") as f:
-            f.write(struct.pack("<Q", len(head)))
-            f.write(head)
-            for i, (key, outs) in enumerate(plan, 1):
-                loaded = dist_checkpointing.load({key: meta[key]}, str(checkpoint), validate_access_integrity=False)
-                full = loaded.pop(key)
-                for (name, shape, _), (got, t) in zip(outs, megatron_key_to_plain(key, full, num_heads)):
-                    assert got == name and tuple(t.shape) == shape, (got, name, t.shape, shape)
-                    f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().data)
-                    written += t.numel() * t.element_size()
-                    count += 1
-                    del t
-                del full, loaded
-                log(f"[{i}/{len(plan)}] {key}: {count} plain tensors, {written / 2**20:.1f} / {total / 2**20:.1f} MiB")
-        if written != total:
-            raise ConversionError(f"wrote {written} bytes, planned {total}")
-        os.replace(tmp, out / WEIGHTS_NAME)
+        plan = _plan(checkpoint, meta, num_heads)
+        head, total = _safetensors_header(plan, {"format": "pt", "source": str(checkpoint),
+                                                 "step": str(common.get("step"))})
+        tensors = _plain_tensors(checkpoint, meta, plan, num_heads, total, log)
+        count = _write_safetensors(out / WEIGHTS_NAME, head, total, tensors)
     (out / CONFIG_NAME).write_text(json.dumps(config.to_json(), indent=2) + "\n")
     secs = time.perf_counter() - t0
     log(f"wrote {count} tensors ({total / 2**20:.1f} MiB) to {out / WEIGHTS_NAME} in {secs:.1f}s")
