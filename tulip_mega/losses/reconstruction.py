@@ -25,10 +25,9 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from tulip_mega.data.tokenizer import PAD_ID
 from tulip_mega.losses.common import require_all
 
-__all__ = ["PAD_ID", "causal_text_loss", "mae_loss", "mae_mask", "mae_targets", "patchify"]
+__all__ = ["causal_text_loss", "mae_loss", "mae_mask", "mae_targets", "patchify"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -132,7 +131,7 @@ def mae_mask(keys: Sequence[str], step: int, seed: int, num_patches: int, num_vi
 # --------------------------------------------------------------------------------------------
 
 
-def causal_text_loss(logits: torch.Tensor, targets: torch.Tensor, pad_id: int = PAD_ID,
+def causal_text_loss(logits: torch.Tensor, targets: torch.Tensor, pad_id: int,
                      divisor: Optional[float] = None) -> torch.Tensor:
     """Token cross entropy summed over the positions whose target is not padding, divided by
     `divisor`; by default their number (the mean token cross entropy of this batch).
@@ -143,7 +142,7 @@ def causal_text_loss(logits: torch.Tensor, targets: torch.Tensor, pad_id: int = 
             targets[:, t]: the caller does the causal shift. Like megatron, float32 logits
             are overwritten in place (saves an [L, B, V] copy); pass a clone if you need them.
         targets: [B, L] int64 token ids in [0, V).
-        pad_id: ignored target id; default the tokenizer's pad id (tulip_mega.data.tokenizer).
+        pad_id: the ignored target id, the tokenizer's pad id.
         divisor: the training step passes the step's token count per micro-batch
             (losses/token_count.py), so that the step's loss is the mean over all of its
             tokens whatever the split into micro-batches and data-parallel ranks.
