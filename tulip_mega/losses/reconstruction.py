@@ -1,20 +1,10 @@
 """Reconstruction losses of TULIP: masked-image modelling (MAE) and causal caption decoding.
 
-MAE (He et al. 2022): 75% of the patches are hidden from the vision encoder; a light decoder
-predicts the pixels of the hidden patches; the loss is the per-pixel MSE on the MASKED
-patches only, against per-patch normalised pixels ("norm_pix_loss", which MAE found to give
-better representations). `patchify`, `mae_targets` and `mae_loss` follow the official code
-(facebookresearch/mae, models_mae.py `patchify` / `forward_loss`) exactly, including its use
-of the UNBIASED per-patch variance (torch's default `.var()`) and eps = 1e-6 inside the sqrt.
-
-The mask is drawn per sample from a hash of (seed, step, sample key), not from a global RNG,
-so a sample gets the same mask whatever batch it lands in, whatever DP rank reads it and
-whatever the TP/PP layout: runs with different parallel layouts see identical masks, and a
-resumed run reproduces them.
-
-The text decoder reconstructs the caption from the text embedding; its logits are
-vocab-parallel ([L, B, V/tp] per TP rank, megatron's convention), so the cross entropy is
-megatron-core's `vocab_parallel_cross_entropy`, which never gathers the full vocabulary.
+MAE (He et al. 2022): per-pixel MSE on the MASKED patches against per-patch normalised pixels,
+exactly as facebookresearch/mae `patchify` / `forward_loss` (unbiased variance, eps 1e-6). The
+mask of a sample is a function of (seed, step, sample key) only, so every parallel layout and
+a resumed run see the same masks. The caption decoder's logits are vocab-parallel; its cross
+entropy is megatron-core's `vocab_parallel_cross_entropy`, which never gathers the vocabulary.
 """
 
 from __future__ import annotations

@@ -1,24 +1,13 @@
 """SigLIP sigmoid contrastive loss (Zhai et al. 2023), dense and data-parallel.
 
-TULIP uses this pairwise sigmoid loss for every contrastive term. Unlike the softmax (CLIP)
-loss every image/text pair is an independent binary classification, so the loss over a global
-batch decomposes into blocks of rows x columns with no global normaliser. That is what lets the
-data-parallel version stream text blocks around a ring instead of materialising the global
-[B_global, B_global] logits.
+    logits = s * x @ y.T + b          x [B, D] images, y [N, D] texts (L2-normalised), s = exp(t)
+    loss   = -(1/B) * sum_ij log sigmoid(z_ij * logits_ij),   z_ij = +1 positive, -1 negative
 
-Notation: image embeddings x [B, D], text embeddings y [N, D] (both L2-normalised by the caller),
-`logit_scale` s (already exponentiated, i.e. exp(t)), `logit_bias` b,
-
-    logits = s * x @ y.T + b                          # [B, N]
-    loss   = -(1/B) * sum_ij log sigmoid(z_ij * logits_ij),   z_ij = +1 positive, -1 negative.
-
-Implementation notes shared by the dense and the ring code:
-  * -log sigmoid(u) == softplus(-u), so a negative pair costs softplus(l) and a positive pair
-    softplus(-l) == softplus(l) - l. A block whose positives are a diagonal therefore costs
-    sum(softplus(logits)) - trace(logits): no [B, N] label tensor is needed.
-  * Half-precision embeddings (bf16/fp16) keep their matmuls in half precision, but the
-    element-wise part and the reduction over B*N terms run in float32 (a bf16 sum over 10^6
-    terms would lose the loss value).
+Every pair is an independent binary classification, so the global loss splits into blocks of
+rows x columns with no global normaliser: the data-parallel "ring" version streams text blocks
+around the DP ring instead of materialising the global logits. -log sigmoid(u) = softplus(-u),
+so a block with a positive diagonal costs sum(softplus(logits)) - trace(logits), with no label
+tensor; matmuls stay in the embeddings' dtype, the element-wise part and sums run in float32.
 """
 
 from __future__ import annotations
