@@ -266,7 +266,9 @@ class TulipModel(MegatronModule):
         views_emb = F.normalize(views_raw.float(), dim=-1)
         texts_emb = F.normalize(texts_raw.float(), dim=-1)
         logits = self._pair_logits()
-        aug = self._aug_outputs(views_raw, texts_raw, streams) if streams.eda_caption and streams.extra_global_crops else {}
+        aug = {}
+        if streams.eda_caption and streams.extra_global_crops:
+            aug = self._aug_outputs(views_raw, texts_raw, streams)
         mae_pred = text_logits = None
         if streams.mae_visible:
             visible_idx, masked_idx = mae_idx
@@ -280,7 +282,8 @@ class TulipModel(MegatronModule):
             mae_pred=mae_pred, text_logits=text_logits,
         )
 
-    def _aug_outputs(self, views_raw: torch.Tensor, texts_raw: torch.Tensor, streams: Streams) -> dict[str, torch.Tensor]:
+    def _aug_outputs(self, views_raw: torch.Tensor, texts_raw: torch.Tensor,
+                     streams: Streams) -> dict[str, torch.Tensor]:
         """clip-rocket: the first extra global crop and the EDA caption through their projectors."""
         crop = streams.global_slice("crops").start
         eda = streams.text_slice("eda").start
