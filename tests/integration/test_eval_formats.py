@@ -162,7 +162,7 @@ def _embed(model, tokenizer, images: list[bytes] = (), texts: list[str] = ()) ->
     model.eval()
     with torch.no_grad():
         out = model(pixels, tokens)
-    return out["image_emb" if images else "text_emb"].float()
+    return (out.image_emb if images else out.text_emb).float()
 
 
 def _read_wds(root: Path) -> list[dict[str, bytes]]:

@@ -29,6 +29,7 @@ from tulip_mega.losses import (
     patchify,
     same_sample_weights,
 )
+from tulip_mega.data.tokenizer import PAD_ID
 from tulip_mega.parallel.spawn import run_distributed
 
 TOL = dict(atol=1e-10, rtol=1e-10)
@@ -426,7 +427,7 @@ def test_mae_mask_deterministic_per_key_and_partitions_patches():
 def test_causal_text_loss_single_process_matches_reference():
     logits0, targets = text_problem(seed=10)
     logits = _leaf(logits0)
-    loss = causal_text_loss(logits, targets)
+    loss = causal_text_loss(logits, targets, PAD_ID)
     loss.backward()
     ref_logits = _leaf(logits0)
     ref = ref_text_loss(ref_logits, targets, pad_id=0)
@@ -439,7 +440,7 @@ def test_causal_text_loss_single_process_matches_reference():
     want = F.cross_entropy(logits0.permute(1, 2, 0), targets, ignore_index=0)
     torch.testing.assert_close(loss.double(), want, atol=1e-6, rtol=1e-6)
     # All padding: 0, not NaN. Another pad id is honoured.
-    assert float(causal_text_loss(logits0, torch.zeros_like(targets))) == 0.0
+    assert float(causal_text_loss(logits0, torch.zeros_like(targets), PAD_ID)) == 0.0
     ref_pad3 = ref_text_loss(logits0, targets, pad_id=3)
     torch.testing.assert_close(causal_text_loss(logits0, targets, pad_id=3).double(), ref_pad3,
                                atol=1e-6, rtol=1e-6)
@@ -448,13 +449,13 @@ def test_causal_text_loss_single_process_matches_reference():
 def test_causal_text_loss_validation():
     logits0, targets = text_problem(seed=11)
     with pytest.raises(ValueError, match=r"targets must be int64 \[B, L\] = \(3, 5\)"):
-        causal_text_loss(logits0, targets.T)
+        causal_text_loss(logits0, targets.T, PAD_ID)
     bad = targets.clone()
     bad[1, 1] = 8
     with pytest.raises(ValueError, match=r"token ids in \[0, 8\).*\[8\]"):
-        causal_text_loss(logits0, bad)
+        causal_text_loss(logits0, bad, PAD_ID)
     with pytest.raises(ValueError, match="L, B, V_local"):
-        causal_text_loss(logits0[0], targets)
+        causal_text_loss(logits0[0], targets, PAD_ID)
 
 
 def _captions(lengths, seq: int, vocab: int, g: torch.Generator) -> torch.Tensor:
@@ -483,7 +484,7 @@ def test_causal_text_loss_step_divisor_makes_the_split_irrelevant():
 
     # Without the step's count a short caption's tokens weigh 21/10 = 2.1x, a full one's 21/32.
     naive_logits = _leaf(logits0)
-    naive = sum(causal_text_loss(naive_logits[:, s], t) for s, t in micro) / 2
+    naive = sum(causal_text_loss(naive_logits[:, s], t, PAD_ID) for s, t in micro) / 2
     naive.backward()
     ratio = naive_logits.grad[0, :, 0] / dense_logits.grad[0, :, 0]  # first position of every caption
     torch.testing.assert_close(ratio, torch.tensor([2.1, 2.1, 21 / 32, 21 / 32], dtype=torch.float64), rtol=1e-5, atol=0)
@@ -493,7 +494,7 @@ def test_causal_text_loss_step_divisor_makes_the_split_irrelevant():
                                  device=torch.device("cpu"))
     assert divisor == (2 + 3 + 8 + 8) / 2
     split_logits = _leaf(logits0)
-    total = sum(causal_text_loss(split_logits[:, s], t, divisor=divisor) / 2 for s, t in micro)
+    total = sum(causal_text_loss(split_logits[:, s], t, PAD_ID, divisor=divisor) / 2 for s, t in micro)
     total.backward()
     # causal_text_loss works in float32: equal to the float64 reference to float32 rounding.
     torch.testing.assert_close(total.double(), dense, atol=1e-6, rtol=1e-6)
@@ -501,7 +502,7 @@ def test_causal_text_loss_step_divisor_makes_the_split_irrelevant():
     # A step of padding only: divisor 1, loss 0.
     assert step_token_divisor([torch.zeros(2, 3, dtype=torch.long)], 0, 1, None, torch.device("cpu")) == 1.0
     with pytest.raises(ValueError, match="divisor must be > 0, got 0"):
-        causal_text_loss(logits0, targets, divisor=0)
+        causal_text_loss(logits0, targets, PAD_ID, divisor=0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -546,7 +547,7 @@ def _dist_worker() -> dict:
     init_parallel(2, 1, seed=0)
     logits, targets = text_problem(seed=23, vocab=8)
     part = _leaf(logits[:, :, rank * 4:(rank + 1) * 4].float())
-    loss = causal_text_loss(part, targets)
+    loss = causal_text_loss(part, targets, PAD_ID)
     loss.backward()
     out["text_tp2"] = [loss.detach(), part.grad]
     parallel_state.destroy_model_parallel()
@@ -554,7 +555,7 @@ def _dist_worker() -> dict:
     init_parallel(1, 1, seed=0)
     logits, targets = text_problem(seed=24 + rank)
     full = _leaf(logits.float())
-    loss = causal_text_loss(full, targets)
+    loss = causal_text_loss(full, targets, PAD_ID)
     loss.backward()
     out["text_tp1"] = [loss.detach(), full.grad]
     return out

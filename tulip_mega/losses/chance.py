@@ -1,18 +1,10 @@
 """The loss of a model that has learned nothing: the plateau a contrastive term sits on.
 
-A model that gives every pair the same logit z (every embedding alike, or the towers not yet
-aligned) cannot go below
-
-  sigmoid, P positive and N negative pair-weight per row (our losses divide the sum over
-  pairs by the rows):      min_z  P softplus(-z) + N softplus(z)
-                         = P log(1 + N/P) + N log(1 + P/N)        at z = log(P/N)
-      (one positive and B-1 negatives: log B + (B-1) log(B/(B-1)); 4.45 at B=32, 5.85 at B=128)
-  InfoNCE over B columns:  log B  (equal logits give every column probability 1/B, whatever
-                                   the label smoothing)
-
-so a term that sits within 1% of this value for many steps has not started to learn; the
-trainer logs the value beside each term (`chance/<term>`) and warns (training/plateau.py).
-See docs/losses.md.
+With one logit z for every pair, per row with P positive and N negative pair weight:
+  sigmoid:  min_z P softplus(-z) + N softplus(z) = P log(1 + N/P) + N log(1 + P/N)
+  InfoNCE over B columns: log B (whatever the label smoothing).
+The trainer logs it beside each term (`chance/<term>`) and warns when a term stays within 1%
+of it (training/plateau.py); docs/losses.md "Plateau".
 """
 
 from __future__ import annotations

@@ -1,19 +1,10 @@
 """CLIP InfoNCE (softmax contrastive) loss, dense and data-parallel, with label smoothing.
 
-The improved-CLIP baseline (clip-rocket) trains with InfoNCE instead of SigLIP's sigmoid:
+    loss = (CE(s * x @ y.T, arange(N)) + CE(s * y @ x.T, arange(N))) / 2     s = exp(t)
 
-    logits = s * x @ y.T                                   # [N, N], global batch
-    loss   = (CE(logits, arange(N)) + CE(logits.T, arange(N))) / 2
-
-with s = exp(t) the (already exponentiated) logit scale and CE the mean cross entropy over rows.
-Label smoothing follows torch's F.cross_entropy: the target of row i is the distribution
-q = (1 - eps) * onehot(i) + eps / K over the K = N columns, and CE = -sum_j q_j log p_j.
-
-Unlike the sigmoid loss, every row has a softmax normaliser over ALL global columns, so the
-data-parallel version must see the whole column set: it all-gathers both embeddings (with
-gradient) and each rank computes the rows it owns in both directions (its images against all
-texts, its texts against all images). Rows are independent given the columns, so the mean over
-ranks is the dense loss. Memory per rank O(B_local * B_global).
+Label smoothing as torch's F.cross_entropy. Each row's softmax spans ALL global columns, so the
+data-parallel version all-gathers both embeddings (with gradient) and each rank computes its own
+rows in both directions; the mean over ranks is the dense loss (memory O(B_local * B_global)).
 """
 
 from __future__ import annotations

@@ -1,24 +1,13 @@
 """Weighted sigmoid loss between arbitrary row and column sets, across data parallel.
 
-TULIP's extra contrastive terms are SigLIP losses whose positives are not a diagonal:
+TULIP's image-image, text-text and hard-negative image-text terms are SigLIP losses whose
+positives are not a diagonal, so the loss takes pair weights w in {+1, -1, 0} (positive,
+negative, ignored):  loss = (1/R) * sum_rc |w_rc| * softplus(-w_rc * (s * rows @ cols.T + b)).
 
-  * image-image: every view (global/local crop, GeCo image edit) of the same image is a
-    positive, a view against itself is ignored, views of other images are negatives;
-  * text-text: a caption against its GeCo paraphrases (+1) and meaning-changing edits (-1);
-  * image-text with GeCo hard-negative captions (-1 for the image they were written for).
-
-So the loss takes explicit pair weights w in {+1, -1, 0} (positive, negative, ignored):
-
-    logits = s * rows @ cols.T + b                                  # [R, C_global]
-    loss   = -(1/R) * sum_{r, c} |w_rc| * log sigmoid(w_rc * logits_rc)
-           =  (1/R) * sum_{r, c} |w_rc| * softplus(-w_rc * logits_rc)
-
-Under data parallelism the column set is the concatenation (in group-rank order) of every
-rank's columns. A rank knows how its rows weigh its OWN columns (`local_weights`, any of
-+1/-1/0) but only needs one number per column for how every OTHER rank's rows see it
-(`remote_col_weights`: -1 a valid negative, 0 ignore, e.g. a padding slot or a missing GeCo
-field): pairs across ranks always come from different samples, so they can only be negatives.
-`same_sample_weights` builds both from per-row / per-column sample labels.
+Under data parallelism the columns are every rank's columns in group-rank order. A rank gives
+how its rows weigh its own columns (`local_weights`) and one number per column for how every
+other rank's rows see it (`remote_col_weights`: -1 or 0): pairs across ranks are different
+samples, so they can only be negatives. `same_sample_weights` builds both from sample labels.
 """
 
 from __future__ import annotations

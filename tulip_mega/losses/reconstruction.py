@@ -1,20 +1,10 @@
 """Reconstruction losses of TULIP: masked-image modelling (MAE) and causal caption decoding.
 
-MAE (He et al. 2022): 75% of the patches are hidden from the vision encoder; a light decoder
-predicts the pixels of the hidden patches; the loss is the per-pixel MSE on the MASKED
-patches only, against per-patch normalised pixels ("norm_pix_loss", which MAE found to give
-better representations). `patchify`, `mae_targets` and `mae_loss` follow the official code
-(facebookresearch/mae, models_mae.py `patchify` / `forward_loss`) exactly, including its use
-of the UNBIASED per-patch variance (torch's default `.var()`) and eps = 1e-6 inside the sqrt.
-
-The mask is drawn per sample from a hash of (seed, step, sample key), not from a global RNG,
-so a sample gets the same mask whatever batch it lands in, whatever DP rank reads it and
-whatever the TP/PP layout: runs with different parallel layouts see identical masks, and a
-resumed run reproduces them.
-
-The text decoder reconstructs the caption from the text embedding; its logits are
-vocab-parallel ([L, B, V/tp] per TP rank, megatron's convention), so the cross entropy is
-megatron-core's `vocab_parallel_cross_entropy`, which never gathers the full vocabulary.
+MAE (He et al. 2022): per-pixel MSE on the MASKED patches against per-patch normalised pixels,
+exactly as facebookresearch/mae `patchify` / `forward_loss` (unbiased variance, eps 1e-6). The
+mask of a sample is a function of (seed, step, sample key) only, so every parallel layout and
+a resumed run see the same masks. The caption decoder's logits are vocab-parallel; its cross
+entropy is megatron-core's `vocab_parallel_cross_entropy`, which never gathers the vocabulary.
 """
 
 from __future__ import annotations
@@ -25,10 +15,9 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from tulip_mega.data.tokenizer import PAD_ID
 from tulip_mega.losses.common import require_all
 
-__all__ = ["PAD_ID", "causal_text_loss", "mae_loss", "mae_mask", "mae_targets", "patchify"]
+__all__ = ["causal_text_loss", "mae_loss", "mae_mask", "mae_targets", "patchify"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -132,7 +121,7 @@ def mae_mask(keys: Sequence[str], step: int, seed: int, num_patches: int, num_vi
 # --------------------------------------------------------------------------------------------
 
 
-def causal_text_loss(logits: torch.Tensor, targets: torch.Tensor, pad_id: int = PAD_ID,
+def causal_text_loss(logits: torch.Tensor, targets: torch.Tensor, pad_id: int,
                      divisor: Optional[float] = None) -> torch.Tensor:
     """Token cross entropy summed over the positions whose target is not padding, divided by
     `divisor`; by default their number (the mean token cross entropy of this batch).
@@ -143,7 +132,7 @@ def causal_text_loss(logits: torch.Tensor, targets: torch.Tensor, pad_id: int = 
             targets[:, t]: the caller does the causal shift. Like megatron, float32 logits
             are overwritten in place (saves an [L, B, V] copy); pass a clone if you need them.
         targets: [B, L] int64 token ids in [0, V).
-        pad_id: ignored target id; default the tokenizer's pad id (tulip_mega.data.tokenizer).
+        pad_id: the ignored target id, the tokenizer's pad id.
         divisor: the training step passes the step's token count per micro-batch
             (losses/token_count.py), so that the step's loss is the mean over all of its
             tokens whatever the split into micro-batches and data-parallel ranks.

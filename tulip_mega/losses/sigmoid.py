@@ -1,28 +1,18 @@
 """SigLIP sigmoid contrastive loss (Zhai et al. 2023), dense and data-parallel.
 
-TULIP uses this pairwise sigmoid loss for every contrastive term. Unlike the softmax (CLIP)
-loss every image/text pair is an independent binary classification, so the loss over a global
-batch decomposes into blocks of rows x columns with no global normaliser. That is what lets the
-data-parallel version stream text blocks around a ring instead of materialising the global
-[B_global, B_global] logits.
+    logits = s * x @ y.T + b          x [B, D] images, y [N, D] texts (L2-normalised), s = exp(t)
+    loss   = -(1/B) * sum_ij log sigmoid(z_ij * logits_ij),   z_ij = +1 positive, -1 negative
 
-Notation: image embeddings x [B, D], text embeddings y [N, D] (both L2-normalised by the caller),
-`logit_scale` s (already exponentiated, i.e. exp(t)), `logit_bias` b,
-
-    logits = s * x @ y.T + b                          # [B, N]
-    loss   = -(1/B) * sum_ij log sigmoid(z_ij * logits_ij),   z_ij = +1 positive, -1 negative.
-
-Implementation notes shared by the dense and the ring code:
-  * -log sigmoid(u) == softplus(-u), so a negative pair costs softplus(l) and a positive pair
-    softplus(-l) == softplus(l) - l. A block whose positives are a diagonal therefore costs
-    sum(softplus(logits)) - trace(logits): no [B, N] label tensor is needed.
-  * Half-precision embeddings (bf16/fp16) keep their matmuls in half precision, but the
-    element-wise part and the reduction over B*N terms run in float32 (a bf16 sum over 10^6
-    terms would lose the loss value).
+Every pair is an independent binary classification, so the global loss splits into blocks of
+rows x columns with no global normaliser: the data-parallel "ring" version streams text blocks
+around the DP ring instead of materialising the global logits. -log sigmoid(u) = softplus(-u),
+so a block with a positive diagonal costs sum(softplus(logits)) - trace(logits), with no label
+tensor; matmuls stay in the embeddings' dtype, the element-wise part and sums run in float32.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -281,100 +271,111 @@ class _RingSigmoidLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
+        ring = _RingBackward(ctx, grad_out)
+        ring.replay()
+        ring.return_accumulators()
+        return (*ring.input_grads(ctx.needs_input_grad), None, None, None)
+
+
+@dataclass(frozen=True)
+class _Way:
+    """One direction around the ring: where its blocks go, where they come from, their tags."""
+
+    name: str
+    send_to: int
+    recv_from: int
+    text_tag: int
+    grad_tag: int
+
+
+class _RingBackward:
+    """The backward of `_RingSigmoidLoss` on one rank.
+
+    Replays the forward's ring, recomputing each block's logits; the gradient for a foreign
+    text block goes into an accumulator [B, D] (compute dtype) that travels with the block from
+    the second step on, and `return_accumulators` hands each one back to the block's owner.
+    """
+
+    def __init__(self, ctx, grad_out: torch.Tensor) -> None:
         x, y, scale, bias = ctx.saved_tensors
-        group, sched = ctx.group, _RingSchedule(ctx.group, ctx.rank, ctx.world)
-        need_x, need_y = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        self.group, self.world = ctx.group, ctx.world
+        self.sched = sched = _RingSchedule(ctx.group, ctx.rank, ctx.world)
+        self.need_x, self.need_y = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         cdtype = compute_dtype(x.dtype)
-        s = scale.detach().reshape(()).to(cdtype)
-        b = bias.detach().reshape(()).to(cdtype)
-        x, y = x.detach(), y.detach().contiguous()
-        coef = grad_out.detach().reshape(()).to(cdtype) / x.shape[0]
+        self.s = scale.detach().reshape(()).to(cdtype)
+        self.b = bias.detach().reshape(()).to(cdtype)
+        self.x, self.y = x.detach(), y.detach().contiguous()
+        self.scale, self.bias = scale, bias
+        self.coef = grad_out.detach().reshape(()).to(cdtype) / x.shape[0]
+        self.grad_x, self.grad_y, self.grad_s, self.grad_b = _block_grads(
+            self.x, self.y, self.s, self.b, self.coef, True, self.need_x, self.need_y)
+        self.right = _Way("right", sched.right, sched.left, _TAG_TEXT_RIGHT, _TAG_GRAD_RIGHT)
+        self.left = _Way("left", sched.left, sched.right, _TAG_TEXT_LEFT, _TAG_GRAD_LEFT)
+        self.blocks = {"right": self.y, "left": self.y}  # the text block travelling each way
+        self.accs: dict[str, Optional[torch.Tensor]] = {"right": None, "left": None}  # and its accumulator
 
-        grad_x, grad_y, grad_s, grad_b = _block_grads(x, y, s, b, coef, True, need_x, need_y)
+    def replay(self) -> None:
+        """The forward's schedule: n_bidir steps both ways, then one more to the right if W-1 is odd."""
+        for _ in range(self.sched.n_bidir):
+            self._hop((self.right, self.left))
+        if self.sched.remainder:
+            self._hop((self.right,))
 
-        def absorb(block: torch.Tensor, acc: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-            """Add one foreign block's contribution; returns its updated travelling accumulator."""
-            nonlocal grad_x, grad_s, grad_b
-            gx, gy, gs, gb = _block_grads(x, block, s, b, coef, False, need_x, need_y)
-            if need_x:
-                grad_x.add_(gx)
-            grad_s, grad_b = grad_s + gs, grad_b + gb
-            if not need_y:
-                return None
-            return gy if acc is None else acc.add_(gy)
+    def _hop(self, ways: tuple[_Way, ...]) -> None:
+        """Pass each way's block (and accumulator, once it exists) on, receive the next, absorb it."""
+        arrived = [torch.empty_like(self.y) for _ in ways]
+        sends = [(self.blocks[w.name], w.send_to, w.text_tag) for w in ways]
+        recvs = [(block, w.recv_from, w.text_tag) for w, block in zip(ways, arrived)]
+        acc_arrived: list[Optional[torch.Tensor]] = [None] * len(ways)
+        for i, w in enumerate(ways):
+            acc = self.accs[w.name]
+            if acc is not None:
+                acc_arrived[i] = torch.empty_like(acc)
+                sends.append((acc, w.send_to, w.grad_tag))
+                recvs.append((acc_arrived[i], w.recv_from, w.grad_tag))
+        _exchange(sends, recvs, self.group)
+        del sends  # drop the blocks/accumulators just sent before computing (peak memory)
+        for w, block in zip(ways, arrived):
+            self.blocks[w.name], self.accs[w.name] = block, None
+        for w, block, acc in zip(ways, arrived, acc_arrived):
+            self.accs[w.name] = self._absorb(block, acc)
 
-        # Same schedule as forward; from the second step on, each block's accumulator
-        # [B, D] (compute dtype) travels with it on its own tag.
-        to_right = to_left = y
-        acc_right: Optional[torch.Tensor] = None  # accumulator of the block in `to_right`
-        acc_left: Optional[torch.Tensor] = None
-        first = True
-        for _ in range(sched.n_bidir):
-            from_left, from_right = torch.empty_like(y), torch.empty_like(y)
-            sends = [(to_right, sched.right, _TAG_TEXT_RIGHT), (to_left, sched.left, _TAG_TEXT_LEFT)]
-            recvs = [(from_left, sched.left, _TAG_TEXT_RIGHT), (from_right, sched.right, _TAG_TEXT_LEFT)]
-            acc_from_left = acc_from_right = None
-            if need_y and not first:
-                acc_from_left = torch.empty_like(acc_right)
-                acc_from_right = torch.empty_like(acc_left)
-                sends += [
-                    (acc_right, sched.right, _TAG_GRAD_RIGHT),
-                    (acc_left, sched.left, _TAG_GRAD_LEFT),
-                ]
-                recvs += [
-                    (acc_from_left, sched.left, _TAG_GRAD_RIGHT),
-                    (acc_from_right, sched.right, _TAG_GRAD_LEFT),
-                ]
-            _exchange(sends, recvs, group)
-            # Drop the blocks/accumulators just sent before computing (peak memory).
-            del sends
-            to_right, to_left, acc_right, acc_left = from_left, from_right, None, None
-            acc_right = absorb(from_left, acc_from_left)
-            acc_left = absorb(from_right, acc_from_right)
-            first = False
-        if sched.remainder:
-            from_left = torch.empty_like(y)
-            sends = [(to_right, sched.right, _TAG_TEXT_RIGHT)]
-            recvs = [(from_left, sched.left, _TAG_TEXT_RIGHT)]
-            acc_from_left = None
-            if need_y and not first:
-                acc_from_left = torch.empty_like(acc_right)
-                sends.append((acc_right, sched.right, _TAG_GRAD_RIGHT))
-                recvs.append((acc_from_left, sched.left, _TAG_GRAD_RIGHT))
-            _exchange(sends, recvs, group)
-            del sends
-            to_right = acc_right = None  # free what was just sent
-            acc_right = absorb(from_left, acc_from_left)
+    def _absorb(self, block: torch.Tensor, acc: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """Add one foreign block's contribution; returns its updated travelling accumulator."""
+        gx, gy, gs, gb = _block_grads(self.x, block, self.s, self.b, self.coef, False, self.need_x, self.need_y)
+        if self.need_x:
+            self.grad_x.add_(gx)
+        self.grad_s, self.grad_b = self.grad_s + gs, self.grad_b + gb
+        if not self.need_y:
+            return None
+        return gy if acc is None else acc.add_(gy)
 
-        if need_y and ctx.world > 1:
-            # Final hop: hand each travelling accumulator back to the rank that owns the block.
-            mine_right = torch.empty_like(grad_y)
-            sends = [(acc_right, sched.owner_of_right_block, _TAG_RETURN_RIGHT)]
-            recvs = [(mine_right, sched.holder_of_my_right_block, _TAG_RETURN_RIGHT)]
-            mine_left = None
-            if sched.left_hops:
-                mine_left = torch.empty_like(grad_y)
-                sends.append((acc_left, sched.owner_of_left_block, _TAG_RETURN_LEFT))
-                recvs.append((mine_left, sched.holder_of_my_left_block, _TAG_RETURN_LEFT))
-            _exchange(sends, recvs, group)
-            grad_y.add_(mine_right)
-            if mine_left is not None:
-                grad_y.add_(mine_left)
+    def return_accumulators(self) -> None:
+        """Final hop: hand each travelling accumulator back to the rank that owns the block."""
+        if not (self.need_y and self.world > 1):
+            return
+        sched = self.sched
+        mine_right = torch.empty_like(self.grad_y)
+        sends = [(self.accs["right"], sched.owner_of_right_block, _TAG_RETURN_RIGHT)]
+        recvs = [(mine_right, sched.holder_of_my_right_block, _TAG_RETURN_RIGHT)]
+        mine_left = None
+        if sched.left_hops:
+            mine_left = torch.empty_like(self.grad_y)
+            sends.append((self.accs["left"], sched.owner_of_left_block, _TAG_RETURN_LEFT))
+            recvs.append((mine_left, sched.holder_of_my_left_block, _TAG_RETURN_LEFT))
+        _exchange(sends, recvs, self.group)
+        self.grad_y.add_(mine_right)
+        if mine_left is not None:
+            self.grad_y.add_(mine_left)
 
+    def input_grads(self, needs: tuple[bool, ...]) -> tuple[Optional[torch.Tensor], ...]:
+        """(d/dx, d/dy, d/dscale, d/dbias) in the inputs' dtypes and shapes, None where not needed."""
         return (
-            grad_x.to(x.dtype) if need_x else None,
-            grad_y.to(y.dtype) if need_y else None,
-            grad_s.reshape(scale.shape).to(scale.dtype) if ctx.needs_input_grad[2] else None,
-            grad_b.reshape(bias.shape).to(bias.dtype) if ctx.needs_input_grad[3] else None,
-            None,
-            None,
-            None,
+            self.grad_x.to(self.x.dtype) if self.need_x else None,
+            self.grad_y.to(self.y.dtype) if self.need_y else None,
+            self.grad_s.reshape(self.scale.shape).to(self.scale.dtype) if needs[2] else None,
+            self.grad_b.reshape(self.bias.shape).to(self.bias.dtype) if needs[3] else None,
         )
-
-
-# --------------------------------------------------------------------------------------------
-# Gather implementation: all-gather the texts with gradient, dense local-rows loss
-# --------------------------------------------------------------------------------------------
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The TULIP loss stack: one object from the model's outputs and the recipe weights to the total.
+"""The TULIP loss stack: from the model's outputs and the recipe weights to the weighted total.
 
     total = w_it * L_image_text      (sigmoid, GeCo caption negatives as extra -1 columns; or InfoNCE)
           + w_ii * L_image_image     (sigmoid between views: crops/local crops +1, GeCo edits +1/-1/0)
@@ -7,29 +7,22 @@
           + w_trec * L_text_recon    (causal decoder cross entropy on the caption)
           + w_aug * L_aug            (clip-rocket: InfoNCE, augmented crop <-> EDA caption, own projector)
 
-Only terms with a non-zero weight are computed (the model does not even run their inputs, see
-tulip_mega/config/streams.py). Every contrastive term sees the whole data-parallel batch of
-what it is given: the columns of other DP ranks are negatives (weight -1), or ignored (0)
-where a GeCo field is missing. With `loss.contrastive_batch=global` the training step hands
-the contrastive terms the embeddings of every micro-batch of the step at once (the global
-batch); the reconstruction terms always see one micro-batch, and text_recon divides its
-summed token cross entropy by the step's token count (losses/token_count.py), so both are
-means over the whole step. The stack runs on the last pipeline stage; `forward` returns the
-weighted total and every (unweighted) term for logging.
-
-InfoNCE logit scales are clamped at `loss.infonce_max_logit_scale` (100, as open_clip clamps
-its learnable temperature), so the clamp holds under any optimizer and sharding.
+`LOSS_TERMS` is the table of terms, in this order; only those with a non-zero weight run.
+Contrastive terms see the whole data-parallel batch (other ranks' columns are negatives, or
+ignored where a GeCo field is missing); docs/losses.md gives the formulas and the batch each
+term is computed over.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
 from tulip_mega.config.streams import CONTRASTIVE_TERMS, RECONSTRUCTION_TERMS, Streams
-from tulip_mega.losses.chance import infonce_chance_loss, sigmoid_chance_loss, weighted_pairs_chance_loss
+from tulip_mega.losses.chance import Number, infonce_chance_loss, sigmoid_chance_loss, weighted_pairs_chance_loss
 from tulip_mega.losses.common import rank_and_world
 from tulip_mega.losses.infonce import DistributedInfoNCELoss
 from tulip_mega.losses.outputs import ModelOutputs
@@ -37,7 +30,15 @@ from tulip_mega.losses.pairwise import DistributedPairSigmoidLoss, same_sample_w
 from tulip_mega.losses.reconstruction import causal_text_loss, mae_loss
 from tulip_mega.losses.sigmoid import DistributedSigmoidLoss
 
-TERMS = ("image_text", "image_image", "text_text", "mae", "text_recon", "aug_contrastive")
+
+@dataclass(frozen=True)
+class TermInputs:
+    """What a term reads besides the model outputs: the batch (targets, GeCo validity masks),
+    the MAE patch indices (visible, masked) and text_recon's divisor (losses/token_count.py)."""
+
+    batch: Any = None
+    mae_idx: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+    text_divisor: Optional[float] = None
 
 
 def pair_weights(
@@ -107,8 +108,12 @@ class TulipLossStack(torch.nn.Module):
         training step's per-micro-batch share of the step's token count); by default this
         batch's token count."""
         names = self.terms if terms is None else terms
-        values = {name: self._text_recon(out, batch, text_divisor) if name == "text_recon"
-                  else getattr(self, f"_{name}")(out, batch, mae_idx) for name in names}
+        inputs = TermInputs(batch, mae_idx, text_divisor)
+        values = {}
+        for name in names:
+            term = TERMS_BY_NAME[name]
+            term.check(out)
+            values[name] = term.loss(self, out, inputs)
         total = sum(self.weights[name] * value for name, value in values.items())
         return total, values
 
@@ -116,27 +121,26 @@ class TulipLossStack(torch.nn.Module):
         """{term: the loss a model that has learned nothing gets at this contrastive batch} for
         the enabled contrastive `terms` (losses/chance.py). Tensor ops only: no device sync."""
         names = [n for n in (self.contrastive_terms if terms is None else terms) if n in self.contrastive_terms]
-        values = {}
-        for name in names:
-            if name == "aug_contrastive" or (name == "image_text" and self.contrastive == "infonce"):
-                value = infonce_chance_loss(out.image_emb.shape[0] * self.dp_size)
-            elif name == "image_text" and not self.hard_negatives:
-                columns = out.image_emb.shape[0] * self.dp_size
-                value = sigmoid_chance_loss(1.0, columns - 1.0)
-            else:
-                local, remote = getattr(self, f"_{name}_pairs")(out, batch)[2:4]
-                value = weighted_pairs_chance_loss(local, remote, self.dp_size)
-            values[name] = torch.as_tensor(value, dtype=torch.float32, device=out.image_emb.device)
-        return values
+        return {name: torch.as_tensor(TERMS_BY_NAME[name].chance(self, out, batch), dtype=torch.float32,
+                                      device=out.image_emb.device)
+                for name in names}
 
-    # --- the terms ---------------------------------------------------------------------------
-    def _image_text(self, out: ModelOutputs, batch, mae_idx) -> torch.Tensor:
+    # --- image_text ----------------------------------------------------------------------------
+    def _image_text(self, out: ModelOutputs, inputs: TermInputs) -> torch.Tensor:
         image, text = out.image_emb, out.text_emb
         if self.contrastive == "infonce":
             return self.infonce(image, text, out.logit_scale.clamp(max=self.max_infonce_scale))
         if not self.hard_negatives:
             return self.sigmoid(image, text, out.logit_scale, out.logit_bias)
-        return self.pairwise(*self._image_text_pairs(out, batch), out.logit_scale, out.logit_bias)
+        return self.pairwise(*self._image_text_pairs(out, inputs.batch), out.logit_scale, out.logit_bias)
+
+    def _image_text_chance(self, out: ModelOutputs, batch) -> Number:
+        columns = out.image_emb.shape[0] * self.dp_size
+        if self.contrastive == "infonce":
+            return infonce_chance_loss(columns)
+        if not self.hard_negatives:
+            return sigmoid_chance_loss(1.0, columns - 1.0)
+        return self._pairs_chance(self._image_text_pairs(out, batch))
 
     def _image_text_pairs(self, out: ModelOutputs, batch) -> tuple[torch.Tensor, ...]:
         """(rows, columns, local weights, remote weights) of image-text with GeCo hard negatives."""
@@ -152,8 +156,12 @@ class TulipLossStack(torch.nn.Module):
         cols = torch.cat([text.unsqueeze(0), negatives]).reshape(-1, text.shape[-1])
         return image, cols, local, remote
 
-    def _image_image(self, out: ModelOutputs, batch, mae_idx) -> torch.Tensor:
-        return self.pairwise(*self._image_image_pairs(out, batch), out.ii_logit_scale, out.ii_logit_bias)
+    # --- image_image ---------------------------------------------------------------------------
+    def _image_image(self, out: ModelOutputs, inputs: TermInputs) -> torch.Tensor:
+        return self.pairwise(*self._image_image_pairs(out, inputs.batch), out.ii_logit_scale, out.ii_logit_bias)
+
+    def _image_image_chance(self, out: ModelOutputs, batch) -> Number:
+        return self._pairs_chance(self._image_image_pairs(out, batch))
 
     def _image_image_pairs(self, out: ModelOutputs, batch) -> tuple[torch.Tensor, ...]:
         """(rows, columns, local weights, remote weights) between the image views."""
@@ -172,8 +180,12 @@ class TulipLossStack(torch.nn.Module):
         rows = views[:anchors].reshape(anchors * b, -1)
         return rows, views.reshape(V * b, -1), local, remote
 
-    def _text_text(self, out: ModelOutputs, batch, mae_idx) -> torch.Tensor:
-        return self.pairwise(*self._text_text_pairs(out, batch), out.tt_logit_scale, out.tt_logit_bias)
+    # --- text_text -----------------------------------------------------------------------------
+    def _text_text(self, out: ModelOutputs, inputs: TermInputs) -> torch.Tensor:
+        return self.pairwise(*self._text_text_pairs(out, inputs.batch), out.tt_logit_scale, out.tt_logit_bias)
+
+    def _text_text_chance(self, out: ModelOutputs, batch) -> Number:
+        return self._pairs_chance(self._text_text_pairs(out, batch))
 
     def _text_text_pairs(self, out: ModelOutputs, batch) -> tuple[torch.Tensor, ...]:
         """(rows, columns, local weights, remote weights): the caption against its GeCo texts."""
@@ -195,14 +207,56 @@ class TulipLossStack(torch.nn.Module):
         local, remote = pair_weights(torch.cat(parts_same), torch.cat(parts_valid), [0])
         return texts[0], texts.reshape(n_texts * b, -1), local, remote
 
-    def _mae(self, out: ModelOutputs, batch, mae_idx) -> torch.Tensor:
-        images = batch.images.to(out.mae_pred.device)
-        return mae_loss(out.mae_pred.float(), images.float(), mae_idx[1], self.patch_size, self.mae_norm_pix)
+    def _pairs_chance(self, pairs: tuple[torch.Tensor, ...]) -> Number:
+        local, remote = pairs[2:4]
+        return weighted_pairs_chance_loss(local, remote, self.dp_size)
 
-    def _text_recon(self, out: ModelOutputs, batch, divisor: Optional[float]) -> torch.Tensor:
-        return causal_text_loss(out.text_logits, batch.tokens.to(out.text_logits.device), self.pad_id,
-                                divisor)
+    # --- reconstruction and clip-rocket --------------------------------------------------------
+    def _mae(self, out: ModelOutputs, inputs: TermInputs) -> torch.Tensor:
+        images = inputs.batch.images.to(out.mae_pred.device)
+        return mae_loss(out.mae_pred.float(), images.float(), inputs.mae_idx[1], self.patch_size, self.mae_norm_pix)
 
-    def _aug_contrastive(self, out: ModelOutputs, batch, mae_idx) -> torch.Tensor:
+    def _text_recon(self, out: ModelOutputs, inputs: TermInputs) -> torch.Tensor:
+        targets = inputs.batch.tokens.to(out.text_logits.device)
+        return causal_text_loss(out.text_logits, targets, self.pad_id, inputs.text_divisor)
+
+    def _aug_contrastive(self, out: ModelOutputs, inputs: TermInputs) -> torch.Tensor:
         scale = out.aug_logit_scale.clamp(max=self.max_infonce_scale)
         return self.aug_infonce(out.aug_image, out.aug_text, scale)
+
+    def _aug_contrastive_chance(self, out: ModelOutputs, batch) -> Number:
+        return infonce_chance_loss(out.image_emb.shape[0] * self.dp_size)
+
+
+@dataclass(frozen=True)
+class LossTerm:
+    """One term of the stack: its recipe name (`loss.weights.<name>`), the ModelOutputs fields
+    it reads, how its loss is computed, and (contrastive terms) its chance level."""
+
+    name: str
+    reads: tuple[str, ...]
+    loss: Callable[[TulipLossStack, ModelOutputs, TermInputs], torch.Tensor]
+    chance: Optional[Callable[[TulipLossStack, ModelOutputs, Any], Number]] = None
+
+    def check(self, out: ModelOutputs) -> None:
+        """Raise if the model did not produce a field this term reads (its head or stream is off)."""
+        missing = [field for field in self.reads if getattr(out, field) is None]
+        if missing:
+            raise ValueError(f"loss term {self.name} reads ModelOutputs.{', '.join(missing)}, which the model "
+                             "did not produce (its input stream or head is off)")
+
+
+LOSS_TERMS: tuple[LossTerm, ...] = (
+    LossTerm("image_text", ("image_emb", "text_emb", "logit_scale", "logit_bias"),
+             TulipLossStack._image_text, TulipLossStack._image_text_chance),
+    LossTerm("image_image", ("view_emb", "ii_logit_scale", "ii_logit_bias"),
+             TulipLossStack._image_image, TulipLossStack._image_image_chance),
+    LossTerm("text_text", ("texts_emb", "tt_logit_scale", "tt_logit_bias"),
+             TulipLossStack._text_text, TulipLossStack._text_text_chance),
+    LossTerm("mae", ("mae_pred",), TulipLossStack._mae),
+    LossTerm("text_recon", ("text_logits",), TulipLossStack._text_recon),
+    LossTerm("aug_contrastive", ("aug_image", "aug_text", "aug_logit_scale"),
+             TulipLossStack._aug_contrastive, TulipLossStack._aug_contrastive_chance),
+)
+TERMS_BY_NAME = {term.name: term for term in LOSS_TERMS}
+TERMS = tuple(TERMS_BY_NAME)

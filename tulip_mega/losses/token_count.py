@@ -1,20 +1,10 @@
 """The token count that makes the text reconstruction loss independent of the batch split.
 
-`text_recon` is the mean token cross entropy over the non-padding caption tokens of the whole
-step (every micro-batch on every data-parallel rank). Each micro-batch's loss is its SUMMED
-token cross entropy divided by
-
-    divisor = N_step / (num_microbatches * dp)          N_step = sum of the step's target tokens
-
-because megatron's schedule divides every micro-batch loss by num_microbatches and DDP
-averages the gradients over the dp ranks: the gradient that reaches the weights is then
-exactly that of sum(CE) / N_step, and so is the mean of the per-micro-batch values the step
-reports. A mean of per-micro-batch means would weight a short caption's tokens more the
-fewer tokens share its micro-batch.
-
-The counts are known from the host batches before the first forward: the step reads its
-micro-batches ahead on the ranks that compute the loss and sums them over the data-parallel
-group once per step (`step_token_divisor`).
+`text_recon` is the mean token cross entropy over the whole step's non-padding tokens. Each
+micro-batch's SUMMED cross entropy is divided by N_step / (num_microbatches * dp): megatron
+divides each micro-batch loss by num_microbatches and DDP averages over dp, so the gradient is
+exactly that of sum(CE) / N_step (a mean of per-micro-batch means would weigh a short caption's
+tokens more when few tokens share its micro-batch). The count is summed over DP once per step.
 """
 
 from __future__ import annotations

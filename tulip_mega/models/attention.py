@@ -1,22 +1,16 @@
 """Core attention for the local (no Transformer Engine) layer spec, on torch's fused SDPA.
 
-megatron-core's `DotProductAttention` materialises the [b, np, sq, sk] score matrix and runs
-an unfused softmax over it: on a GPU without Transformer Engine that is slow and memory hungry
-(~3% MFU measured at B/16 on an H100). `SDPACoreAttention` is a drop-in replacement for the
-`core_attention` submodule of megatron's `SelfAttention`: same constructor keywords, same
-forward signature and layouts ([s, b, np, hn] in, [s, b, np * hn] out), the same softmax scale
-and dropout, computed by `torch.nn.functional.scaled_dot_product_attention` (flash /
-memory-efficient kernels on a GPU, the math kernel on a CPU).
-
-Only what our towers use is supported: no mask (SigLIP towers, MAE decoder) and causal
-self-attention (caption decoder), with grouped-query attention handled like megatron does.
-Explicit masks, attention bias, packed sequences, sliding windows, non-vanilla softmax, QK-clip
-and context parallelism raise NotImplementedError / ValueError naming the setting, rather than
-being silently ignored.
+megatron-core's `DotProductAttention` materialises the [b, np, sq, sk] scores and runs an
+unfused softmax: slow and memory hungry on a GPU without Transformer Engine.
+`SDPACoreAttention` replaces the `core_attention` submodule of megatron's `SelfAttention` (same
+constructor keywords, forward signature, layouts, softmax scale and dropout) with
+`F.scaled_dot_product_attention`. It supports what our towers use, no mask and causal
+self-attention (with grouped-query attention); any other setting raises, naming it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional
 
@@ -32,6 +26,53 @@ from megatron.core.transformer.utils import is_layer_window_attention
 from megatron.core.utils import divide
 
 _SUPPORTED_MASKS = (AttnMaskType.no_mask, AttnMaskType.causal)
+
+
+def _check_supported(config: TransformerConfig, layer_number: int, attn_mask_type: AttnMaskType) -> None:
+    """Raise for a setting SDPA cannot compute like megatron's attention (named in the error)."""
+    if config.context_parallel_size != 1:
+        raise NotImplementedError(
+            f"SDPACoreAttention: context_parallel_size={config.context_parallel_size} is not "
+            "supported (context parallelism needs TEDotProductAttention)"
+        )
+    if config.softmax_type != "vanilla":
+        raise NotImplementedError(
+            f"SDPACoreAttention: softmax_type={config.softmax_type!r} is not supported "
+            "(only 'vanilla'; use megatron's DotProductAttention)"
+        )
+    if config.qk_clip:
+        raise NotImplementedError(
+            "SDPACoreAttention: qk_clip needs the attention logits, which SDPA does not expose"
+        )
+    if is_layer_window_attention(config.window_size, config.window_attn_skip_freq, layer_number):
+        raise NotImplementedError(
+            f"SDPACoreAttention: sliding-window attention (window_size={config.window_size}) "
+            "is not supported"
+        )
+    if attn_mask_type not in _SUPPORTED_MASKS:
+        raise NotImplementedError(
+            f"SDPACoreAttention: attn_mask_type={attn_mask_type} is not supported "
+            "(only no_mask and causal)"
+        )
+
+
+def _check_inputs(attention_mask: Optional[torch.Tensor], attention_bias: Optional[torch.Tensor],
+                  packed_seq_params: Optional[PackedSeqParams], mask_type: AttnMaskType) -> None:
+    """Raise for forward inputs SDPACoreAttention does not support."""
+    if packed_seq_params is not None:
+        raise NotImplementedError("SDPACoreAttention: packed sequences (packed_seq_params) are not supported")
+    if attention_bias is not None:
+        raise NotImplementedError("SDPACoreAttention: attention_bias is not supported")
+    if attention_mask is not None:
+        raise NotImplementedError(
+            "SDPACoreAttention: an explicit attention_mask (padding / arbitrary mask) is not "
+            f"supported, got a tensor of shape {tuple(attention_mask.shape)}; pass "
+            "attention_mask=None with attn_mask_type no_mask or causal"
+        )
+    if mask_type not in _SUPPORTED_MASKS:
+        raise NotImplementedError(
+            f"SDPACoreAttention: attn_mask_type={mask_type} is not supported (only no_mask and causal)"
+        )
 
 
 class SDPACoreAttention(MegatronModule):
@@ -57,30 +98,7 @@ class SDPACoreAttention(MegatronModule):
     ) -> None:
         super().__init__(config=config)
         self.config: TransformerConfig = config
-        if config.context_parallel_size != 1:
-            raise NotImplementedError(
-                f"SDPACoreAttention: context_parallel_size={config.context_parallel_size} is not "
-                "supported (context parallelism needs TEDotProductAttention)"
-            )
-        if config.softmax_type != "vanilla":
-            raise NotImplementedError(
-                f"SDPACoreAttention: softmax_type={config.softmax_type!r} is not supported "
-                "(only 'vanilla'; use megatron's DotProductAttention)"
-            )
-        if getattr(config, "qk_clip", False):
-            raise NotImplementedError(
-                "SDPACoreAttention: qk_clip needs the attention logits, which SDPA does not expose"
-            )
-        if is_layer_window_attention(config.window_size, config.window_attn_skip_freq, layer_number):
-            raise NotImplementedError(
-                f"SDPACoreAttention: sliding-window attention (window_size={config.window_size}) "
-                "is not supported"
-            )
-        if attn_mask_type not in _SUPPORTED_MASKS:
-            raise NotImplementedError(
-                f"SDPACoreAttention: attn_mask_type={attn_mask_type} is not supported "
-                "(only no_mask and causal)"
-            )
+        _check_supported(config, layer_number, attn_mask_type)
 
         self.layer_number = max(1, layer_number)
         self.attn_mask_type = attn_mask_type
@@ -126,21 +144,8 @@ class SDPACoreAttention(MegatronModule):
         over the constructor's when given; the mask itself must be None (megatron builds the
         causal mask itself; SDPA's is_causal does the same without a tensor).
         """
-        if packed_seq_params is not None:
-            raise NotImplementedError("SDPACoreAttention: packed sequences (packed_seq_params) are not supported")
-        if attention_bias is not None:
-            raise NotImplementedError("SDPACoreAttention: attention_bias is not supported")
-        if attention_mask is not None:
-            raise NotImplementedError(
-                "SDPACoreAttention: an explicit attention_mask (padding / arbitrary mask) is not "
-                f"supported, got a tensor of shape {tuple(attention_mask.shape)}; pass "
-                "attention_mask=None with attn_mask_type no_mask or causal"
-            )
         mask_type = self.attn_mask_type if attn_mask_type is None else attn_mask_type
-        if mask_type not in _SUPPORTED_MASKS:
-            raise NotImplementedError(
-                f"SDPACoreAttention: attn_mask_type={mask_type} is not supported (only no_mask and causal)"
-            )
+        _check_inputs(attention_mask, attention_bias, packed_seq_params, mask_type)
         sq, sk = query.size(0), key.size(0)
         # DotProductAttention: a single query (KV-cache decoding) attends to everything.
         is_causal = mask_type == AttnMaskType.causal and sq > 1
@@ -156,18 +161,17 @@ class SDPACoreAttention(MegatronModule):
 
         # [s, b, n, hn] -> [b, n, s, hn] (views; SDPA needs only the last dim contiguous)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
-        dropout_p = self.dropout_p if self.training else 0.0
-        if dropout_p > 0.0 and not self.config.sequence_parallel:
-            # Same RNG stream as DotProductAttention: TP ranks hold different heads, so they
-            # draw from the model-parallel tracker (different per TP rank).
-            with tensor_parallel.get_cuda_rng_tracker().fork():
-                context = F.scaled_dot_product_attention(
-                    q, k, v, dropout_p=dropout_p, is_causal=is_causal, scale=self.softmax_scale
-                )
-        else:
-            context = F.scaled_dot_product_attention(
-                q, k, v, dropout_p=dropout_p, is_causal=is_causal, scale=self.softmax_scale
-            )
+        context = self._attend(q, k, v, is_causal)
         # [b, np, sq, hn] -> [sq, b, np, hn] -> [sq, b, np * hn]
         context = context.permute(2, 0, 1, 3).contiguous()
         return context.view(sq, context.size(1), self.hidden_size_per_partition)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool) -> torch.Tensor:
+        """SDPA over [b, n, s, hn] views, with dropout only in training."""
+        dropout_p = self.dropout_p if self.training else 0.0
+        # Same RNG stream as DotProductAttention: TP ranks hold different heads, so dropout
+        # draws from the model-parallel tracker (different per TP rank).
+        fork = dropout_p > 0.0 and not self.config.sequence_parallel
+        with tensor_parallel.get_cuda_rng_tracker().fork() if fork else contextlib.nullcontext():
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=is_causal,
+                                                  scale=self.softmax_scale)

@@ -1,18 +1,13 @@
 """Reconstruction decoders and the aug projector of the TULIP loss stack (last pipeline stage).
 
-- `MAEDecoder` (He et al. 2022, facebookresearch/mae `models_mae.py`): the vision tower encodes
-  only the visible patches; a light transformer fills the masked positions with a learned mask
-  token, adds its own position embedding and predicts the pixels of the masked patches.
-- `CausalTextDecoder` (TULIP's text reconstruction): a causal transformer reconstructs the
-  caption from the text embedding by teacher forcing.
-- `AugProjector` (clip-rocket): the separate MLP projector of the aug <-> aug InfoNCE term.
+- `MAEDecoder` (facebookresearch/mae): fills the masked positions with a learned mask token and
+  predicts the pixels of the masked patches from the visible patches' encodings.
+- `CausalTextDecoder`: reconstructs the caption from the text embedding by teacher forcing.
+- `AugProjector` (clip-rocket): the MLP projector of the aug <-> aug InfoNCE term.
 
-The decoders are megatron `TransformerBlock`s built from `models/megatron_config.decoder_config`
-(all layers on the last pipeline stage, TP-split and sequence-parallel like the towers) and
-`models/specs.block_spec`. Their small input/output projections are replicated across TP
-(plain torch modules), except the caption decoder's vocabulary-sized embedding and output
-layer, which are vocabulary-parallel as in megatron's GPT. Every parameter appears in
-`sharded_state_dict()`, so `models/init.initialize_parameters` reaches it under any layout.
+The decoders are megatron `TransformerBlock`s (TP-split, sequence-parallel); their small
+projections are replicated across TP, the caption decoder's vocabulary layers vocab-parallel.
+Every parameter is in `sharded_state_dict()`, so models/init.py initialises it under any layout.
 """
 
 from __future__ import annotations

@@ -1,19 +1,11 @@
 """The two-tower TULIP / SigLIP model as one megatron module per pipeline stage.
 
 Like big_vision's two_towers: towers, pool, project, normalise; the model owns the logit
-scale and bias and returns the embeddings. Under pipeline parallel every stage holds a
-contiguous slice of the vision layers AND of the text layers; the first stage also holds the
-embeddings, the last stage the final norms, the heads, the logit scales/biases and the
-reconstruction decoders. Between stages every tower call's activations travel packed in one
-tensor (models/packing.py).
-
-One step may call each tower several times: the vision tower once per *stream* (full-size
-views: view 0 + extra global crops + GeCo edits; low-resolution local crops; MAE visible
-patches) and the text tower once over all texts (caption, paraphrases, negatives, EDA
-caption). Which streams run, and which loss-only heads exist, is decided from the recipe once
-(tulip_mega/config/streams.py: `input_streams`, `model_heads`) and handed to the model, which
-takes only its own settings (`model.*`), never the whole recipe. `forward` without a
-`streams` argument runs only view 0 and the caption (evaluation).
+scales and biases and hands the loss a `ModelOutputs`. Every stage holds a slice of the vision
+AND the text layers (first stage: embeddings; last stage: heads and reconstruction decoders);
+activations between stages travel packed in one tensor (models/packing.py). One step calls the
+vision tower once per input stream and the text tower once over all texts; which streams and
+heads exist is decided once from the recipe (config/streams.py) and handed in.
 """
 
 from __future__ import annotations
@@ -51,6 +43,13 @@ def base_streams(streams: Streams) -> Streams:
                                negatives=0, eda_caption=False, mae_visible=0, text_recon=False)
 
 
+def _logit_params(model_cfg) -> tuple[torch.nn.Parameter, torch.nn.Parameter]:
+    """A fresh (log-scale, bias) pair of sigmoid logit parameters at the recipe's initial values."""
+    scale = torch.nn.Parameter(torch.tensor(math.log(model_cfg.temperature_init)))
+    bias = torch.nn.Parameter(torch.tensor(float(model_cfg.bias_init)))
+    return scale, bias
+
+
 def _view_major(x: torch.Tensor) -> torch.Tensor:
     """[b, v, ...] -> [v*b, ...] (all samples' view 0, then all samples' view 1, ...)."""
     return x.transpose(0, 1).reshape(-1, *x.shape[2:])
@@ -61,12 +60,9 @@ class TulipModel(MegatronModule):
     under interleaved virtual stages one model chunk (`vp_stage`) of a stage.
 
     forward(images [b,3,H,W], tokens [b,L], batch=None, mae_idx=None, streams=None) returns,
-    on the last stage, a dict with L2-normalised float32 `image_emb` / `text_emb` [b, e] (view
-    0 and the caption), `logit_scale` (already exp'd) and `logit_bias`, and when the streams
-    ask for them: `view_emb` [V, b, e] (every image view, view 0 first), `texts_emb` [T, b, e]
-    (every text, caption first), `ii_logit_*` / `tt_logit_*`, `aug_image` / `aug_text` /
-    `aug_logit_scale`, `mae_pred` [b, masked, p*p*3], `text_logits` [L, b, vocab/TP]. On
-    other stages it returns the packed activations for the next stage.
+    on the last stage, a `ModelOutputs` (losses/outputs.py: the embeddings, each term's logit
+    scale and bias, the decoder outputs the streams ask for); on other stages the packed
+    activations for the next stage.
     """
 
     def __init__(
@@ -86,27 +82,21 @@ class TulipModel(MegatronModule):
         super().__init__(config=vision_config)
         self.model_type = ModelType.encoder_or_decoder  # one pipeline of stages (both towers per stage)
         self.share_embeddings_and_output_weights = False  # no tied input/output embedding to sync across PP
-        v, t = model_cfg.vision, model_cfg.text
         self.pre_process = pre_process
         self.post_process = post_process
         # The model chunk (virtual stage) of this rank under interleaving, else None: megatron
         # derives the chunk's layers and their global numbers (checkpoint keys) from it.
         self.vp_stage = vp_stage
         self.text_config = text_config
-        self.context_length = t.context_length
+        self.context_length = model_cfg.text.context_length
         self.train_streams = streams
         self.heads = heads
         self.eval_streams = base_streams(self.train_streams)
         self._sp_tp = vision_config.tensor_model_parallel_size if vision_config.sequence_parallel else 1
         self._received: Optional[torch.Tensor] = None
+        # Created in this order (the seed-driven init and the checkpoint keys follow it).
         if pre_process:
-            self.vision_embed = PatchEmbedding(vision_config, v.image_size, v.patch_size)
-            self.text_embed = LanguageModelEmbedding(
-                config=text_config,
-                vocab_size=t.vocab_size,
-                max_sequence_length=t.context_length,
-                position_embedding_type="learned_absolute",
-            )
+            self._build_embeddings(vision_config, text_config, model_cfg)
         self.vision_block = TransformerBlock(
             vision_config, block_spec(vision_config, use_te, vp_stage=vp_stage), pre_process=pre_process,
             post_process=post_process, vp_stage=vp_stage,
@@ -116,30 +106,51 @@ class TulipModel(MegatronModule):
             post_process=post_process, vp_stage=vp_stage,
         )
         if post_process:
-            # SigLIP: the image embedding is the MAP output (width = vision hidden); the text
-            # head projects the last token to that width.
-            embed_dim = v.hidden_size
-            self.vision_head = MAPHead(v.hidden_size, v.num_heads, v.ffn_hidden_size, model_cfg.layernorm_eps)
-            self.text_head = torch.nn.Linear(t.hidden_size, embed_dim)
-            self.logit_scale = torch.nn.Parameter(torch.tensor(math.log(model_cfg.temperature_init)))
-            self.logit_bias = torch.nn.Parameter(torch.tensor(float(model_cfg.bias_init)))
-            for prefix, on in (("ii", heads.image_image_logit), ("tt", heads.text_text_logit)):
-                if on:
-                    setattr(self, f"{prefix}_logit_scale",
-                            torch.nn.Parameter(torch.tensor(math.log(model_cfg.temperature_init))))
-                    setattr(self, f"{prefix}_logit_bias", torch.nn.Parameter(torch.tensor(float(model_cfg.bias_init))))
-            if heads.aug_projector:
-                self.aug_image_projector = AugProjector(embed_dim, model_cfg.aug_projector_hidden)
-                self.aug_text_projector = AugProjector(embed_dim, model_cfg.aug_projector_hidden)
-                self.aug_logit_scale = torch.nn.Parameter(torch.tensor(math.log(model_cfg.aug_temperature_init)))
-            if heads.mae_decoder:
-                self.mae_decoder = MAEDecoder(
-                    decoder_configs["mae"], v.hidden_size, self.train_streams.patches, v.patch_size, use_te
-                )
-            if heads.text_decoder:
-                self.text_decoder = CausalTextDecoder(
-                    decoder_configs["text"], embed_dim, t.vocab_size, t.context_length, use_te
-                )
+            self._build_heads(model_cfg, heads)
+            self._build_decoders(model_cfg, heads, decoder_configs, use_te)
+
+    def _build_embeddings(self, vision_config: TransformerConfig, text_config: TransformerConfig, model_cfg) -> None:
+        """First stage: the patch embedding and the token + position embedding."""
+        v, t = model_cfg.vision, model_cfg.text
+        self.vision_embed = PatchEmbedding(vision_config, v.image_size, v.patch_size)
+        self.text_embed = LanguageModelEmbedding(
+            config=text_config,
+            vocab_size=t.vocab_size,
+            max_sequence_length=t.context_length,
+            position_embedding_type="learned_absolute",
+        )
+
+    def _build_heads(self, model_cfg, heads: Heads) -> None:
+        """Last stage: the pooling/projection heads, the logit scales and biases, the aug projectors.
+
+        SigLIP: the image embedding is the MAP output (width = vision hidden); the text head
+        projects the last token to that width."""
+        v, t = model_cfg.vision, model_cfg.text
+        embed_dim = v.hidden_size
+        self.vision_head = MAPHead(v.hidden_size, v.num_heads, v.ffn_hidden_size, model_cfg.layernorm_eps)
+        self.text_head = torch.nn.Linear(t.hidden_size, embed_dim)
+        self.logit_scale, self.logit_bias = _logit_params(model_cfg)
+        if heads.image_image_logit:
+            self.ii_logit_scale, self.ii_logit_bias = _logit_params(model_cfg)
+        if heads.text_text_logit:
+            self.tt_logit_scale, self.tt_logit_bias = _logit_params(model_cfg)
+        if heads.aug_projector:
+            self.aug_image_projector = AugProjector(embed_dim, model_cfg.aug_projector_hidden)
+            self.aug_text_projector = AugProjector(embed_dim, model_cfg.aug_projector_hidden)
+            self.aug_logit_scale = torch.nn.Parameter(torch.tensor(math.log(model_cfg.aug_temperature_init)))
+
+    def _build_decoders(self, model_cfg, heads: Heads, decoder_configs: Optional[dict[str, TransformerConfig]],
+                        use_te: Optional[bool]) -> None:
+        """Last stage: the reconstruction decoders the recipe's loss terms need."""
+        v, t = model_cfg.vision, model_cfg.text
+        if heads.mae_decoder:
+            self.mae_decoder = MAEDecoder(
+                decoder_configs["mae"], v.hidden_size, self.train_streams.patches, v.patch_size, use_te
+            )
+        if heads.text_decoder:
+            self.text_decoder = CausalTextDecoder(
+                decoder_configs["text"], v.hidden_size, t.vocab_size, t.context_length, use_te
+            )
 
     # --- pipeline plumbing -------------------------------------------------------------------
     def packer(self, streams: Optional[Streams] = None) -> ActivationPacker:
@@ -229,18 +240,18 @@ class TulipModel(MegatronModule):
         return x
 
     def _pair_logits(self) -> dict[str, torch.Tensor]:
-        """exp(scale) and bias of each sigmoid term: image_image's and text_text's own parameters
-        where the recipe separates them (`model.separate_logit_params`), else image_text's."""
+        """exp(scale) and bias of each sigmoid term, keyed by ModelOutputs field: image_image's
+        and text_text's own parameters where the recipe separates them
+        (`model.separate_logit_params`), else image_text's."""
         it = (self.logit_scale, self.logit_bias)
-        pairs = {
-            "": it,
-            "ii_": (self.ii_logit_scale, self.ii_logit_bias) if self.heads.image_image_logit else it,
-            "tt_": (self.tt_logit_scale, self.tt_logit_bias) if self.heads.text_text_logit else it,
-        }
+        ii = (self.ii_logit_scale, self.ii_logit_bias) if self.heads.image_image_logit else it
+        tt = (self.tt_logit_scale, self.tt_logit_bias) if self.heads.text_text_logit else it
+        fields = (("logit_scale", "logit_bias", it), ("ii_logit_scale", "ii_logit_bias", ii),
+                  ("tt_logit_scale", "tt_logit_bias", tt))
         out = {}
-        for prefix, (scale, bias) in pairs.items():
-            out[f"{prefix}logit_scale"] = scale.float().exp()
-            out[f"{prefix}logit_bias"] = bias.float()
+        for scale_field, bias_field, (scale, bias) in fields:
+            out[scale_field] = scale.float().exp()
+            out[bias_field] = bias.float()
         return out
 
     def _heads(self, hidden: dict[str, torch.Tensor], tokens, mae_idx, streams: Streams) -> ModelOutputs:
@@ -254,20 +265,30 @@ class TulipModel(MegatronModule):
         texts_raw = self.text_head(text_last).view(streams.texts, b, -1)  # [T, b, e]
         views_emb = F.normalize(views_raw.float(), dim=-1)
         texts_emb = F.normalize(texts_raw.float(), dim=-1)
-        out = {"image_emb": views_emb[0], "text_emb": texts_emb[0], **self._pair_logits()}
-        if views_emb.shape[0] > 1:
-            out["view_emb"] = views_emb
-        if streams.texts > 1:
-            out["texts_emb"] = texts_emb
+        logits = self._pair_logits()
+        aug = {}
         if streams.eda_caption and streams.extra_global_crops:
-            crop = streams.global_slice("crops").start  # the first extra global crop
-            eda = streams.text_slice("eda").start
-            out["aug_image"] = F.normalize(self.aug_image_projector(views_raw[crop]).float(), dim=-1)
-            out["aug_text"] = F.normalize(self.aug_text_projector(texts_raw[eda]).float(), dim=-1)
-            out["aug_logit_scale"] = self.aug_logit_scale.float().exp()
+            aug = self._aug_outputs(views_raw, texts_raw, streams)
+        mae_pred = text_logits = None
         if streams.mae_visible:
             visible_idx, masked_idx = mae_idx
-            out["mae_pred"] = self.mae_decoder(self._full_sequence(hidden["mae"]), visible_idx, masked_idx)
+            mae_pred = self.mae_decoder(self._full_sequence(hidden["mae"]), visible_idx, masked_idx)
         if streams.text_recon:
-            out["text_logits"] = self.text_decoder(texts_raw[0], tokens)  # [L, b, vocab/TP]
-        return ModelOutputs(**out)
+            text_logits = self.text_decoder(texts_raw[0], tokens)  # [L, b, vocab/TP]
+        return ModelOutputs(
+            image_emb=views_emb[0], text_emb=texts_emb[0], **logits, **aug,
+            view_emb=views_emb if views_emb.shape[0] > 1 else None,
+            texts_emb=texts_emb if streams.texts > 1 else None,
+            mae_pred=mae_pred, text_logits=text_logits,
+        )
+
+    def _aug_outputs(self, views_raw: torch.Tensor, texts_raw: torch.Tensor,
+                     streams: Streams) -> dict[str, torch.Tensor]:
+        """clip-rocket: the first extra global crop and the EDA caption through their projectors."""
+        crop = streams.global_slice("crops").start
+        eda = streams.text_slice("eda").start
+        return {
+            "aug_image": F.normalize(self.aug_image_projector(views_raw[crop]).float(), dim=-1),
+            "aug_text": F.normalize(self.aug_text_projector(texts_raw[eda]).float(), dim=-1),
+            "aug_logit_scale": self.aug_logit_scale.float().exp(),
+        }
