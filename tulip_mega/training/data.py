@@ -59,3 +59,16 @@ def build_train_loader(cfg: Config, layout: RunLayout, dp_rank: int) -> BatchLoa
         return DaliLoader(shards, plan=plan, threads=cfg.data.threads, prefetch=cfg.data.prefetch,
                           reader_workers=cfg.data.reader_workers, **common)
     return SimpleLoader(shards, image_size=cfg.model.vision.image_size, fields=plan.fields(), **common)
+
+
+def caption_pad_id(cfg: Config) -> int:
+    """The caption padding id the text reconstruction loss ignores: the tokenizer's own when
+    that loss is on and the tokenizer file is there, else the id our tokenizer trainer assigns."""
+    from tulip_mega.data.tokenizer import PAD_ID  # can join Tokenizer's import at the top
+
+    if cfg.loss.weights.text_recon > 0:
+        try:
+            return Tokenizer(cfg.data.tokenizer).pad_id
+        except FileNotFoundError:  # no tokenizer file (synthetic-batch tests and benchmarks)
+            pass
+    return PAD_ID
