@@ -103,12 +103,14 @@ class Ours:
         from tulip_mega.launch import resolve_layout
         from tulip_mega.models.build import build_model
         from tulip_mega.training.optimizer import make_optimizer, make_scheduler
+        from tulip_mega.training.data import caption_pad_id
         from tulip_mega.training.step import TrainStep, wrap_ddp
 
         self.model = wrap_ddp([build_model(cfg, use_te=use_te)], cfg)
         optimizer = make_optimizer(cfg, self.model)
         layout = resolve_layout(cfg, torch.distributed.get_world_size())
-        self.step = TrainStep(cfg, layout, self.model, optimizer, make_scheduler(cfg, optimizer))
+        self.step = TrainStep(cfg, layout, self.model, optimizer, make_scheduler(cfg, optimizer),
+                              pad_id=caption_pad_id(cfg))
 
     def __call__(self, batch) -> float:
         batches = batch if isinstance(batch, list) else [batch]

@@ -198,6 +198,7 @@ def build_train_step(overrides: Sequence[str]):
     from tulip_mega.models.build import build_model_chunks
     from tulip_mega.parallel.init import init_parallel
     from tulip_mega.training.optimizer import make_optimizer, make_scheduler
+    from tulip_mega.training.data import caption_pad_id
     from tulip_mega.training.step import TrainStep, wrap_ddp
 
     cfg = make_cfg(list(overrides))
@@ -212,7 +213,8 @@ def build_train_step(overrides: Sequence[str]):
     optimizer = make_optimizer(cfg, model)
     scheduler = make_scheduler(cfg, optimizer)
     layout = resolve_layout(cfg, dist.get_world_size())
-    return cfg, model, optimizer, scheduler, TrainStep(cfg, layout, model, optimizer, scheduler)
+    return cfg, model, optimizer, scheduler, TrainStep(cfg, layout, model, optimizer, scheduler,
+                                                           pad_id=caption_pad_id(cfg))
 
 
 def step_worker(overrides: Sequence[str], steps: int = 1, optimizer_steps: bool = False,

@@ -29,9 +29,9 @@ if TYPE_CHECKING:
 EXIT_FINISHED = 0
 EXIT_CONFIG_ERROR = 2
 EXIT_CHECKPOINT_ERROR = 3
-EXIT_NON_FINITE = 4  # = tulip_mega.training.step.NonFiniteTraining.exit_code
-EXIT_DATA_MISMATCH = 5  # = tulip_mega.training.step.PipelineDataMismatch.exit_code
-EXIT_CACHE_MISMATCH = 6  # = tulip_mega.training.step.CacheReplayMismatch.exit_code
+EXIT_NON_FINITE = 4  # = tulip_mega.training.errors.NonFiniteTraining.exit_code
+EXIT_DATA_MISMATCH = 5  # = tulip_mega.training.errors.PipelineDataMismatch.exit_code
+EXIT_CACHE_MISMATCH = 6  # = tulip_mega.training.errors.CacheReplayMismatch.exit_code
 EXIT_STOPPED_EARLY = 75  # EX_TEMPFAIL from sysexits.h: "try again later" (= requeue and --resume)
 
 
@@ -82,7 +82,7 @@ def _main(argv: Optional[Sequence[str]], stop_signal: PreemptionSignal) -> int:
     warnings.filterwarnings("ignore", message="full scope is deprecated")
     from tulip_mega.training.checkpoint import CheckpointError
     from tulip_mega.training.loop import train
-    from tulip_mega.training.step import TrainingHalted
+    from tulip_mega.training.errors import TrainingHalted
 
     try:
         summary = train(cfg, stop_signal=stop_signal)

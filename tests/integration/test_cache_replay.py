@@ -1,5 +1,5 @@
-"""The embedding cache's replay (training/step.py, loss.contrastive_batch=global): the gradient
-pass must reproduce the cached contrastive outputs.
+"""The embedding cache's replay (training/embedding_cache.py, loss.contrastive_batch=global):
+the gradient pass must reproduce the cached contrastive outputs.
 
   * train.check_cache passes on CPU for every recipe family (plain SigLIP, the full TULIP
     stack, clip-rocket) over several micro-batches, and stops the run on every rank (exit code
@@ -33,7 +33,7 @@ CONTRASTIVE_KEYS = {
 def _record_comparisons(step) -> list:
     """Wrap the step's CacheCheck.compare to record (micro, keys, worst relative difference)."""
     seen = []
-    check = step._check
+    check = step.cache.check
     real = check.compare
 
     def compare(output, micro):
@@ -50,13 +50,13 @@ def _check_worker(overrides, steps, perturb_rank=None):
     warnings.filterwarnings("ignore")
     from megatron.core import parallel_state
 
-    from tulip_mega.training.step import CacheReplayMismatch
+    from tulip_mega.training.errors import CacheReplayMismatch
 
     cfg, model, optimizer, scheduler, step = build_train_step(overrides)
     seen = _record_comparisons(step) if parallel_state.is_pipeline_last_stage() else []
     dp, rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
     if rank == perturb_rank:  # the text head adds noise when grad is on: only the replay differs
-        head = step.module.text_head
+        head = step.modules[0].text_head
         clean = head.forward
         head.forward = lambda x: clean(x) + (1e-3 * torch.randn_like(x[..., :1]) if torch.is_grad_enabled() else 0)
     it = rank_microbatches(cfg, global_batches(cfg, steps), rank, dp)
@@ -116,7 +116,7 @@ def test_check_cache_fires_on_every_rank_when_one_replay_differs():
 
 def test_trainer_maps_cache_mismatch_to_exit_6():
     from tulip_mega.train import EXIT_CACHE_MISMATCH
-    from tulip_mega.training.step import CacheReplayMismatch, TrainingHalted
+    from tulip_mega.training.errors import CacheReplayMismatch, TrainingHalted
 
     assert issubclass(CacheReplayMismatch, TrainingHalted) and CacheReplayMismatch.exit_code == EXIT_CACHE_MISMATCH == 6
 
@@ -127,13 +127,15 @@ def _dropout_worker(overrides):
 
     warnings.filterwarnings("ignore")
     from tulip_mega.training.cache_check import stochastic_layers
-    from tulip_mega.training.step import TrainingHalted, TrainStep
+    from tulip_mega.training.data import caption_pad_id
+    from tulip_mega.training.errors import TrainingHalted
+    from tulip_mega.training.step import TrainStep
 
     cfg, model, optimizer, scheduler, step = build_train_step(overrides)
     clean = stochastic_layers(step.modules)
-    step.module.vision_block.layers[0].mlp.add_module("dropout", torch.nn.Dropout(0.1))
+    step.modules[0].vision_block.layers[0].mlp.add_module("dropout", torch.nn.Dropout(0.1))
     try:
-        TrainStep(cfg, step.layout, model, optimizer, scheduler)
+        TrainStep(cfg, step.layout, model, optimizer, scheduler, pad_id=caption_pad_id(cfg))
         return clean, None
     except TrainingHalted as e:
         return clean, str(e)
@@ -361,10 +363,10 @@ def _fp8_step_worker(overrides, guarded):
     from megatron.core import parallel_state
 
     from tulip_mega.training.fp8_replay import Fp8ReplayScales
-    from tulip_mega.training.step import CacheReplayMismatch
+    from tulip_mega.training.errors import CacheReplayMismatch
 
     cfg, model, optimizer, scheduler, step = build_train_step(overrides)
-    fake = FakeFp8Linear(step.module.text_head)
+    fake = FakeFp8Linear(step.modules[0].text_head)
     real_forward = fake.forward
 
     def forward(x):
@@ -372,9 +374,9 @@ def _fp8_step_worker(overrides, guarded):
         fake_autocast_exit([fake])
         return y
     fake.forward = forward
-    step.module.text_head = fake
+    step.modules[0].text_head = fake
     if guarded:
-        step._fp8 = Fp8ReplayScales(step.chunks)  # what replay_guard gives a recipe with precision.fp8
+        step.cache.fp8 = Fp8ReplayScales(step.model_parts)  # what replay_guard gives a recipe with precision.fp8
     it = rank_microbatches(cfg, global_batches(cfg, 2), parallel_state.get_data_parallel_rank(), 1)
     try:
         for _ in range(2):

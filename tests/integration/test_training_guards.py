@@ -89,7 +89,7 @@ def _nan_worker(overrides):
     warnings.filterwarnings("ignore")
     from megatron.core import parallel_state
 
-    from tulip_mega.training.step import NonFiniteTraining
+    from tulip_mega.training.errors import NonFiniteTraining
 
     messages = []
     handler = logging.Handler()
@@ -189,7 +189,7 @@ def _lockstep_worker(overrides):
     warnings.filterwarnings("ignore")
     from megatron.core import parallel_state
 
-    from tulip_mega.training.step import PipelineDataMismatch
+    from tulip_mega.training.errors import PipelineDataMismatch
 
     cfg, model, optimizer, scheduler, step = build_train_step(overrides)
     assert step.needs_input, "both stages must read batches for this test"

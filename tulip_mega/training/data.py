@@ -17,7 +17,7 @@ from tulip_mega.data.dali_pipeline import ViewPlan, dali_available
 from tulip_mega.data.eda import EdaConfig
 from tulip_mega.data.shards import expand_shards
 from tulip_mega.data.simple_loader import LoaderFieldError, SimpleLoader
-from tulip_mega.data.tokenizer import Tokenizer
+from tulip_mega.data.tokenizer import PAD_ID, Tokenizer
 from tulip_mega.config import Config, ConfigError
 from tulip_mega.config.run_layout import RunLayout
 from tulip_mega.config.schema import AugmentConfig
@@ -89,3 +89,14 @@ def build_train_loader(cfg: Config, layout: RunLayout, dp_rank: int) -> BatchLoa
         return SimpleLoader(shards, image_size=cfg.model.vision.image_size, fields=plan.fields(), **common)
     except LoaderFieldError as e:
         raise ConfigError(str(e)) from e
+
+
+def caption_pad_id(cfg: Config) -> int:
+    """The caption padding id the text reconstruction loss ignores: the tokenizer's own when
+    that loss is on and the tokenizer file is there, else the id our tokenizer trainer assigns."""
+    if cfg.loss.weights.text_recon > 0:
+        try:
+            return Tokenizer(cfg.data.tokenizer).pad_id
+        except FileNotFoundError:  # no tokenizer file (synthetic-batch tests and benchmarks)
+            pass
+    return PAD_ID

@@ -34,7 +34,7 @@ from tulip_mega.parallel.init import (LaunchEnv, check_runtime_support, compute_
                                       launch_env, use_cuda)
 from tulip_mega.training.async_checkpoint import CheckpointWriter
 from tulip_mega.training.checkpoint import load_checkpoint, model_shape, read_latest
-from tulip_mega.training.data import build_train_loader
+from tulip_mega.training.data import build_train_loader, caption_pad_id
 from tulip_mega.training.host_cpus import log_host_cpus
 from tulip_mega.flops import (contrastive_batch_line, contrastive_batch_size, count_flops, embedding_cache_flops,
                                tokens_per_sample)
@@ -140,7 +140,7 @@ def _build(cfg: Config, dp_size: int) -> _Run:
     optimizer = make_optimizer(cfg, model)
     scheduler = make_scheduler(cfg, optimizer)
     layout = resolve_layout(cfg, dp_size * cfg.parallel.tensor_parallel * cfg.parallel.pipeline_parallel)
-    step_fn = TrainStep(cfg, layout, model, optimizer, scheduler)
+    step_fn = TrainStep(cfg, layout, model, optimizer, scheduler, pad_id=caption_pad_id(cfg))
     loader = build_train_loader(cfg, layout, parallel_state.get_data_parallel_rank()) if step_fn.needs_input else None
     return _Run(model, optimizer, scheduler, step_fn, loader, streams, use_te, choices)
 
