@@ -47,7 +47,7 @@ BASELINE = "siglip"
 EQUAL_BATCH = ("train.global_batch_size=32", "train.micro_batch_size=8")
 # ... and the same text context, one that holds the scenes set's longest text (15 tokens + EOS):
 # the text tower pools its last position with no padding mask, and padding to the towers' 64
-# tokens let the padding drown single words out of it (issue #14; recipes/tiny_cpu.yaml).
+# tokens let the padding drown single words out of it (recipes/tiny_cpu.yaml says more).
 EQUAL_TEXT = ("model.text.context_length=16",)
 
 
