@@ -50,7 +50,7 @@ from tulip_mega.data.base import Batch
 from tulip_mega.data.dali_pipeline import ViewPlan, build_pipeline, to_torch
 from tulip_mega.data.host_prep import HostPrep, HostSample, Result
 from tulip_mega.data.reader_pool import READ_CHUNK, ReaderPool
-from tulip_mega.data.sample_stream import Cursor, Entry, Position, SampleStream, read_slices
+from tulip_mega.data.sample_stream import Cursor, Entry, Position, SampleStream, StreamPositionMixin, read_slices
 from tulip_mega.data.tokenizer import Tokenizer
 
 __all__ = ["DaliLoader"]
@@ -123,7 +123,7 @@ def _stack(rows: list[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(np.stack(rows))
 
 
-class DaliLoader:
+class DaliLoader(StreamPositionMixin):
     """``BatchLoader`` yielding every field of ``plan`` (view 0, crops, GeCo, EDA) via DALI."""
 
     def __init__(
@@ -389,19 +389,6 @@ class DaliLoader:
         finally:
             stop.set()
             thread.join()
-
-    @property
-    def epoch(self) -> int:
-        """Round (``dp_split``) of the current position: the last yielded batch ended in it."""
-        return self.stream.position.epoch
-
-    def state_dict(self) -> dict[str, Any]:
-        """JSON-serialisable position after the last yielded batch (``SimpleLoader``'s format)."""
-        return self.stream.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from ``state`` (``SampleStream.load_state_dict``: same stream or refused)."""
-        self.stream.load_state_dict(state)
 
     def stats(self) -> dict[str, int]:
         """``samples``, ``skipped`` (cumulative over resumes) and ``pipeline_rebuilds`` (this process)."""

@@ -293,3 +293,31 @@ class Cursor:
 
     def position(self) -> Position:
         return Position(self.epoch, self.consumed, self.samples, self.skipped)
+
+
+class StreamPositionMixin:
+    """What a loader over a `SampleStream` says about its position: the stream answers.
+
+    Both loaders hold their stream in `self.stream`; the position after the last yielded batch,
+    its state dict and the sample counters are the stream's, so they are written once here.
+    """
+
+    stream: SampleStream
+
+    @property
+    def epoch(self) -> int:
+        """Round (``dp_split``; the epoch when dp_size divides the sample count) of the current
+        position: the last yielded batch ended in this round."""
+        return self.stream.position.epoch
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serialisable position after the last yielded batch, plus the stream's identity."""
+        return self.stream.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from ``state`` (``SampleStream.load_state_dict``: same stream or refused)."""
+        self.stream.load_state_dict(state)
+
+    def stats(self) -> dict[str, int]:
+        """``samples`` yielded in batches and ``skipped`` bad samples/shards, cumulative over resumes."""
+        return self.stream.stats()

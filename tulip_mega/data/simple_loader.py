@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterator
-from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
 from tulip_mega.data.base import Batch
-from tulip_mega.data.sample_stream import Item, SampleStream, read_caption
+from tulip_mega.data.sample_stream import Item, SampleStream, StreamPositionMixin, read_caption
 from tulip_mega.data.tokenizer import Tokenizer
 
 __all__ = ["BASIC_FIELDS", "LoaderFieldError", "SimpleLoader", "decode_image"]
@@ -51,7 +50,7 @@ def decode_image(data: bytes, image_size: int) -> np.ndarray:
         return np.asarray(rgb)  # read-only view is fine: batches are built with np.stack
 
 
-class SimpleLoader:
+class SimpleLoader(StreamPositionMixin):
     """Infinite (or ``num_epochs``-long) iterator of ``Batch`` over WebDataset shards."""
 
     def __init__(
@@ -123,21 +122,3 @@ class SimpleLoader:
             stream.position = cursor.emit(len(keys))
             yield self._collate(images, captions, keys)
         stream.position = cursor.position()
-
-    @property
-    def epoch(self) -> int:
-        """Round (``dp_split``; the epoch when dp_size divides the sample count) of the current
-        position: the last yielded batch ended in this round."""
-        return self.stream.position.epoch
-
-    def state_dict(self) -> dict[str, Any]:
-        """JSON-serialisable position after the last yielded batch, plus the stream's identity."""
-        return self.stream.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from ``state`` (``SampleStream.load_state_dict``: same stream or refused)."""
-        self.stream.load_state_dict(state)
-
-    def stats(self) -> dict[str, int]:
-        """``samples`` yielded in batches and ``skipped`` bad samples/shards, cumulative over resumes."""
-        return self.stream.stats()
