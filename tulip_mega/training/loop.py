@@ -82,7 +82,7 @@ def train(cfg: Config, env: Optional[LaunchEnv] = None, stop_signal: Optional[Pr
     out_dir = _start_run(cfg, env, layout)
     run = _build(cfg, layout)
     _log_startup_facts(cfg, run, out_dir)
-    log_host_cpus(cfg, env.world_size, env.rank, run.loader, use_cuda())
+    log_host_cpus(cfg, layout, env.rank, run.loader, use_cuda())
     start_step = _restore(cfg, run)
     hooks = _Hooks(
         evaluation=EvalHook(cfg, run.model, out_dir, env.rank) if cfg.eval.interval else None,
