@@ -67,8 +67,8 @@ def worker(args) -> dict:
     from megatron.core import parallel_state
 
     from tulip_mega.config import load_config
+    from tulip_mega.launch import resolve_layout
     from tulip_mega.models.build import build_model
-    from tulip_mega.models.pipeline_split import resolve_split
     from tulip_mega.parallel.init import init_parallel
 
     torch.set_num_threads(1)
@@ -76,7 +76,8 @@ def worker(args) -> dict:
     cfgs = {name: load_config(None, base + [f"parallel.pipeline_split={name}"]) for name in SPLITS}
     init_parallel(1, 4, 0)
     rank = parallel_state.get_pipeline_model_parallel_rank()
-    models = {name: build_model(cfg) for name, cfg in cfgs.items()}
+    layouts = {name: resolve_layout(cfg, 4) for name, cfg in cfgs.items()}
+    models = {name: build_model(cfg, layouts[name]) for name, cfg in cfgs.items()}
     b = args.micro_batch
     images = torch.randn(b, 3, args.image_size, args.image_size)
     tokens = torch.randint(3, 200, (b, args.text_tokens))
@@ -94,7 +95,7 @@ def worker(args) -> dict:
                     times[name].append(time.perf_counter() - t)
     dist.barrier()
     return {"rank": rank, "median": {n: statistics.median(v) for n, v in times.items()},
-            "split": {n: resolve_split(cfg)[rank] for n, cfg in cfgs.items()}}
+            "split": {n: layout.split[rank] for n, layout in layouts.items()}}
 
 
 def main(argv=None) -> int:
@@ -110,7 +111,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from tulip_mega.config import load_config
-    from tulip_mega.models.pipeline_split import resolve_split, stage_costs
+    from tulip_mega.launch import resolve_layout
+    from tulip_mega.models.pipeline_split import stage_costs
     from tulip_mega.parallel.spawn import run_distributed
 
     results = sorted(run_distributed(worker, 4, args, timeout=1800), key=lambda r: r["rank"])
@@ -120,7 +122,8 @@ def main(argv=None) -> int:
     slowest_flops = {}
     for name in SPLITS:
         cfg = load_config(None, overrides(args) + [f"parallel.pipeline_split={name}"])
-        costs, split = stage_costs(cfg), resolve_split(cfg)
+        layout = resolve_layout(cfg, 4)
+        costs, split = stage_costs(cfg, layout.streams), layout.split
         flops = costs.stages(split)
         slowest_flops[name] = max(flops)
         ms = [r["median"][name] * 1e3 for r in results]

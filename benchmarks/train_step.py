@@ -106,9 +106,9 @@ class Ours:
         from tulip_mega.training.data import caption_pad_id
         from tulip_mega.training.step import TrainStep, wrap_ddp
 
-        self.model = wrap_ddp([build_model(cfg, use_te=use_te)], cfg)
-        optimizer = make_optimizer(cfg, self.model)
         layout = resolve_layout(cfg, torch.distributed.get_world_size())
+        self.model = wrap_ddp([build_model(cfg, layout, use_te=use_te)], cfg)
+        optimizer = make_optimizer(cfg, self.model)
         self.step = TrainStep(cfg, layout, self.model, optimizer, make_scheduler(cfg, optimizer),
                               pad_id=caption_pad_id(cfg))
 
@@ -172,6 +172,7 @@ def compare_contrastive_modes(args, use_te) -> None:
     from benchmarks.peak_memory import peak_since, reset_peak
     from tulip_mega.parallel.init import device as get_device
     from tulip_mega.flops import count_flops, embedding_cache_flops
+    from tulip_mega.launch import resolve_layout
 
     modes = ["micro", "global"] if args.contrastive_batch == "both" else [args.contrastive_batch]
     dev = get_device()
@@ -190,8 +191,9 @@ def compare_contrastive_modes(args, use_te) -> None:
             times[m].append(timed(steps[m], batches))
             peaks[m].append(peak_since(method, before))
     cfg = cfgs[modes[0]]
-    fwd = count_flops(cfg).forward
-    cache = embedding_cache_flops(cfgs[modes[-1]], args.accum) if "global" in modes else 0
+    fwd = count_flops(cfg, resolve_layout(cfg, 1).streams).forward
+    last = cfgs[modes[-1]]
+    cache = embedding_cache_flops(last, resolve_layout(last, 1)) if "global" in modes else 0
     terms = [n for n in ("image_text", "image_image", "text_text", "mae", "text_recon", "aug_contrastive")
              if getattr(cfg.loss.weights, n) > 0]
     print_header(args, cfg, f"peak memory: {method}", f"loss terms: {', '.join(terms)}")
@@ -227,6 +229,7 @@ def main() -> int:
 
     from tulip_mega.parallel.init import init_parallel
     from tulip_mega.parallel.init import device as get_device
+    from tulip_mega.config.streams import input_streams
     from tulip_mega.flops import count_flops
     from tulip_mega.training.throughput import device_peak
 
@@ -255,7 +258,7 @@ def main() -> int:
         times["ours"].append(timed(ours, batch))
         times["plain"].append(timed(plain, batch))
 
-    flops = count_flops(cfg, contrastive_batch=cfg.train.micro_batch_size)
+    flops = count_flops(cfg, input_streams(cfg), contrastive_batch=cfg.train.micro_batch_size)
     peak, note = device_peak(args.dtype)
     print_header(args, cfg, "", f"micro-batch {cfg.train.micro_batch_size} | params ours {n_ours / 1e6:.2f}M, "
                                 f"plain {n_plain / 1e6:.2f}M")

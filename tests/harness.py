@@ -205,14 +205,13 @@ def build_train_step(overrides: Sequence[str]):
     if not parallel_state.model_parallel_is_initialized():
         init_parallel(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel, cfg.run.seed,
                       virtual_pipeline=cfg.parallel.virtual_pipeline)
-    dp_size = parallel_state.get_data_parallel_world_size()
-    chunks = build_model_chunks(cfg)
+    layout = resolve_layout(cfg, dist.get_world_size())
+    chunks = build_model_chunks(cfg, layout)
     for chunk in chunks:
         load_pretrained(chunk, cfg.model)
     model = wrap_ddp(chunks, cfg)
     optimizer = make_optimizer(cfg, model)
     scheduler = make_scheduler(cfg, optimizer)
-    layout = resolve_layout(cfg, dist.get_world_size())
     return cfg, model, optimizer, scheduler, TrainStep(cfg, layout, model, optimizer, scheduler,
                                                            pad_id=caption_pad_id(cfg))
 

@@ -69,9 +69,7 @@ def sample_set(streams) -> str:
 
 def data_rate(cfg, plan, host_samples_per_core: Optional[float] = None) -> DataRate:
     """What each loading rank of `plan` must deliver at its MFU, and the host cores that takes."""
-    from tulip_mega.config.streams import input_streams
-
-    s = input_streams(cfg)
+    s = plan.layout.streams
     name = sample_set(s)
     rate = host_samples_per_core if host_samples_per_core is not None else HOST_SAMPLES_PER_CORE[name]
     if rate <= 0:

@@ -93,11 +93,10 @@ def format_keys(task: str, fmt: Optional[str], templates: Optional[str], split: 
     return keys
 
 
-def load_weights(checkpoint: Path, module, model_config: dict) -> None:
-    """Only the model's weights from a training checkpoint, into this rank's stage or, under
-    interleaved virtual stages, its list of model chunks (any layout: tensors are keyed
-    globally, whatever the layout that saved them; Transformer Engine or local layer names,
-    whichever wrote it)."""
+def load_weights(checkpoint: Path, parts: list, model_config: dict) -> None:
+    """Only the model's weights from a training checkpoint, into this rank's model parts (one
+    per virtual stage; any layout: tensors are keyed globally, whatever the layout that saved
+    them; Transformer Engine or local layer names, whichever wrote it)."""
     from megatron.core import dist_checkpointing
 
     checkpoint = Path(checkpoint)
@@ -105,38 +104,31 @@ def load_weights(checkpoint: Path, module, model_config: dict) -> None:
         raise CheckpointError(f"{checkpoint} is not a dist_checkpointing checkpoint (no metadata.json)")
     common = dist_checkpointing.load_common_state_dict(str(checkpoint))
     check_model_config(checkpoint, common.get("model_config", {}), model_config)
-    chunks = list(module) if isinstance(module, (list, tuple)) else [module]
-    state = {f"model{i}": m.sharded_state_dict() for i, m in enumerate(chunks)}
+    state = {f"model{i}": m.sharded_state_dict() for i, m in enumerate(parts)}
     own = match_checkpoint_names(state, checkpoint_keys(checkpoint), checkpoint)
     loaded = dist_checkpointing.load(state, str(checkpoint))
     restore_own_extra_state(loaded, own)
-    for i, m in enumerate(chunks):
+    for i, m in enumerate(parts):
         m.load_state_dict(loaded[f"model{i}"])
 
 
-def load_eval_model(cfg: Config, checkpoint: Path, env):
-    """Check the layout, initialise megatron's parallel state and build this rank's model stage
-    (or its chunks under virtual stages) holding the checkpoint's weights."""
-    from tulip_mega.config import validate_layout
+def load_eval_model(cfg: Config, checkpoint: Path, env) -> list:
+    """Check the launch (`tulip_mega.launch.check_launch`), initialise megatron's parallel state
+    and build this rank's model parts holding the checkpoint's weights."""
+    from tulip_mega.launch import check_launch
     from tulip_mega.models.build import build_model_chunks
-    from tulip_mega.models.pipeline_split import validate_split
-    from tulip_mega.models.specs import check_layer_support
-    from tulip_mega.parallel.init import check_runtime_support, init_parallel
+    from tulip_mega.parallel.init import init_parallel
     from tulip_mega.training.metrics import setup_logging
 
-    validate_layout(cfg, env.world_size)
-    check_runtime_support(cfg)
-    check_layer_support(cfg.model, cfg.precision)
-    validate_split(cfg)
+    layout = check_launch(cfg, env.world_size)
     setup_logging(env.rank)
     if parallel_state.model_parallel_is_initialized():  # a caller evaluating several checkpoints
         parallel_state.destroy_model_parallel()
-    init_parallel(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel, cfg.run.seed, env,
-                  virtual_pipeline=cfg.parallel.virtual_pipeline)
-    chunks = build_model_chunks(cfg)
-    model = chunks if cfg.parallel.virtual_pipeline > 1 else chunks[0]
-    load_weights(checkpoint, model, model_shape(cfg))
-    return model
+    init_parallel(layout.tensor_parallel, layout.pipeline_parallel, cfg.run.seed, env,
+                  virtual_pipeline=layout.virtual_pipeline)
+    parts = build_model_chunks(cfg, layout)
+    load_weights(checkpoint, parts, model_shape(cfg))
+    return parts
 
 
 def evaluate_suite(checkpoint: str, benchmarks: str, root: str, suite: Optional[str] = None,
@@ -151,7 +143,7 @@ def evaluate_suite(checkpoint: str, benchmarks: str, root: str, suite: Optional[
     checkpoint_path = Path(checkpoint)
     chosen = select(load_suite(suite), benchmarks, root)
     results: dict[str, dict] = {}
-    model = None
+    parts = None
     for b in chosen:
         missing = b.missing()
         if missing:
@@ -164,11 +156,11 @@ def evaluate_suite(checkpoint: str, benchmarks: str, root: str, suite: Optional[
             data, val = str(Path(b.path) / "train"), str(Path(b.path) / "val")
         cfg = eval_config(checkpoint_path, b.task, data, None, config, overrides, env.world_size, val=val, fmt=fmt,
                           templates=b.templates, split=b.split)
-        if model is None:
-            model = load_eval_model(cfg, checkpoint_path, env)
+        if parts is None:
+            parts = load_eval_model(cfg, checkpoint_path, env)
         log.info("benchmark %s (%s, %s): %s", b.name, b.task, b.format, b.path)
         results[b.name] = {"task": b.task, "format": b.format, "path": b.path,
-                           "metrics": Evaluator(cfg, model, tasks=[b.task]).run()}
+                           "metrics": Evaluator(cfg, parts, tasks=[b.task]).run()}
     if out is None:
         out = str(checkpoint_path.resolve().parent.parent / "eval" / f"{checkpoint_path.name}_suite.json")
     if env.rank == 0:
@@ -192,8 +184,8 @@ def evaluate_checkpoint(checkpoint: str, task: str, data: str, classes: Optional
     checkpoint_path = Path(checkpoint)
     cfg = eval_config(checkpoint_path, task, data, classes, config, overrides, env.world_size, val, fmt, templates,
                       split)
-    model = load_eval_model(cfg, checkpoint_path, env)
-    metrics = Evaluator(cfg, model, tasks=[task]).run()
+    parts = load_eval_model(cfg, checkpoint_path, env)
+    metrics = Evaluator(cfg, parts, tasks=[task]).run()
     if out is None:
         run = checkpoint_path.resolve().parent.parent
         out = str(run / "eval" / f"{checkpoint_path.name}_{task}.json")

@@ -13,7 +13,7 @@ Conventions, as in Megatron-LM and PaLM's MFU:
 - attention is counted over the full s x s score matrix, also for the causal text decoder
   (megatron computes the full masked product, so that is the work the GPU does).
 
-Per sample, `tulip_mega.config.streams.input_streams(cfg)` says what feeds the towers:
+Per sample, the run's input streams (`RunLayout.streams`) say what feeds the towers:
 
   transformer layer over s tokens (width h, MLP width f):
       QKV 2*s*h*3h + scores 2*s*s*h + attention x V 2*s*s*h + out proj 2*s*h*h + MLP 2*2*s*h*f
@@ -35,10 +35,11 @@ Per sample, `tulip_mega.config.streams.input_streams(cfg)` says what feeds the t
       (multi-view terms compare more pairs), tiny next to the towers; left out when the
       contrastive batch is not given (as `plan` does).
 
-The embedding cache of `loss.contrastive_batch=global` (training/step.py) runs one more
-forward of the contrastive streams per sample (no MAE stream, no decoders):
-`embedding_cache_flops`. Like recompute it is hardware work, not model work, so it is
-reported beside the model FLOPs and not counted in MFU.
+The embedding cache (`RunLayout.embedding_cache`) runs one more forward of the contrastive
+streams per sample (no MAE stream, no decoders): `embedding_cache_flops`. Like recompute it
+is hardware work, not model work, so it is reported beside the model FLOPs and not counted
+in MFU. Whether the cache runs and how large the contrastive batch is are decided by
+`tulip_mega.launch.resolve_layout`, not here.
 
 Pure Python, no torch: `plan` stays instant.
 """
@@ -46,9 +47,12 @@ Pure Python, no torch: `plan` stays instant.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-from tulip_mega.config.streams import Streams, contrastive_terms_on, input_streams
+from tulip_mega.config.streams import Streams, contrastive_terms_on
+
+if TYPE_CHECKING:
+    from tulip_mega.config.run_layout import RunLayout
 
 TRAINING_MULTIPLIER = 3  # forward + backward (2x forward); recompute not counted
 
@@ -98,18 +102,16 @@ def _add(parts: dict[str, int], key: str, value: int) -> None:
     parts[key] = parts.get(key, 0) + value
 
 
-def count_flops(cfg, contrastive_batch: Optional[int] = None, streams: Optional[Streams] = None) -> FlopCount:
-    """Forward FLOPs of one sample of the recipe `cfg` (resolved), by part.
+def count_flops(cfg, streams: Streams, contrastive_batch: Optional[int] = None) -> FlopCount:
+    """Forward FLOPs of one sample of the recipe `cfg` (resolved) feeding `streams`, by part.
 
-    contrastive_batch: columns of the contrastive logits (micro_batch x DP); None leaves the
-    logits out. Keys: vision_layers_matmul, vision_layers_attention, vision_patch_embed,
-    vision_map_head, text_layers_matmul, text_layers_attention, text_head, and when switched
-    on mae_decoder_matmul / _attention, text_decoder_matmul / _attention, aug_projector,
-    contrastive_logits. streams: what the towers encode (default: the recipe's training
-    streams, `input_streams(cfg)`).
+    contrastive_batch: columns of the contrastive logits (`RunLayout.contrastive_batch`);
+    None leaves the logits out. Keys: vision_layers_matmul, vision_layers_attention,
+    vision_patch_embed, vision_map_head, text_layers_matmul, text_layers_attention, text_head,
+    and when switched on mae_decoder_matmul / _attention, text_decoder_matmul / _attention,
+    aug_projector, contrastive_logits.
     """
     v, t, m, w = cfg.model.vision, cfg.model.text, cfg.model, cfg.loss.weights
-    streams = streams or input_streams(cfg)
     hv, ht, e, p = v.hidden_size, t.hidden_size, v.hidden_size, v.patch_size
     parts: dict[str, int] = {}
 
@@ -149,34 +151,18 @@ def count_flops(cfg, contrastive_batch: Optional[int] = None, streams: Optional[
     return FlopCount(parts)
 
 
-def tokens_per_sample(cfg, streams: Optional[Streams] = None) -> int:
-    """Tokens one sample feeds through the two towers (every view and every text): the unit
-    of `tokens_per_sec`. `streams`: the run's resolved streams (default: `input_streams(cfg)`)."""
-    streams = streams or input_streams(cfg)
+def tokens_per_sample(cfg, streams: Streams) -> int:
+    """Tokens one sample feeds through the two towers (every view and every text of
+    `streams`): the unit of `tokens_per_sec`."""
     return sum(s.views * s.seq for s in streams.vision) + streams.texts * cfg.model.text.context_length
 
 
-def contrastive_batch_size(cfg, dp_size: int) -> int:
-    """Pairs each contrastive term compares per step: the global batch under
-    `loss.contrastive_batch=global`, one micro-step (micro x DP) under `micro`."""
-    if cfg.loss.contrastive_batch == "global":
-        return cfg.train.global_batch_size
-    return cfg.train.micro_batch_size * dp_size
-
-
-def uses_embedding_cache(cfg, accumulation: int) -> bool:
-    """Whether a step runs the embedding-cache forward: `loss.contrastive_batch=global`, more
-    than one micro-batch per step, and at least one contrastive term switched on."""
-    return cfg.loss.contrastive_batch == "global" and accumulation > 1 and bool(contrastive_terms_on(cfg))
-
-
-def embedding_cache_flops(cfg, accumulation: int, streams: Optional[Streams] = None) -> int:
+def embedding_cache_flops(cfg, layout: RunLayout) -> int:
     """Forward FLOPs per sample of the embedding-cache pass (the contrastive streams only);
-    0 when the recipe does not run it. `accumulation` = micro-batches per step per DP rank;
-    `streams`: the run's resolved streams (default: `input_streams(cfg)`)."""
-    if not uses_embedding_cache(cfg, accumulation):
+    0 when the layout does not run it."""
+    if not layout.embedding_cache:
         return 0
-    return count_flops(cfg, streams=(streams or input_streams(cfg)).contrastive_only()).forward
+    return count_flops(cfg, layout.streams.contrastive_only()).forward
 
 
 def contrastive_batch_line(mode: str, contrastive_batch: int, accumulation: int, cache_flops: float,

@@ -4,7 +4,8 @@
 streams, pipeline split with its balanced search); `check_launch` adds what this machine
 must support and is what `train`, `eval` and `reshard` call before any process group
 exists, so a bad launch fails with numbers instead of a collective hang. `plan` calls
-`resolve_layout` for a hypothetical world size.
+`resolve_layout` for a hypothetical world size. Pure Python at import (the machine checks
+import torch when called), so `plan` stays instant.
 """
 
 from __future__ import annotations
@@ -13,14 +14,29 @@ from tulip_mega.config import Config, validate_layout
 from tulip_mega.config.run_layout import RunLayout
 from tulip_mega.config.streams import contrastive_terms_on, input_streams
 from tulip_mega.models.pipeline_split import validate_split
-from tulip_mega.models.specs import check_layer_support
-from tulip_mega.parallel.init import check_runtime_support
 
 
 def resolve_layout(cfg: Config, world_size: int) -> RunLayout:
     """The run's layout for `world_size` processes; raises ConfigError naming the recipe key
     that cannot run (batch arithmetic, interleaving, pipeline split)."""
+    return _resolve(cfg, world_size, validate_layout(cfg, world_size))
+
+
+def check_launch(cfg: Config, world_size: int) -> RunLayout:
+    """`resolve_layout` plus what this machine's device and layer implementation must
+    support (ZeRO-1 and FP8 need CUDA / Transformer Engine). The batch arithmetic is checked
+    first: its message names the launch that cannot work anywhere."""
+    from tulip_mega.models.specs import check_layer_support
+    from tulip_mega.parallel.init import check_runtime_support
+
     dp = validate_layout(cfg, world_size)
+    check_runtime_support(cfg)
+    check_layer_support(cfg.model, cfg.precision)
+    return _resolve(cfg, world_size, dp)
+
+
+def _resolve(cfg: Config, world_size: int, dp: int) -> RunLayout:
+    """The layout once the batch arithmetic has given the data-parallel size `dp`."""
     tr, par = cfg.train, cfg.parallel
     microbatches = tr.global_batch_size // (tr.micro_batch_size * dp)
     streams = input_streams(cfg)
@@ -37,13 +53,5 @@ def resolve_layout(cfg: Config, world_size: int) -> RunLayout:
         contrastive_batch=tr.global_batch_size if global_batch else tr.micro_batch_size * dp,
         embedding_cache=global_batch and microbatches > 1 and bool(contrastive_terms_on(cfg)),
         streams=streams,
-        split=validate_split(cfg),
+        split=validate_split(cfg, streams),
     )
-
-
-def check_launch(cfg: Config, world_size: int) -> RunLayout:
-    """`resolve_layout` plus what this machine's device and layer implementation must
-    support (ZeRO-1 and FP8 need CUDA / Transformer Engine)."""
-    check_runtime_support(cfg)
-    check_layer_support(cfg.model, cfg.precision)
-    return resolve_layout(cfg, world_size)

@@ -2,7 +2,8 @@
 
 Pure arithmetic on the resolved recipe (no torch / megatron import, so it answers at once):
 
-- layout: `validate_layout(cfg, N x G)` (the trainer's own check); refused with its reason;
+- layout: `resolve_layout(cfg, N x G)` (the trainer's own arithmetic: batch, streams,
+  pipeline split); refused with its reason;
 - FP8: the recipe is validated with `precision.fp8` as it asks (Transformer Engine's shape
   rule, tulip_mega/config/fp8_shapes.py; TE itself need not be installed), and the GEMMs of
   every block are printed per rank with FP8 or bf16 and why;
@@ -57,34 +58,32 @@ import dataclasses
 import sys
 from typing import Optional, Sequence
 
-from tulip_mega.data_rate import data_rate, format_data_rate
-from tulip_mega.plan_stages import PipelinePlan, format_pipeline, plan_pipeline
-from tulip_mega.flops import contrastive_batch_line as flops_contrastive_batch_line
-from tulip_mega.flops import contrastive_batch_size, count_flops, embedding_cache_flops
-from tulip_mega.model_size import param_counts, towers
 from tulip_mega.config.fp8_shapes import fp8_plan
+from tulip_mega.config.run_layout import RunLayout
+from tulip_mega.config.streams import Streams
+from tulip_mega.data_rate import data_rate, format_data_rate
+from tulip_mega.flops import contrastive_batch_line as flops_contrastive_batch_line
+from tulip_mega.flops import count_flops, embedding_cache_flops
+from tulip_mega.launch import resolve_layout
+from tulip_mega.model_size import param_counts, towers
+from tulip_mega.plan_stages import PipelinePlan, format_pipeline, plan_pipeline
 
 H100_BF16_DENSE_TFLOPS = 989.0
 GIB = 1024**3
 
 
-def forward_flops_per_sample(cfg) -> dict[str, int]:
-    """Forward FLOPs for one sample, by part (2 FLOPs per multiply-add), from
+def forward_flops_per_sample(cfg, streams: Streams) -> dict[str, int]:
+    """Forward FLOPs for one sample feeding `streams`, by part (2 FLOPs per multiply-add), from
     tulip_mega.flops (every tower call, view, head and decoder the loss terms switch
     on). The contrastive logits are left out here (see the module docstring)."""
-    return dict(count_flops(cfg).parts)
+    return dict(count_flops(cfg, streams).parts)
 
 
 @dataclasses.dataclass
 class Plan:
-    gpus: int
-    dp: int
-    tp: int
-    pp: int
-    micro_batch: int
-    global_batch: int
-    grad_accum: int
-    contrastive_batch: int
+    """The numbers of one layout: memory of the fullest stage, FLOPs, step time."""
+
+    layout: RunLayout  # the hypothetical run's layout (tulip_mega.launch.resolve_layout)
     contrastive_mode: str
     params_total: int
     params_per_gpu: float
@@ -98,76 +97,75 @@ class Plan:
     samples_per_s: float
     mfu: float
     peak_tflops: float
-    pipeline: Optional["PipelinePlan"] = None  # per-stage FLOPs and memory (tulip_mega/plan_stages.py)
+    pipeline: PipelinePlan  # per-stage FLOPs and memory (tulip_mega/plan_stages.py)
+
+    @property
+    def gpus(self) -> int:
+        return self.layout.world_size
+
+    @property
+    def dp(self) -> int:
+        return self.layout.data_parallel
+
+    @property
+    def tp(self) -> int:
+        return self.layout.tensor_parallel
+
+    @property
+    def pp(self) -> int:
+        return self.layout.pipeline_parallel
+
+    @property
+    def micro_batch(self) -> int:
+        return self.layout.micro_batch_size
+
+    @property
+    def global_batch(self) -> int:
+        return self.layout.global_batch_size
+
+    @property
+    def grad_accum(self) -> int:
+        return self.layout.microbatches
+
+    @property
+    def contrastive_batch(self) -> int:
+        return self.layout.contrastive_batch
 
 
 def make_plan(cfg, nodes: int, gpus_per_node: int = 8, mfu: float = 0.40,
               peak_tflops: float = H100_BF16_DENSE_TFLOPS) -> Plan:
     """The numbers for `cfg` on nodes x gpus_per_node GPUs; raises ConfigError for a bad layout."""
-    from tulip_mega.config import validate_layout
+    return plan_layout(cfg, resolve_layout(cfg, nodes * gpus_per_node), mfu, peak_tflops)
 
-    gpus = nodes * gpus_per_node
-    dp = validate_layout(cfg, gpus)
-    par = cfg.parallel
-    tp, pp, sp = par.tensor_parallel, par.pipeline_parallel, par.sequence_parallel
-    mb, gb = cfg.train.micro_batch_size, cfg.train.global_batch_size
-    recompute = cfg.recompute.granularity
-    counts = param_counts(cfg)
-    total = sum(counts.values())
 
-    vt, tt = towers(cfg)
+def plan_layout(cfg, layout: RunLayout, mfu: float = 0.40, peak_tflops: float = H100_BF16_DENSE_TFLOPS) -> Plan:
+    """The numbers for `cfg` laid out as `layout`: the fullest pipeline stage's memory (the
+    split, every stream's activations, the micro-batches in flight: what must fit), FLOPs
+    per pair with recompute and the embedding cache, and the step time at `mfu`."""
+    tp, pp = layout.tensor_parallel, layout.pipeline_parallel
     transformer_per_gpu = sum(tw.layers * (tw.layer_sharded_params / tp + tw.layer_replicated_params)
-                              for tw in (vt, tt)) / pp
-    # Stage 0 holds the embeddings (text vocabulary split across TP), the last stage the heads;
-    # report the larger of the two (with PP=1 one GPU holds both).
-    first = counts["vision_embed"] + counts["text_embed"] / tp
-    last = (counts["vision_final_ln"] + counts["vision_map_head"] + counts["text_final_ln"]
-            + counts["text_head"] + counts["logit_scale_bias"])
-    params_per_gpu = transformer_per_gpu + (first + last if pp == 1 else max(first, last))
-
-    fp32 = cfg.precision.dtype == "fp32"
-    weight_bytes, grad_bytes, optim_bytes = (4, 4, 8) if fp32 else (2, 4, 12)
-    optim_per_gpu = params_per_gpu * optim_bytes / (dp if par.distributed_optimizer else 1)
-    value_bytes = 4 if fp32 else 2
-    act = 0.0
-    for tw in (vt, tt):
-        act += tw.layers * tw.layer_activation_bytes(mb, tp, sp, recompute, value_bytes)
-    if recompute == "full":  # one layer is re-run without recompute during the backward pass
-        act += max(tw.layer_activation_bytes(mb, tp, sp, None, value_bytes) for tw in (vt, tt))
-    memory = {
-        "parameters": params_per_gpu * weight_bytes / GIB,
-        "gradients": params_per_gpu * grad_bytes / GIB,
-        "optimizer": optim_per_gpu / GIB,
-        "activations": act / GIB,
-    }
-    memory["total"] = sum(memory.values())
-    # Per pipeline stage (the split of parallel.pipeline_split, every stream's activations, the
-    # micro-batches in flight per stage): the fullest stage is what must fit.
-    pipeline = plan_pipeline(cfg, dp, gb // (mb * dp))
-    memory = dict(pipeline.fullest.memory_gib)
-    params_per_gpu = pipeline.fullest.params
-
-    fwd_parts = forward_flops_per_sample(cfg)
+                              for tw in towers(cfg)) / pp
+    pipeline = plan_pipeline(cfg, layout)
+    fwd_parts = forward_flops_per_sample(cfg, layout.streams)
     fwd = sum(fwd_parts.values())
     model = 3 * fwd
+    recompute = cfg.recompute.granularity
     if recompute == "full":
         hardware = model + fwd
     elif recompute == "selective":
         hardware = model + sum(v for k, v in fwd_parts.items() if k.endswith("_attention"))
     else:
         hardware = model
-    accum = gb // (mb * dp)
-    cache = embedding_cache_flops(cfg, accum)
+    cache = embedding_cache_flops(cfg, layout)
     hardware += cache
-    step = gb * (model + cache) / (gpus * peak_tflops * 1e12 * mfu)
-    mode = cfg.loss.contrastive_batch
+    gb = layout.global_batch_size
+    step = gb * (model + cache) / (layout.world_size * peak_tflops * 1e12 * mfu)
     return Plan(
-        gpus=gpus, dp=dp, tp=tp, pp=pp, micro_batch=mb, global_batch=gb, grad_accum=accum,
-        contrastive_batch=contrastive_batch_size(cfg, dp), contrastive_mode=mode, params_total=total,
-        params_per_gpu=params_per_gpu, transformer_params_per_gpu=transformer_per_gpu, memory_gib=memory,
-        flops_forward_per_sample=fwd, flops_model_per_sample=model, flops_hardware_per_sample=hardware,
-        flops_cache_per_sample=cache, step_time_s=step, samples_per_s=gb / step, mfu=mfu, peak_tflops=peak_tflops,
-        pipeline=pipeline,
+        layout=layout, contrastive_mode=cfg.loss.contrastive_batch, params_total=sum(param_counts(cfg).values()),
+        params_per_gpu=pipeline.fullest.params, transformer_params_per_gpu=transformer_per_gpu,
+        memory_gib=dict(pipeline.fullest.memory_gib), flops_forward_per_sample=fwd, flops_model_per_sample=model,
+        flops_hardware_per_sample=hardware, flops_cache_per_sample=cache, step_time_s=step,
+        samples_per_s=gb / step, mfu=mfu, peak_tflops=peak_tflops, pipeline=pipeline,
     )
 
 
@@ -214,7 +212,7 @@ def format_plan(cfg, plan: Plan) -> str:
     if m["total"] > 80 * 0.9:
         lines.append("warning: the estimate exceeds ~72 GiB (90% of an 80 GB H100): raise TP/PP, lower "
                      "train.micro_batch_size, or use recompute.granularity=full")
-    fp8 = fp8_plan(cfg)
+    fp8 = fp8_plan(cfg, plan.layout.streams)
     if fp8.fp8:
         lines += ["", *fp8.table(),
                   f"fp8={fp8.fp8}: FP8 GEMMs via Transformer Engine (needs TE on the GPU nodes); the estimate "

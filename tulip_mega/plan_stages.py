@@ -32,13 +32,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
-from tulip_mega.models.pipeline_split import (
-    Split,
-    balanced_split,
-    even_split,
-    stage_costs,
-    validate_split,
-)
+from tulip_mega.config.run_layout import RunLayout
+from tulip_mega.config.streams import Streams
+from tulip_mega.model_size import Tower, param_counts, towers
+from tulip_mega.models.pipeline_split import Split, StageCosts, balanced_split, even_split, stage_costs
 
 GIB = 1024**3
 
@@ -93,8 +90,6 @@ def in_flight(stage: int, pp: int, microbatches: int, virtual: int = 1) -> int:
 
 def _decoder_params(cfg) -> tuple[float, float]:
     """(TP-sharded, replicated) parameters of the last stage's decoders and projectors."""
-    from tulip_mega.model_size import Tower
-
     m, w, v, t = cfg.model, cfg.loss.weights, cfg.model.vision, cfg.model.text
     sharded = replicated = 0.0
     if w.mae > 0:
@@ -116,12 +111,9 @@ def _decoder_params(cfg) -> tuple[float, float]:
     return sharded, replicated
 
 
-def _decoder_activations(cfg, micro_batch: int, tp: int, sp: bool, value_bytes: int) -> float:
+def _decoder_activations(cfg, streams: Streams, micro_batch: int, tp: int, sp: bool, value_bytes: int) -> float:
     """Activation bytes of one micro-batch through the decoders (no recompute)."""
-    from tulip_mega.config.streams import input_streams
-    from tulip_mega.model_size import Tower
-
-    streams, m, w = input_streams(cfg), cfg.model, cfg.loss.weights
+    m, w = cfg.model, cfg.loss.weights
     total = 0.0
     for on, d, seq in ((w.mae > 0, m.mae_decoder, streams.patches),
                        (w.text_recon > 0, m.text_decoder, cfg.model.text.context_length)):
@@ -131,15 +123,12 @@ def _decoder_activations(cfg, micro_batch: int, tp: int, sp: bool, value_bytes: 
     return total
 
 
-def layer_activation_bytes(cfg, tower: str, micro_batch: int, recompute: Optional[str], value_bytes: int) -> float:
+def layer_activation_bytes(cfg, streams: Streams, tower: str, micro_batch: int, recompute: Optional[str],
+                           value_bytes: int) -> float:
     """Activation bytes of ONE layer of `tower` for one micro-batch: every stream through it."""
-    from tulip_mega.config.streams import input_streams
-    from tulip_mega.model_size import towers
-
     par = cfg.parallel
     tp, sp = par.tensor_parallel, par.sequence_parallel
     vt, tt = towers(cfg)
-    streams = input_streams(cfg)
     if tower == "vision":
         calls = [(dataclasses.replace(vt, seq=s.seq), s.views) for s in streams.vision]
     else:
@@ -147,73 +136,91 @@ def layer_activation_bytes(cfg, tower: str, micro_batch: int, recompute: Optiona
     return sum(tw.layer_activation_bytes(micro_batch * n, tp, sp, recompute, value_bytes) for tw, n in calls)
 
 
-def plan_pipeline(cfg, dp: int, microbatches: int, virtual: Optional[int] = None) -> PipelinePlan:
-    """Per-stage numbers of the recipe's split on PP = parallel.pipeline_parallel, with
-    `virtual` interleaved chunks per stage (default: the recipe's parallel.virtual_pipeline)."""
-    from tulip_mega.model_size import param_counts, towers
-
-    par, rc = cfg.parallel, cfg.recompute
-    pp, tp, sp = par.pipeline_parallel, par.tensor_parallel, par.sequence_parallel
-    virtual = virtual or par.virtual_pipeline
-    mb = cfg.train.micro_batch_size
-    split = validate_split(cfg)  # PP x virtual chunks under interleaving
-    costs = stage_costs(cfg)
+def plan_pipeline(cfg, layout: RunLayout) -> PipelinePlan:
+    """Per-stage numbers of the layout's split (PP x virtual chunks under interleaving)."""
+    pp, virtual, split = layout.pipeline_parallel, layout.virtual_pipeline, layout.split
+    costs = stage_costs(cfg, layout.streams)
     chunk_flops = costs.stages(split)
     # A stage's layers and FLOPs: the sum over its chunks (chunk c of stage i is c * pp + i).
     per_stage = [[c * pp + i for c in range(len(split) // pp)] for i in range(pp)]
     flops = [sum(chunk_flops[k] for k in chunks) for chunks in per_stage]
     stage_layers = [tuple(sum(split[k][col] for k in chunks) for col in (0, 1)) for chunks in per_stage]
-    counts = param_counts(cfg)
-    vt, tt = towers(cfg)
-    fp32 = cfg.precision.dtype == "fp32"
-    weight_bytes, grad_bytes, optim_bytes = (4, 4, 8) if fp32 else (2, 4, 12)
-    value_bytes = 4 if fp32 else 2
-    dec_sharded, dec_replicated = _decoder_params(cfg)
-    per_layer = {name: layer_activation_bytes(cfg, name, mb, rc.granularity, value_bytes)
-                 for name in ("vision", "text")}
-    no_rc = {name: layer_activation_bytes(cfg, name, mb, None, value_bytes) for name in ("vision", "text")}
-    stages = []
-    for i, (nv, nt) in enumerate(stage_layers):
-        params = sum(n * (tw.layer_sharded_params / tp + tw.layer_replicated_params) for n, tw in ((nv, vt), (nt, tt)))
-        if i == 0:
-            params += counts["vision_embed"] + counts["text_embed"] / tp
-        if i == pp - 1:
-            params += (counts["vision_final_ln"] + counts["vision_map_head"] + counts["text_final_ln"]
-                       + counts["text_head"] + counts["logit_scale_bias"] + dec_sharded / tp + dec_replicated)
-        flight = in_flight(i, pp, microbatches, virtual)
-        act = flight * (nv * per_layer["vision"] + nt * per_layer["text"]) / virtual
-        if rc.granularity == "full":  # one layer re-runs without recompute in backward
-            act += max([no_rc[name] for name, n in (("vision", nv), ("text", nt)) if n] or [0.0])
-        if i == pp - 1:
-            act += _decoder_activations(cfg, mb, tp, sp, value_bytes)
-        memory = {
-            "parameters": params * weight_bytes / GIB,
-            "gradients": params * grad_bytes / GIB,
-            "optimizer": params * optim_bytes / (dp if par.distributed_optimizer else 1) / GIB,
-            "activations": act / GIB,
-        }
-        memory["total"] = sum(memory.values())
-        stages.append(StagePlan(i, nv, nt, flops[i], params, flight, memory))
-    suggestion, gain = None, 1.0
-    if pp > 1:
-        best = balanced_split(costs, vt.layers, tt.layers, len(split))
-        gain = max(chunk_flops) / max(costs.stages(best))
-        if gain > 1.005 and best != split:
-            suggestion = best
-    name = par.pipeline_split if isinstance(par.pipeline_split, str) else "explicit"
-    layers = vt.layers + tt.layers
+    memory = _StageMemory(cfg, layout)
+    stages = tuple(StagePlan(i, nv, nt, flops[i], *memory.stage(i, nv, nt)) for i, (nv, nt) in enumerate(stage_layers))
+    suggestion, gain = _suggest(costs, split, pp, chunk_flops)
+    name = cfg.parallel.pipeline_split if isinstance(cfg.parallel.pipeline_split, str) else "explicit"
+    layers = sum(v + t for v, t in split)
+    m = layout.microbatches
     return PipelinePlan(
-        split=split, split_name=name, stages=tuple(stages), microbatches=microbatches,
-        bubble_1f1b=bubble_fraction(pp, microbatches),
-        bubble_interleaved={v: bubble_fraction(pp, microbatches, v) for v in (2, 4) if pp > 1 and layers >= pp * v},
+        split=split, split_name=name, stages=stages, microbatches=m,
+        bubble_1f1b=bubble_fraction(pp, m),
+        bubble_interleaved={v: bubble_fraction(pp, m, v) for v in (2, 4) if pp > 1 and layers >= pp * v},
         imbalance=max(flops) / (sum(flops) / len(flops)), suggestion=suggestion, suggestion_gain=gain,
         virtual=virtual,
     )
 
 
-def compare_splits(cfg) -> dict[str, float]:
-    """max / min stage FLOPs of `even` and `balanced` for the recipe's PP (the benchmark's prediction)."""
-    costs, pp = stage_costs(cfg), cfg.parallel.pipeline_parallel
+def _suggest(costs: StageCosts, split: Split, pp: int, chunk_flops: list[float]) -> tuple[Optional[Split], float]:
+    """(the FLOP-balanced split when it beats `split` by over 0.5%, else None; the gain)."""
+    if pp == 1:
+        return None, 1.0
+    vision, text = (sum(pair[col] for pair in split) for col in (0, 1))
+    best = balanced_split(costs, vision, text, len(split))
+    gain = max(chunk_flops) / max(costs.stages(best))
+    return (best if gain > 1.005 and best != split else None), gain
+
+
+class _StageMemory:
+    """Parameters, in-flight micro-batches and memory of one pipeline stage of a layout."""
+
+    def __init__(self, cfg, layout: RunLayout) -> None:
+        self.cfg, self.layout = cfg, layout
+        self.counts = param_counts(cfg)
+        self.towers = towers(cfg)
+        fp32 = cfg.precision.dtype == "fp32"
+        self.bytes = (4, 4, 8) if fp32 else (2, 4, 12)  # weight, gradient, optimizer per parameter
+        self.value_bytes = 4 if fp32 else 2
+        self.decoders = _decoder_params(cfg)
+        mb, streams, rc = layout.micro_batch_size, layout.streams, cfg.recompute.granularity
+        self.per_layer = {name: layer_activation_bytes(cfg, streams, name, mb, rc, self.value_bytes)
+                          for name in ("vision", "text")}
+        self.no_rc = {name: layer_activation_bytes(cfg, streams, name, mb, None, self.value_bytes)
+                      for name in ("vision", "text")}
+
+    def params(self, i: int, nv: int, nt: int) -> float:
+        """Parameters per GPU of stage `i` holding `nv` vision and `nt` text layers."""
+        tp, last, c = self.layout.tensor_parallel, self.layout.pipeline_parallel - 1, self.counts
+        vt, tt = self.towers
+        params = sum(n * (tw.layer_sharded_params / tp + tw.layer_replicated_params) for n, tw in ((nv, vt), (nt, tt)))
+        if i == 0:
+            params += c["vision_embed"] + c["text_embed"] / tp
+        if i == last:
+            params += (c["vision_final_ln"] + c["vision_map_head"] + c["text_final_ln"] + c["text_head"]
+                       + c["logit_scale_bias"] + self.decoders[0] / tp + self.decoders[1])
+        return params
+
+    def stage(self, i: int, nv: int, nt: int) -> tuple[float, int, dict]:
+        """(parameters per GPU, micro-batches in flight, memory GiB by kind) of stage `i`."""
+        lay, cfg = self.layout, self.cfg
+        params = self.params(i, nv, nt)
+        flight = in_flight(i, lay.pipeline_parallel, lay.microbatches, lay.virtual_pipeline)
+        act = flight * (nv * self.per_layer["vision"] + nt * self.per_layer["text"]) / lay.virtual_pipeline
+        if cfg.recompute.granularity == "full":  # one layer re-runs without recompute in backward
+            act += max([self.no_rc[name] for name, n in (("vision", nv), ("text", nt)) if n] or [0.0])
+        if i == lay.pipeline_parallel - 1:
+            act += _decoder_activations(cfg, lay.streams, lay.micro_batch_size, lay.tensor_parallel,
+                                        cfg.parallel.sequence_parallel, self.value_bytes)
+        weight_bytes, grad_bytes, optim_bytes = self.bytes
+        dp = lay.data_parallel if cfg.parallel.distributed_optimizer else 1
+        memory = {"parameters": params * weight_bytes / GIB, "gradients": params * grad_bytes / GIB,
+                  "optimizer": params * optim_bytes / dp / GIB, "activations": act / GIB}
+        memory["total"] = sum(memory.values())
+        return params, flight, memory
+
+
+def compare_splits(cfg, layout: RunLayout) -> dict[str, float]:
+    """max / min stage FLOPs of `even` and `balanced` for the layout's PP (the benchmark's prediction)."""
+    costs, pp = stage_costs(cfg, layout.streams), layout.pipeline_parallel
     v, t = cfg.model.vision.num_layers, cfg.model.text.num_layers
     out = {}
     for name, split in (("even", even_split(v, t, pp)), ("balanced", balanced_split(costs, v, t, pp))):

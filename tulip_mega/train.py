@@ -66,15 +66,10 @@ def _main(argv: Optional[Sequence[str]], stop_signal: PreemptionSignal) -> int:
     overrides = list(args.overrides) + (["checkpoint.resume=true"] if args.resume else [])
     try:
         cfg = load_config(args.recipe, overrides)
-        from tulip_mega.config import validate_layout
-        from tulip_mega.models.pipeline_split import validate_split
-        from tulip_mega.models.specs import check_layer_support
-        from tulip_mega.parallel.init import check_runtime_support, launch_env
+        from tulip_mega.launch import check_launch
+        from tulip_mega.parallel.init import launch_env
 
-        validate_layout(cfg, launch_env().world_size)
-        check_runtime_support(cfg)
-        check_layer_support(cfg.model, cfg.precision)
-        validate_split(cfg)
+        layout = check_launch(cfg, launch_env().world_size)
     except ConfigError as e:
         print(f"tulip-mega: config error: {e}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
@@ -85,7 +80,7 @@ def _main(argv: Optional[Sequence[str]], stop_signal: PreemptionSignal) -> int:
     from tulip_mega.training.errors import TrainingHalted
 
     try:
-        summary = train(cfg, stop_signal=stop_signal)
+        summary = train(cfg, stop_signal=stop_signal, layout=layout)
     except CheckpointError as e:
         print(f"tulip-mega: checkpoint error: {e}", file=sys.stderr)
         return EXIT_CHECKPOINT_ERROR

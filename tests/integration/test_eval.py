@@ -266,10 +266,11 @@ def standalone_worker(checkpoint: str, val: str, classes: str, out_dir: str) -> 
 
     # The shard reader with label = sample index ("val0000042" -> 42), on the same DP=2 layout.
     from tulip_mega.evaluate import eval_config
-    from tulip_mega.models.build import build_model
+    from tulip_mega.launch import resolve_layout
+    from tulip_mega.models.build import build_model_chunks
 
     cfg = eval_config(Path(checkpoint), "retrieval", val, overrides=layout, world_size=2)
-    ev = Evaluator(cfg, build_model(cfg), ["retrieval"])
+    ev = Evaluator(cfg, build_model_chunks(cfg, resolve_layout(cfg, 2)), ["retrieval"])
     got = ev.embedder.embed(ev._shard_batches(val, lambda key: int(key[3:]), with_text=True))
     return {"zs": zs["metrics"], "rt": rt["metrics"], "box": box["metrics"], "labels": got["labels"]}
 

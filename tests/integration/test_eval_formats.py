@@ -202,7 +202,8 @@ def formats_worker(tokenizer: str, cls_root: str, ret_root: str, folder: str, te
     warnings.filterwarnings("ignore")
     from tulip_mega.data.tokenizer import Tokenizer
     from tulip_mega.eval.runner import Evaluator
-    from tulip_mega.models.build import build_model
+    from tulip_mega.launch import resolve_layout
+    from tulip_mega.models.build import build_model_chunks
     from tulip_mega.parallel.init import init_parallel
 
     base = [f"data.tokenizer={tokenizer}", "eval.batch_size=4", "parallel.tensor_parallel=1",
@@ -211,7 +212,7 @@ def formats_worker(tokenizer: str, cls_root: str, ret_root: str, folder: str, te
                            f"eval.retrieval_shards={ret_root}", "eval.retrieval_format=clip_benchmark",
                            f"eval.mmvp_path={mmvp}"])
     init_parallel(1, 1, cfg.run.seed)
-    model = build_model(cfg)
+    model = build_model_chunks(cfg, resolve_layout(cfg, torch.distributed.get_world_size()))
     out = {"wds": Evaluator(cfg, model).run()}
     folder_cfg = make_cfg(base + [f"eval.zeroshot_shards={folder}", "eval.zeroshot_format=imagefolder",
                                   f"eval.zeroshot_templates={templates}"])

@@ -243,7 +243,7 @@ def test_gpu_switches_are_all_off_on_cpu(monkeypatch):
                     or config.tp_only_amax_red)
         assert config.activation_func is mc.gelu_tanh
     assert mc.tower_config(cfg, "vision", choices).recompute_granularity == "selective"
-    assert mc.ddp_bucket_size(cfg, torch.nn.Linear(4, 4)) is None
+    assert mc.ddp_bucket_size(cfg, [torch.nn.Linear(4, 4)]) is None
     lines = mc.startup_lines(cfg, choices, None)
     assert lines[0].startswith("fp8 hybrid (delayed scaling): FP8 GEMMs in vision tower, MAE decoder; bf16 in")
     assert lines[1].startswith("GPU switches: off (no CUDA)") and len(lines) == 2

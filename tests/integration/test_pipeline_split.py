@@ -9,20 +9,19 @@ sequence parallel x PP with the full stack; and checkpoints resharded between sp
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from harness import assert_same_step, make_cfg, step_worker
 from test_stack import TULIP
 from tulip_mega.config import ConfigError
-from tulip_mega.models.pipeline_split import (
-    StageCosts,
-    balanced_split,
-    even_split,
-    resolve_split,
-    stage_costs,
-    tower_layout,
-)
+from tulip_mega.config.streams import input_streams
+from tulip_mega.launch import resolve_layout
+from tulip_mega.models.pipeline_split import StageCosts, balanced_split, even_split
+from tulip_mega.models.pipeline_split import resolve_split as _resolve_split
+from tulip_mega.models.pipeline_split import stage_costs as _stage_costs
 from tulip_mega.parallel.spawn import run_distributed
 
 BASE = ["train.global_batch_size=16", "train.micro_batch_size=8"]
@@ -31,13 +30,20 @@ GRAD_RTOL = 1e-4
 LOSS_RTOL = 1e-5
 
 
+def resolve_split(cfg):
+    return _resolve_split(cfg, input_streams(cfg))
+
+
+def stage_costs(cfg):
+    return _stage_costs(cfg, input_streams(cfg))
+
+
 # --- arithmetic ------------------------------------------------------------------------------
 def test_even_split_is_megatrons_default_when_pp_divides():
     cfg = make_cfg(BASE + ["parallel.pipeline_parallel=2", "parallel.pipeline_split=even"])
     assert resolve_split(cfg) == ((1, 1), (1, 1))
-    from tulip_mega.models.megatron_config import pipeline_layout
-
-    assert pipeline_layout(cfg, "vision") is None and pipeline_layout(cfg, "text") is None
+    layout = resolve_layout(cfg, 2)
+    assert layout.tower_layout("vision") is None and layout.tower_layout("text") is None
     assert even_split(5, 2, 3) == ((2, 1), (2, 1), (1, 0))
 
 
@@ -78,14 +84,17 @@ def test_balanced_stage_costs_come_from_flops():
     from tulip_mega.flops import count_flops
 
     cfg = make_cfg(UNEVEN + ["parallel.pipeline_parallel=2", "loss.contrastive_batch=micro"])
-    costs, parts = stage_costs(cfg), count_flops(cfg).parts
+    costs, parts = stage_costs(cfg), count_flops(cfg, input_streams(cfg)).parts
     assert costs.vision_layer == 3 * (parts["vision_layers_matmul"] + parts["vision_layers_attention"]) / 3
     assert costs.first == 3 * parts["vision_patch_embed"]
     assert costs.last == 3 * (parts["vision_map_head"] + parts["text_head"])
     split = resolve_split(cfg)
     assert split == ((1, 1), (2, 1))  # text layers (64 tokens) outweigh vision (16 patches)
-    assert tower_layout(split, "vision") == [["embedding", "decoder"], ["decoder", "decoder", "loss"]]
-    assert tower_layout(((3, 0), (0, 2)), "text") == [["embedding"], ["decoder", "decoder", "loss"]]
+    layout = resolve_layout(cfg, 2)
+    assert layout.split == split
+    assert layout.tower_layout("vision") == [["embedding", "decoder"], ["decoder", "decoder", "loss"]]
+    other = dataclasses.replace(layout, split=((3, 0), (0, 2)))
+    assert other.tower_layout("text") == [["embedding"], ["decoder", "decoder", "loss"]]
 
 
 @pytest.mark.parametrize("split,message", [

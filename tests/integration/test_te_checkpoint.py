@@ -154,7 +154,8 @@ def eval_worker(root: str) -> dict:
 
     warnings.filterwarnings("ignore")
     from tulip_mega.evaluate import eval_config, load_weights
-    from tulip_mega.models.build import build_model
+    from tulip_mega.launch import resolve_layout
+    from tulip_mega.models.build import build_model_chunks
     from tulip_mega.models.specs import check_layer_support
     from tulip_mega.parallel.init import check_runtime_support, init_parallel
     from tulip_mega.training.checkpoint import model_shape
@@ -167,8 +168,8 @@ def eval_worker(root: str) -> dict:
         check_layer_support(cfg.model, cfg.precision)
         if name == "local":
             init_parallel(1, 1, cfg.run.seed)
-        model = build_model(cfg)
-        load_weights(checkpoint, model, model_shape(cfg))
+        model, = build_model_chunks(cfg, resolve_layout(cfg, torch.distributed.get_world_size()))
+        load_weights(checkpoint, [model], model_shape(cfg))
         g = torch.Generator().manual_seed(5)
         images = torch.randn(6, 3, cfg.model.vision.image_size, cfg.model.vision.image_size, generator=g)
         tokens = torch.randint(3, 200, (6, cfg.model.text.context_length), generator=g)

@@ -20,7 +20,9 @@ import torch
 from harness import assemble, assert_same_step, make_cfg, step_worker
 from test_stack import TULIP
 from tulip_mega.config import ConfigError
-from tulip_mega.models.pipeline_split import resolve_split, tower_layout
+from tulip_mega.config.streams import input_streams
+from tulip_mega.launch import resolve_layout
+from tulip_mega.models.pipeline_split import resolve_split as _resolve_split
 from tulip_mega.parallel.spawn import run_distributed
 
 # 4 micro-batches of 4 per step: the interleaved schedule needs a multiple of PP.
@@ -32,6 +34,10 @@ GRAD_RTOL = 1e-4
 LOSS_RTOL = 1e-5
 
 
+def resolve_split(cfg):
+    return _resolve_split(cfg, input_streams(cfg))
+
+
 # --- arithmetic and config errors --------------------------------------------------------------
 def test_split_has_one_pair_per_chunk_in_megatrons_order():
     cfg = make_cfg(EVEN + VIRTUAL + ["parallel.pipeline_split=even"])
@@ -39,10 +45,12 @@ def test_split_has_one_pair_per_chunk_in_megatrons_order():
     # Chunk-major: rank 0 chunk 0, rank 1 chunk 0, rank 0 chunk 1, rank 1 chunk 1.
     cfg = make_cfg(UNEVEN + VIRTUAL + ["parallel.pipeline_split=[[1,0],[1,0],[0,1],[1,1]]"])
     split = resolve_split(cfg)
-    assert tower_layout(split, "vision", 2) == [["embedding", "decoder"], ["decoder"], [], ["decoder", "loss"]]
+    run_layout = resolve_layout(cfg, 2)
+    assert run_layout.split == split
+    assert run_layout.tower_layout("vision") == [["embedding", "decoder"], ["decoder"], [], ["decoder", "loss"]]
     from megatron.core.transformer.pipeline_parallel_layer_layout import PipelineParallelLayerLayout
 
-    layout = PipelineParallelLayerLayout(tower_layout(split, "text", 2), 2)
+    layout = PipelineParallelLayerLayout(run_layout.tower_layout("text"), 2)
     assert layout.virtual_pipeline_model_parallel_size == 2
     assert [[row.count(layout.layout[0][0][0].__class__.decoder) for row in rank] for rank in layout.layout] == \
         [[0, 1], [0, 1]]
@@ -194,13 +202,12 @@ def embed_worker(overrides: list[str]) -> Optional[dict]:
 
     cfg = make_cfg(overrides)
     init_parallel(1, cfg.parallel.pipeline_parallel, cfg.run.seed, virtual_pipeline=cfg.parallel.virtual_pipeline)
-    chunks = build_model_chunks(cfg)
+    chunks = build_model_chunks(cfg, resolve_layout(cfg, cfg.parallel.pipeline_parallel))
     g = torch.Generator().manual_seed(1)
     n, size, L = 19, cfg.model.vision.image_size, cfg.model.text.context_length
     images, tokens = torch.randn(n, 3, size, size, generator=g), torch.randint(3, 200, (n, L), generator=g)
     source = [(images[i:i + 4], tokens[i:i + 4], torch.arange(i, min(i + 4, n))) for i in range(0, n, 4)]
-    model = chunks if len(chunks) > 1 else chunks[0]
-    out = Embedder(model, 4, size, L, chunk=8).embed(source)
+    out = Embedder(chunks, 4, size, L, chunk=8).embed(source)
     return out if parallel_state.is_pipeline_last_stage() else None
 
 

@@ -254,7 +254,11 @@ def test_per_section_checks():
 def test_full_recompute_layers_per_stage():
     """An even or explicit split is checked with the recipe; a balanced one (it needs the FLOP
     model) by validate_split, which the trainer, eval and plan run before any process starts."""
-    from tulip_mega.models.pipeline_split import validate_split
+    from tulip_mega.config.streams import input_streams
+    from tulip_mega.models.pipeline_split import validate_split as _validate_split
+
+    def validate_split(cfg):
+        return _validate_split(cfg, input_streams(cfg))
 
     ok = ["parallel.pipeline_parallel=2", "recompute.granularity=full", "recompute.num_layers=1"]
     validate_split(load_config(None, ok))

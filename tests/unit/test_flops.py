@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 
 from tulip_mega.config import load_config
+from tulip_mega.config.streams import input_streams
 from tulip_mega.plan import forward_flops_per_sample, make_plan
 from tulip_mega.flops import count_flops, tokens_per_sample
 from tulip_mega.training.throughput import (
@@ -50,15 +51,15 @@ def test_siglip_only_matches_hand_count():
             + _map_head(16, 64, 256)
             + 2 * _layer(16, 64, 256)  # text layers
             + 2 * 64 * 64)  # text head on the last token
-    count = count_flops(cfg)
+    count = count_flops(cfg, input_streams(cfg))
     assert count.forward == hand == 7_303_168
     assert count.training == 3 * hand
     # plan uses the same numbers (and leaves the contrastive logits out).
-    assert sum(forward_flops_per_sample(cfg).values()) == hand
+    assert sum(forward_flops_per_sample(cfg, input_streams(cfg)).values()) == hand
     assert make_plan(cfg, nodes=1, gpus_per_node=1).flops_model_per_sample == 3 * hand
     # The logits: image-text only, contrastive batch 8 x DP 2 columns.
-    assert count_flops(cfg, contrastive_batch=16).forward == hand + 2 * 64 * 16
-    assert tokens_per_sample(cfg) == 16 + 16
+    assert count_flops(cfg, input_streams(cfg), contrastive_batch=16).forward == hand + 2 * 64 * 16
+    assert tokens_per_sample(cfg, input_streams(cfg)) == 16 + 16
 
 
 def test_every_tower_view_and_decoder_matches_hand_count():
@@ -96,7 +97,7 @@ def test_every_tower_view_and_decoder_matches_hand_count():
     logits = 4 * 2 * e * 8
     hand = glob + local + mae_enc + texts + mae_dec + text_dec + aug + logits
 
-    count = count_flops(cfg, contrastive_batch=8)
+    count = count_flops(cfg, input_streams(cfg), contrastive_batch=8)
     assert count.forward == hand
     parts = count.parts
     assert parts["mae_decoder_matmul"] + parts["mae_decoder_attention"] == mae_dec
@@ -104,7 +105,7 @@ def test_every_tower_view_and_decoder_matches_hand_count():
     assert parts["aug_projector"] == aug and parts["contrastive_logits"] == logits
     assert parts["vision_map_head"] == 4 * _map_head(16, h, f) + 2 * _map_head(4, h, f)
     assert parts["vision_patch_embed"] == (4 * 16 + 2 * 4 + 4) * conv
-    assert tokens_per_sample(cfg) == 4 * 16 + 2 * 4 + 4 + 5 * 16
+    assert tokens_per_sample(cfg, input_streams(cfg)) == 4 * 16 + 2 * 4 + 4 + 5 * 16
     # selective recompute in plan re-runs every attention-score product, decoders included
     attention = (4 * 2 * 4 * 16 * 16 * h + 2 * 2 * 4 * 4 * 4 * h + 2 * 4 * 4 * 4 * h + 5 * 2 * 4 * 16 * 16 * 64
                  + 4 * 16 * 16 * 32 + 4 * 16 * 16 * 48)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tulip_mega.config import ConfigError, load_config
+from tulip_mega.config.streams import input_streams
 from tulip_mega.plan import forward_flops_per_sample, main, make_plan
 
 REPO = Path(__file__).resolve().parents[2]
@@ -30,7 +31,8 @@ def test_debug_flops_match_a_hand_count():
     map_head = 2 * s * 2 * h * h + 2 * 2 * h * h + 4 * s * h + 2 * 2 * h * f  # K,V over s; q, out; scores; MLP
     text_head = 2 * h * h
     assert towers + patch_embed + map_head + text_head == 7_303_168
-    parts = forward_flops_per_sample(_cfg())
+    cfg = _cfg()
+    parts = forward_flops_per_sample(cfg, input_streams(cfg))
     assert sum(parts.values()) == 7_303_168
     assert parts["vision_layers_attention"] == parts["text_layers_attention"] == 2 * layer_attention
 

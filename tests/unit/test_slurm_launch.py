@@ -179,7 +179,9 @@ def test_plan_host_cores_is_the_figure_plan_prints(capsys):
     assert plan_main([str(REPO / "recipes" / "tulip_1b.yaml"), "--nodes", "64"]) == 0
     printed = float(re.search(r"([\d.]+) CPU cores per loading rank", capsys.readouterr().out).group(1))
     cfg = load_config(str(REPO / "recipes" / "tulip_1b.yaml"), [])
-    got = plan_host_cores(cfg, 512, 8)
+    from tulip_mega.launch import resolve_layout
+
+    got = plan_host_cores(cfg, resolve_layout(cfg, 512), 8)
     # `printed` is rounded to 0.01 core: equal unless it sits within that of a whole worker.
     assert got is not None and got >= 1 and abs(got - math.ceil(printed / HOST_CORE_SHARE)) <= 1
 

@@ -41,7 +41,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-from tulip_mega.config.streams import input_streams, model_heads
+from tulip_mega.config.streams import Streams, input_streams, model_heads
 
 ALIGN = 16  # every FP8 GEMM dimension per rank
 LOCAL_ALIGN = 8  # TE's check of the local (pre all-gather) input rows
@@ -172,11 +172,11 @@ def _eval_on(cfg) -> bool:
     return bool(e.zeroshot_shards or e.retrieval_shards or e.linear_probe_shards)
 
 
-def _block_tokens(cfg) -> dict[str, list[TokenCount]]:
+def _block_tokens(cfg, streams: Streams) -> dict[str, list[TokenCount]]:
     """Every tower call's rows per block: the training streams (config/streams.py), the
     evaluation pass (view 0 and caption at eval.batch_size) when an eval set is configured,
     and the decoders (all patches / the caption, one per sample)."""
-    streams, v, t = input_streams(cfg), cfg.model.vision, cfg.model.text
+    v, t = cfg.model.vision, cfg.model.text
     mb, micro = cfg.train.micro_batch_size, "train.micro_batch_size"
     seq_why = {"global": f"{streams.patches} patches", "local": f"{streams.local_patches} local-crop patches",
                "mae": f"{streams.mae_visible} MAE visible patches"}
@@ -202,16 +202,18 @@ def _token_ok(t: TokenCount) -> bool:
     return t.tokens % ALIGN == 0 and t.local % LOCAL_ALIGN == 0
 
 
-def fp8_plan(cfg) -> Fp8Plan:
+def fp8_plan(cfg, streams: Optional[Streams] = None) -> Fp8Plan:
     """The FP8 decision for a resolved, validated recipe: every block's GEMMs per rank, the
     token counts they run over, and which blocks cannot run FP8 (see the module docstring).
     Computed the same way whether or not precision.fp8 is set (the plan then marks all bf16).
-    Decoders the loss weights switch off are listed with `built=False` and no token counts."""
+    Decoders the loss weights switch off are listed with `built=False` and no token counts.
+    `streams`: the run's input streams (`RunLayout.streams`); the recipe's own when None
+    (config validation, before a layout exists)."""
     m, tp = cfg.model, cfg.parallel.tensor_parallel
     sizes = {"vision": ("model.vision", m.vision), "text": ("model.text", m.text),
              "mae_decoder": ("model.mae_decoder", m.mae_decoder), "text_decoder": ("model.text_decoder", m.text_decoder)}
     blocks = []
-    for name, tokens in _block_tokens(cfg).items():
+    for name, tokens in _block_tokens(cfg, streams or input_streams(cfg)).items():
         prefix, size = sizes[name]
         gemms = _gemms(prefix, size.hidden_size, size.ffn_hidden_size, tp)
         blocks.append(BlockFp8(name, gemms, tuple(tokens), _width_problems(gemms),

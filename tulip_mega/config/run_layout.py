@@ -42,14 +42,18 @@ class RunLayout:
         """Model parts (virtual stages) each pipeline rank holds."""
         return self.virtual_pipeline
 
-    def tower_layout(self, tower: Tower, vision_layers: int, text_layers: int) -> Optional[list[list[str]]]:
-        """megatron's `pipeline_model_parallel_layout` (list form) for one tower, or None where
-        megatron's default split is the same (no interleaving and PP divides both towers evenly)."""
+    def tower_layout(self, tower: Tower) -> Optional[list[list[str]]]:
+        """megatron's `pipeline_model_parallel_layout` (list form) for one tower: one row per
+        (virtual) stage in megatron's order, `embedding` opening the first and `loss` closing
+        the last, as megatron's layout validation requires. None where megatron's default
+        split is the same (no interleaving, and PP divides both towers evenly): then the
+        TransformerConfig carries no layout at all."""
         if self.pipeline_parallel == 1:
             return None
         stages = len(self.split)
-        if (self.virtual_pipeline == 1 and vision_layers % stages == 0 and text_layers % stages == 0
-                and self.split == even_split(vision_layers, text_layers, stages)):
+        vision, text = (sum(pair[col] for pair in self.split) for col in (0, 1))
+        if (self.virtual_pipeline == 1 and vision % stages == 0 and text % stages == 0
+                and self.split == even_split(vision, text, stages)):
             return None
         col = 0 if tower == "vision" else 1
         rows = [["decoder"] * pair[col] for pair in self.split]

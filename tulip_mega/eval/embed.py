@@ -12,8 +12,8 @@ How (the same machinery as training, so every layout the trainer runs, eval runs
   stage runs the same schedule and the last stage knows which rows are real and their labels;
 - the last stage gathers the DP parts (variable lengths) so it holds the whole set; metrics
   computed there are shared with the other stages by `share_from_last_stage`;
-- under interleaved virtual stages (a list of model chunks) megatron's interleaved schedule
-  runs the chunks; it needs the micro-batches of a call to be a multiple of PP, so a short
+- under interleaved virtual stages (several model parts) megatron's interleaved schedule
+  runs the parts; it needs the micro-batches of a call to be a multiple of PP, so a short
   chunk of micro-batches is topped up with padding micro-batches (all rows labelled -1).
 Models run in eval mode under no_grad; the previous train/eval mode is restored.
 """
@@ -46,13 +46,12 @@ Source = Iterable[tuple[Optional[torch.Tensor], Optional[torch.Tensor], torch.Te
 
 
 class Embedder:
-    """Runs eval forward passes of this rank's model stage (DDP-wrapped or bare TulipModel, or
-    the list of its model chunks under interleaved virtual stages)."""
+    """Runs eval forward passes of this rank's model parts (one per virtual stage, in
+    megatron's order; DDP-wrapped or bare TulipModels)."""
 
-    def __init__(self, model, micro_batch: int, image_size: int, context_length: int, chunk: int = 8) -> None:
-        self.model = model
-        self.chunks = list(model) if isinstance(model, (list, tuple)) else [model]
-        self.module = getattr(self.chunks[0], "module", self.chunks[0])  # any chunk: same streams and shapes
+    def __init__(self, parts: list, micro_batch: int, image_size: int, context_length: int, chunk: int = 8) -> None:
+        self.chunks = list(parts)
+        self.module = getattr(self.chunks[0], "module", self.chunks[0])  # any part: same streams and shapes
         self.micro_batch = micro_batch
         self.image_size = image_size
         self.context_length = context_length

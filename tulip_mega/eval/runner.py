@@ -1,6 +1,6 @@
 """Zero-shot, retrieval and linear-probe evaluation of a model as laid out for training.
 
-`Evaluator(cfg, model).run()` evaluates the recipe's eval sets (eval.zeroshot_shards,
+`Evaluator(cfg, parts).run()` evaluates the recipe's eval sets (eval.zeroshot_shards,
 eval.retrieval_shards, eval.linear_probe_shards, eval.mmvp_path; in this project's shard format
 or the standard ones read by tulip_mega/eval/formats.py, per eval.*_format) with the model as
 laid out for training (any TP x PP x DP); every
@@ -51,9 +51,10 @@ def default_classes_path(shards: str) -> str:
 
 
 class Evaluator:
-    """Evaluates the recipe's eval sets with a model stage under the current megatron layout."""
+    """Evaluates the recipe's eval sets with this rank's model parts (one per virtual stage)
+    under the current megatron layout."""
 
-    def __init__(self, cfg: Config, model, tasks: Optional[Sequence[str]] = None) -> None:
+    def __init__(self, cfg: Config, parts: list, tasks: Optional[Sequence[str]] = None) -> None:
         e = cfg.eval
         available = {t: getattr(e, key) for t, key in DATA_KEYS.items()}
         self.tasks = [t for t in (tasks or TASKS) if available[t]]
@@ -79,7 +80,7 @@ class Evaluator:
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.first = parallel_state.is_pipeline_first_stage()
-        self.embedder = Embedder(model, self.micro_batch, cfg.model.vision.image_size, cfg.model.text.context_length)
+        self.embedder = Embedder(parts, self.micro_batch, cfg.model.vision.image_size, cfg.model.text.context_length)
         self.tokenizer = Tokenizer(cfg.data.tokenizer, context_length=cfg.model.text.context_length)
         self.classes = self.retrieval_set = None
         if "zeroshot" in self.tasks:

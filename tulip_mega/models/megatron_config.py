@@ -19,9 +19,12 @@ from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
+from megatron.core import parallel_state
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from tulip_mega.config.fp8_shapes import Fp8Plan, fp8_plan
+from tulip_mega.config.run_layout import RunLayout
+from tulip_mega.models.specs import use_transformer_engine
 from tulip_mega.parallel.init import compute_dtype, use_cuda
 
 Tower = Literal["vision", "text"]
@@ -109,41 +112,30 @@ class LayerChoices:
     use_te: bool
 
 
-def layer_choices(cfg, use_te: Optional[bool] = None) -> LayerChoices:
+def layer_choices(cfg, use_te: Optional[bool] = None, layout: Optional[RunLayout] = None) -> LayerChoices:
     """The FP8 plan and GPU switches of a resolved recipe on this machine; use_te=None means
-    `model.transformer_impl`'s choice (models/specs.use_transformer_engine)."""
+    `model.transformer_impl`'s choice (models/specs.use_transformer_engine). `layout`: the
+    run's layout, whose input streams give the FP8 plan its token counts (the recipe's own
+    streams when None: a stand-alone block config)."""
     if use_te is None:
-        from tulip_mega.models.specs import use_transformer_engine
-
         use_te = use_transformer_engine(cfg.model.transformer_impl)
-    return LayerChoices(fp8=fp8_plan(cfg), gpu=gpu_switches(cfg, use_te), use_te=bool(use_te))
+    streams = layout.streams if layout is not None else None
+    return LayerChoices(fp8=fp8_plan(cfg, streams), gpu=gpu_switches(cfg, use_te), use_te=bool(use_te))
 
 
-def tower_config(cfg, tower: Tower, choices: Optional[LayerChoices] = None) -> TransformerConfig:
+def tower_config(cfg, tower: Tower, choices: Optional[LayerChoices] = None,
+                 layout: Optional[RunLayout] = None) -> TransformerConfig:
     """The TransformerConfig of one tower (sizes from the resolved recipe); `choices` from
-    `layer_choices` (computed here when None)."""
+    `layer_choices` (computed here when None). `layout` gives megatron the tower's share of
+    each pipeline stage (`RunLayout.tower_layout`); None only for a single stage."""
+    if layout is None and cfg.parallel.pipeline_parallel > 1:
+        raise ValueError(f"tower_config: parallel.pipeline_parallel={cfg.parallel.pipeline_parallel} needs the "
+                         "run's RunLayout (tulip_mega.launch.resolve_layout) for the pipeline split")
     t = cfg.model.vision if tower == "vision" else cfg.model.text
     return _transformer_config(
-        cfg, t, tower, choices or layer_choices(cfg), pipeline_parallel=cfg.parallel.pipeline_parallel,
-        recompute=True, layout=pipeline_layout(cfg, tower),
+        cfg, t, tower, choices or layer_choices(cfg, layout=layout), pipeline_parallel=cfg.parallel.pipeline_parallel,
+        recompute=True, layout=layout.tower_layout(tower) if layout is not None else None,
     )
-
-
-def pipeline_layout(cfg, tower: Tower):
-    """megatron's `pipeline_model_parallel_layout` for the tower's share of each stage (of each
-    chunk under `parallel.virtual_pipeline`) under `parallel.pipeline_split`
-    (models/pipeline_split.py), or None for megatron's default split. Under interleaving the
-    layout is what tells megatron the virtual size (`virtual_pipeline_model_parallel_size`) and
-    each chunk's layers and global layer offset."""
-    from tulip_mega.models.pipeline_split import needs_layout, tower_layout, validate_split
-
-    if cfg.parallel.pipeline_parallel == 1:
-        return None
-    split = validate_split(cfg)
-    virtual = cfg.parallel.virtual_pipeline
-    if not needs_layout(split, cfg.model.vision.num_layers, cfg.model.text.num_layers, virtual):
-        return None
-    return tower_layout(split, tower, virtual)
 
 
 def batch_p2p_comm(cfg) -> bool:
@@ -230,6 +222,24 @@ def amax_reduction(choices: LayerChoices) -> dict:
     return {"tp_only_amax_red": True} if choices.gpu.tp_only_amax_reduction else {}
 
 
+def fp8_settings(cfg, block: str, choices: LayerChoices) -> dict:
+    """The TransformerConfig FP8 keys of `block`: the recipe's FP8 settings where the FP8
+    plan runs the block in FP8, none (bf16) elsewhere."""
+    if not choices.fp8.runs_fp8(block):
+        return {}
+    p = cfg.precision
+    return dict(fp8=p.fp8, fp8_recipe=p.fp8_recipe, fp8_amax_history_len=p.fp8_amax_history_len,
+                fp8_amax_compute_algo=p.fp8_amax_compute_algo, **amax_reduction(choices))
+
+
+def wgrad_fusion(block: str, choices: LayerChoices) -> bool:
+    """Fused weight-gradient accumulation, which needs it in every linear of the block: TE's
+    for TE layers, apex's for megatron's own (local layers, the caption decoder's output)."""
+    gpu = choices.gpu
+    megatron_linears = not choices.use_te or block == "text_decoder"
+    return (gpu.wgrad_fusion_te or not choices.use_te) and (gpu.wgrad_fusion_megatron or not megatron_linears)
+
+
 def _transformer_config(cfg, t, block: str, choices: LayerChoices, pipeline_parallel: int, recompute: bool,
                         layout=None) -> TransformerConfig:
     """A TransformerConfig with the sizes of `t` (num_layers, hidden_size, num_heads,
@@ -239,20 +249,6 @@ def _transformer_config(cfg, t, block: str, choices: LayerChoices, pipeline_para
     cuda = use_cuda()
     rc, gpu = cfg.recompute, choices.gpu
     granularity = recompute_granularity(cfg, t, choices, recompute)
-    fp8 = {}
-    if choices.fp8.runs_fp8(block):
-        fp8 = dict(
-            fp8=cfg.precision.fp8,
-            fp8_recipe=cfg.precision.fp8_recipe,
-            fp8_amax_history_len=cfg.precision.fp8_amax_history_len,
-            fp8_amax_compute_algo=cfg.precision.fp8_amax_compute_algo,
-            **amax_reduction(choices),
-        )
-    # Fused weight-gradient accumulation needs it in every linear of the block: TE's for TE
-    # layers, apex's for megatron's own (local layers, the caption decoder's output layer).
-    megatron_linears = not choices.use_te or block == "text_decoder"
-    wgrad_fusion = ((gpu.wgrad_fusion_te or not choices.use_te)
-                    and (gpu.wgrad_fusion_megatron or not megatron_linears))
     return TransformerConfig(
         num_layers=t.num_layers,
         hidden_size=t.hidden_size,
@@ -272,7 +268,7 @@ def _transformer_config(cfg, t, block: str, choices: LayerChoices, pipeline_para
         params_dtype=dtype,
         bf16=dtype == torch.bfloat16,
         autocast_dtype=dtype,
-        **fp8,
+        **fp8_settings(cfg, block, choices),
         # SigLIP architecture
         normalization="LayerNorm",
         layernorm_epsilon=cfg.model.layernorm_eps,
@@ -289,7 +285,7 @@ def _transformer_config(cfg, t, block: str, choices: LayerChoices, pipeline_para
         bias_activation_fusion=gpu.bias_gelu_fusion,
         masked_softmax_fusion=False,
         bias_dropout_fusion=gpu.bias_dropout_fusion,
-        gradient_accumulation_fusion=wgrad_fusion,
+        gradient_accumulation_fusion=wgrad_fusion(block, choices),
         persist_layer_norm=False,
         # Initialisation is done layout-invariantly afterwards (tulip_mega.models.init).
         use_cpu_initialization=not cuda,
@@ -318,16 +314,13 @@ def bucket_size_for(params: int, dp: int) -> int:
     return min(megatron_default, max(math.ceil(params / DDP_BUCKETS), MIN_BUCKET_SHARE * dp))
 
 
-def ddp_bucket_size(cfg, model) -> Optional[int]:
-    """`DistributedDataParallelConfig.bucket_size` for `model` (a module or a list of model
-    chunks): `bucket_size_for` its largest chunk on a GPU with `parallel.overlap_grad_reduce`;
+def ddp_bucket_size(cfg, parts: list[torch.nn.Module]) -> Optional[int]:
+    """`DistributedDataParallelConfig.bucket_size` for this rank's model parts (one per virtual
+    stage): `bucket_size_for` its largest part on a GPU with `parallel.overlap_grad_reduce`;
     None (megatron's default, one bucket without overlap) otherwise."""
     if not use_cuda() or not cfg.parallel.overlap_grad_reduce:
         return None
-    from megatron.core import parallel_state
-
-    chunks = model if isinstance(model, (list, tuple)) else [model]
-    params = max(sum(p.numel() for p in m.parameters() if p.requires_grad) for m in chunks)
+    params = max(sum(p.numel() for p in m.parameters() if p.requires_grad) for m in parts)
     return bucket_size_for(params, parallel_state.get_data_parallel_world_size())
 
 

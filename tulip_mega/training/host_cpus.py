@@ -19,6 +19,7 @@ import re
 from typing import Any, Optional
 
 from tulip_mega.config import Config
+from tulip_mega.config.run_layout import RunLayout
 
 log = logging.getLogger("tulip_mega")
 
@@ -34,17 +35,20 @@ def tasks_per_node(environ: Optional[dict] = None) -> int:
     return 1
 
 
-def plan_host_cores(cfg: Config, world_size: int, gpus_per_node: int) -> Optional[int]:
+def plan_host_cores(cfg: Config, layout: RunLayout, gpus_per_node: int) -> Optional[int]:
     """Cores the host path needs per loading rank at `tulip-mega plan`'s defaults on this
     layout (data rate / host samples per core, each worker counted at HOST_CORE_SHARE of a
-    core); None when the plan cannot be made for it."""
+    core), planned on whole nodes of `gpus_per_node`; None when the plan cannot be made."""
     from tulip_mega.config import ConfigError
     from tulip_mega.data_rate import HOST_CORE_SHARE, data_rate
-    from tulip_mega.plan import make_plan
+    from tulip_mega.launch import resolve_layout
+    from tulip_mega.plan import plan_layout
 
-    nodes = max(1, world_size // max(gpus_per_node, 1))
+    world = layout.world_size
+    gpus = max(1, world // max(gpus_per_node, 1)) * min(gpus_per_node, world)
     try:
-        rate = data_rate(cfg, make_plan(cfg, nodes, min(gpus_per_node, world_size)))
+        planned = layout if gpus == world else resolve_layout(cfg, gpus)
+        rate = data_rate(cfg, plan_layout(cfg, planned))
     except (ConfigError, ValueError, ZeroDivisionError):
         return None
     return math.ceil(rate.host_cores / HOST_CORE_SHARE)
@@ -76,7 +80,7 @@ def host_cpu_report(cfg: Config, affinity: int, dali: bool, plan_cores: Optional
                   "slurm/common.sh derives it from the node) or lower data.threads / data.reader_workers")
 
 
-def log_host_cpus(cfg: Config, world_size: int, rank: int, loader: Any, cuda: bool) -> None:
+def log_host_cpus(cfg: Config, layout: RunLayout, rank: int, loader: Any, cuda: bool) -> None:
     """Rank 0 logs the start-up line, and the warning when its affinity is short (every task
     gets the same --cpus-per-task). The plan's host-path figure counts on GPUs only: it is the
     rate an H100 at the plan's MFU asks for."""
@@ -85,7 +89,7 @@ def log_host_cpus(cfg: Config, world_size: int, rank: int, loader: Any, cuda: bo
     import torch
 
     dali = type(loader).__name__.startswith("Dali")
-    plan_cores = plan_host_cores(cfg, world_size, tasks_per_node()) if cuda and dali else None
+    plan_cores = plan_host_cores(cfg, layout, tasks_per_node()) if cuda and dali else None
     line, warning = host_cpu_report(cfg, len(os.sched_getaffinity(0)), dali, plan_cores,
                                     os.environ.get("OMP_NUM_THREADS", "unset"), torch.get_num_threads())
     log.info("%s", line)

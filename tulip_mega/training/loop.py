@@ -1,11 +1,12 @@
 """The training loop: recipe in, trained checkpoint + metrics out.
 
-`train()` is a short list of named phases, the same order on every rank: check the recipe,
-layout and machine (before any process group), start the run (logging, process groups, run
-folder), build (streams once, model stage, DDP, optimizer, scheduler, step, loader), log the
-start-up facts, restore a checkpoint if asked, run the steps, finish. After each step three
-hooks run, one job each: `EvalHook`, `CheckpointHook`, `PreemptionHook`. Uses megatron-core
-directly (no megatron.training globals).
+`train()` is a short list of named phases, the same order on every rank: resolve the
+`RunLayout` with the launch checks (before any process group; `tulip_mega.train` passes the
+one it resolved), start the run (logging, process groups, run folder), build (model parts,
+DDP, optimizer, scheduler, step, loader, all from the layout), log the start-up facts,
+restore a checkpoint if asked, run the steps, finish. After each step three hooks run, one
+job each: `EvalHook`, `CheckpointHook`, `PreemptionHook`. Uses megatron-core directly (no
+megatron.training globals).
 """
 
 from __future__ import annotations
@@ -21,23 +22,20 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from tulip_mega.config import Config, save_config, validate_layout
-from tulip_mega.config.streams import Streams, input_streams
+from tulip_mega.config import Config, save_config
+from tulip_mega.config.run_layout import RunLayout
 from tulip_mega.convert.pretrained import load_pretrained
-from tulip_mega.launch import resolve_layout
+from tulip_mega.launch import check_launch
 from tulip_mega.models.build import build_model_chunks
 from tulip_mega.models.megatron_config import LayerChoices, layer_choices, startup_lines
-from tulip_mega.models.pipeline_split import validate_split
 from tulip_mega.eval.runner import Evaluator, write_results
-from tulip_mega.models.specs import check_layer_support, use_transformer_engine
-from tulip_mega.parallel.init import (LaunchEnv, check_runtime_support, compute_dtype, device, init_parallel,
-                                      launch_env, use_cuda)
+from tulip_mega.models.specs import use_transformer_engine
+from tulip_mega.parallel.init import LaunchEnv, compute_dtype, device, init_parallel, launch_env, use_cuda
 from tulip_mega.training.async_checkpoint import CheckpointWriter
 from tulip_mega.training.checkpoint import load_checkpoint, model_shape, read_latest
 from tulip_mega.training.data import build_train_loader, caption_pad_id
 from tulip_mega.training.host_cpus import log_host_cpus
-from tulip_mega.flops import (contrastive_batch_line, contrastive_batch_size, count_flops, embedding_cache_flops,
-                               tokens_per_sample)
+from tulip_mega.flops import contrastive_batch_line, count_flops, embedding_cache_flops, tokens_per_sample
 from tulip_mega.training.metrics import DEBUG_LOG_NAME, MetricsLogger, setup_logging
 from tulip_mega.training.plateau import PlateauWatch
 from tulip_mega.training.wandb_logger import make_wandb_sink
@@ -66,48 +64,43 @@ def checkpoint_root(cfg: Config) -> Path:
     return Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else run_dir(cfg) / "checkpoints"
 
 
-def train(cfg: Config, env: Optional[LaunchEnv] = None, stop_signal: Optional[PreemptionSignal] = None) -> dict:
+def train(cfg: Config, env: Optional[LaunchEnv] = None, stop_signal: Optional[PreemptionSignal] = None,
+          layout: Optional[RunLayout] = None) -> dict:
     """Train per the recipe; returns a summary (final metrics, paths) on every rank.
 
     `stop_signal`: the run's stop-signal record, installed by the caller before its own start-up
-    (`tulip_mega.train.main` does); without one, one is installed here for the whole call."""
+    (`tulip_mega.train.main` does); without one, one is installed here for the whole call.
+    `layout`: the run's layout from `tulip_mega.launch.check_launch` for this world size;
+    resolved here when None."""
     if stop_signal is None:
         with PreemptionSignal() as own:
-            return train(cfg, env, own)
+            return train(cfg, env, own, layout)
     env = env or launch_env()
-    dp_size = _check_before_launch(cfg, env)
-    out_dir = _start_run(cfg, env)
-    run = _build(cfg, dp_size)
-    _log_startup_facts(cfg, env, dp_size, run, out_dir)
-    log_host_cpus(cfg, env.world_size, env.rank, run.loader, use_cuda())
+    layout = layout or check_launch(cfg, env.world_size)
+    if layout.world_size != env.world_size:
+        raise ValueError(f"train: the layout is for {layout.world_size} processes, the launch has {env.world_size}")
+    out_dir = _start_run(cfg, env, layout)
+    run = _build(cfg, layout)
+    _log_startup_facts(cfg, run, out_dir)
+    log_host_cpus(cfg, layout, env.rank, run.loader, use_cuda())
     start_step = _restore(cfg, run)
     hooks = _Hooks(
         evaluation=EvalHook(cfg, run.model, out_dir, env.rank) if cfg.eval.interval else None,
         checkpoint=CheckpointHook(cfg, run),
+        preemption=PreemptionHook(cfg, stop_signal),
     )
-    preemption = PreemptionHook(cfg, stop_signal)
-    step, metrics, metrics_log, loader_wait = _run_steps(cfg, env, dp_size, run, start_step, out_dir,
-                                                         hooks, preemption)
+    step, metrics, metrics_log, loader_wait = _run_steps(cfg, env, run, start_step, out_dir, hooks)
     return _finish(cfg, env, out_dir, step, metrics, metrics_log, loader_wait, hooks.checkpoint.last_saved)
 
 
 # --- phases of train() ---------------------------------------------------------------------
-def _check_before_launch(cfg: Config, env: LaunchEnv) -> int:
-    """Recipe, layout and machine checks, before any process group exists; returns DP size."""
-    dp_size = validate_layout(cfg, env.world_size)
-    check_runtime_support(cfg)
-    check_layer_support(cfg.model, cfg.precision)
-    validate_split(cfg)  # a `balanced` split needs the FLOP model: checked here, not in the schema
-    return dp_size
-
-
-def _start_run(cfg: Config, env: LaunchEnv) -> Path:
+def _start_run(cfg: Config, env: LaunchEnv, layout: RunLayout) -> Path:
     """Logging (console + the run folder's debug.log), process groups, the run folder with
     the resolved config."""
     out_dir = run_dir(cfg)
     setup_logging(env.rank, debug_log=out_dir / DEBUG_LOG_NAME)
-    init_parallel(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel, cfg.run.seed, env,
-                  virtual_pipeline=cfg.parallel.virtual_pipeline)
+    init_parallel(layout.tensor_parallel, layout.pipeline_parallel, cfg.run.seed, env,
+                  virtual_pipeline=layout.virtual_pipeline)
     if env.rank == 0:
         save_config(cfg, out_dir / "config.yaml")
     dist.barrier()
@@ -116,49 +109,49 @@ def _start_run(cfg: Config, env: LaunchEnv) -> Path:
 
 @dataclasses.dataclass
 class _Run:
-    """What one rank trains with: its model stage (in DDP), optimizer, scheduler, step and loader."""
+    """What one rank trains with: the layout, its model parts (in DDP), optimizer, scheduler,
+    step and loader."""
 
-    model: Any
+    layout: RunLayout
+    model: list  # DDP model parts, one per virtual stage
     optimizer: Any
     scheduler: Any
     step_fn: TrainStep
     loader: Any
-    streams: Streams
     use_te: bool
     choices: LayerChoices  # which blocks run FP8, the GPU switches (models/megatron_config.py)
 
 
-def _build(cfg: Config, dp_size: int) -> _Run:
-    """The input streams (once), model stage, optimizer, scheduler, train step and loader."""
-    streams = input_streams(cfg)
+def _build(cfg: Config, layout: RunLayout) -> _Run:
+    """The model parts, optimizer, scheduler, train step and loader of the layout."""
     use_te = use_transformer_engine(cfg.model.transformer_impl)
-    choices = layer_choices(cfg, use_te)
-    chunks = build_model_chunks(cfg, use_te=use_te, streams=streams, choices=choices)
-    for chunk in chunks:
-        load_pretrained(chunk, cfg.model)
-    model = wrap_ddp(chunks, cfg)
+    choices = layer_choices(cfg, use_te, layout)
+    parts = build_model_chunks(cfg, layout, use_te=use_te, choices=choices)
+    for part in parts:
+        load_pretrained(part, cfg.model)
+    model = wrap_ddp(parts, cfg)
     optimizer = make_optimizer(cfg, model)
     scheduler = make_scheduler(cfg, optimizer)
-    layout = resolve_layout(cfg, dp_size * cfg.parallel.tensor_parallel * cfg.parallel.pipeline_parallel)
     step_fn = TrainStep(cfg, layout, model, optimizer, scheduler, pad_id=caption_pad_id(cfg))
     loader = build_train_loader(cfg, layout, parallel_state.get_data_parallel_rank()) if step_fn.needs_input else None
-    return _Run(model, optimizer, scheduler, step_fn, loader, streams, use_te, choices)
+    return _Run(layout, model, optimizer, scheduler, step_fn, loader, use_te, choices)
 
 
-def _log_startup_facts(cfg: Config, env: LaunchEnv, dp_size: int, run: _Run, out_dir: Path) -> None:
+def _log_startup_facts(cfg: Config, run: _Run, out_dir: Path) -> None:
     """One line per fact on rank 0 (other ranks log warnings only)."""
-    par, tr = cfg.parallel, cfg.train
-    num_micro = run.step_fn.num_microbatches
+    lay, tr = run.layout, cfg.train
     n_params = sum(p.numel() for chunk in run.model for p in chunk.parameters())
     v, t = cfg.model.vision, cfg.model.text
-    flops = count_flops(cfg, contrastive_batch_size(cfg, dp_size), streams=run.streams)
-    cache = embedding_cache_flops(cfg, num_micro, run.streams)
+    flops = count_flops(cfg, lay.streams, lay.contrastive_batch)
+    cache = embedding_cache_flops(cfg, lay)
     loader = type(run.loader).__name__ if run.loader is not None else "none on this rank"
     for line in (
-        f"layout: world {env.world_size} = TP {par.tensor_parallel} x PP {par.pipeline_parallel} x DP {dp_size}"
-        + (f", {par.virtual_pipeline} interleaved virtual stages per PP rank" if par.virtual_pipeline > 1 else ""),
-        f"batch: global {tr.global_batch_size} = micro {tr.micro_batch_size} x DP {dp_size} x {num_micro} micro-batches",
-        contrastive_batch_line(cfg.loss.contrastive_batch, contrastive_batch_size(cfg, dp_size), num_micro, cache,
+        f"layout: world {lay.world_size} = TP {lay.tensor_parallel} x PP {lay.pipeline_parallel} x DP "
+        f"{lay.data_parallel}"
+        + (f", {lay.virtual_pipeline} interleaved virtual stages per PP rank" if lay.virtual_pipeline > 1 else ""),
+        f"batch: global {tr.global_batch_size} = micro {tr.micro_batch_size} x DP {lay.data_parallel} x "
+        f"{lay.microbatches} micro-batches",
+        contrastive_batch_line(cfg.loss.contrastive_batch, lay.contrastive_batch, lay.microbatches, cache,
                                flops.training),
         f"model {cfg.model.size}: vision {v.num_layers}L h{v.hidden_size}, text {t.num_layers}L h{t.hidden_size}; "
         f"{n_params / 1e6:.2f}M parameters in rank 0's stage",
@@ -196,68 +189,97 @@ def _restore(cfg: Config, run: _Run) -> int:
     return start_step
 
 
-def _run_steps(cfg: Config, env: LaunchEnv, dp_size: int, run: _Run, start_step: int, out_dir: Path,
-               hooks: "_Hooks", preemption: "PreemptionHook"):
+def _run_steps(cfg: Config, env: LaunchEnv, run: _Run, start_step: int, out_dir: Path, hooks: "_Hooks"):
     """Step until train.steps (or a stop); after each step: timing, eval, logging,
     checkpoint, stop. Returns (step, last metrics, metrics logger, loader-wait tracker)."""
-    speed = _SpeedMeter(cfg, env.world_size, dp_size, run.streams)
+    watch = _StepWatch(cfg, env.rank, run, start_step)
     metrics_log = MetricsLogger(
         out_dir, cfg.train.steps, enabled=env.rank == 0, tensorboard=cfg.logging.tensorboard, start_step=start_step,
         wandb=make_wandb_sink(cfg, out_dir, env.rank == 0),
     )
-    data_iter = TimedIterator(iter(run.loader)) if run.loader is not None else None
-    straggler = StragglerDetector(cfg.logging.straggler_factor)
-    loader_wait = LoaderWait(cfg.logging.loader_wait_warmup_steps, cfg.logging.loader_wait_warn)
-    plateau = PlateauWatch(cfg.optim.warmup_steps, cfg.logging.plateau_steps)
-    t_last, step_last = time.perf_counter(), start_step
-    window = {"step_time": 0.0, "data_wait": 0.0, "steps": 0}
     metrics: dict = {}
     step = start_step
     with contextlib.closing(metrics_log):
-        if step < cfg.train.steps and preemption.must_stop()[0]:
+        if step < cfg.train.steps and hooks.preemption.must_stop()[0]:
             # A stop during start-up (model build, restore): stop before the first step, without
             # a save. The state here is what the next run rebuilds anyway (the checkpoint just
             # restored, checkpoint.load, or the seeded init), and the minutes left before the
             # kill are better not spent writing a copy of it.
             log.warning("stopping before step %d (stop requested during start-up); nothing to save", step + 1)
-            return step, metrics, metrics_log, loader_wait
+            return step, metrics, metrics_log, watch.loader_wait
         while step < cfg.train.steps:
             t_step = time.perf_counter()
-            metrics = run.step_fn(data_iter)
+            metrics = run.step_fn(watch.data_iter)
             step_time = time.perf_counter() - t_step
             step += 1
-            for warning in plateau.update(step, metrics):  # metrics are global: the same on every rank
-                if env.rank == 0:
-                    log.warning(warning)
+            watch.check_plateau(step, metrics)  # metrics are global: the same on every rank
             hooks.checkpoint.poll()  # publishes a finished background save (collective)
-            window["step_time"] += step_time
-            wait = data_iter.pop_wait() if data_iter is not None else 0.0
-            window["data_wait"] += wait
-            _track_loader_wait(loader_wait, step_time, wait, env.rank)
-            window["steps"] += 1
-            slow = straggler.update(step, step_time)
-            if slow:
-                log.warning("rank %d: %s", env.rank, slow)
+            watch.add(step, step_time)
             eval_now = hooks.evaluation is not None and hooks.evaluation(step, metrics)
             if step % cfg.run.log_interval == 0 or step == cfg.train.steps or eval_now:
-                now = time.perf_counter()
-                eval_seconds = metrics.get("eval/seconds", 0.0) if eval_now else 0.0
-                metrics["samples_per_sec"] = (
-                    cfg.train.global_batch_size * (step - step_last) / max(now - t_last - eval_seconds, 1e-9)
-                )
-                metrics.update(speed.metrics(metrics["samples_per_sec"], window, run.loader))
-                metrics["data_wait_fraction"] = metrics["data_wait"] / max(metrics["step_time"], 1e-9)
-                window = {"step_time": 0.0, "data_wait": 0.0, "steps": 0}
+                watch.report(step, metrics, eval_now)
                 metrics.update(hooks.checkpoint.take_report())  # checkpoint/save_s, checkpoint/wait_s
-                t_last, step_last = now, step
                 metrics_log.log(step, metrics, start_step)
-            must_stop, why = preemption.must_stop()
+            must_stop, why = hooks.preemption.must_stop()
             if hooks.checkpoint(step, force=must_stop):
-                t_last = time.perf_counter()  # samples/s measures training, not saving
+                watch.t_last = time.perf_counter()  # samples/s measures training, not saving
             if must_stop and step < cfg.train.steps:
                 log.warning("stopping at step %d (%s) after checkpointing", step, why)
                 break
-    return step, metrics, metrics_log, loader_wait
+    return step, metrics, metrics_log, watch.loader_wait
+
+
+class _StepWatch:
+    """Per-step timing and health between two logged steps: step and loader-wait seconds,
+    stragglers, loader-wait warnings, loss plateaus, and the throughput metrics of a log."""
+
+    def __init__(self, cfg: Config, rank: int, run: _Run, start_step: int) -> None:
+        self.cfg, self.rank, self.loader = cfg, rank, run.loader
+        self.speed = _SpeedMeter(cfg, run.layout)
+        self.data_iter = TimedIterator(iter(run.loader)) if run.loader is not None else None
+        self.straggler = StragglerDetector(cfg.logging.straggler_factor)
+        self.loader_wait = LoaderWait(cfg.logging.loader_wait_warmup_steps, cfg.logging.loader_wait_warn)
+        self.plateau = PlateauWatch(cfg.optim.warmup_steps, cfg.logging.plateau_steps)
+        self.t_last, self.step_last = time.perf_counter(), start_step
+        self.window = _Window()
+
+    def check_plateau(self, step: int, metrics: dict) -> None:
+        for warning in self.plateau.update(step, metrics):
+            if self.rank == 0:
+                log.warning(warning)
+
+    def add(self, step: int, step_time: float) -> None:
+        """One step's time and loader wait; warns about a straggler or a slow loader."""
+        wait = self.data_iter.pop_wait() if self.data_iter is not None else 0.0
+        self.window.step_time += step_time
+        self.window.data_wait += wait
+        _track_loader_wait(self.loader_wait, step_time, wait, self.rank)
+        self.window.steps += 1
+        slow = self.straggler.update(step, step_time)
+        if slow:
+            log.warning("rank %d: %s", self.rank, slow)
+
+    def report(self, step: int, metrics: dict, eval_now: bool) -> None:
+        """Adds samples/s (eval time excluded) and the throughput metrics since the last
+        report to `metrics`, and starts a new window (collective: every rank calls it)."""
+        now = time.perf_counter()
+        eval_seconds = metrics.get("eval/seconds", 0.0) if eval_now else 0.0
+        metrics["samples_per_sec"] = (
+            self.cfg.train.global_batch_size * (step - self.step_last) / max(now - self.t_last - eval_seconds, 1e-9)
+        )
+        metrics.update(self.speed.metrics(metrics["samples_per_sec"], self.window, self.loader))
+        metrics["data_wait_fraction"] = metrics["data_wait"] / max(metrics["step_time"], 1e-9)
+        self.window = _Window()
+        self.t_last, self.step_last = now, step
+
+
+@dataclasses.dataclass
+class _Window:
+    """Step and loader-wait seconds summed over the steps since the last logged step."""
+
+    step_time: float = 0.0
+    data_wait: float = 0.0
+    steps: int = 0
 
 
 def _finish(cfg: Config, env: LaunchEnv, out_dir: Path, step: int, metrics: dict, metrics_log, loader_wait,
@@ -284,9 +306,9 @@ def _finish(cfg: Config, env: LaunchEnv, out_dir: Path, step: int, metrics: dict
 class EvalHook:
     """Evaluates every eval.interval steps and at the last step; writes eval/step_N.json."""
 
-    def __init__(self, cfg: Config, model, out_dir: Path, rank: int) -> None:
+    def __init__(self, cfg: Config, parts: list, out_dir: Path, rank: int) -> None:
         self.interval, self.last = cfg.eval.interval, cfg.train.steps
-        self.evaluator = Evaluator(cfg, model)
+        self.evaluator = Evaluator(cfg, parts)
         self.out_dir, self.rank = out_dir, rank
 
     def __call__(self, step: int, metrics: dict) -> bool:
@@ -355,6 +377,7 @@ class PreemptionHook:
 class _Hooks:
     evaluation: Optional[EvalHook]
     checkpoint: CheckpointHook
+    preemption: PreemptionHook
 
 
 def _track_loader_wait(tracker: LoaderWait, step_time: float, wait: float, rank: int) -> None:
@@ -379,11 +402,10 @@ class _SpeedMeter:
 
     Every rank calls `metrics` at the same steps (it runs two small collectives)."""
 
-    def __init__(self, cfg: Config, world_size: int, dp_size: int, streams: Streams) -> None:
-        contrastive_batch = contrastive_batch_size(cfg, dp_size)
-        self.flops = count_flops(cfg, contrastive_batch, streams=streams)
-        self.tokens = tokens_per_sample(cfg, streams)
-        self.world_size = world_size
+    def __init__(self, cfg: Config, layout: RunLayout) -> None:
+        self.flops = count_flops(cfg, layout.streams, layout.contrastive_batch)
+        self.tokens = tokens_per_sample(cfg, layout.streams)
+        self.world_size = layout.world_size
         self.peak, peak_note = device_peak(precision_name(cfg))
         # One loader per DP replica counts: its first stage with TP rank 0 (the others are copies).
         self.counts_loader = (parallel_state.is_pipeline_first_stage()
@@ -392,8 +414,8 @@ class _SpeedMeter:
                  "%d tower tokens per sample; peak: %s",
                  self.flops.forward / 1e9, self.flops.training / 1e9, self.tokens, peak_note)
 
-    def metrics(self, samples_per_sec: float, window: dict, loader) -> dict[str, float]:
-        steps = max(window["steps"], 1)
+    def metrics(self, samples_per_sec: float, window: _Window, loader) -> dict[str, float]:
+        steps = max(window.steps, 1)
         tflops = achieved_tflops(self.flops.training, samples_per_sec, self.world_size)
         out = {
             "tokens_per_sec": samples_per_sec * self.tokens,
@@ -408,7 +430,7 @@ class _SpeedMeter:
         totals = torch.tensor([float(stats.get("samples", 0)), float(stats.get("skipped", 0))],
                               dtype=torch.float64, device=dev)
         dist.all_reduce(totals)
-        worst = torch.tensor([window["step_time"] / steps, window["data_wait"] / steps, peak_memory_gib()],
+        worst = torch.tensor([window.step_time / steps, window.data_wait / steps, peak_memory_gib()],
                              dtype=torch.float64, device=dev)
         dist.all_reduce(worst, op=dist.ReduceOp.MAX)
         out.update({

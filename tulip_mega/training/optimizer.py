@@ -19,7 +19,7 @@ See docs/training.md for the table.
 from __future__ import annotations
 
 import math
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 from megatron.core.distributed import DistributedDataParallel
@@ -36,12 +36,11 @@ def decays(name: str, param: torch.Tensor) -> bool:
     return param.dim() >= 2 and not any(fragment in name for fragment in NOT_KERNELS)
 
 
-def make_optimizer(cfg, model: Union[DistributedDataParallel, list[DistributedDataParallel]]):
-    """megatron's AdamW (decoupled weight decay) with the decay rule above, over this rank's
-    DDP model or, under interleaved virtual stages, over all its DDP model chunks (one
-    optimizer for the rank, as megatron's trainer builds it)."""
-    chunks = list(model) if isinstance(model, (list, tuple)) else [model]
-    model = chunks[0]
+def make_optimizer(cfg, parts: list[DistributedDataParallel]):
+    """megatron's AdamW (decoupled weight decay) with the decay rule above, over all of this
+    rank's DDP model parts (one per virtual stage; one optimizer for the rank, as megatron's
+    trainer builds it)."""
+    model = parts[0]
     o = cfg.optim
     opt_config = OptimizerConfig(
         optimizer="adam",
@@ -58,7 +57,7 @@ def make_optimizer(cfg, model: Union[DistributedDataParallel, list[DistributedDa
     )
     no_decay = ParamKey(with_name_predicate=ParamWithNamePredicate(
         name="not_a_kernel", fn=lambda param, name: not decays(name, param)))
-    return get_megatron_optimizer(opt_config, chunks, config_overrides={no_decay: {"wd_mult": 0.0}})
+    return get_megatron_optimizer(opt_config, list(parts), config_overrides={no_decay: {"wd_mult": 0.0}})
 
 
 def make_scheduler(cfg, optimizer) -> OptimizerParamScheduler:

@@ -56,7 +56,7 @@ def reshard_config(checkpoint: Path, tp: int, pp: int, overrides: Sequence[str] 
     return load_config(str(run_cfg) if run_cfg.is_file() else None, model_keys + list(overrides) + layout)
 
 
-def _reshard_worker(cfg, checkpoint: str, out: str) -> str:
+def _reshard_worker(cfg, layout, checkpoint: str, out: str) -> str:
     import warnings
 
     warnings.filterwarnings("ignore")
@@ -66,10 +66,9 @@ def _reshard_worker(cfg, checkpoint: str, out: str) -> str:
     from tulip_mega.training.optimizer import make_optimizer, make_scheduler
     from tulip_mega.training.step import wrap_ddp
 
-    init_parallel(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel, cfg.run.seed,
-                  virtual_pipeline=cfg.parallel.virtual_pipeline)
-    chunks = build_model_chunks(cfg)
-    model = wrap_ddp(chunks, cfg)
+    init_parallel(layout.tensor_parallel, layout.pipeline_parallel, cfg.run.seed,
+                  virtual_pipeline=layout.virtual_pipeline)
+    model = wrap_ddp(build_model_chunks(cfg, layout), cfg)
     optimizer = make_optimizer(cfg, model)
     scheduler = make_scheduler(cfg, optimizer)
     restored = load_checkpoint(Path(checkpoint), model, optimizer, scheduler, None, model_shape(cfg))
@@ -82,8 +81,7 @@ def reshard(checkpoint, tp: int, pp: int, out, overrides: Sequence[str] = (), ti
             virtual: int = 1) -> Path:
     """Load CHECKPOINT under TP=tp x PP=pp x `virtual` chunks per PP rank (DP=1) and save it
     under OUT; returns OUT/step_<N>."""
-    from tulip_mega.config import validate_layout
-
+    from tulip_mega.launch import resolve_layout
     from tulip_mega.parallel.init import use_cuda
     from tulip_mega.training.checkpoint import distributed_optimizer_format
 
@@ -96,15 +94,15 @@ def reshard(checkpoint, tp: int, pp: int, out, overrides: Sequence[str] = (), ti
             "tulip-mega convert")
     cfg = reshard_config(checkpoint, tp, pp, overrides, virtual)
     world = tp * pp
-    validate_layout(cfg, world)
+    layout = resolve_layout(cfg, world)
     env_world = int(os.environ.get("WORLD_SIZE", "1"))
     if env_world > 1:  # launched by torchrun/srun: these processes are the ranks
         if env_world != world:
             raise ConversionError(f"launched with WORLD_SIZE={env_world}, but --tp {tp} x --pp {pp} needs {world}")
-        return Path(_reshard_worker(cfg, str(checkpoint), str(out)))
+        return Path(_reshard_worker(cfg, layout, str(checkpoint), str(out)))
     from tulip_mega.parallel.spawn import run_distributed
 
-    return Path(run_distributed(_reshard_worker, world, cfg, str(checkpoint), str(out), timeout=timeout)[0])
+    return Path(run_distributed(_reshard_worker, world, cfg, layout, str(checkpoint), str(out), timeout=timeout)[0])
 
 
 def main(checkpoint: str, tp: int, pp: int, out: str, overrides: Optional[Sequence[str]] = None,
