@@ -1,4 +1,4 @@
-"""Guards of the embedding cache (training/step.py, loss.contrastive_batch=global).
+"""Guards of the embedding cache (training/embedding_cache.py, loss.contrastive_batch=global).
 
 The cache is exact only if the gradient pass reproduces the cache pass's contrastive outputs:
 same weights, same host batches, same MAE masks (keyed by sample and step), and no layer

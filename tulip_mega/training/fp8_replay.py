@@ -9,7 +9,7 @@ scales when the outermost `fp8_autocast` exits, which megatron-core 0.16.1 enter
 `use_outer_quantization_context`), and only while grad is enabled
 (`FP8GlobalStateManager.autocast_exit`: `if enabled and qstate.autocast_depth == 0 and not
 _graph and torch.is_grad_enabled(): cls.reduce_and_update_fp8_tensors(forward=True)`). So in
-one step of the global contrastive batch (training/step.py):
+one step of the global contrastive batch (training/embedding_cache.py):
 
   * the cache pass runs under `no_grad`: every micro-batch is cast with the scales S the step
     started with, and nothing is updated;
