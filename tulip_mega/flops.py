@@ -1,47 +1,10 @@
-"""Model FLOPs per image-text sample, computed from the architecture (the one source for
-`plan`, the training loop's TFLOP/s and MFU, and benchmarks/train_step.py).
+"""Model FLOPs per image-text sample, computed from the architecture: the one source for
+`plan`, the training loop's TFLOP/s and MFU, and benchmarks/train_step.py.
 
-Why a formula and not a profiler: MFU is defined against the FLOPs the *model* needs, so the
-count must not depend on how an implementation happens to run (fused kernels, recompute).
-Conventions, as in Megatron-LM and PaLM's MFU:
-
-- only matrix multiplications are counted, 2*m*n*k each (one multiply-add = 2 FLOPs);
-  LayerNorm, softmax, GELU, bias adds and the loss's elementwise work are not;
-- training = 3 x forward (the backward pass is two matmuls per forward matmul); activation
-  recompute is NOT counted (it is hardware work, not model work), so MFU stays comparable
-  across recompute settings (`plan` reports the recompute FLOPs separately);
-- attention is counted over the full s x s score matrix, also for the causal text decoder
-  (megatron computes the full masked product, so that is the work the GPU does).
-
-Per sample, the run's input streams (`RunLayout.streams`) say what feeds the towers:
-
-  transformer layer over s tokens (width h, MLP width f):
-      QKV 2*s*h*3h + scores 2*s*s*h + attention x V 2*s*s*h + out proj 2*s*h*h + MLP 2*2*s*h*f
-  vision tower, per view of each stream (global, local, mae): its layers over that stream's
-      tokens + the patch-embedding conv on those tokens (2*s*(3*p*p)*h; the MAE stream embeds
-      only its visible patches); the MAP head for every global/local view (not MAE):
-      q projection of the probe 2*h*h, k/v projections 2*s*h*2h, scores and AV with one
-      query 2*s*h each, out projection 2*h*h, MLP on one token 2*2*h*f
-  text tower: each of `streams.texts` texts over context_length tokens, plus the text head
-      Linear(h_t -> e) on the last token (e = vision width = embedding width)
-  MAE decoder (MAE on): Linear(h_v -> d) on the visible tokens, its layers over ALL patches,
-      Linear(d -> 3*p*p) on the masked patches
-  text decoder (text_recon on): Linear(e -> d) on the one conditioning token, its layers over
-      the L caption tokens, Linear(d -> vocab) over the L tokens
-  aug projector (aug_contrastive on): image and text MLPs Linear(e -> H) + Linear(H -> e)
-  contrastive logits: 2*e*C per switched-on contrastive term (image-text, image-image,
-      text-text, aug), C = the contrastive batch (the global batch under
-      `loss.contrastive_batch=global`, micro_batch x DP under `micro`). A simplification
-      (multi-view terms compare more pairs), tiny next to the towers; left out when the
-      contrastive batch is not given (as `plan` does).
-
-The embedding cache (`RunLayout.embedding_cache`) runs one more forward of the contrastive
-streams per sample (no MAE stream, no decoders): `embedding_cache_flops`. Like recompute it
-is hardware work, not model work, so it is reported beside the model FLOPs and not counted
-in MFU. Whether the cache runs and how large the contrastive batch is are decided by
-`tulip_mega.launch.resolve_layout`, not here.
-
-Pure Python, no torch: `plan` stays instant.
+A formula, not a profiler: MFU is defined against the FLOPs the model needs (matmuls only,
+training = 3 x forward, recompute and the embedding cache's extra forward reported beside it,
+not in it). The formulas are in docs/training.md "FLOP and memory model". Pure Python, no
+torch: `plan` stays instant.
 """
 
 from __future__ import annotations

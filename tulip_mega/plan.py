@@ -9,46 +9,14 @@ Pure arithmetic on the resolved recipe (no torch / megatron import, so it answer
   every block are printed per rank with FP8 or bf16 and why;
 - per-GPU memory: parameters, gradients, optimizer states (with/without the distributed
   optimizer) and activations under the chosen recompute, per Korthikanti et al. 2022,
-  "Reducing Activation Recomputation in Large Transformer Models" (formulas below);
+  "Reducing Activation Recomputation in Large Transformer Models";
 - FLOPs per image-text pair (both towers), the contrastive batch (the whole global batch
   under `loss.contrastive_batch=global`, whose embedding cache costs one more forward of the
   contrastive streams per step), and the step time / pairs per second at a stated MFU of a
   stated peak (H100 bf16 dense 989 TFLOP/s).
 
-Formulas (h = width, f = MLP width, a = heads, s = tokens, b = micro-batch, t = TP, p = PP,
-L = layers; both towers are summed, each with its own h, f, a, s, L):
-
-  parameters per transformer layer    4h^2 + 2hf + 9h + f   (QKV+proj with biases, MLP, 2 LNs)
-      TP-sharded part                 4h^2 + 2hf + 4h + f   (QKV, proj W, fc1, fc2 W, fc1 b, QKV b)
-      replicated part                 5h                    (proj b, fc2 b, 2 LayerNorms)
-  bytes per parameter (bf16 mixed)    2 (bf16 weight) + 4 (fp32 main grad) + 12 (fp32 master, Adam m, v)
-                                      = 18; the distributed optimizer divides the 12 by DP.
-                                      fp32 training: 4 + 4 + 8 = 16 (no separate master copy).
-  activations per layer (16-bit, Korthikanti eq. 2-4 generalised to f != 4h):
-      no recompute                    s b (10h + (8h + 4f)/t) + 5 a s^2 b / t
-      with sequence parallel          s b (10h + 8h + 4f) / t + 5 a s^2 b / t
-      selective recompute             drops the 5 a s^2 b / t term (attention scores recomputed)
-      full recompute                  2 s b h per layer (/t with SP) + one layer without recompute
-  activations per GPU                 L layers x the above: under 1F1B the first pipeline stage
-                                      holds p micro-batches of L/p layers each (= L layers).
-  forward FLOPs per pair and layer    2 s (4h^2 + 2hf) (matmuls) + 4 s^2 h (QK^T and AV)
-      plus the patch embedding 2 s 3 P^2 h, the MAP head and the text projection, for every
-      view / text / decoder the loss terms switch on (tulip_mega.flops: the one
-      source, also used for the trainer's MFU);
-      training = 3 x forward (forward + backward); full recompute adds one more forward,
-      selective recompute adds the attention-score part (4 s^2 h per layer) once more;
-      the global contrastive batch (with accumulation > 1) adds one forward of the contrastive
-      streams (every view and text, no MAE stream or decoders).
-  step time                           global_batch x (model FLOPs + embedding-cache forward)
-                                      / (GPUs x peak x MFU) (MFU counts model FLOPs: recompute
-                                      and the cache forward are not useful work)
-
-The data rate the speed estimate implies (samples/s, JPEG decodes/s and host CPU cores per
-loading rank) comes from tulip_mega.data_rate and is printed after it.
-
-Not counted: the sigmoid-loss logits (2 x contrastive batch x D per pair, small next to the
-towers), data loading, framework buffers (NCCL, allocator fragmentation: keep ~10% headroom),
-and FP8 weight copies (TE keeps 1-byte copies + transposes: about +2 bytes per parameter).
+The formulas (Korthikanti et al. 2022 for activations) are in docs/training.md "FLOP and
+memory model".
 """
 
 from __future__ import annotations

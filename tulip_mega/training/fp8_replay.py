@@ -30,13 +30,6 @@ TE's own activation recompute keeps two forwards identical the same way
 (`copy_forward_fp8_meta_tensors_for_recompute` / `get_old_fp8_meta_tensors_for_recompute`:
 `scaling_fwd.amax_history` and `.scale`, cloned and copied back in place).
 
-Full activation recompute is switched off for the cache pass: under FP8 megatron checkpoints
-through TE's `checkpoint` (`te_checkpoint`), whose first forward pushes a copy of the FP8 meta
-onto a queue that only the backward's recompute pops (`copy_forward_fp8_meta_tensors_for_recompute`);
-a no_grad pass has no backward, so every step would leave its copies on the queue, and the
-gradient pass's recompute would pop the cache pass's. A no_grad forward keeps no activations,
-so recompute has nothing to save there.
-
 Only the GPU path with `precision.fp8` and `precision.fp8_recipe=delayed` uses this (selected in
 `replay_guard`); modules without delayed-scaling state (current scaling, MXFP8, local layers)
 are not touched.
@@ -158,7 +151,13 @@ def _copy_hook(dsts: list[torch.Tensor], srcs: list[torch.Tensor]):
 @contextlib.contextmanager
 def _no_full_recompute(roots: Iterable[torch.nn.Module]) -> Iterator[None]:
     """Full activation recompute off for the blocks under `roots` (their TransformerConfigs'
-    `recompute_granularity`, read by `TransformerBlock.forward`), restored afterwards."""
+    `recompute_granularity`, read by `TransformerBlock.forward`), restored afterwards.
+
+    Why, for the cache pass: under FP8 megatron checkpoints through TE's `checkpoint`, whose
+    first forward pushes a copy of the FP8 meta onto a queue that only the backward's recompute
+    pops (`copy_forward_fp8_meta_tensors_for_recompute`); a no_grad pass has no backward, so its
+    copies would stay queued and the gradient pass's recompute would pop them. A no_grad
+    forward keeps no activations, so recompute has nothing to save there anyway."""
     configs = {}
     for root in roots:
         for module in root.modules():
