@@ -22,9 +22,7 @@ import torch
 from tulip_mega.convert.common import ConversionError, check_matches_recipe, run_tokenizer
 from tulip_mega.convert.plain import convert_checkpoint, plain_model_to_megatron
 from tulip_mega.convert.plain_model import CONFIG_NAME, PlainConfig
-
-# Our tokenizer's ids (tulip_mega/data/tokenizer.py): T5 / SigLIP style.
-PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
+from tulip_mega.data.tokenizer import EOS_ID, PAD_ID, UNK_ID
 IMAGE_MEAN = IMAGE_STD = [0.5, 0.5, 0.5]  # tulip_mega.data.base
 
 
