@@ -1,7 +1,9 @@
-"""Raw tar read speed: microseconds per sample of ``shards.iter_samples`` (best of N rounds).
+"""Raw tar read speed: microseconds per sample of ``shards.iter_samples`` (best of N rounds),
+and its ratio to the tarfile reader (``shards._iter_tarfile``) timed in the same run.
 
 The lean reader is the loader's hot loop (every sample of every epoch, and every replayed one
 on resume); this times it alone on the quickstart's shapes shards, written once into ``--dir``.
+Rounds of the two readers alternate, so a busy machine slows both alike.
 
     python benchmarks/shard_read.py --dir /tmp/shapes_bench --rounds 5
 """
@@ -16,16 +18,16 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tulip_mega.data.shards import iter_samples  # noqa: E402
+from tulip_mega.data.shards import _iter_tarfile, iter_samples  # noqa: E402
 from tulip_mega.datagen.synthetic import write_shapes_dataset  # noqa: E402
 
 
-def time_read(paths: list[str], offsets: bool) -> tuple[float, int]:
-    """(seconds, samples) for one pass over ``paths``."""
+def time_read(paths: list[str], offsets: bool, reader=iter_samples) -> tuple[float, int]:
+    """(seconds, samples) for one pass of ``reader`` over ``paths``."""
     n = 0
     t = time.perf_counter()
     for path in paths:
-        for _ in iter_samples(path, offsets):
+        for _ in reader(path, offsets):
             n += 1
     return time.perf_counter() - t, n
 
@@ -40,9 +42,13 @@ def main() -> None:
         write_shapes_dataset(args.dir)
         paths = sorted(glob.glob(os.path.join(args.dir, "train-*.tar")))
     for offsets in (False, True):
-        runs = [time_read(paths, offsets) for _ in range(args.rounds)]
-        best, n = min(runs)
-        print(f"offsets={offsets}: {1e6 * best / n:.1f} us/sample (best of {args.rounds}, {n} samples)")
+        lean, tar = [], []
+        for _ in range(args.rounds):
+            lean.append(time_read(paths, offsets))
+            tar.append(time_read(paths, offsets, _iter_tarfile))
+        (best, n), (base, _) = min(lean), min(tar)
+        print(f"offsets={offsets}: {1e6 * best / n:.1f} us/sample, tarfile {1e6 * base / n:.1f} us/sample, "
+              f"ratio {best / base:.2f} (best of {args.rounds}, {n} samples)")
 
 
 if __name__ == "__main__":

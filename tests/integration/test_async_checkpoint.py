@@ -109,7 +109,7 @@ def train_and_save_worker(root: str, steps: int, kill_marker: str, load: str) ->
 
 KILL_SCRIPT = """
 import sys
-sys.path.insert(0, {tests!r})
+sys.path[:0] = [{tests!r}, {here!r}]
 from test_async_checkpoint import train_and_save_worker
 from tulip_mega.parallel.spawn import run_distributed
 if __name__ == "__main__":
@@ -120,7 +120,8 @@ if __name__ == "__main__":
 def test_sigkill_during_async_save_keeps_previous_latest_and_resume_is_exact(tmp_path):
     root, marker = tmp_path / "ckpt", tmp_path / "killed_at"
     script = tmp_path / "run.py"
-    script.write_text(KILL_SCRIPT.format(tests=str(REPO / "tests"), root=str(root), marker=str(marker)))
+    script.write_text(KILL_SCRIPT.format(tests=str(REPO / "tests"), here=str(Path(__file__).parent),
+                                         root=str(root), marker=str(marker)))
     proc = subprocess.Popen([sys.executable, str(script)], cwd=REPO, start_new_session=True,
                             env={**os.environ, "PYTHONPATH": str(REPO)}, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
