@@ -20,6 +20,7 @@ from tulip_mega.config import ConfigError, load_config
 from tulip_mega.config.streams import input_streams, model_heads
 from tulip_mega.models import megatron_config as mc
 from tulip_mega.config.fp8_shapes import fp8_plan
+from tulip_mega.launch import resolve_layout
 from tulip_mega.plan import main as plan_main
 
 REPO = Path(__file__).resolve().parents[2]
@@ -295,9 +296,10 @@ def test_core_attention_recompute_kept_where_te_may_not_fuse(monkeypatch):
     _gpu(monkeypatch, cuda=True)
     # 6b: vision head dim 3200 / 32 = 100 (not a multiple of 8), text 2048 / 16 = 128.
     cfg = load_config(REPO / "recipes" / "tulip_6b.yaml", ["recompute.granularity=selective"])
-    choices = mc.layer_choices(cfg, use_te=True)
-    assert mc.tower_config(cfg, "vision", choices).recompute_granularity == "selective"
-    assert mc.tower_config(cfg, "text", choices).recompute_granularity is None
+    layout = resolve_layout(cfg, cfg.parallel.tensor_parallel * cfg.parallel.pipeline_parallel)
+    choices = mc.layer_choices(cfg, use_te=True, layout=layout)
+    assert mc.tower_config(cfg, "vision", choices, layout).recompute_granularity == "selective"
+    assert mc.tower_config(cfg, "text", choices, layout).recompute_granularity is None
 
 
 def test_megatron_fused_bias_gelu_is_siglips_tanh_gelu():

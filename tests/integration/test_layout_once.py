@@ -1,7 +1,7 @@
 """The run's layout is resolved once per process: `validate_split` (with the balanced split's
-search) and `input_streams` run exactly once from the recipe to the first trained step, and
-once per `plan`. Config loading validates the recipe on its own (before any layout exists) and
-is not counted."""
+search) and `input_streams` run exactly once from the loaded recipe to the first trained step,
+and once per `plan`. Loading the recipe validates it on its own, before any layout exists: that
+derives the streams once more (for its sequence-parallel and FP8 shape checks) and runs no split."""
 
 from __future__ import annotations
 
@@ -48,15 +48,17 @@ def train_worker(argv: list[str]) -> dict:
     counts: Counter = Counter()
     count_calls(counts)
     load = tulip_mega.config.load_config
+    at_load: dict = {}
 
     def load_then_count(*args, **kwargs):
         cfg = load(*args, **kwargs)
+        at_load.update(counts)
         counts.clear()
         return cfg
 
     tulip_mega.config.load_config = load_then_count
     code = tulip_mega.train.main(argv)
-    return {"code": code, "counts": dict(counts)}
+    return {"code": code, "counts": dict(counts), "at_load": at_load}
 
 
 @pytest.mark.multiprocess
@@ -68,6 +70,7 @@ def test_train_start_up_resolves_the_layout_once(shapes_data, tmp_path):
             "checkpoint.interval=0"]
     result = run_distributed(train_worker, 1, argv)[0]
     assert result["code"] == 0
+    assert result["at_load"] == {"input_streams": 1}
     assert result["counts"] == {"validate_split": 1, "input_streams": 1}
 
 

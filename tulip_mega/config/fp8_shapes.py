@@ -233,13 +233,14 @@ def _multiple_needed(counts: list[TokenCount], tp: int, sp: bool) -> int:
     return need
 
 
-def check_fp8_shapes(cfg) -> Fp8Plan:
+def check_fp8_shapes(cfg, streams: Optional[Streams] = None) -> Fp8Plan:
     """Refuse, with a ConfigError naming the key, a recipe whose FP8 GEMMs Transformer Engine
     would reject: a token count of a block that runs FP8 (any block, whatever the layer
-    choice), or a width when `precision.fp8_ineligible=error`. Returns the plan."""
+    choice), or a width when `precision.fp8_ineligible=error`. Returns the plan. `streams`:
+    the recipe's input streams when the caller has them (config validation does)."""
     from tulip_mega.config import ConfigError
 
-    plan = fp8_plan(cfg)
+    plan = fp8_plan(cfg, streams)
     if plan.fp8 is None:
         return plan
     for b in plan.blocks:

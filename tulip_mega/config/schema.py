@@ -559,7 +559,7 @@ class Config:
             raise ConfigError(str(e)) from None
         from tulip_mega.config.fp8_shapes import check_fp8_shapes
 
-        check_fp8_shapes(self)  # Transformer Engine's FP8 shape rule, per block and token count
+        check_fp8_shapes(self, streams)  # Transformer Engine's FP8 shape rule, per block and token count
 
 
     def _validate_loss_inputs(self) -> None:
