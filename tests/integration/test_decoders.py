@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from harness import make_cfg
+from tulip_mega.launch import resolve_layout
 from tulip_mega.models.decoders import AugProjector
 from tulip_mega.models.vision import PatchEmbedding
 from tulip_mega.parallel.spawn import run_distributed
@@ -134,7 +135,8 @@ def test_decoder_config_has_decoder_sizes_tower_parallelism_and_one_stage():
                     "recompute.granularity=full", "model.mae_decoder.num_layers=3",
                     "model.mae_decoder.hidden_size=32", "model.mae_decoder.num_heads=2",
                     "model.mae_decoder.ffn_hidden_size=64"])
-    tower, mae, text = tower_config(cfg, "vision"), decoder_config(cfg, "mae"), decoder_config(cfg, "text")
+    layout = resolve_layout(cfg, 4)
+    tower, mae, text = tower_config(cfg, "vision", layout=layout), decoder_config(cfg, "mae"), decoder_config(cfg, "text")
     assert (mae.num_layers, mae.hidden_size, mae.num_attention_heads, mae.ffn_hidden_size, mae.kv_channels) == \
         (3, 32, 2, 64, 16)
     # Unset decoder widths default to the decoded tower's.
@@ -222,8 +224,8 @@ def _build_and_run(overrides: list[str], tp: int, pp: int) -> dict:
     out: dict = {"pp_rank": ps.get_pipeline_model_parallel_rank()}
     if pp > 1:
         # Control: a tower block under the same state really is split over the stages.
-        tower = TransformerBlock(tower_config(cfg, "vision"), block_spec(tower_config(cfg, "vision")),
-                                 pre_process=False, post_process=ps.is_pipeline_last_stage())
+        config = tower_config(cfg, "vision", layout=resolve_layout(cfg, torch.distributed.get_world_size()))
+        tower = TransformerBlock(config, block_spec(config), pre_process=False, post_process=ps.is_pipeline_last_stage())
         out["tower_layer_numbers"] = [layer.layer_number for layer in tower.layers]
     if not ps.is_pipeline_last_stage():
         return out
