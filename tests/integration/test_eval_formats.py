@@ -212,14 +212,15 @@ def formats_worker(tokenizer: str, cls_root: str, ret_root: str, folder: str, te
                            f"eval.retrieval_shards={ret_root}", "eval.retrieval_format=clip_benchmark",
                            f"eval.mmvp_path={mmvp}"])
     init_parallel(1, 1, cfg.run.seed)
-    model = build_model_chunks(cfg, resolve_layout(cfg, torch.distributed.get_world_size()))
-    out = {"wds": Evaluator(cfg, model).run()}
+    parts = build_model_chunks(cfg, resolve_layout(cfg, torch.distributed.get_world_size()))
+    model = parts[0]  # TP = PP = 1: one part, the whole model, for the plain reference forwards
+    out = {"wds": Evaluator(cfg, parts).run()}
     folder_cfg = make_cfg(base + [f"eval.zeroshot_shards={folder}", "eval.zeroshot_format=imagefolder",
                                   f"eval.zeroshot_templates={templates}"])
-    out["folder"] = Evaluator(folder_cfg, model, ["zeroshot"]).run()
+    out["folder"] = Evaluator(folder_cfg, parts, ["zeroshot"]).run()
     probe_cfg = make_cfg(base + [f"eval.linear_probe_shards={probe}", f"eval.linear_probe_val_shards={probe}",
                                  "eval.linear_probe_format=clip_benchmark"])
-    out["probe"] = Evaluator(probe_cfg, model, ["linear_probe"]).run()
+    out["probe"] = Evaluator(probe_cfg, parts, ["linear_probe"]).run()
     if torch.distributed.get_rank() == 0:  # the reference: plain PIL, one forward, counted by hand
         tok = Tokenizer(tokenizer, context_length=cfg.model.text.context_length)
         names = (Path(cls_root) / "classnames.txt").read_text().split()
