@@ -76,7 +76,7 @@ def data_rate(cfg, plan, host_samples_per_core: Optional[float] = None) -> DataR
         raise ValueError(f"--host-samples-per-core must be > 0, got {rate}")
     edits = 2 if s.geco_edits else 0
     return DataRate(
-        sample_set=name, samples_per_s=plan.samples_per_s / plan.dp, decodes_per_sample=1 + edits,
+        sample_set=name, samples_per_s=plan.samples_per_s / plan.layout.data_parallel, decodes_per_sample=1 + edits,
         views_per_sample=1 + s.extra_global_crops + s.local_crops + edits, host_samples_per_core=rate,
         reader_workers=cfg.data.reader_workers,
     )

@@ -67,38 +67,6 @@ class Plan:
     peak_tflops: float
     pipeline: PipelinePlan  # per-stage FLOPs and memory (tulip_mega/plan_stages.py)
 
-    @property
-    def gpus(self) -> int:
-        return self.layout.world_size
-
-    @property
-    def dp(self) -> int:
-        return self.layout.data_parallel
-
-    @property
-    def tp(self) -> int:
-        return self.layout.tensor_parallel
-
-    @property
-    def pp(self) -> int:
-        return self.layout.pipeline_parallel
-
-    @property
-    def micro_batch(self) -> int:
-        return self.layout.micro_batch_size
-
-    @property
-    def global_batch(self) -> int:
-        return self.layout.global_batch_size
-
-    @property
-    def grad_accum(self) -> int:
-        return self.layout.microbatches
-
-    @property
-    def contrastive_batch(self) -> int:
-        return self.layout.contrastive_batch
-
 
 def make_plan(cfg, nodes: int, gpus_per_node: int = 8, mfu: float = 0.40,
               peak_tflops: float = H100_BF16_DENSE_TFLOPS) -> Plan:
@@ -139,23 +107,33 @@ def plan_layout(cfg, layout: RunLayout, mfu: float = 0.40, peak_tflops: float = 
 
 def contrastive_batch_line(plan: Plan) -> str:
     """How many pairs each contrastive term compares, and what that costs (start-up log, plan)."""
-    return flops_contrastive_batch_line(plan.contrastive_mode, plan.contrastive_batch, plan.grad_accum,
+    lay = plan.layout
+    return flops_contrastive_batch_line(plan.contrastive_mode, lay.contrastive_batch, lay.microbatches,
                                         plan.flops_cache_per_sample, plan.flops_model_per_sample)
 
 
+def _gpus_text(lay: RunLayout) -> str:
+    return (f"{lay.world_size} GPUs = TP {lay.tensor_parallel} x PP {lay.pipeline_parallel} "
+            f"x DP {lay.data_parallel}")
+
+
+def _batch_text(lay: RunLayout) -> str:
+    return (f"global {lay.global_batch_size} = micro {lay.micro_batch_size} x DP {lay.data_parallel} "
+            f"x {lay.microbatches}")
+
+
 def format_plan(cfg, plan: Plan) -> str:
-    m = plan.memory_gib
+    m, lay = plan.memory_gib, plan.layout
     par, rc = cfg.parallel, cfg.recompute
     v, t = cfg.model.vision, cfg.model.text
     lines = [
         f"model {cfg.model.size}: {plan.params_total / 1e6:.1f}M parameters "
         f"(vision {v.num_layers}L h{v.hidden_size} s{v.seq_length}, text {t.num_layers}L h{t.hidden_size} "
         f"s{t.context_length})",
-        f"layout: {plan.gpus} GPUs = TP {plan.tp} x PP {plan.pp} x DP {plan.dp}"
+        f"layout: {_gpus_text(lay)}"
         f"{' (sequence parallel)' if par.sequence_parallel else ''}"
         f"{f', {par.virtual_pipeline} interleaved virtual stages per PP rank' if par.virtual_pipeline > 1 else ''}",
-        f"batch: global {plan.global_batch} = micro {plan.micro_batch} x DP {plan.dp} x {plan.grad_accum} "
-        f"accumulation step(s)",
+        f"batch: {_batch_text(lay)} accumulation step(s)",
         contrastive_batch_line(plan),
         "",
         f"memory per GPU (GiB), {'fp32' if cfg.precision.dtype == 'fp32' else 'bf16 mixed precision'}, "
@@ -165,7 +143,7 @@ def format_plan(cfg, plan: Plan) -> str:
         "per GPU on average)",
         f"  gradients    {m['gradients']:8.2f}   (fp32 main grads)",
         f"  optimizer    {m['optimizer']:8.2f}   (fp32 master + Adam m, v{'; / DP' if par.distributed_optimizer else ''})",
-        f"  activations  {m['activations']:8.2f}   (Korthikanti et al.; micro-batch {plan.micro_batch}, every view "
+        f"  activations  {m['activations']:8.2f}   (Korthikanti et al.; micro-batch {lay.micro_batch_size}, every view "
         f"and text; {plan.pipeline.fullest.in_flight} in flight)",
         f"  total        {m['total']:8.2f}   (+ ~10% for NCCL buffers and fragmentation; H100 has 80)",
         "",
@@ -180,7 +158,7 @@ def format_plan(cfg, plan: Plan) -> str:
     if m["total"] > 80 * 0.9:
         lines.append("warning: the estimate exceeds ~72 GiB (90% of an 80 GB H100): raise TP/PP, lower "
                      "train.micro_batch_size, or use recompute.granularity=full")
-    fp8 = fp8_plan(cfg, plan.layout.streams)
+    fp8 = fp8_plan(cfg, lay.streams)
     if fp8.fp8:
         lines += ["", *fp8.table(),
                   f"fp8={fp8.fp8}: FP8 GEMMs via Transformer Engine (needs TE on the GPU nodes); the estimate "
@@ -217,25 +195,24 @@ def recipe_comment(cfg, plan: Plan, command: str) -> list[str]:
     """The `# plan:` block a recipe carries as its expected numbers: the command, then one line
     per number. tests/unit/test_plan.py re-runs the command and checks the block is what it prints
     (regenerate with `tulip-mega plan RECIPE --nodes N --recipe-comment`)."""
-    v, t = cfg.model.vision, cfg.model.text
-    pairs = cfg.train.steps * plan.global_batch
+    v, t, lay = cfg.model.vision, cfg.model.text, plan.layout
+    pairs = cfg.train.steps * lay.global_batch_size
     cache = plan.flops_cache_per_sample
     lines = [
         command,
         f"  model {cfg.model.size}: {_count(plan.params_total)} parameters "
         f"(vision {v.num_layers}L h{v.hidden_size}, text {t.num_layers}L h{t.hidden_size})",
-        f"  layout: {plan.gpus} GPUs = TP {plan.tp} x PP {plan.pp} x DP {plan.dp}; global batch {plan.global_batch} "
-        f"= micro {plan.micro_batch} x DP {plan.dp} x {plan.grad_accum}",
+        f"  layout: {_gpus_text(lay)}; {_batch_text(lay).replace('global', 'global batch', 1)}",
         f"  memory per GPU: {plan.memory_gib['total']:.1f} GiB (before ~10% headroom)",
         *([f"  pipeline bubble: {plan.pipeline.bubble:.1%} ("
            + ("1F1B" if plan.pipeline.virtual == 1 else f"interleaved, {plan.pipeline.virtual} virtual stages")
-           + f", {plan.grad_accum} micro-batches per step; not in the step time below)"] if plan.pp > 1 else []),
+           + f", {lay.microbatches} micro-batches per step; not in the step time below)"] if lay.pipeline_parallel > 1 else []),
         f"  training {_flops(plan.flops_model_per_sample)} per pair"
         + (f" + {_flops(cache)} embedding-cache forward (+{cache / plan.flops_model_per_sample:.0%})" if cache else ""),
         f"  at {plan.mfu:.0%} MFU of {plan.peak_tflops:g} TFLOP/s per GPU: {plan.step_time_s:.3g} s per step, "
         f"{_count(plan.samples_per_s)} pairs/s",
-        f"  train.steps {cfg.train.steps:,} x {plan.global_batch} = {_count(pairs)} pairs: "
-        f"{_duration(plan.step_time_s * cfg.train.steps)} on {plan.gpus} GPUs",
+        f"  train.steps {cfg.train.steps:,} x {lay.global_batch_size} = {_count(pairs)} pairs: "
+        f"{_duration(plan.step_time_s * cfg.train.steps)} on {lay.world_size} GPUs",
     ]
     return [RECIPE_COMMENT_PREFIX + line for line in lines]
 

@@ -24,7 +24,7 @@ def test_rates_follow_the_plan_and_the_recipes_streams() -> None:
     plan = make_plan(cfg, nodes=1, gpus_per_node=4)
     rate = data_rate(cfg, plan)
     assert sample_set(input_streams(cfg)) == rate.sample_set == "tulip"
-    assert rate.samples_per_s == pytest.approx(plan.samples_per_s / plan.dp)
+    assert rate.samples_per_s == pytest.approx(plan.samples_per_s / plan.layout.data_parallel)
     assert rate.decodes_per_s == pytest.approx(3 * rate.samples_per_s)  # image + pos/neg edits
     assert rate.views_per_s == pytest.approx((1 + 1 + 4 + 2) * rate.samples_per_s)
     assert rate.host_cores == pytest.approx(rate.samples_per_s / HOST_SAMPLES_PER_CORE["tulip"])
@@ -51,7 +51,7 @@ def test_plan_prints_samples_per_second_and_cores_for_every_recipe(recipe, capsy
     layout = ["--nodes", str(nodes), "--gpus-per-node", str(gpus)]
     assert main([str(path), *layout]) == 0
     out = capsys.readouterr().out
-    per_rank = plan.samples_per_s / plan.dp
+    per_rank = plan.samples_per_s / plan.layout.data_parallel
     assert f"{per_rank:,.0f} samples/s" in out
     assert "CPU cores per loading rank" in out
     assert main([str(path), *layout, "--host-samples-per-core", "100"]) == 0

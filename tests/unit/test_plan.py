@@ -47,7 +47,7 @@ def test_debug_flops_match_a_hand_count():
     # The global contrastive batch over 4 micro-batches: the embedding cache is one more forward of
     # the contrastive streams, which for plain SigLIP is the whole forward.
     cached = make_plan(_cfg("recompute.granularity=full"), nodes=1, gpus_per_node=1)
-    assert cached.grad_accum == 4 and cached.flops_cache_per_sample == 7_303_168
+    assert cached.layout.microbatches == 4 and cached.flops_cache_per_sample == 7_303_168
     assert cached.flops_hardware_per_sample == 5 * 7_303_168
     assert cached.flops_model_per_sample == 3 * 7_303_168  # MFU's numerator is unchanged
 
@@ -55,13 +55,13 @@ def test_debug_flops_match_a_hand_count():
 def test_batch_and_speed_arithmetic():
     plan = make_plan(_cfg("train.global_batch_size=64", "train.micro_batch_size=4"), nodes=2, gpus_per_node=4,
                      mfu=0.5, peak_tflops=100.0)
-    assert (plan.gpus, plan.dp, plan.grad_accum, plan.contrastive_batch) == (8, 8, 2, 64)
+    assert (plan.layout.world_size, plan.layout.data_parallel, plan.layout.microbatches, plan.layout.contrastive_batch) == (8, 8, 2, 64)
     # Model FLOPs (3x forward) + the embedding-cache forward of the global contrastive batch.
     assert plan.step_time_s == pytest.approx(64 * (3 + 1) * 7_303_168 / (8 * 100e12 * 0.5))
     assert plan.samples_per_s == pytest.approx(64 / plan.step_time_s)
     micro = make_plan(_cfg("train.global_batch_size=64", "train.micro_batch_size=4", "loss.contrastive_batch=micro"),
                       nodes=2, gpus_per_node=4, mfu=0.5, peak_tflops=100.0)
-    assert (micro.contrastive_batch, micro.flops_cache_per_sample) == (32, 0)
+    assert (micro.layout.contrastive_batch, micro.flops_cache_per_sample) == (32, 0)
     assert micro.step_time_s == pytest.approx(64 * 3 * 7_303_168 / (8 * 100e12 * 0.5))
 
 

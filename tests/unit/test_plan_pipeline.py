@@ -61,8 +61,8 @@ def test_plan_prints_stages_and_suggests_a_better_split(capsys):
 def test_6b_recipe_fits_on_h100s(nodes, accumulation, capsys):
     cfg = load_config(REPO / "recipes" / "tulip_6b.yaml", ["precision.fp8=null"])
     plan = make_plan(cfg, nodes=nodes)
-    assert (plan.tp, plan.pp, plan.dp) == (8, 4, nodes * 8 // 32)
-    assert plan.grad_accum == accumulation
+    assert (plan.layout.tensor_parallel, plan.layout.pipeline_parallel, plan.layout.data_parallel) == (8, 4, nodes * 8 // 32)
+    assert plan.layout.microbatches == accumulation
     assert plan.params_total > 6.5e9
     for stage in plan.pipeline.stages:
         assert stage.memory_gib["total"] * 1024**3 < 80e9, stage
