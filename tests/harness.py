@@ -67,8 +67,8 @@ def global_batches(cfg: Config, steps: int, seed: int = 0,
     out = []
     for _ in range(steps):
         b = Batch(images=images(n), tokens=tokens(n, lengths=caption_lengths), keys=[f"s{len(out)}-{i}" for i in range(n)])
-        if s.extra_global_crops:
-            b.crops = images(n, s.extra_global_crops)
+        if s.loader_crops:
+            b.crops = images(n, s.loader_crops)
         if s.local_crops:
             b.local_crops = images(n, s.local_crops, side=s.local_size)
         if s.geco_edits:

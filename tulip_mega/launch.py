@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from tulip_mega.config import Config, validate_layout
 from tulip_mega.config.run_layout import RunLayout
-from tulip_mega.config.streams import contrastive_terms_on, input_streams
+from tulip_mega.config.streams import contrastive_terms_on, distill_start_step, input_streams
 from tulip_mega.models.pipeline_split import validate_split
 
 
@@ -54,4 +54,5 @@ def _resolve(cfg: Config, world_size: int, dp: int) -> RunLayout:
         embedding_cache=global_batch and microbatches > 1 and bool(contrastive_terms_on(cfg)),
         streams=streams,
         split=validate_split(cfg, streams),
+        distill_start=distill_start_step(cfg),
     )

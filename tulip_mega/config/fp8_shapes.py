@@ -179,7 +179,9 @@ def _block_tokens(cfg, streams: Streams) -> dict[str, list[TokenCount]]:
     v, t = cfg.model.vision, cfg.model.text
     mb, micro = cfg.train.micro_batch_size, "train.micro_batch_size"
     seq_why = {"global": f"{streams.patches} patches", "local": f"{streams.local_patches} local-crop patches",
-               "mae": f"{streams.mae_visible} MAE visible patches"}
+               "mae": f"{streams.mae_visible} MAE visible patches",
+               "teacher": f"{streams.patches} patches (EMA teacher)",
+               "masked": f"{streams.patches} patches (masked-prediction student)"}
     out: dict[str, list[TokenCount]] = {"vision": [], "text": []}
     for s in streams.vision:
         out["vision"].append(_tokens(s.name, s.seq, s.views, mb, seq_why[s.name], micro, cfg))

@@ -34,8 +34,20 @@ class RunLayout:
     microbatches: int
     contrastive_batch: int  # pairs each contrastive term compares per step
     embedding_cache: bool  # the two-pass global contrastive batch (loss.contrastive_batch=global, > 1 micro-batch)
-    streams: Streams
+    streams: Streams  # what one step encodes (with the EMA teacher's views once it runs)
     split: Split
+    distill_start: Optional[int] = None  # completed steps before the EMA teacher starts; None: no teacher
+
+    def streams_at(self, completed_steps: int) -> Streams:
+        """The streams of the step after `completed_steps`: without the EMA teacher's views
+        before `distill_start` (they cost no compute until their terms switch on)."""
+        if self.distill_start is not None and completed_steps < self.distill_start:
+            return self.streams.without_distill()
+        return self.streams
+
+    def teacher_running(self, completed_steps: int) -> bool:
+        """Whether the step after `completed_steps` runs the EMA teacher."""
+        return self.distill_start is not None and completed_steps >= self.distill_start
 
     @property
     def model_parts(self) -> int:

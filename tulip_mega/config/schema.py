@@ -340,11 +340,47 @@ class LossWeights:
     mae: float = _f(0.0, "MAE: normalised-pixel MSE on the masked patches of view 0")
     text_recon: float = _f(0.0, "causal decoder cross entropy reconstructing the caption from its embedding")
     aug_contrastive: float = _f(0.0, "clip-rocket: InfoNCE between the augmented image view and the EDA caption")
+    self_distill: float = _f(0.0, "SigLIP 2 / SILC: local crops (student) against an EMA teacher's global crop, "
+                                  "from loss.distill.start_fraction of training (SigLIP 2: 1 x the size factor)")
+    masked_prediction: float = _f(0.0, "SigLIP 2 / TIPS: masked student patches against the EMA teacher's patch "
+                                       "features, from loss.distill.start_fraction (SigLIP 2: 0.25 x the size factor)")
 
     def validate(self) -> None:
         for name in self.__dataclass_fields__:
             value = getattr(self, name)
             _require(value >= 0, f"loss.weights.{name}={value} must be >= 0 (0 switches the term off)")
+
+
+@dataclass
+class DistillConfig:
+    """Self-distillation with an EMA teacher (SigLIP 2 section 2.3, after SILC and TIPS): the
+    loss.weights.self_distill and masked_prediction terms. Defaults cite docs/losses.md."""
+
+    start_fraction: float = _f(0.8, "fraction of train.steps after which the teacher is copied from the student "
+                                    "and both terms switch on (SigLIP 2: the last 20% of training)")
+    teacher_momentum: float = _f(0.996, "EMA momentum of the teacher at the start; it follows a cosine to "
+                                        "teacher_momentum_end at train.steps (DINO's schedule)")
+    teacher_momentum_end: float = _f(1.0, "EMA momentum at the last step")
+    prototypes: int = _f(65536, "output width K of each projection head (DINO / iBOT)")
+    head_hidden: int = _f(2048, "hidden width of the three-layer projection MLPs (DINO)")
+    head_bottleneck: int = _f(256, "bottleneck width before the L2-normalised prototype layer (DINO)")
+    student_temperature: float = _f(0.1, "softmax temperature of the student (DINO)")
+    teacher_temperature: float = _f(0.04, "softmax temperature of the teacher after centering (DINO)")
+    center_momentum: float = _f(0.9, "EMA momentum of the teacher-output centre (DINO)")
+    mask_ratio: float = _f(0.5, "fraction of patches the masked-prediction student sees as mask tokens "
+                                "(SigLIP 2: 50%)")
+
+    def validate(self) -> None:
+        p = "loss.distill"
+        _require(0 <= self.start_fraction < 1, f"{p}.start_fraction={self.start_fraction} must be in [0, 1)")
+        for name in ("teacher_momentum", "teacher_momentum_end", "center_momentum"):
+            value = getattr(self, name)
+            _require(0 <= value <= 1, f"{p}.{name}={value} must be in [0, 1]")
+        _require(0 < self.mask_ratio < 1, f"{p}.mask_ratio={self.mask_ratio} must be in (0, 1)")
+        _at_least(self, p, ("prototypes", "head_hidden", "head_bottleneck"), 1)
+        for name in ("student_temperature", "teacher_temperature"):
+            value = getattr(self, name)
+            _require(value > 0, f"{p}.{name}={value} must be > 0")
 
 
 @dataclass
@@ -365,9 +401,11 @@ class LossConfig:
     mae_norm_pix: bool = _f(True, "MAE target = pixels normalised per patch (mean/var), as in MAE")
     label_smoothing: float = _f(0.0, "label smoothing of the image-text InfoNCE")
     aug_label_smoothing: float = _f(0.1, "label smoothing of the aug <-> aug InfoNCE (clip-rocket)")
+    distill: DistillConfig = _section(DistillConfig, "EMA teacher of self_distill / masked_prediction (SigLIP 2)")
 
     def validate(self) -> None:
         self.weights.validate()
+        self.distill.validate()
         _require(0 < self.mae_mask_ratio < 1, f"loss.mae_mask_ratio={self.mae_mask_ratio} must be in (0, 1)")
         for name in ("label_smoothing", "aug_label_smoothing"):
             value = getattr(self, name)
@@ -588,6 +626,22 @@ class Config:
                      f"loss.weights.aug_contrastive={w.aug_contrastive} pairs the second global crop with the EDA "
                      f"caption: needs data.views.global_crops >= 2 (got {views.global_crops}) and "
                      f"data.views.eda=true (got {views.eda})")
+        if w.self_distill > 0:
+            _require(views.global_crops >= 2 and views.local_crops >= 1,
+                     f"loss.weights.self_distill={w.self_distill} sets local crops (student) against the teacher's "
+                     f"second global crop: needs data.views.global_crops >= 2 (got {views.global_crops}) and "
+                     f"data.views.local_crops >= 1 (got {views.local_crops}; SigLIP 2 uses 8)")
+            _require(views.local_size % patch == 0,
+                     f"data.views.local_size={views.local_size} is not divisible by "
+                     f"model.vision.patch_size={patch}: local crops must tile into whole patches")
+        if w.masked_prediction > 0:
+            _require(views.global_crops >= 2,
+                     f"loss.weights.masked_prediction={w.masked_prediction} masks the second global crop: needs "
+                     f"data.views.global_crops >= 2 (got {views.global_crops})")
+            patches = self.model.vision.seq_length
+            _require(int(patches * self.loss.distill.mask_ratio) >= 1,
+                     f"loss.distill.mask_ratio={self.loss.distill.mask_ratio} masks no patch of the "
+                     f"{patches}-patch view")
         self._validate_sigmoid_impl()
         for name, dec in (("mae_decoder", self.model.mae_decoder), ("text_decoder", self.model.text_decoder)):
             for key, value in vars(dec).items():

@@ -22,6 +22,10 @@ from dataclasses import dataclass, replace
 # reconstruction terms are means over samples (the same for any split of the batch).
 CONTRASTIVE_TERMS = ("image_text", "image_image", "text_text", "aug_contrastive")
 RECONSTRUCTION_TERMS = ("mae", "text_recon")
+# The EMA-teacher terms (SigLIP 2): means over samples like the reconstruction terms, switched
+# on at loss.distill.start_fraction of training.
+DISTILL_TERMS = ("self_distill", "masked_prediction")
+SAMPLE_MEAN_TERMS = RECONSTRUCTION_TERMS + DISTILL_TERMS
 
 
 def contrastive_terms_on(cfg) -> tuple[str, ...]:
@@ -31,7 +35,7 @@ def contrastive_terms_on(cfg) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class VisionStream:
-    name: str  # "global" | "local" | "mae"
+    name: str  # "global" | "local" | "mae" | "teacher" | "masked"
     image_size: int  # pixels per side of the views in this stream
     views: int  # views per sample
     seq: int  # tokens per view entering the tower (visible patches only for "mae")
@@ -57,6 +61,12 @@ class Streams:
     patches: int  # tokens per full-resolution view
     local_patches: int
     text_recon: bool = False  # the last stage decodes the caption from its embedding
+    # The EMA teacher (SigLIP 2): it encodes the first extra global crop (batch.crops[:, 0]);
+    # the self_distill student is the local crops, the masked_prediction student the same crop
+    # with `masked_patches` of its patches replaced by a mask token.
+    teacher_view: bool = False
+    masked_patches: int = 0
+    image_image_locals: bool = True  # the local crops serve image_image (else only self_distill)
 
     # --- vision ---------------------------------------------------------------------------
     @property
@@ -70,13 +80,33 @@ class Streams:
             out.append(VisionStream("local", self.local_size, self.local_crops, self.local_patches))
         if self.mae_visible:
             out.append(VisionStream("mae", self.image_size, 1, self.mae_visible))
+        if self.teacher_view:
+            out.append(VisionStream("teacher", self.image_size, 1, self.patches))
+        if self.masked_patches:
+            out.append(VisionStream("masked", self.image_size, 1, self.patches))
         return tuple(out)
 
+    @property
+    def loader_crops(self) -> int:
+        """Extra global crops the loader emits: the student's, or the teacher's one crop."""
+        return max(self.extra_global_crops, 1 if self.teacher_view else 0)
+
+    @property
+    def distill(self) -> bool:
+        """Whether these streams feed the EMA-teacher terms."""
+        return self.teacher_view
+
+    def without_distill(self) -> "Streams":
+        """The streams before the EMA teacher starts (loss.distill.start_fraction): no teacher
+        view, no masked view, and the local crops only if image_image reads them."""
+        return replace(self, teacher_view=False, masked_patches=0,
+                       local_crops=self.local_crops if self.image_image_locals else 0, image_image_locals=True)
+
     def contrastive_only(self) -> "Streams":
-        """The streams the contrastive terms read: everything but the MAE visible patches and
-        the caption decoder. The embedding-cache forward of `loss.contrastive_batch=global`
-        runs only these (docs/losses.md)."""
-        return replace(self, mae_visible=0, text_recon=False)
+        """The streams the contrastive terms read: everything but the MAE visible patches, the
+        caption decoder and the EMA-teacher views. The embedding-cache forward of
+        `loss.contrastive_batch=global` runs only these (docs/losses.md)."""
+        return replace(self.without_distill(), mae_visible=0, text_recon=False)
 
     # --- text -----------------------------------------------------------------------------
     @property
@@ -119,6 +149,13 @@ class Heads:
     aug_projector: bool  # aug_image/text_projector + aug_logit_scale
     mae_decoder: bool
     text_decoder: bool
+    distill_head: bool = False  # self_distill's projection head (and the teacher's copy)
+    patch_head: bool = False  # masked_prediction's per-patch projection head (and the teacher's)
+
+    @property
+    def teacher(self) -> bool:
+        """Whether the model holds an EMA teacher of the vision tower."""
+        return self.distill_head or self.patch_head
 
 
 def model_heads(cfg) -> Heads:
@@ -130,7 +167,18 @@ def model_heads(cfg) -> Heads:
         aug_projector=w.aug_contrastive > 0,
         mae_decoder=w.mae > 0,
         text_decoder=w.text_recon > 0,
+        distill_head=w.self_distill > 0,
+        patch_head=w.masked_prediction > 0,
     )
+
+
+def distill_start_step(cfg) -> int | None:
+    """The optimizer step (0-based count of completed steps) at which the EMA teacher is copied
+    from the student and the self-distillation terms switch on; None when both are off."""
+    w = cfg.loss.weights
+    if w.self_distill <= 0 and w.masked_prediction <= 0:
+        return None
+    return int(cfg.train.steps * cfg.loss.distill.start_fraction)
 
 
 def mae_visible_patches(patches: int, mask_ratio: float) -> int:
@@ -145,11 +193,12 @@ def input_streams(cfg) -> Streams:
     patches = (v.image_size // v.patch_size) ** 2
     uses_ii = w.image_image > 0
     uses_aug = w.aug_contrastive > 0
+    uses_distill, uses_masked = w.self_distill > 0, w.masked_prediction > 0
     extra_global = views.global_crops - 1 if (uses_ii or uses_aug) else 0
     hard_negatives = w.image_text > 0 and loss.contrastive == "sigmoid" and loss.hard_negatives
     return Streams(
         extra_global_crops=extra_global,
-        local_crops=views.local_crops if uses_ii else 0,
+        local_crops=views.local_crops if (uses_ii or uses_distill) else 0,
         geco_edits=views.geco_images and uses_ii,
         paraphrases=views.paraphrases if w.text_text > 0 else 0,
         negatives=views.negatives if (w.text_text > 0 or hard_negatives) else 0,
@@ -160,4 +209,7 @@ def input_streams(cfg) -> Streams:
         patches=patches,
         local_patches=(views.local_size // v.patch_size) ** 2,
         text_recon=w.text_recon > 0,
+        teacher_view=uses_distill or uses_masked,
+        masked_patches=int(patches * loss.distill.mask_ratio) if uses_masked else 0,
+        image_image_locals=uses_ii,
     )

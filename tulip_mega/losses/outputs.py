@@ -34,6 +34,14 @@ class ModelOutputs:
     aug_logit_scale: Optional[torch.Tensor] = None
     mae_pred: Optional[torch.Tensor] = None  # [b, masked, 3 p^2] predicted pixels of the masked patches
     text_logits: Optional[torch.Tensor] = None  # [L, b, vocab / TP] causal caption decoder
+    # SigLIP 2's EMA-teacher terms: head logits over the K prototypes (float32), the teacher's
+    # without gradient, and the centres its softmax is taken against.
+    distill_student: Optional[torch.Tensor] = None  # [n_local, b, K] the student's local crops
+    distill_teacher: Optional[torch.Tensor] = None  # [b, K] the teacher's global crop
+    distill_center: Optional[torch.Tensor] = None  # [K]
+    masked_student: Optional[torch.Tensor] = None  # [m, b, K] the student's masked patches
+    masked_teacher: Optional[torch.Tensor] = None  # [m, b, K] the teacher's same patches, unmasked input
+    patch_center: Optional[torch.Tensor] = None  # [K]
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """{field: tensor} of the fields that are set (the embedding cache keeps and replays these)."""

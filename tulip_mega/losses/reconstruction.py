@@ -85,26 +85,28 @@ def mae_loss(pred: torch.Tensor, images: torch.Tensor, masked_idx: torch.Tensor,
     return F.mse_loss(pred.to(target.dtype), masked_target)
 
 
-def _sample_seed(seed: int, step: int, key: str) -> int:
-    """Stable 32-bit seed for one sample: crc32 of "seed:step:key" (Python's hash is salted)."""
-    return zlib.crc32(f"{seed}:{step}:{key}".encode("utf-8"))
+def _sample_seed(seed: int, step: int, key: str, salt: str = "") -> int:
+    """Stable 32-bit seed for one sample: crc32 of "seed:step:key" (Python's hash is salted),
+    with `salt` appended for a mask other than MAE's."""
+    return zlib.crc32(f"{seed}:{step}:{key}{salt}".encode("utf-8"))
 
 
 def mae_mask(keys: Sequence[str], step: int, seed: int, num_patches: int, num_visible: int,
-             device: Optional[torch.device] = None) -> tuple[torch.Tensor, torch.Tensor]:
+             device: Optional[torch.device] = None, salt: str = "") -> tuple[torch.Tensor, torch.Tensor]:
     """(visible_idx [B, num_visible], masked_idx [B, num_patches - num_visible]), int64, sorted.
 
     Sample i's mask is a random permutation of the patches drawn from a torch.Generator
     seeded with crc32(f"{seed}:{step}:{keys[i]}"): the first num_visible patches are visible,
     the rest masked. It depends only on (seed, step, key), never on the batch composition,
-    the DP rank or the TP/PP layout. Equal keys in one batch get equal masks.
+    the DP rank or the TP/PP layout. Equal keys in one batch get equal masks. Another `salt`
+    draws an independent mask (masked_prediction's, "|masked_prediction").
     """
     if not 0 < num_visible < num_patches:
         raise ValueError(f"num_visible must be in [1, num_patches - 1] = [1, {num_patches - 1}], "
                          f"got {num_visible} (num_patches={num_patches})")
     perms = []
     for key in keys:
-        g = torch.Generator().manual_seed(_sample_seed(seed, step, str(key)))
+        g = torch.Generator().manual_seed(_sample_seed(seed, step, str(key), salt))
         perms.append(torch.randperm(num_patches, generator=g))
     if not perms:
         raise ValueError("mae_mask needs at least one key")

@@ -6,6 +6,8 @@
           + w_mae * L_mae            (normalised-pixel MSE on the masked patches of view 0)
           + w_trec * L_text_recon    (causal decoder cross entropy on the caption)
           + w_aug * L_aug            (clip-rocket: InfoNCE, augmented crop <-> EDA caption, own projector)
+          + w_sd * L_self_distill    (SigLIP 2 / SILC: local crops against the EMA teacher's global crop)
+          + w_mp * L_masked_prediction (SigLIP 2 / TIPS: masked patches against the teacher's patches)
 
 `LOSS_TERMS` is the table of terms, in this order; only those with a non-zero weight run.
 Contrastive terms see the whole data-parallel batch (other ranks' columns are negatives, or
@@ -21,9 +23,10 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from tulip_mega.config.streams import CONTRASTIVE_TERMS, RECONSTRUCTION_TERMS, Streams
+from tulip_mega.config.streams import CONTRASTIVE_TERMS, DISTILL_TERMS, SAMPLE_MEAN_TERMS, Streams
 from tulip_mega.losses.chance import Number, infonce_chance_loss, sigmoid_chance_loss, weighted_pairs_chance_loss
 from tulip_mega.losses.common import rank_and_world
+from tulip_mega.losses.distill import distill_chance_loss, distill_cross_entropy
 from tulip_mega.losses.infonce import DistributedInfoNCELoss
 from tulip_mega.losses.outputs import ModelOutputs
 from tulip_mega.losses.pairwise import DistributedPairSigmoidLoss, same_sample_weights
@@ -80,7 +83,14 @@ class TulipLossStack(torch.nn.Module):
         self.weights = {name: float(getattr(loss.weights, name)) for name in TERMS}
         self.terms = tuple(name for name in TERMS if self.weights[name] > 0)
         self.contrastive_terms = tuple(name for name in self.terms if name in CONTRASTIVE_TERMS)
-        self.reconstruction_terms = tuple(name for name in self.terms if name in RECONSTRUCTION_TERMS)
+        # Means over samples (reconstruction and EMA-teacher terms): with the embedding cache
+        # they are computed per micro-batch in the gradient pass.
+        self.sample_mean_terms = tuple(name for name in self.terms if name in SAMPLE_MEAN_TERMS)
+        self.distill_terms = tuple(name for name in self.terms if name in DISTILL_TERMS)
+        self.chance_terms = self.contrastive_terms + self.distill_terms
+        d = loss.distill
+        self.distill_temperatures = (d.student_temperature, d.teacher_temperature)
+        self.prototypes = d.prototypes
         self.contrastive = loss.contrastive
         self.max_infonce_scale = float(loss.infonce_max_logit_scale)
         self.hard_negatives = bool(loss.hard_negatives and loss.contrastive == "sigmoid" and streams.negatives)
@@ -95,9 +105,11 @@ class TulipLossStack(torch.nn.Module):
 
     @property
     def needs_batch(self) -> bool:
-        """Whether the last stage must read the batch (targets, GeCo validity masks)."""
+        """Whether the last stage must read the batch (targets, GeCo validity masks, the keys
+        masked_prediction's patch mask is drawn from)."""
         s = self.streams
-        return bool(s.mae_visible or s.text_recon or s.geco_edits or s.paraphrases or s.negatives)
+        return bool(s.mae_visible or s.text_recon or s.geco_edits or s.paraphrases or s.negatives
+                    or s.masked_patches)
 
     def forward(self, out: ModelOutputs, batch=None, mae_idx=None, terms: Optional[Sequence[str]] = None,
                 text_divisor: Optional[float] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -117,10 +129,15 @@ class TulipLossStack(torch.nn.Module):
         total = sum(self.weights[name] * value for name, value in values.items())
         return total, values
 
+    def active_terms(self, teacher_running: bool) -> tuple[str, ...]:
+        """The enabled terms of a step: the EMA-teacher terms only once the teacher runs."""
+        return tuple(n for n in self.terms if teacher_running or n not in DISTILL_TERMS)
+
     def chance(self, out: ModelOutputs, batch=None, terms: Optional[Sequence[str]] = None) -> dict[str, torch.Tensor]:
-        """{term: the loss a model that has learned nothing gets at this contrastive batch} for
-        the enabled contrastive `terms` (losses/chance.py). Tensor ops only: no device sync."""
-        names = [n for n in (self.contrastive_terms if terms is None else terms) if n in self.contrastive_terms]
+        """{term: the loss a model that has learned nothing gets at this batch} for the enabled
+        contrastive and EMA-teacher `terms` (losses/chance.py, losses/distill.py). Tensor ops
+        only: no device sync."""
+        names = [n for n in (self.chance_terms if terms is None else terms) if n in self.chance_terms]
         return {name: torch.as_tensor(TERMS_BY_NAME[name].chance(self, out, batch), dtype=torch.float32,
                                       device=out.image_emb.device)
                 for name in names}
@@ -227,6 +244,18 @@ class TulipLossStack(torch.nn.Module):
     def _aug_contrastive_chance(self, out: ModelOutputs, batch) -> Number:
         return infonce_chance_loss(out.image_emb.shape[0] * self.dp_size)
 
+    # --- SigLIP 2's EMA-teacher terms (losses/distill.py) -------------------------------------
+    def _self_distill(self, out: ModelOutputs, inputs: TermInputs) -> torch.Tensor:
+        return distill_cross_entropy(out.distill_student, out.distill_teacher, out.distill_center,
+                                     *self.distill_temperatures)
+
+    def _masked_prediction(self, out: ModelOutputs, inputs: TermInputs) -> torch.Tensor:
+        return distill_cross_entropy(out.masked_student, out.masked_teacher, out.patch_center,
+                                     *self.distill_temperatures)
+
+    def _distill_chance(self, out: ModelOutputs, batch) -> Number:
+        return distill_chance_loss(self.prototypes)
+
 
 @dataclass(frozen=True)
 class LossTerm:
@@ -257,6 +286,10 @@ LOSS_TERMS: tuple[LossTerm, ...] = (
     LossTerm("text_recon", ("text_logits",), TulipLossStack._text_recon),
     LossTerm("aug_contrastive", ("aug_image", "aug_text", "aug_logit_scale"),
              TulipLossStack._aug_contrastive, TulipLossStack._aug_contrastive_chance),
+    LossTerm("self_distill", ("distill_student", "distill_teacher", "distill_center"),
+             TulipLossStack._self_distill, TulipLossStack._distill_chance),
+    LossTerm("masked_prediction", ("masked_student", "masked_teacher", "patch_center"),
+             TulipLossStack._masked_prediction, TulipLossStack._distill_chance),
 )
 TERMS_BY_NAME = {term.name: term for term in LOSS_TERMS}
 TERMS = tuple(TERMS_BY_NAME)

@@ -57,8 +57,11 @@ def build_model_chunks(cfg, layout: RunLayout, use_te: Optional[bool] = None,
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
             post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
             use_te=use_te, decoder_configs=decoder_configs, vp_stage=vp_stage,
+            distill_cfg=cfg.loss.distill,
         )
         model.to(device=device(), dtype=configs["vision"].params_dtype)
+        if model.teacher is not None:
+            model.teacher.freeze_and_keep_fp32()
         initialize_parameters(model, seed=cfg.run.seed, std=cfg.model.init_std, num_layers={
             "vision_block": cfg.model.vision.num_layers,
             "text_block": cfg.model.text.num_layers,

@@ -4,6 +4,7 @@
   predicts the pixels of the masked patches from the visible patches' encodings.
 - `CausalTextDecoder`: reconstructs the caption from the text embedding by teacher forcing.
 - `AugProjector` (clip-rocket): the MLP projector of the aug <-> aug InfoNCE term.
+- `DistillHead` (DINO, used by SILC and TIPS): the projection head of the self-distillation terms.
 
 The decoders are megatron `TransformerBlock`s (TP-split, sequence-parallel); their small
 projections are replicated across TP, the caption decoder's vocabulary layers vocab-parallel.
@@ -15,6 +16,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, VocabParallelEmbedding
 from megatron.core.tensor_parallel.mappings import (
     gather_from_sequence_parallel_region,
@@ -181,3 +183,25 @@ class AugProjector(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., e] -> [..., e]."""
         return self.fc2(self.act(self.fc1(x)))
+
+
+class DistillHead(torch.nn.Module):
+    """DINO's projection head (Caron et al. 2021, `DINOHead`), which SILC and TIPS use for
+    SigLIP 2's self-distillation terms: a three-layer MLP (GELU) to a bottleneck, L2
+    normalisation, then a bias-free layer onto K prototypes whose rows are L2-normalised at
+    every forward (DINO's weight-normalised last layer with the norm fixed to 1).
+
+    Small next to the towers (K x bottleneck dominates), so replicated on the TP ranks."""
+
+    def __init__(self, in_dim: int, hidden: int, bottleneck: int, prototypes: int) -> None:
+        super().__init__()
+        self.fc1 = torch.nn.Linear(in_dim, hidden)
+        self.fc2 = torch.nn.Linear(hidden, hidden)
+        self.fc3 = torch.nn.Linear(hidden, bottleneck)
+        self.prototypes = torch.nn.Linear(bottleneck, prototypes, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in_dim] -> logits [..., prototypes] (float32 softmax inputs come later)."""
+        x = self.fc3(F.gelu(self.fc2(F.gelu(self.fc1(x)))))
+        x = F.normalize(x, dim=-1)
+        return F.linear(x, F.normalize(self.prototypes.weight, dim=-1))

@@ -24,7 +24,7 @@ from tulip_mega.models.te_names import canonical_key
 # Output projections of residual branches get a std scaled by 1/sqrt(2 * num_layers) (GPT-2).
 _RESIDUAL_OUTPUTS = ("linear_proj.weight", "linear_fc2.weight")
 # Keys the model initialises itself from recipe constants (logit scale/bias).
-_SKIP = ("logit_scale", "logit_bias")
+_SKIP = ("logit_scale", "logit_bias", "_center")  # the teacher-output centres start at zero (DINO)
 
 
 def _generator(seed: int, key: str, layer_index: tuple[int, ...]) -> torch.Generator:

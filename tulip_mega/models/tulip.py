@@ -25,22 +25,25 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from tulip_mega.config.streams import Heads, Streams
 from tulip_mega.losses.outputs import ModelOutputs
-from tulip_mega.models.decoders import AugProjector, CausalTextDecoder, MAEDecoder
+from tulip_mega.models.decoders import AugProjector, CausalTextDecoder, DistillHead, MAEDecoder, _gather_rows
 from tulip_mega.models.packing import ActivationPacker, PackedPart
 from tulip_mega.models.specs import block_spec
+from tulip_mega.models.teacher import TEACHER_PREFIX, TeacherState
 from tulip_mega.models.vision import MAPHead, PatchEmbedding
 
 
 # Modules that exist only for training losses: not part of SigLIP, not exported by `convert`,
 # and absent from a Hugging Face checkpoint used as init.
 TRAINING_ONLY = ("mae_decoder", "text_decoder", "aug_image_projector", "aug_text_projector", "aug_logit_scale",
-                 "ii_logit_", "tt_logit_")
+                 "ii_logit_", "tt_logit_", TEACHER_PREFIX, "distill_head", "patch_head", "distill_mask_token",
+                 "distill_center", "patch_center")
 
 
 def base_streams(streams: Streams) -> Streams:
     """Only view 0 and the caption: what evaluation and the plain SigLIP loss need."""
     return dataclasses.replace(streams, extra_global_crops=0, local_crops=0, geco_edits=False, paraphrases=0,
-                               negatives=0, eda_caption=False, mae_visible=0, text_recon=False)
+                               negatives=0, eda_caption=False, mae_visible=0, text_recon=False,
+                               teacher_view=False, masked_patches=0)
 
 
 def _logit_params(model_cfg) -> tuple[torch.nn.Parameter, torch.nn.Parameter]:
@@ -77,7 +80,9 @@ class TulipModel(MegatronModule):
         use_te: Optional[bool] = None,
         decoder_configs: Optional[dict[str, TransformerConfig]] = None,
         vp_stage: Optional[int] = None,
+        distill_cfg=None,
     ) -> None:
+        """`distill_cfg`: the recipe's loss.distill (head sizes) when `heads.teacher`."""
         # The vision config doubles as the model's config for megatron's schedules/DDP.
         super().__init__(config=vision_config)
         self.model_type = ModelType.encoder_or_decoder  # one pipeline of stages (both towers per stage)
@@ -105,14 +110,26 @@ class TulipModel(MegatronModule):
             text_config, block_spec(text_config, use_te, vp_stage=vp_stage), pre_process=pre_process,
             post_process=post_process, vp_stage=vp_stage,
         )
+        if heads.teacher:  # the EMA teacher's slice of the vision tower: same layers, same sharding
+            self.teacher_vision_block = TransformerBlock(
+                vision_config, block_spec(vision_config, use_te, vp_stage=vp_stage), pre_process=pre_process,
+                post_process=post_process, vp_stage=vp_stage,
+            )
         if post_process:
             self._build_heads(model_cfg, heads)
             self._build_decoders(model_cfg, heads, decoder_configs, use_te)
+            if heads.teacher:
+                self._build_distill_heads(model_cfg, heads, distill_cfg)
+        self.teacher = TeacherState(self) if heads.teacher else None
 
     def _build_embeddings(self, vision_config: TransformerConfig, text_config: TransformerConfig, model_cfg) -> None:
         """First stage: the patch embedding and the token + position embedding."""
         v, t = model_cfg.vision, model_cfg.text
         self.vision_embed = PatchEmbedding(vision_config, v.image_size, v.patch_size)
+        if self.heads.teacher:
+            self.teacher_vision_embed = PatchEmbedding(vision_config, v.image_size, v.patch_size)
+        if self.heads.patch_head:  # what the masked-prediction student sees at a masked patch
+            self.distill_mask_token = torch.nn.Parameter(torch.empty(vision_config.hidden_size))
         self.text_embed = LanguageModelEmbedding(
             config=text_config,
             vocab_size=t.vocab_size,
@@ -152,6 +169,18 @@ class TulipModel(MegatronModule):
                 decoder_configs["text"], v.hidden_size, t.vocab_size, t.context_length, use_te
             )
 
+    def _build_distill_heads(self, model_cfg, heads: Heads, d) -> None:
+        """Last stage: the self-distillation projection heads, each with its teacher copy, and
+        the teacher-output centres (DINO centering, float32 buffers updated after each step)."""
+        v = model_cfg.vision
+        self.teacher_vision_head = MAPHead(v.hidden_size, v.num_heads, v.ffn_hidden_size, model_cfg.layernorm_eps)
+        for name, on in (("distill", heads.distill_head), ("patch", heads.patch_head)):
+            if on:
+                for prefix in ("", TEACHER_PREFIX):
+                    setattr(self, f"{prefix}{name}_head",
+                            DistillHead(v.hidden_size, d.head_hidden, d.head_bottleneck, d.prototypes))
+                self.register_buffer(f"{name}_center", torch.zeros(d.prototypes))
+
     # --- pipeline plumbing -------------------------------------------------------------------
     def packer(self, streams: Optional[Streams] = None) -> ActivationPacker:
         """The p2p layout of a forward over `streams` (default: evaluation, view 0 + caption)."""
@@ -187,17 +216,22 @@ class TulipModel(MegatronModule):
         batch=None,
         mae_idx: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
         streams: Optional[Streams] = None,
+        patch_mask: Optional[torch.Tensor] = None,
     ):
         """See the class docstring. `batch` (a tulip_mega.data.base.Batch) carries the extra views
         and texts on the first stage and the caption tokens on the last; `mae_idx` is
-        (visible_idx [b, k], masked_idx [b, m]) when the streams include MAE."""
+        (visible_idx [b, k], masked_idx [b, m]) when the streams include MAE; `patch_mask`
+        [b, m] the masked-prediction student's masked patches when they include it."""
         streams = streams or self.eval_streams
         if self.pre_process:
-            inputs = self._embed_inputs(images, tokens, batch, mae_idx, streams)
+            inputs = self._embed_inputs(images, tokens, batch, mae_idx, streams, patch_mask)
         else:
             inputs = self.packer(streams).unpack(self._received)
         hidden = {}
         for name, x in inputs.items():
+            if name == "teacher":
+                hidden[name] = self.teacher.encode(self.teacher_vision_block, x, self.pre_process)
+                continue
             block = self.text_block if name == "text" else self.vision_block
             if not self.pre_process:
                 block.set_input_tensor(x)  # blocks without an embedding read their input from here
@@ -206,9 +240,10 @@ class TulipModel(MegatronModule):
             return self.packer(streams).pack(hidden)  # [rows, b, W]
         if tokens is None and batch is not None:
             tokens = batch.tokens
-        return self._heads(hidden, tokens, mae_idx, streams)
+        return self._heads(hidden, tokens, mae_idx, streams, patch_mask)
 
-    def _embed_inputs(self, images, tokens, batch, mae_idx, streams: Streams) -> dict[str, torch.Tensor]:
+    def _embed_inputs(self, images, tokens, batch, mae_idx, streams: Streams,
+                      patch_mask: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
         """First stage: every stream's token embeddings, {name: [s, views*b, h]}."""
         out = {}
         views = [images]
@@ -221,6 +256,11 @@ class TulipModel(MegatronModule):
             out["local"] = self.vision_embed(_view_major(batch.local_crops[:, : streams.local_crops]))
         if streams.mae_visible:
             out["mae"] = self.vision_embed(images, keep_idx=mae_idx[0])  # [k, b, h]
+        if streams.teacher_view:  # the first extra global crop, for the teacher and the masked student
+            crop = batch.crops[:, 0]
+            out["teacher"] = self.teacher.embed(self.teacher_vision_embed, crop, out["global"].dtype)
+            if streams.masked_patches:
+                out["masked"] = self.vision_embed(crop, mask=(patch_mask, self.distill_mask_token))
         texts = [tokens]
         for name, n in (("paraphrases", streams.paraphrases), ("negatives", streams.negatives)):
             if n:
@@ -254,7 +294,8 @@ class TulipModel(MegatronModule):
             out[bias_field] = bias.float()
         return out
 
-    def _heads(self, hidden: dict[str, torch.Tensor], tokens, mae_idx, streams: Streams) -> ModelOutputs:
+    def _heads(self, hidden: dict[str, torch.Tensor], tokens, mae_idx, streams: Streams,
+               patch_mask: Optional[torch.Tensor] = None) -> ModelOutputs:
         """Last stage: final hidden states -> embeddings, scales, decoder outputs."""
         b = hidden["text"].shape[1] // streams.texts
         pooled = [self.vision_head(self._full_sequence(hidden["global"]).transpose(0, 1))]  # [G*b, e]
@@ -264,6 +305,8 @@ class TulipModel(MegatronModule):
         text_last = self._full_sequence(hidden["text"])[-1]  # last token of every text, [T*b, h_t]
         texts_raw = self.text_head(text_last).view(streams.texts, b, -1)  # [T, b, e]
         views_emb = F.normalize(views_raw.float(), dim=-1)
+        # image_image's views: the local crops only when it reads them (not when only self_distill does)
+        pair_views = views_emb if streams.image_image_locals else views_emb[:streams.global_views]
         texts_emb = F.normalize(texts_raw.float(), dim=-1)
         logits = self._pair_logits()
         aug = {}
@@ -275,12 +318,38 @@ class TulipModel(MegatronModule):
             mae_pred = self.mae_decoder(self._full_sequence(hidden["mae"]), visible_idx, masked_idx)
         if streams.text_recon:
             text_logits = self.text_decoder(texts_raw[0], tokens)  # [L, b, vocab/TP]
+        distill = self._distill_outputs(hidden, views_raw, patch_mask, streams) if streams.teacher_view else {}
         return ModelOutputs(
-            image_emb=views_emb[0], text_emb=texts_emb[0], **logits, **aug,
-            view_emb=views_emb if views_emb.shape[0] > 1 else None,
+            image_emb=views_emb[0], text_emb=texts_emb[0], **logits, **aug, **distill,
+            view_emb=pair_views if pair_views.shape[0] > 1 else None,
             texts_emb=texts_emb if streams.texts > 1 else None,
             mae_pred=mae_pred, text_logits=text_logits,
         )
+
+    def _distill_outputs(self, hidden: dict[str, torch.Tensor], views_raw: torch.Tensor,
+                         patch_mask: Optional[torch.Tensor], streams: Streams) -> dict[str, torch.Tensor]:
+        """Last stage, the EMA-teacher terms: the student's and the teacher's head outputs
+        (logits over the prototypes), and the centres the teacher's are sharpened against.
+        The teacher side is computed without gradient, in float32 (its weights' dtype)."""
+        fields = {}
+        with torch.no_grad():
+            teacher_tokens = self._full_sequence(hidden["teacher"]).float()  # [P, b, h]
+        if self.heads.distill_head:
+            local_rows = views_raw[streams.global_views:]  # [n_local, b, e], pooled, unnormalised
+            with torch.no_grad():
+                pooled = self.teacher_vision_head(teacher_tokens.transpose(0, 1))  # [b, h]
+                fields["distill_teacher"] = self.teacher_distill_head(pooled).float()
+            fields["distill_student"] = self.distill_head(local_rows).float()  # [n_local, b, K]
+            fields["distill_center"] = self.distill_center
+        if self.heads.patch_head and streams.masked_patches:
+            idx = patch_mask.to(device=teacher_tokens.device, dtype=torch.long)
+            student = _gather_rows(self._full_sequence(hidden["masked"]), idx)  # [m, b, h]
+            with torch.no_grad():
+                fields["masked_teacher"] = self.teacher_patch_head(_gather_rows(teacher_tokens, idx)).float()
+            fields["masked_student"] = self.patch_head(student).float()  # [m, b, K]
+            fields["patch_center"] = self.patch_center
+        self.teacher.observe(fields)
+        return fields
 
     def _aug_outputs(self, views_raw: torch.Tensor, texts_raw: torch.Tensor,
                      streams: Streams) -> dict[str, torch.Tensor]:

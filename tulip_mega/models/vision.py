@@ -40,9 +40,12 @@ class PatchEmbedding(torch.nn.Module):
         # buffer or parameter, so it is never saved, trained or counted.
         self._resize_ops: dict[tuple[int, torch.device], torch.Tensor] = {}
 
-    def forward(self, images: torch.Tensor, keep_idx: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, keep_idx: Optional[torch.Tensor] = None,
+                mask: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
         """images [b, 3, H, W] (H = W, a multiple of the patch size); keep_idx [b, k] int64,
-        ascending patch indices (row-major over the grid) to keep per sample, or None for all.
+        ascending patch indices (row-major over the grid) to keep per sample, or None for all;
+        mask = (masked_idx [b, m], token [h]): those patches' embeddings are replaced by the
+        token before the position embedding is added (iBOT / TIPS masked prediction).
 
         Returns [s, b, h] with s = (H / patch)^2, or [k, b, h] with keep_idx; divided by TP
         along the sequence under sequence parallel.
@@ -50,6 +53,8 @@ class PatchEmbedding(torch.nn.Module):
         grid = self._grid_of(images)
         x = self.patch_embedding(images.to(self.patch_embedding.weight.dtype))  # [b, h, g', g']
         x = x.flatten(2).permute(2, 0, 1)  # [s, b, h]
+        if mask is not None:
+            x = self._mask(x, *mask)
         x = x + self.position_embedding_for(grid).unsqueeze(1)
         if keep_idx is not None:
             x = self._keep(x, keep_idx)  # [k, b, h]
@@ -98,6 +103,16 @@ class PatchEmbedding(torch.nn.Module):
             self._resize_ops[key] = op
         # float32 weights and accumulation (as F.interpolate does for bf16), one rounding at the end.
         return (op @ pos.float()).to(pos.dtype)  # [grid^2, h]
+
+    @staticmethod
+    def _mask(x: torch.Tensor, masked_idx: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+        """x [s, b, h] with rows masked_idx[i] of sample i replaced by `token` [h]."""
+        s, b, h = x.shape
+        if masked_idx.dim() != 2 or masked_idx.shape[0] != b or masked_idx.shape[1] >= s:
+            raise ValueError(f"PatchEmbedding: masked_idx must be [batch={b}, m < {s}], got {tuple(masked_idx.shape)}")
+        idx = masked_idx.to(device=x.device, dtype=torch.long).t()  # [m, b]
+        hit = torch.zeros(s, b, 1, dtype=torch.bool, device=x.device).scatter_(0, idx.unsqueeze(-1), True)
+        return torch.where(hit, token.to(x.dtype).view(1, 1, h), x)
 
     @staticmethod
     def _keep(x: torch.Tensor, keep_idx: torch.Tensor) -> torch.Tensor:

@@ -47,7 +47,7 @@ def view_plan(cfg: Config, streams: Streams) -> ViewPlan:
     recipe's crop scales and augmentation strengths."""
     s, v, a = streams, cfg.data.views, cfg.data.augment
     return ViewPlan(
-        image_size=cfg.model.vision.image_size, crops=s.extra_global_crops,
+        image_size=cfg.model.vision.image_size, crops=s.loader_crops,
         global_scale=tuple(v.global_scale), local_crops=s.local_crops, local_size=v.local_size,
         local_scale=tuple(v.local_scale), edits=s.geco_edits, first_view_crop=a.first_view_crop,
         flip_prob=a.flip_prob, color_jitter=tuple(a.color_jitter), color_jitter_prob=a.color_jitter_prob,

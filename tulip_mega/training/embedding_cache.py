@@ -77,7 +77,7 @@ class EmbeddingCache:
             total.backward()
         self.grads = [self._micro_grads(leaves, m) for m in range(self.num_microbatches)]
         report = {f"loss/{name}": value.detach() for name, value in values.items()}
-        chance = self.loss.chance(ModelOutputs.from_tensors(leaves), batch)
+        chance = self.loss.chance(ModelOutputs.from_tensors(leaves), batch, self.loss.contrastive_terms)
         report.update({f"chance/{name}": v for name, v in chance.items()})
         return report
 

@@ -9,7 +9,9 @@ nothing else is, namely
     towards 0 at every step (open_clip excludes `logit_scale` for the same reason);
   * norms and biases (all 0-/1-dim tensors; megatron's and open_clip's default rule);
   * position embeddings, token embeddings, the MAP head's probe and the MAE mask token: not
-    kernels in big_vision (`pos_embedding`, `Embed/embedding`, `MAPHead/probe`), so not decayed.
+    kernels in big_vision (`pos_embedding`, `Embed/embedding`, `MAPHead/probe`), so not decayed;
+  * SigLIP 2's self-distillation heads (`distill_head`, `patch_head`), idle until the EMA
+    teacher starts (see IDLE_UNTIL_TEACHER). The teacher itself is not trained at all.
 
 megatron-core's own default (`len(shape) == 1 or name.endswith('.bias')`) misses the 0-dim
 scalars, which is why the rule is given to `get_megatron_optimizer` explicitly.
@@ -29,11 +31,15 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 # Name fragments of tensors that are not kernels although they have >= 2 dimensions.
 NOT_KERNELS = ("position_embedding", "word_embeddings", "probe", "mask_token")
+# The self-distillation heads get no gradient until the EMA teacher starts; decay alone would
+# shrink them towards zero by then. Undecayed (and so untouched by AdamW) they start the terms
+# at their initial values, as SigLIP 2 initialises them when it adds the terms.
+IDLE_UNTIL_TEACHER = ("distill_head", "patch_head")
 
 
 def decays(name: str, param: torch.Tensor) -> bool:
     """Whether AdamW's weight decay applies to this parameter (see the module docstring)."""
-    return param.dim() >= 2 and not any(fragment in name for fragment in NOT_KERNELS)
+    return param.dim() >= 2 and not any(fragment in name for fragment in NOT_KERNELS + IDLE_UNTIL_TEACHER)
 
 
 def make_optimizer(cfg, parts: list[DistributedDataParallel]):

@@ -7,7 +7,10 @@ pass runs first, so that every contrastive term sees the whole global batch
 (training/embedding_cache.py). With `text_recon` on, the reading ranks read every micro-batch
 of the step before the first forward: its loss is the mean over the step's caption tokens
 (losses/token_count.py). Every step checks that the pipeline stages that read batches read
-the same samples (training/lockstep.py).
+the same samples (training/lockstep.py). With SigLIP 2's EMA-teacher terms, the step that
+reaches `loss.distill.start_fraction` copies the student into the teacher and switches the
+teacher's views and terms on; every applied step after it updates the teacher and its centres
+(training/teacher_step.py).
 """
 
 from __future__ import annotations
@@ -36,6 +39,10 @@ from tulip_mega.training.fp8_replay import replay_guard
 from tulip_mega.training.lockstep import check_lockstep
 from tulip_mega.training.schedule import Schedule, ScheduledModel, check_pipeline_shapes, reduce_reports
 from tulip_mega.training.skip_guard import SkipGuard
+from tulip_mega.training.teacher_step import TeacherSchedule
+
+# Salt of masked_prediction's patch mask, so that it is drawn independently of MAE's.
+MASKED_PREDICTION_SALT = "|masked_prediction"
 
 
 def wrap_ddp(parts: list[TulipModel], cfg) -> list[DistributedDataParallel]:
@@ -96,9 +103,8 @@ class TrainStep:
         # per-step randomness that must be identical on every rank and layout (the MAE mask)
         # is keyed by it.
         self.completed_steps = 0
-        self.streams = layout.streams
-        self.cache_streams = self.streams.contrastive_only()  # what the embedding cache's pass runs
-        self.loss = TulipLossStack(cfg, self.streams, group=parallel_state.get_data_parallel_group(), pad_id=pad_id)
+        self.loss = TulipLossStack(cfg, layout.streams, group=parallel_state.get_data_parallel_group(), pad_id=pad_id)
+        self.teacher = TeacherSchedule(cfg, layout, self.modules) if layout.distill_start is not None else None
         self.schedule = Schedule(model_parts, optimizer.scale_loss, layout.microbatches, layout.micro_batch_size,
                                  self.loss.needs_batch)
         self.cache = _embedding_cache(cfg, layout, self.loss, model_parts)
@@ -108,9 +114,24 @@ class TrainStep:
         self._reads_ahead = "text_recon" in self.loss.terms
         self._text_divisor: Optional[float] = None
         self.inputs = StepInputs(keep=self.cache is not None or self._reads_ahead)
+        self._phase: Optional[bool] = None
+        self._enter_phase()
+
+    def _enter_phase(self) -> None:
+        """Set what this step runs: the streams (with the teacher's views once it runs), their
+        pipeline shapes, the active terms and the report keys. Changes at most once per run,
+        at the step where the EMA teacher starts (the same step on every rank)."""
+        running = self.layout.teacher_running(self.completed_steps)
+        if running == self._phase:
+            return
+        self._phase = running
+        self.streams = self.layout.streams_at(self.completed_steps)
+        self.cache_streams = self.streams.contrastive_only()  # what the embedding cache's pass runs
+        self.terms = self.loss.active_terms(running)
         self._seq_length, self._cache_seq_length = self._seq_lengths()
-        self.report_keys = (*(f"loss/{name}" for name in self.loss.terms),
-                            *(f"chance/{name}" for name in self.loss.contrastive_terms), "logit_scale", "logit_bias")
+        chance = [n for n in self.terms if n in self.loss.chance_terms]
+        self.report_keys = (*(f"loss/{name}" for name in self.terms),
+                            *(f"chance/{name}" for name in chance), "logit_scale", "logit_bias")
 
     def _seq_lengths(self) -> tuple[int, int]:
         """megatron's seq_length for the full forward and for the cache pass's (contrastive
@@ -146,6 +167,9 @@ class TrainStep:
     def forward_backward(self, data_iterator: Optional[Iterator]) -> dict[str, float]:
         """Gradients of one global batch into the DDP buffers (not applied); returns the loss
         and every term, reduced so that every rank holds the global values."""
+        self._enter_phase()
+        if self.teacher is not None:
+            self.teacher.before_step(self.completed_steps)
         for part in self.model_parts:
             part.zero_grad_buffer()
         self.optimizer.zero_grad()
@@ -162,14 +186,19 @@ class TrainStep:
         self.inputs.reset()
         self._text_divisor = None
         metrics = reduce_reports(reports, self.report_keys, extra=contrastive)
-        metrics["loss"] = sum(self.loss.weights[name] * metrics[f"loss/{name}"] for name in self.loss.terms)
+        metrics["loss"] = sum(self.loss.weights[name] * metrics[f"loss/{name}"] for name in self.terms)
         return metrics
 
     def optimizer_step(self, metrics: dict[str, float]) -> dict[str, float]:
-        """Apply the gradients unless the loss or the gradient norm is not finite (training/skip_guard.py)."""
-        loss_keys = ("loss", *(f"loss/{name}" for name in self.loss.terms))
+        """Apply the gradients unless the loss or the gradient norm is not finite
+        (training/skip_guard.py); then, once it runs, move the EMA teacher towards the student."""
+        loss_keys = ("loss", *(f"loss/{name}" for name in self.terms))
         self.completed_steps += 1
-        return self.guard.apply(self.optimizer, self.scheduler, metrics, loss_keys, self.completed_steps)
+        skipped = self.guard.skipped_steps
+        out = self.guard.apply(self.optimizer, self.scheduler, metrics, loss_keys, self.completed_steps)
+        if self.teacher is not None and self._phase:
+            out.update(self.teacher.after_step(self.completed_steps, applied=self.guard.skipped_steps == skipped))
+        return out
 
     def _read_ahead(self, data_iterator: Optional[Iterator]) -> None:
         """Read every micro-batch of the step now (the passes replay them) and, on the ranks
@@ -206,16 +235,21 @@ class TrainStep:
                  micro: int) -> tuple[Any, Optional[Batch], Optional[tuple]]:
         """Micro-batch `micro` through one model part over `streams`: (output, the host batch on
         the device, MAE indices); the batch is None in a part that reads nothing."""
-        batch = images = tokens = mae_idx = None
+        batch = images = tokens = mae_idx = patch_mask = None
         if model.reads:
             batch = self.inputs.get(data_iterator, micro).to(device(), non_blocking=True)
             images, tokens = batch.images, batch.tokens
+            # Masks are keyed by sample and step, so every stage, rank and layout draws the same.
             if streams.mae_visible:
-                # Keyed by sample and step, so every stage, rank and layout draws the same mask.
                 mae_idx = tuple(i.to(device()) for i in mae_mask(
-                    batch.keys, self.completed_steps, self.seed, self.streams.patches, self.streams.mae_visible
+                    batch.keys, self.completed_steps, self.seed, streams.patches, streams.mae_visible
                 ))
-        return model(images, tokens, batch=batch, mae_idx=mae_idx, streams=streams), batch, mae_idx
+            if streams.masked_patches:
+                patch_mask = mae_mask(batch.keys, self.completed_steps, self.seed, streams.patches,
+                                      streams.patches - streams.masked_patches, salt=MASKED_PREDICTION_SALT)[1]
+                patch_mask = patch_mask.to(device())
+        output = model(images, tokens, batch=batch, mae_idx=mae_idx, streams=streams, patch_mask=patch_mask)
+        return output, batch, mae_idx
 
     def _cache_forward_step(self, data_iterator, model: ScheduledModel, micro: int) -> tuple[Any, Callable]:
         output, _, _ = self._forward(self.cache_streams, data_iterator, model, micro)
@@ -228,7 +262,7 @@ class TrainStep:
     def _loss_func(self, output: ModelOutputs, batch=None, mae_idx=None, micro: int = 0) -> tuple[torch.Tensor, dict]:
         """Micro-batch `micro`'s loss on the last stage: every term, or with the embedding
         cache the reconstruction terms plus the cache's surrogate; and its report."""
-        terms = None if self.cache is None else self.loss.reconstruction_terms
+        terms = self.terms if self.cache is None else tuple(n for n in self.terms if n in self.loss.sample_mean_terms)
         total, values = self.loss(output, batch, mae_idx, terms=terms, text_divisor=self._text_divisor)
         if not isinstance(total, torch.Tensor):  # no reconstruction term switched on
             total = torch.zeros((), device=output.image_emb.device)
@@ -236,8 +270,10 @@ class TrainStep:
             total = total + self.cache.micro_loss(output, micro)
         # The schedule divides the returned loss in place: report clones.
         report = {f"loss/{name}": value.detach().clone() for name, value in values.items()}
-        if self.cache is None:  # else the cache pass reported them for the whole batch
-            report.update({f"chance/{name}": v for name, v in self.loss.chance(output, batch).items()})
+        # With the cache, its pass reported the contrastive terms' chance for the whole batch.
+        chance = [n for n in self.terms if n in self.loss.chance_terms
+                  and (self.cache is None or n not in self.loss.contrastive_terms)]
+        report.update({f"chance/{name}": v for name, v in self.loss.chance(output, batch, chance).items()})
         report["logit_scale"] = output.logit_scale.detach().clone()
         report["logit_bias"] = output.logit_bias.detach().clone()
         return total, report
