@@ -103,7 +103,7 @@ def _shard_entries(model, attr: str) -> list[tuple]:
     out = []
     for sh in _iter_sharded(extract_sharded_tensors(model.sharded_state_dict())[0]):
         p = params.get(sh.data.data_ptr())
-        if p is None:
+        if p is None or (attr != "data" and not p.requires_grad):  # the frozen EMA teacher has no gradient
             continue
         k = sh.prepend_axis_num
         value = p.data if attr == "data" else p.main_grad

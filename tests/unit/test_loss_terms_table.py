@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tulip_mega.config import load_config
-from tulip_mega.config.streams import CONTRASTIVE_TERMS, RECONSTRUCTION_TERMS, input_streams
+from tulip_mega.config.streams import CONTRASTIVE_TERMS, DISTILL_TERMS, RECONSTRUCTION_TERMS, input_streams
 from tulip_mega.losses.outputs import ModelOutputs
 from tulip_mega.losses.stack import LOSS_TERMS, TERMS, TulipLossStack
 
@@ -26,8 +26,9 @@ def _outputs(b: int = 4, e: int = 8, **fields) -> ModelOutputs:
 
 
 def test_table_order_and_kinds_match_the_recipe_terms():
-    assert TERMS == ("image_text", "image_image", "text_text", "mae", "text_recon", "aug_contrastive")
-    assert {t.name for t in LOSS_TERMS if t.chance is not None} == set(CONTRASTIVE_TERMS)
+    assert TERMS == ("image_text", "image_image", "text_text", "mae", "text_recon", "aug_contrastive",
+                     "self_distill", "masked_prediction")
+    assert {t.name for t in LOSS_TERMS if t.chance is not None} == set(CONTRASTIVE_TERMS + DISTILL_TERMS)
     assert {t.name for t in LOSS_TERMS if t.chance is None} == set(RECONSTRUCTION_TERMS)
     fields = {f.name for f in dataclasses.fields(ModelOutputs)}
     for term in LOSS_TERMS:
