@@ -196,3 +196,13 @@ def test_resume_with_the_teacher_in_the_checkpoint_is_exact(shapes_data, tmp_pat
     assert any("teacher_vision_block" in k for k in w_full) and any(k.endswith("distill_center") for k in w_full)
     for k in w_full:
         torch.testing.assert_close(w_resumed[k], w_full[k], rtol=1e-5, atol=1e-6, msg=k)
+
+    # The export keeps the towers only, and says what it left out.
+    from tulip_mega.convert.hf import export_hf
+    from tulip_mega.convert.openclip import export_open_clip
+
+    for export, name in ((export_hf, "hf"), (export_open_clip, "open_clip")):
+        lines: list[str] = []
+        export(full[0]["checkpoint"], tmp_path / name, tokenizer=shapes_data["tokenizer"], log=lines.append)
+        left = [line for line in lines if line.startswith("left out")]
+        assert left and "EMA teacher" in left[0] and "distill_head" in left[0] and "patch_head" in left[0], lines

@@ -69,6 +69,15 @@ def is_model_key(key: str) -> bool:
     return head in ("vision_embed", "vision_block", "vision_head", "text_embed", "text_block", "text_head") or key in _SCALARS
 
 
+def training_only_modules(keys) -> list[str]:
+    """The checkpoint's training-only modules (decoders, projectors, the EMA teacher, the
+    self-distillation heads), named once each: what an export leaves out, and says so."""
+    heads = sorted({k.split(".", 1)[0] for k in keys if not is_model_key(k) and not k.startswith("optimizer")})
+    names = {"teacher": "the EMA teacher (teacher_*)"}
+    out = [names["teacher"]] if any(h.startswith("teacher_") for h in heads) else []
+    return out + [h for h in heads if not h.startswith("teacher_")]
+
+
 def split_qkv(fused: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One layer's fused QKV weight or bias -> separate q, k, v. Megatron interleaves by head:
     rows are [head][q|k|v][head_dim], so a plain reshape to [3 * h, ...] would mix heads."""
@@ -305,6 +314,9 @@ def convert_checkpoint(
     with single_process_group():
         meta = dist_checkpointing.load_tensors_metadata(str(checkpoint))
         plan = _plan(checkpoint, meta, num_heads)
+        left_out = training_only_modules(meta)
+        if left_out:
+            log(f"left out (training-only, not part of SigLIP): {', '.join(left_out)}")
         head, total = _safetensors_header(plan, {"format": "pt", "source": str(checkpoint),
                                                  "step": str(common.get("step"))})
         tensors = _plain_tensors(checkpoint, meta, plan, num_heads, total, log)
