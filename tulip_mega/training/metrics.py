@@ -72,7 +72,7 @@ class MetricsLogger:
             speed = f" | {metrics['tflops_per_device']:.3g} TFLOP/s"
             if metrics.get("mfu") is not None:
                 speed += f" MFU {100 * metrics['mfu']:.1f}%"
-        # Every contrastive term beside the loss of a model that has learned nothing (chance).
+        # Every contrastive and EMA-teacher term beside the loss of a model that has learned nothing (chance).
         terms = "".join(f" | {k[7:]} {metrics.get('loss/' + k[7:], float('nan')):.3f} (chance {v:.3f})"
                         for k, v in metrics.items() if k.startswith("chance/"))
         log.info(

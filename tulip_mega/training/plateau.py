@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from typing import Optional
 
+from tulip_mega.config.streams import CONTRASTIVE_TERMS
+
 
 class PlateauWatch:
     def __init__(self, warmup_steps: int, patience: int, tolerance: float = 0.01) -> None:
@@ -29,6 +31,8 @@ class PlateauWatch:
             if not key.startswith("chance/"):
                 continue
             term = key.split("/", 1)[1]
+            if term not in CONTRASTIVE_TERMS:  # the EMA-teacher terms' chance (log K) is a reference only
+                continue
             value: Optional[float] = metrics.get(f"loss/{term}")
             on_plateau = (step > self.warmup_steps and value is not None and chance > 0
                           and abs(value - chance) <= self.tolerance * chance)
