@@ -113,12 +113,15 @@ def _teacher(entries: list[list[tuple]]) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("world,layout", [
     (4, ["parallel.tensor_parallel=2", "parallel.pipeline_parallel=2"]),
     (2, []),  # DP=2: the centres and the contrastive terms see the whole global batch
+    (2, ["parallel.pipeline_parallel=2", "parallel.virtual_pipeline=2",  # one layer of each tower per chunk
+         "model.vision.num_layers=4", "model.text.num_layers=4"]),
 ])
 def test_layouts_train_the_same_student_and_teacher(world, layout):
-    """4 optimizer steps (2 with the teacher). Float32 reduction-order differences grow through
+    """TP2 x PP2, DP2 and interleaved virtual stages against one process. 4 optimizer steps (2 with the teacher). Float32 reduction-order differences grow through
     Adam (measured under TP2 x PP2: losses within 1.2e-5 relative, weights within 1.3e-4, the
     teacher's within 4.3e-5); the per-step gradients are compared tightly below."""
-    ref = run_distributed(step_worker, 1, DISTILL, 4, True)
+    model = [o for o in layout if o.startswith("model.")]
+    ref = run_distributed(step_worker, 1, DISTILL + model, 4, True)
     out = run_distributed(step_worker, world, DISTILL + layout, 4, True)
     for key in TERMS:
         assert out[0]["metrics"][key] == pytest.approx(ref[0]["metrics"][key], rel=1e-4), key
@@ -206,3 +209,20 @@ def test_resume_with_the_teacher_in_the_checkpoint_is_exact(shapes_data, tmp_pat
         export(full[0]["checkpoint"], tmp_path / name, tokenizer=shapes_data["tokenizer"], log=lines.append)
         left = [line for line in lines if line.startswith("left out")]
         assert left and "EMA teacher" in left[0] and "distill_head" in left[0] and "patch_head" in left[0], lines
+
+
+@pytest.mark.multiprocess
+def test_steps_before_the_start_are_plain_siglip_steps():
+    """Before the teacher starts the step is SigLIP's: same loss and same gradients (bitwise) as the
+    recipe without the EMA-teacher terms; the idle heads and mask token get exactly zero."""
+    plain = [o for o in DISTILL if not o.startswith(("loss.weights.self_distill", "loss.weights.masked_pred"))]
+    ref = run_distributed(step_worker, 1, plain, 1)
+    out = run_distributed(step_worker, 1, DISTILL, 1)
+    assert out[0]["losses"] == ref[0]["losses"]
+    assert set(out[0]["metrics"]) == set(ref[0]["metrics"])
+    R, G = assemble([r["entries"] for r in ref]), assemble([r["entries"] for r in out])
+    for k in R:
+        assert torch.equal(G[k], R[k]), k
+    idle = set(G) - set(R)
+    assert idle and all(k.startswith(("distill_head", "patch_head", "distill_mask_token")) for k in idle), idle
+    assert all(G[k].abs().max() == 0 for k in idle)
