@@ -79,6 +79,12 @@ def global_batches(cfg: Config, steps: int, seed: int = 0,
             b.negatives, b.negative_valid = tokens(n, s.negatives), valid(n, s.negatives)
         if s.eda_caption:
             b.eda_tokens = tokens(n)
+        if s.locca_regions:
+            r = s.locca_regions
+            corners = torch.rand(n, r, 2, 2, generator=g).sort(dim=2).values  # [n, r, (lo, hi), (x, y)]
+            b.region_boxes = torch.cat([corners[:, :, 0], corners[:, :, 1]], dim=-1)  # x0, y0, x1, y1
+            b.region_tokens, b.region_valid = tokens(n, r), valid(n, r)
+            b.region_valid[: max(1, n // 8)] = False  # some samples without any region
         out.append(b)
     return out
 

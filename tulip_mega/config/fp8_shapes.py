@@ -41,13 +41,13 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-from tulip_mega.config.streams import Streams, input_streams, model_heads
+from tulip_mega.config.streams import Streams, decoder_length, input_streams, model_heads
 
 ALIGN = 16  # every FP8 GEMM dimension per rank
 LOCAL_ALIGN = 8  # TE's check of the local (pre all-gather) input rows
 
 BLOCK_LABELS = {"vision": "vision tower", "text": "text tower", "mae_decoder": "MAE decoder",
-                "text_decoder": "caption decoder"}
+                "text_decoder": "caption decoder", "locca_decoder": "LocCa decoder"}
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ class TokenCount:
 class BlockFp8:
     """FP8 eligibility of one block: its GEMMs, the token counts it runs, and what fails."""
 
-    name: str  # vision | text | mae_decoder | text_decoder
+    name: str  # vision | text | mae_decoder | text_decoder | locca_decoder
     gemms: tuple[Gemm, ...]
     tokens: tuple[TokenCount, ...]
     width_problems: tuple[str, ...]
@@ -197,6 +197,9 @@ def _block_tokens(cfg, streams: Streams) -> dict[str, list[TokenCount]]:
                           ] if heads.mae_decoder else []
     out["text_decoder"] = [_tokens("decoder", t.context_length, 1, mb, f"{t.context_length} tokens", micro, cfg)
                            ] if heads.text_decoder else []
+    locca = decoder_length(t.context_length, cfg.parallel.tensor_parallel if cfg.parallel.sequence_parallel else 1)
+    out["locca_decoder"] = [_tokens("decoder", locca, 3, mb, f"{locca} LocCa positions x 3 tasks", micro, cfg)
+                            ] if heads.locca_decoder else []
     return out
 
 
@@ -213,7 +216,8 @@ def fp8_plan(cfg, streams: Optional[Streams] = None) -> Fp8Plan:
     (config validation, before a layout exists)."""
     m, tp = cfg.model, cfg.parallel.tensor_parallel
     sizes = {"vision": ("model.vision", m.vision), "text": ("model.text", m.text),
-             "mae_decoder": ("model.mae_decoder", m.mae_decoder), "text_decoder": ("model.text_decoder", m.text_decoder)}
+             "mae_decoder": ("model.mae_decoder", m.mae_decoder), "text_decoder": ("model.text_decoder", m.text_decoder),
+             "locca_decoder": ("model.locca_decoder", m.locca_decoder)}
     blocks = []
     for name, tokens in _block_tokens(cfg, streams or input_streams(cfg)).items():
         prefix, size = sizes[name]

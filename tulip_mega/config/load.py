@@ -241,7 +241,8 @@ def resolve(cfg: Config) -> Config:
             if getattr(tower, name) is None:
                 setattr(tower, name, value)
     # Reconstruction decoders default to the shape of the tower they decode.
-    for dec, tower in ((out.model.mae_decoder, out.model.vision), (out.model.text_decoder, out.model.text)):
+    for dec, tower in ((out.model.mae_decoder, out.model.vision), (out.model.text_decoder, out.model.text),
+                       (out.model.locca_decoder, out.model.text)):
         for name in ("hidden_size", "num_heads", "ffn_hidden_size"):
             if getattr(dec, name) is None:
                 setattr(dec, name, getattr(tower, name))

@@ -134,6 +134,9 @@ class ModelConfig:
     mae_decoder: DecoderConfig = _section(DecoderConfig, "MAE pixel decoder (built only when loss.weights.mae > 0)")
     text_decoder: DecoderConfig = _section(DecoderConfig, "causal caption decoder (built only when "
                                                           "loss.weights.text_recon > 0)")
+    locca_decoder: DecoderConfig = _section(DecoderConfig, "LocCa decoder with cross-attention to the image's patch "
+                                                           "tokens (built only when loss.weights.locca > 0); null "
+                                                           "sizes = the text tower's")
     aug_projector_hidden: int = _f(4096, "hidden width of the clip-rocket MLP projector (aug <-> aug InfoNCE)")
     aug_temperature_init: float = _f(10.0, "inverse temperature of the aug <-> aug InfoNCE at init (1/0.1)")
     separate_logit_params: bool = _f(True, "image-image and text-text sigmoid terms learn their own scale/bias "
@@ -148,6 +151,7 @@ class ModelConfig:
                  "model.init_from_hf and model.init_from_open_clip are both set: start from one of them")
         self.mae_decoder.validate("model.mae_decoder")
         self.text_decoder.validate("model.text_decoder")
+        self.locca_decoder.validate("model.locca_decoder")
         _at_least(self, "model", ("aug_projector_hidden",), 1)
         _require(self.aug_temperature_init > 0, f"model.aug_temperature_init={self.aug_temperature_init} must be > 0")
         for name in ("temperature_init", "layernorm_eps", "init_std"):
@@ -342,6 +346,8 @@ class LossWeights:
     aug_contrastive: float = _f(0.0, "clip-rocket: InfoNCE between the augmented image view and the EDA caption")
     self_distill: float = _f(0.0, "SigLIP 2 / SILC: local crops (student) against an EMA teacher's global crop, "
                                   "from loss.distill.start_fraction of training (SigLIP 2: 1 x the size factor)")
+    locca: float = _f(0.0, "SigLIP 2 / LocCa: decoder cross entropy of captioning, referring expressions (region "
+                           "caption -> box) and grounded captioning (box -> region caption), see loss.locca")
     masked_prediction: float = _f(0.0, "SigLIP 2 / TIPS: masked student patches against the EMA teacher's patch "
                                        "features, from loss.distill.start_fraction (SigLIP 2: 0.25 x the size factor)")
 
@@ -384,6 +390,24 @@ class DistillConfig:
 
 
 @dataclass
+class LoccaConfig:
+    """SigLIP 2's LocCa decoder loss (Wan et al. 2024, section 2.2 of SigLIP 2): the targets it
+    decodes. docs/losses.md gives the sequences and where each default comes from."""
+
+    regions: int = _f(4, "region captions + boxes read per sample from key.json 'regions' (the decoder trains on "
+                         "one of them per step, drawn per sample)")
+    box_bins: int = _f(500, "location tokens: each box coordinate in [0, 1] is quantised into this many bins")
+    parallel_fraction: float = _f(0.5, "share of captioning targets decoded by parallel prediction (every input "
+                                       "a mask token; LocCa after CapPa) instead of teacher forcing")
+
+    def validate(self) -> None:
+        _at_least(self, "loss.locca", ("regions",), 1)
+        _at_least(self, "loss.locca", ("box_bins",), 2)
+        _require(0 <= self.parallel_fraction <= 1,
+                 f"loss.locca.parallel_fraction={self.parallel_fraction} must be in [0, 1]")
+
+
+@dataclass
 class LossConfig:
     contrastive_batch: Literal["global", "micro"] = _f(
         "global", "pairs each contrastive term compares: global = the whole global batch (micro x DP x "
@@ -402,10 +426,12 @@ class LossConfig:
     label_smoothing: float = _f(0.0, "label smoothing of the image-text InfoNCE")
     aug_label_smoothing: float = _f(0.1, "label smoothing of the aug <-> aug InfoNCE (clip-rocket)")
     distill: DistillConfig = _section(DistillConfig, "EMA teacher of self_distill / masked_prediction (SigLIP 2)")
+    locca: LoccaConfig = _section(LoccaConfig, "targets of the LocCa decoder term (SigLIP 2)")
 
     def validate(self) -> None:
         self.weights.validate()
         self.distill.validate()
+        self.locca.validate()
         _require(0 < self.mae_mask_ratio < 1, f"loss.mae_mask_ratio={self.mae_mask_ratio} must be in (0, 1)")
         for name in ("label_smoothing", "aug_label_smoothing"):
             value = getattr(self, name)
@@ -567,7 +593,8 @@ class Config:
                  ("model.text.ffn_hidden_size", t.ffn_hidden_size, "the MLP is split column-wise across TP"),
                  ("model.text.vocab_size", t.vocab_size, "the embedding is split by vocabulary rows across TP")]
         for name, dec, used in (("mae_decoder", self.model.mae_decoder, self.loss.weights.mae > 0),
-                                ("text_decoder", self.model.text_decoder, self.loss.weights.text_recon > 0)):
+                                ("text_decoder", self.model.text_decoder, self.loss.weights.text_recon > 0),
+                                ("locca_decoder", self.model.locca_decoder, self.loss.weights.locca > 0)):
             if used:
                 split += [(f"model.{name}.num_heads", dec.num_heads, "each TP rank must hold whole attention heads"),
                           (f"model.{name}.ffn_hidden_size", dec.ffn_hidden_size,
@@ -634,6 +661,10 @@ class Config:
             _require(views.local_size % patch == 0,
                      f"data.views.local_size={views.local_size} is not divisible by "
                      f"model.vision.patch_size={patch}: local crops must tile into whole patches")
+        if w.locca > 0:
+            _require(not self.data.augment.first_view_crop,
+                     f"loss.weights.locca={w.locca} reads region boxes in view 0's coordinates: needs "
+                     "data.augment.first_view_crop=false (view 0 a plain resize, not cropped or flipped)")
         if w.masked_prediction > 0:
             _require(views.global_crops >= 2,
                      f"loss.weights.masked_prediction={w.masked_prediction} masks the second global crop: needs "
@@ -643,7 +674,8 @@ class Config:
                      f"loss.distill.mask_ratio={self.loss.distill.mask_ratio} masks no patch of the "
                      f"{patches}-patch view")
         self._validate_sigmoid_impl()
-        for name, dec in (("mae_decoder", self.model.mae_decoder), ("text_decoder", self.model.text_decoder)):
+        for name, dec in (("mae_decoder", self.model.mae_decoder), ("text_decoder", self.model.text_decoder),
+                          ("locca_decoder", self.model.locca_decoder)):
             for key, value in vars(dec).items():
                 _require(value is not None, f"model.{name}.{key} is unset; call resolve(cfg) before validate()")
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 # compare pairs of the batch they see (so the batch matters, loss.contrastive_batch); the
 # reconstruction terms are means over samples (the same for any split of the batch).
 CONTRASTIVE_TERMS = ("image_text", "image_image", "text_text", "aug_contrastive")
-RECONSTRUCTION_TERMS = ("mae", "text_recon")
+RECONSTRUCTION_TERMS = ("mae", "text_recon", "locca")
 # The EMA-teacher terms (SigLIP 2): means over samples like the reconstruction terms, switched
 # on at loss.distill.start_fraction of training.
 DISTILL_TERMS = ("self_distill", "masked_prediction")
@@ -67,6 +67,9 @@ class Streams:
     teacher_view: bool = False
     masked_patches: int = 0
     image_image_locals: bool = True  # the local crops serve image_image (else only self_distill)
+    # LocCa (SigLIP 2): the last stage decodes captions, boxes and region captions from view 0's
+    # patch tokens; the loader reads up to `locca_regions` regions per sample.
+    locca_regions: int = 0
 
     # --- vision ---------------------------------------------------------------------------
     @property
@@ -106,7 +109,7 @@ class Streams:
         """The streams the contrastive terms read: everything but the MAE visible patches, the
         caption decoder and the EMA-teacher views. The embedding-cache forward of
         `loss.contrastive_batch=global` runs only these (docs/losses.md)."""
-        return replace(self.without_distill(), mae_visible=0, text_recon=False)
+        return replace(self.without_distill(), mae_visible=0, text_recon=False, locca_regions=0)
 
     # --- text -----------------------------------------------------------------------------
     @property
@@ -151,6 +154,7 @@ class Heads:
     text_decoder: bool
     distill_head: bool = False  # self_distill's projection head (and the teacher's copy)
     patch_head: bool = False  # masked_prediction's per-patch projection head (and the teacher's)
+    locca_decoder: bool = False  # the LocCa decoder (cross-attention to view 0's patch tokens)
 
     @property
     def teacher(self) -> bool:
@@ -169,6 +173,7 @@ def model_heads(cfg) -> Heads:
         text_decoder=w.text_recon > 0,
         distill_head=w.self_distill > 0,
         patch_head=w.masked_prediction > 0,
+        locca_decoder=w.locca > 0,
     )
 
 
@@ -179,6 +184,14 @@ def distill_start_step(cfg) -> int | None:
     if w.self_distill <= 0 and w.masked_prediction <= 0:
         return None
     return int(cfg.train.steps * cfg.loss.distill.start_fraction)
+
+
+def decoder_length(context_length: int, multiple: int = 1) -> int:
+    """Positions of every LocCa sequence (losses/locca.py): the longest is [AREF] + a region
+    caption (at most `context_length` tokens) + 4 location tokens, less the last (inputs are
+    shifted); rounded up to `multiple` (the TP size under sequence parallel)."""
+    n = context_length + 4
+    return -(-n // multiple) * multiple
 
 
 def mae_visible_patches(patches: int, mask_ratio: float) -> int:
@@ -212,4 +225,5 @@ def input_streams(cfg) -> Streams:
         teacher_view=uses_distill or uses_masked,
         masked_patches=int(patches * loss.distill.mask_ratio) if uses_masked else 0,
         image_image_locals=uses_ii,
+        locca_regions=loss.locca.regions if w.locca > 0 else 0,
     )

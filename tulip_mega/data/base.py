@@ -47,6 +47,10 @@ class Batch:
     negative_valid: Optional[torch.Tensor] = None  # [B, N] bool
     # EDA-augmented caption (clip-rocket), tokenised.
     eda_tokens: Optional[torch.Tensor] = None  # [B, L]
+    # Region captions and boxes from key.json "regions" (LocCa); missing ones are padding, valid False.
+    region_tokens: Optional[torch.Tensor] = None  # [B, R, L]
+    region_boxes: Optional[torch.Tensor] = None  # [B, R, 4] float32 (x0, y0, x1, y1), fractions of view 0
+    region_valid: Optional[torch.Tensor] = None  # [B, R] bool
 
     def __len__(self) -> int:
         return len(self.keys)

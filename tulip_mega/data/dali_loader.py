@@ -284,6 +284,10 @@ class DaliLoader(StreamPositionMixin):
             batch.negative_valid = _stack([h.negative_valid for h in hosts])
         if plan.eda:
             batch.eda_tokens = _stack([s.host.eda_tokens for s in samples])
+        if plan.regions:
+            batch.region_tokens = _stack([h.region_tokens for h in hosts])  # [B, R, L]
+            batch.region_boxes = _stack([h.region_boxes for h in hosts])  # [B, R, 4]
+            batch.region_valid = _stack([h.region_valid for h in hosts])  # [B, R]
         return batch
 
     # ------------------------------------------------------------------ iteration

@@ -73,6 +73,7 @@ class ViewPlan:
     negatives: int = 0
     eda: bool = False
     eda_config: EdaConfig = field(default_factory=EdaConfig)
+    regions: int = 0  # region captions and boxes per sample from the json (LocCa); view 0 is not cropped
 
     def fields(self) -> tuple[str, ...]:
         """The ``Batch`` fields a loader must fill for this plan (the others stay None)."""
@@ -83,6 +84,7 @@ class ViewPlan:
         out += ["paraphrases", "paraphrase_valid"] if self.paraphrases else []
         out += ["negatives", "negative_valid"] if self.negatives else []
         out += ["eda_tokens"] if self.eda else []
+        out += ["region_tokens", "region_boxes", "region_valid"] if self.regions else []
         return tuple(out)
 
     @property
@@ -97,7 +99,7 @@ class ViewPlan:
 
     @property
     def needs_json(self) -> bool:
-        return self.paraphrases > 0 or self.negatives > 0
+        return self.paraphrases > 0 or self.negatives > 0 or self.regions > 0
 
     @property
     def photometric(self) -> bool:

@@ -57,12 +57,16 @@ class Inspected:
     paraphrase_valid: Optional[np.ndarray] = None  # bool [P]
     negatives: Optional[np.ndarray] = None  # int64 [N, L]
     negative_valid: Optional[np.ndarray] = None  # bool [N]
+    region_tokens: Optional[np.ndarray] = None  # int64 [R, L] region captions, padding rows where absent
+    region_boxes: Optional[np.ndarray] = None  # float32 [R, 4] (x0, y0, x1, y1) in [0, 1] of the image
+    region_valid: Optional[np.ndarray] = None  # bool [R]
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         # Positional fields: unpickles in about half the time of the default (state dict), and
         # the loader thread unpickles one per sample that a reader worker sends.
         return Inspected, (self.caption, self.width, self.height, self.tokens, self.has_pos, self.has_neg,
-                           self.paraphrases, self.paraphrase_valid, self.negatives, self.negative_valid)
+                           self.paraphrases, self.paraphrase_valid, self.negatives, self.negative_valid,
+                           self.region_tokens, self.region_boxes, self.region_valid)
 
 
 @dataclass
@@ -89,6 +93,33 @@ def _texts(meta: dict[str, Any], name: str) -> tuple[str, ...]:
     return tuple(t for t in value if t.strip())
 
 
+Region = tuple[tuple[float, float, float, float], str]
+
+
+def _regions(meta: dict[str, Any]) -> tuple[Region, ...]:
+    """The optional ``regions`` json field: a list of {"box": [x0, y0, x1, y1], "caption": str},
+    the box in fractions of the image (0 <= x0 < x1 <= 1, same for y). A malformed entry makes
+    the sample bad data (skipped with this reason), never a silently wrong target."""
+    value = meta.get("regions", [])
+    if not isinstance(value, list):
+        raise ValueError(f"json field 'regions' must be a list, got {type(value).__name__}")
+    out = []
+    for i, region in enumerate(value):
+        box = region.get("box") if isinstance(region, dict) else None
+        text = region.get("caption") if isinstance(region, dict) else None
+        if (not isinstance(box, list) or len(box) != 4 or not all(isinstance(v, (int, float)) for v in box)
+                or not (0 <= box[0] < box[2] <= 1 and 0 <= box[1] < box[3] <= 1)):
+            raise ValueError(f"regions[{i}].box must be [x0, y0, x1, y1] with 0 <= x0 < x1 <= 1 and "
+                             f"0 <= y0 < y1 <= 1, got {box!r}")
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"regions[{i}].caption must be a non-empty string, got {text!r}")
+        out.append((tuple(float(v) for v in box), text))
+    return tuple(out)
+
+
+_VALID = {"paraphrases": "paraphrase_valid", "negatives": "negative_valid", "region_tokens": "region_valid"}
+
+
 class HostPrep:
     """Picklable settings + ``inspect`` (reader workers) and ``prepare`` (the loader)."""
 
@@ -97,19 +128,22 @@ class HostPrep:
         # Without random views nothing is drawn: one shared parameter matrix, no generator per sample.
         self._plain = None if plan.uses_params else sample_params(None, 1, 1, plan)  # type: ignore[arg-type]
 
-    def _check(self, item: dict[str, Any]) -> tuple[str, tuple[str, ...], tuple[str, ...], int, int] | str | None:
+    def _check(self, item: dict[str, Any]) -> tuple | str | None:
+        """(caption, paraphrases, negatives, regions, width, height), or the reason it is bad data."""
         caption = read_caption(item)
         if not isinstance(caption, tuple):
             return caption
         plan = self.plan
         paraphrases: tuple[str, ...] = ()
         negatives: tuple[str, ...] = ()
+        regions: tuple[Region, ...] = ()
         if plan.needs_json and "json" in item:
             try:
                 meta = json.loads(item["json"].decode("utf-8"))
                 if not isinstance(meta, dict):
                     raise ValueError(f"expected a JSON object, got {type(meta).__name__}")
                 paraphrases, negatives = _texts(meta, "paraphrases"), _texts(meta, "negatives")
+                regions = _regions(meta) if plan.regions else ()
             except (UnicodeDecodeError, ValueError) as e:
                 return f"malformed json ({e})"
         try:  # header only: the size for the crop windows, and an early check that it is an image
@@ -117,7 +151,8 @@ class HostPrep:
                 width, height = im.size
         except Exception as e:  # noqa: BLE001 - PIL raises many types for garbage
             return f"undecodable image ({type(e).__name__}: {e})"
-        return caption[0], paraphrases[: plan.paraphrases], negatives[: plan.negatives], width, height
+        return (caption[0], paraphrases[: plan.paraphrases], negatives[: plan.negatives], regions[: plan.regions],
+                width, height)
 
     def inspect(self, items: list[dict[str, Any]]) -> list[Inspected | str | None]:
         """One result per sample dict: Inspected, a reason string (counted skip) or None
@@ -127,10 +162,11 @@ class HostPrep:
         texts: list[str] = []
         for c in checked:
             if isinstance(c, tuple):
-                caption, paraphrases, negatives, _, _ = c
+                caption, paraphrases, negatives, regions, _, _ = c
                 texts.append(caption)
                 texts += list(paraphrases) + [""] * (plan.paraphrases - len(paraphrases))
                 texts += list(negatives) + [""] * (plan.negatives - len(negatives))
+                texts += [text for _, text in regions] + [""] * (plan.regions - len(regions))
         rows = self.tokenizer.encode(texts).numpy() if texts else None  # [texts, L]
         pad = self.tokenizer.pad_id
         out: list[Inspected | str | None] = []
@@ -139,20 +175,24 @@ class HostPrep:
             if not isinstance(c, tuple):
                 out.append(c)
                 continue
-            caption, paraphrases, negatives, width, height = c
+            caption, paraphrases, negatives, regions, width, height = c
             info = Inspected(caption=caption, width=width, height=height, tokens=rows[r],
                              has_pos=bool(item.get("pos.jpg")) if plan.edits else False,
                              has_neg=bool(item.get("neg.jpg")) if plan.edits else False)
             r += 1
             for name, count, got in (("paraphrases", plan.paraphrases, paraphrases),
-                                     ("negatives", plan.negatives, negatives)):
+                                     ("negatives", plan.negatives, negatives), ("region_tokens", plan.regions, regions)):
                 if count:
                     valid = np.arange(count) < len(got)
                     block = rows[r : r + count].copy()
                     block[~valid] = pad
                     setattr(info, name, block)
-                    setattr(info, "paraphrase_valid" if name == "paraphrases" else "negative_valid", valid)
+                    setattr(info, _VALID[name], valid)
                     r += count
+            if plan.regions:
+                info.region_boxes = np.zeros((plan.regions, 4), dtype=np.float32)
+                for i, (box, _) in enumerate(regions):
+                    info.region_boxes[i] = box
             out.append(info)
         return out
 

@@ -21,7 +21,9 @@ caption templates of the same scene), ``negatives`` (one canonical caption per a
 attribute swap, in a per-sample random order so the first N the loader keeps cover every
 attribute over the set; ``negative_attributes`` and ``negative_scenes`` say which swap each
 is), ``key.pos.jpg`` (the same scene re-drawn with new positions, sizes within the size class,
-angles and colour jitter) and ``key.neg.jpg`` (the scene of one random swap).
+angles and colour jitter) and ``key.neg.jpg`` (the scene of one random swap). ``regions`` lists
+every object with its box (the circle it is drawn in, fractions of the image: x0, y0, x1, y1)
+and its name ("small red circle"; "red circle" in relation scenes): SigLIP 2's LocCa targets.
 
 The val split is written in MMVP-style pairs: sample 2i+1 is sample 2i with exactly one
 attribute changed (attributes cycle so every one is represented), listed in ``scenes.json``
@@ -170,10 +172,18 @@ def _relation_centres(relation: str, ra: float, rb: float, rng: random.Random, s
     raise RuntimeError(f"could not place a {relation!r} pair in {s} px")  # never at s >= 16
 
 
-def draw_scene(scene: dict[str, Any], rng: random.Random, s: int) -> bytes:
-    """JPEG bytes of one rendering of `scene` (positions, radii, angles and colour jitter from rng)."""
+def _region(caption_text: str, cx: float, cy: float, r: float, s: int) -> dict[str, Any]:
+    """One object's region: the box of the circle it is drawn in (fractions of the image) and its name."""
+    box = [max(0.0, (cx - r) / s), max(0.0, (cy - r) / s), min(1.0, (cx + r) / s), min(1.0, (cy + r) / s)]
+    return {"box": [round(v, 4) for v in box], "caption": caption_text}
+
+
+def draw_scene(scene: dict[str, Any], rng: random.Random, s: int, regions: Optional[list] = None) -> bytes:
+    """JPEG bytes of one rendering of `scene` (positions, radii, angles and colour jitter from rng);
+    each object's region (box + caption, for LocCa) is appended to `regions` when given."""
     img = Image.new("RGB", (s, s), jitter(COLOURS[rng.choice(BACKGROUNDS)], rng))
     draw = ImageDraw.Draw(img)
+    regions = [] if regions is None else regions
     if scene["kind"] == "count":
         cell = s / _GRID
         for c in rng.sample(range(_GRID * _GRID), COUNTS.index(scene["count"]) + 1):
@@ -181,12 +191,14 @@ def draw_scene(scene: dict[str, Any], rng: random.Random, s: int) -> bytes:
             slack = max(0.0, cell / 2 - r - 0.5)
             cx = (c % _GRID + 0.5) * cell + rng.uniform(-slack, slack)
             cy = (c // _GRID + 0.5) * cell + rng.uniform(-slack, slack)
+            regions.append(_region(f"{scene['size']} {scene['colour']} {scene['shape']}", cx, cy, r, s))
             draw_shape(draw, scene["shape"], cx, cy, r, rng.uniform(0, 2 * math.pi), jitter(COLOURS[scene["colour"]], rng))
     else:
         ra, rb = _radius(rng, "pair", s), _radius(rng, "pair", s)
         ax, ay, bx, by = _relation_centres(scene["relation"], ra, rb, rng, s)
         for shape, colour, cx, cy, r in ((scene["shape_a"], scene["colour_a"], ax, ay, ra),
                                          (scene["shape_b"], scene["colour_b"], bx, by, rb)):
+            regions.append(_region(f"{colour} {shape}", cx, cy, r, s))
             draw_shape(draw, shape, cx, cy, r, rng.uniform(0, 2 * math.pi), jitter(COLOURS[colour], rng))
     return to_jpeg(img)
 
@@ -197,7 +209,8 @@ def make_scene_sample(key: str, scene: dict[str, Any], rng: random.Random, image
     template = rng.randrange(_templates(scene))
     swaps = [(attr, rng.choice(alternatives(scene, attr))) for attr in applicable(scene)]
     rng.shuffle(swaps)
-    jpeg = draw_scene(scene, rng, image_size)
+    regions: list[dict[str, Any]] = []
+    jpeg = draw_scene(scene, rng, image_size, regions)
     pos = draw_scene(scene, rng, image_size)
     neg = draw_scene(rng.choice(swaps)[1], rng, image_size)
     return {
@@ -210,6 +223,7 @@ def make_scene_sample(key: str, scene: dict[str, Any], rng: random.Random, image
             "negatives": [caption(s) for _, s in swaps],
             "negative_attributes": [a for a, _ in swaps],
             "negative_scenes": [s for _, s in swaps],
+            "regions": regions,  # every object: its box and name (LocCa's region captions)
         },
         "pos.jpg": pos,
         "neg.jpg": neg,

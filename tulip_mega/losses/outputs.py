@@ -42,6 +42,7 @@ class ModelOutputs:
     masked_student: Optional[torch.Tensor] = None  # [m, b, K] the student's masked patches
     masked_teacher: Optional[torch.Tensor] = None  # [m, b, K] the teacher's same patches, unmasked input
     patch_center: Optional[torch.Tensor] = None  # [K]
+    locca_logits: Optional[torch.Tensor] = None  # [Ld, 3b, vocab / TP] LocCa decoder (task-major rows)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """{field: tensor} of the fields that are set (the embedding cache keeps and replays these)."""

@@ -27,6 +27,7 @@ from tulip_mega.config.streams import CONTRASTIVE_TERMS, DISTILL_TERMS, SAMPLE_M
 from tulip_mega.losses.chance import Number, infonce_chance_loss, sigmoid_chance_loss, weighted_pairs_chance_loss
 from tulip_mega.losses.common import rank_and_world
 from tulip_mega.losses.distill import distill_chance_loss, distill_cross_entropy
+from tulip_mega.losses.locca import locca_loss
 from tulip_mega.losses.infonce import DistributedInfoNCELoss
 from tulip_mega.losses.outputs import ModelOutputs
 from tulip_mega.losses.pairwise import DistributedPairSigmoidLoss, same_sample_weights
@@ -42,6 +43,7 @@ class TermInputs:
     batch: Any = None
     mae_idx: Optional[tuple[torch.Tensor, torch.Tensor]] = None
     text_divisor: Optional[float] = None
+    locca: Any = None  # losses/locca.LoccaTargets of the micro-batch
 
 
 def pair_weights(
@@ -109,10 +111,10 @@ class TulipLossStack(torch.nn.Module):
         masked_prediction's patch mask is drawn from)."""
         s = self.streams
         return bool(s.mae_visible or s.text_recon or s.geco_edits or s.paraphrases or s.negatives
-                    or s.masked_patches)
+                    or s.masked_patches or s.locca_regions)
 
     def forward(self, out: ModelOutputs, batch=None, mae_idx=None, terms: Optional[Sequence[str]] = None,
-                text_divisor: Optional[float] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                text_divisor: Optional[float] = None, locca=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(weighted total, {term: unweighted value}) on this rank, over the enabled `terms`
         (default: all enabled terms; the training step passes the contrastive or the
         reconstruction ones when it computes them separately). `text_divisor`: what
@@ -120,7 +122,7 @@ class TulipLossStack(torch.nn.Module):
         training step's per-micro-batch share of the step's token count); by default this
         batch's token count."""
         names = self.terms if terms is None else terms
-        inputs = TermInputs(batch, mae_idx, text_divisor)
+        inputs = TermInputs(batch, mae_idx, text_divisor, locca)
         values = {}
         for name in names:
             term = TERMS_BY_NAME[name]
@@ -237,6 +239,9 @@ class TulipLossStack(torch.nn.Module):
         targets = inputs.batch.tokens.to(out.text_logits.device)
         return causal_text_loss(out.text_logits, targets, self.pad_id, inputs.text_divisor)
 
+    def _locca(self, out: ModelOutputs, inputs: TermInputs) -> torch.Tensor:
+        return locca_loss(out.locca_logits, inputs.locca.targets, inputs.locca.weights)
+
     def _aug_contrastive(self, out: ModelOutputs, inputs: TermInputs) -> torch.Tensor:
         scale = out.aug_logit_scale.clamp(max=self.max_infonce_scale)
         return self.aug_infonce(out.aug_image, out.aug_text, scale)
@@ -284,6 +289,7 @@ LOSS_TERMS: tuple[LossTerm, ...] = (
              TulipLossStack._text_text, TulipLossStack._text_text_chance),
     LossTerm("mae", ("mae_pred",), TulipLossStack._mae),
     LossTerm("text_recon", ("text_logits",), TulipLossStack._text_recon),
+    LossTerm("locca", ("locca_logits",), TulipLossStack._locca),
     LossTerm("aug_contrastive", ("aug_image", "aug_text", "aug_logit_scale"),
              TulipLossStack._aug_contrastive, TulipLossStack._aug_contrastive_chance),
     LossTerm("self_distill", ("distill_student", "distill_teacher", "distill_center"),

@@ -47,7 +47,8 @@ def build_model_chunks(cfg, layout: RunLayout, use_te: Optional[bool] = None,
     configs = {tower: tower_config(cfg, tower, choices, layout) for tower in ("vision", "text")}
     heads = model_heads(cfg)
     decoder_configs = {which: decoder_config(cfg, which, choices)
-                       for which, on in (("mae", heads.mae_decoder), ("text", heads.text_decoder)) if on}
+                       for which, on in (("mae", heads.mae_decoder), ("text", heads.text_decoder),
+                                         ("locca", heads.locca_decoder)) if on}
     virtual = layout.virtual_pipeline
     parts = []
     for chunk in range(virtual):
@@ -57,7 +58,7 @@ def build_model_chunks(cfg, layout: RunLayout, use_te: Optional[bool] = None,
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
             post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
             use_te=use_te, decoder_configs=decoder_configs, vp_stage=vp_stage,
-            distill_cfg=cfg.loss.distill,
+            loss_cfg=cfg.loss,
         )
         model.to(device=device(), dtype=configs["vision"].params_dtype)
         if model.teacher is not None:
@@ -67,6 +68,7 @@ def build_model_chunks(cfg, layout: RunLayout, use_te: Optional[bool] = None,
             "text_block": cfg.model.text.num_layers,
             "mae_decoder": cfg.model.mae_decoder.num_layers,
             "text_decoder": cfg.model.text_decoder.num_layers,
+            "locca_decoder": cfg.model.locca_decoder.num_layers,
         })
         mark_tensor_parallel(model)
         parts.append(model)

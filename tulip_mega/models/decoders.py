@@ -205,3 +205,53 @@ class DistillHead(torch.nn.Module):
         x = self.fc3(F.gelu(self.fc2(F.gelu(self.fc1(x)))))
         x = F.normalize(x, dim=-1)
         return F.linear(x, F.normalize(self.prototypes.weight, dim=-1))
+
+
+class LoccaDecoder(MegatronModule):
+    """SigLIP 2's LocCa decoder (Wan et al. 2024): a causal transformer decoder whose layers
+    cross-attend to the vision tower's un-pooled patch tokens of view 0, over its own
+    vocabulary (text tokens, location tokens, task tokens, mask; losses/locca.py).
+
+    Input: learned token + position embeddings of the task-major sequences [cap | aref | gcap];
+    context: Linear(h_v, d) of the patch tokens, shared by the three sequences of an image.
+    Layers TP-split like the towers (megatron's CrossAttention in the T5 decoder layout); the
+    output layer vocabulary-parallel, as the caption decoder's.
+    """
+
+    def __init__(self, config: TransformerConfig, vision_hidden: int, vocab_size: int, length: int,
+                 use_te: Optional[bool] = None) -> None:
+        super().__init__(config=config)
+        _check_sequence_split(config, length, "the LocCa sequence length", "LoccaDecoder")
+        if vocab_size % config.tensor_model_parallel_size:
+            raise ValueError(f"LoccaDecoder: vocab_size={vocab_size} is not divisible by "
+                             f"tensor_parallel={config.tensor_model_parallel_size}")
+        d = config.hidden_size
+        self.length = length
+        self.context_projection = torch.nn.Linear(vision_hidden, d)
+        self.word_embeddings = VocabParallelEmbedding(vocab_size, d, init_method=config.init_method, config=config)
+        self.position_embeddings = torch.nn.Embedding(length, d)
+        self.decoder = TransformerBlock(
+            config, block_spec(config, use_te, cross_attention=True), pre_process=True, post_process=True
+        )
+        self.output_layer = ColumnParallelLinear(
+            d, vocab_size, config=config, init_method=config.init_method, bias=False, gather_output=False
+        )
+
+    def forward(self, patches: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        """patches [P, b, h_v]: view 0's final (normed) patch tokens, full sequence on every TP
+        rank; inputs [k * b, Ld] int64, k sequences per image, task-major (row t*b + i belongs
+        to image i). Returns logits [Ld, k * b, vocab / TP]."""
+        n, length = inputs.shape
+        b = patches.shape[1]
+        if n % b or length != self.length:
+            raise ValueError(f"LoccaDecoder: inputs [k*b, {self.length}] for b={b} images, got {tuple(inputs.shape)}")
+        context = self.context_projection(patches.to(self.context_projection.weight.dtype))  # [P, b, d]
+        context = context.repeat(1, n // b, 1)  # [P, k*b, d], the same image for its k sequences
+        x = self.word_embeddings(inputs)  # [k*b, Ld, d]
+        x = (x + self.position_embeddings.weight.to(x.dtype)).transpose(0, 1).contiguous()  # [Ld, k*b, d]
+        if self.config.sequence_parallel:
+            x = scatter_to_sequence_parallel_region(x)
+            context = scatter_to_sequence_parallel_region(context.contiguous())
+        hidden = self.decoder(x, attention_mask=None, context=context.to(x.dtype), context_mask=None)
+        logits, _ = self.output_layer(hidden)
+        return logits

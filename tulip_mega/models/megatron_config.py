@@ -28,7 +28,7 @@ from tulip_mega.models.specs import use_transformer_engine
 from tulip_mega.parallel.init import compute_dtype, use_cuda
 
 Tower = Literal["vision", "text"]
-DecoderName = Literal["mae", "text"]
+DecoderName = Literal["mae", "text", "locca"]
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -156,7 +156,7 @@ def batch_p2p_comm(cfg) -> bool:
 
 
 def decoder_config(cfg, which: DecoderName, choices: Optional[LayerChoices] = None) -> TransformerConfig:
-    """The TransformerConfig of a reconstruction decoder ('mae' pixels or 'text' caption).
+    """The TransformerConfig of a decoder on the last stage ('mae' pixels, 'text' caption, 'locca').
 
     Same precision, FP8, TP size and sequence parallel as the towers, the decoder's own sizes
     (`model.mae_decoder` / `model.text_decoder`), and `pipeline_model_parallel_size=1`: a
@@ -173,9 +173,10 @@ def decoder_config(cfg, which: DecoderName, choices: Optional[LayerChoices] = No
     Activation recompute is off: the decoders are small (2 layers by default) and the
     recipe's `recompute.num_layers` is sized for the towers' layers per stage.
     """
-    if which not in ("mae", "text"):
-        raise ValueError(f"decoder_config: which={which!r}; expected 'mae' or 'text'")
-    dec = cfg.model.mae_decoder if which == "mae" else cfg.model.text_decoder
+    decoders = {"mae": cfg.model.mae_decoder, "text": cfg.model.text_decoder, "locca": cfg.model.locca_decoder}
+    if which not in decoders:
+        raise ValueError(f"decoder_config: which={which!r}; expected one of {', '.join(decoders)}")
+    dec = decoders[which]
     unset = [k for k in ("hidden_size", "num_heads", "ffn_hidden_size") if getattr(dec, k) is None]
     if unset:
         raise ValueError(f"model.{which}_decoder.{unset[0]} is unset: pass a config resolved by load_config")
@@ -236,7 +237,7 @@ def wgrad_fusion(block: str, choices: LayerChoices) -> bool:
     """Fused weight-gradient accumulation, which needs it in every linear of the block: TE's
     for TE layers, apex's for megatron's own (local layers, the caption decoder's output)."""
     gpu = choices.gpu
-    megatron_linears = not choices.use_te or block == "text_decoder"
+    megatron_linears = not choices.use_te or block in ("text_decoder", "locca_decoder")
     return (gpu.wgrad_fusion_te or not choices.use_te) and (gpu.wgrad_fusion_megatron or not megatron_linears)
 
 

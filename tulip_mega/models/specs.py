@@ -17,7 +17,12 @@ from typing import Optional
 import torch
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
-from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.attention import (
+    CrossAttention,
+    CrossAttentionSubmodules,
+    SelfAttention,
+    SelfAttentionSubmodules,
+)
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
@@ -160,6 +165,42 @@ def te_layer_spec(causal: bool = False) -> ModuleSpec:
     )
 
 
+def _cross_attention_spec(linear, core_attention, linear_proj) -> ModuleSpec:
+    # The decoder's queries attend to every context token (the image's patches): no mask.
+    return ModuleSpec(
+        module=CrossAttention,
+        params={"attn_mask_type": AttnMaskType.no_mask},
+        submodules=CrossAttentionSubmodules(
+            linear_q=linear, linear_kv=linear, core_attention=core_attention, linear_proj=linear_proj
+        ),
+    )
+
+
+def cross_decoder_layer_spec(use_te: bool) -> ModuleSpec:
+    """A pre-norm decoder layer: causal self-attention, cross-attention to a context (the
+    LocCa decoder reads the image's patch tokens), MLP; the T5 decoder layout of megatron-core's
+    own specs (megatron/core/models/T5/t5_spec.py), with the towers' attention cores."""
+    layer = encoder_layer_spec(use_te, causal=True)
+    if use_te:
+        from megatron.core.extensions.transformer_engine import (
+            TEColumnParallelLinear,
+            TEDotProductAttention,
+            TENorm,
+            TERowParallelLinear,
+        )
+
+        cross = _cross_attention_spec(TEColumnParallelLinear, TEDotProductAttention, TERowParallelLinear)
+        norm = TENorm
+    else:
+        cross = _cross_attention_spec(ColumnParallelLinear, SDPACoreAttention, RowParallelLinear)
+        norm = SequenceParallelLayerNorm
+    sub = layer.submodules
+    sub.pre_cross_attn_layernorm = norm
+    sub.cross_attention = cross
+    sub.cross_attn_bda = get_bias_dropout_add
+    return layer
+
+
 def final_norm_cls(use_te: bool):
     """The norm class for a tower's final LayerNorm (and the MAP head's)."""
     if use_te:
@@ -178,7 +219,7 @@ def encoder_layer_spec(use_te: Optional[bool] = None, *, causal: bool = False) -
 
 def block_spec(
     config: TransformerConfig, use_te: Optional[bool] = None, *, causal: bool = False,
-    vp_stage: Optional[int] = None,
+    vp_stage: Optional[int] = None, cross_attention: bool = False,
 ) -> TransformerBlockSubmodules:
     """A tower's TransformerBlock spec: this pipeline stage's encoder layers and a final LayerNorm.
 
@@ -189,7 +230,8 @@ def block_spec(
     """
     if use_te is None:
         use_te = use_transformer_engine()
+    layer = cross_decoder_layer_spec(use_te) if cross_attention else encoder_layer_spec(use_te, causal=causal)
     return TransformerBlockSubmodules(
-        layer_specs=[encoder_layer_spec(use_te, causal=causal)] * get_num_layers_to_build(config, vp_stage),
+        layer_specs=[layer] * get_num_layers_to_build(config, vp_stage),
         layer_norm=final_norm_cls(use_te),
     )

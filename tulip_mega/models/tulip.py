@@ -25,7 +25,16 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from tulip_mega.config.streams import Heads, Streams
 from tulip_mega.losses.outputs import ModelOutputs
-from tulip_mega.models.decoders import AugProjector, CausalTextDecoder, DistillHead, MAEDecoder, _gather_rows
+from tulip_mega.config.streams import decoder_length
+from tulip_mega.losses.locca import LoccaVocab
+from tulip_mega.models.decoders import (
+    AugProjector,
+    CausalTextDecoder,
+    DistillHead,
+    LoccaDecoder,
+    MAEDecoder,
+    _gather_rows,
+)
 from tulip_mega.models.packing import ActivationPacker, PackedPart
 from tulip_mega.models.specs import block_spec
 from tulip_mega.models.teacher import TEACHER_PREFIX, TeacherState
@@ -43,7 +52,7 @@ def base_streams(streams: Streams) -> Streams:
     """Only view 0 and the caption: what evaluation and the plain SigLIP loss need."""
     return dataclasses.replace(streams, extra_global_crops=0, local_crops=0, geco_edits=False, paraphrases=0,
                                negatives=0, eda_caption=False, mae_visible=0, text_recon=False,
-                               teacher_view=False, masked_patches=0)
+                               teacher_view=False, masked_patches=0, locca_regions=0)
 
 
 def _logit_params(model_cfg) -> tuple[torch.nn.Parameter, torch.nn.Parameter]:
@@ -80,9 +89,10 @@ class TulipModel(MegatronModule):
         use_te: Optional[bool] = None,
         decoder_configs: Optional[dict[str, TransformerConfig]] = None,
         vp_stage: Optional[int] = None,
-        distill_cfg=None,
+        loss_cfg=None,
     ) -> None:
-        """`distill_cfg`: the recipe's loss.distill (head sizes) when `heads.teacher`."""
+        """`loss_cfg`: the recipe's loss section (the EMA-teacher heads' sizes, LocCa's
+        vocabulary) when `heads.teacher` or `heads.locca_decoder`."""
         # The vision config doubles as the model's config for megatron's schedules/DDP.
         super().__init__(config=vision_config)
         self.model_type = ModelType.encoder_or_decoder  # one pipeline of stages (both towers per stage)
@@ -117,9 +127,9 @@ class TulipModel(MegatronModule):
             )
         if post_process:
             self._build_heads(model_cfg, heads)
-            self._build_decoders(model_cfg, heads, decoder_configs, use_te)
+            self._build_decoders(model_cfg, heads, decoder_configs, use_te, loss_cfg)
             if heads.teacher:
-                self._build_distill_heads(model_cfg, heads, distill_cfg)
+                self._build_distill_heads(model_cfg, heads, loss_cfg.distill)
         self.teacher = TeacherState(self) if heads.teacher else None
 
     def _build_embeddings(self, vision_config: TransformerConfig, text_config: TransformerConfig, model_cfg) -> None:
@@ -157,8 +167,8 @@ class TulipModel(MegatronModule):
             self.aug_logit_scale = torch.nn.Parameter(torch.tensor(math.log(model_cfg.aug_temperature_init)))
 
     def _build_decoders(self, model_cfg, heads: Heads, decoder_configs: Optional[dict[str, TransformerConfig]],
-                        use_te: Optional[bool]) -> None:
-        """Last stage: the reconstruction decoders the recipe's loss terms need."""
+                        use_te: Optional[bool], loss_cfg=None) -> None:
+        """Last stage: the decoders the recipe's loss terms need."""
         v, t = model_cfg.vision, model_cfg.text
         if heads.mae_decoder:
             self.mae_decoder = MAEDecoder(
@@ -168,6 +178,12 @@ class TulipModel(MegatronModule):
             self.text_decoder = CausalTextDecoder(
                 decoder_configs["text"], v.hidden_size, t.vocab_size, t.context_length, use_te
             )
+        if heads.locca_decoder:
+            config = decoder_configs["locca"]
+            tp = config.tensor_model_parallel_size
+            vocab = LoccaVocab(t.vocab_size, loss_cfg.locca.box_bins, tp)
+            length = decoder_length(t.context_length, tp if config.sequence_parallel else 1)
+            self.locca_decoder = LoccaDecoder(config, v.hidden_size, vocab.size, length, use_te)
 
     def _build_distill_heads(self, model_cfg, heads: Heads, d) -> None:
         """Last stage: the self-distillation projection heads, each with its teacher copy, and
@@ -217,11 +233,13 @@ class TulipModel(MegatronModule):
         mae_idx: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
         streams: Optional[Streams] = None,
         patch_mask: Optional[torch.Tensor] = None,
+        locca_inputs: Optional[torch.Tensor] = None,
     ):
         """See the class docstring. `batch` (a tulip_mega.data.base.Batch) carries the extra views
         and texts on the first stage and the caption tokens on the last; `mae_idx` is
         (visible_idx [b, k], masked_idx [b, m]) when the streams include MAE; `patch_mask`
-        [b, m] the masked-prediction student's masked patches when they include it."""
+        [b, m] the masked-prediction student's masked patches when they include it;
+        `locca_inputs` [3b, Ld] the LocCa decoder's input sequences (last stage)."""
         streams = streams or self.eval_streams
         if self.pre_process:
             inputs = self._embed_inputs(images, tokens, batch, mae_idx, streams, patch_mask)
@@ -240,7 +258,12 @@ class TulipModel(MegatronModule):
             return self.packer(streams).pack(hidden)  # [rows, b, W]
         if tokens is None and batch is not None:
             tokens = batch.tokens
-        return self._heads(hidden, tokens, mae_idx, streams, patch_mask)
+        out = self._heads(hidden, tokens, mae_idx, streams, patch_mask)
+        if streams.locca_regions:
+            b = out.image_emb.shape[0]
+            patches = self._full_sequence(hidden["global"])[:, :b]  # view 0's patch tokens [P, b, h]
+            out = dataclasses.replace(out, locca_logits=self.locca_decoder(patches, locca_inputs))
+        return out
 
     def _embed_inputs(self, images, tokens, batch, mae_idx, streams: Streams,
                       patch_mask: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:

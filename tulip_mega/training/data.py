@@ -52,7 +52,7 @@ def view_plan(cfg: Config, streams: Streams) -> ViewPlan:
         local_scale=tuple(v.local_scale), edits=s.geco_edits, first_view_crop=a.first_view_crop,
         flip_prob=a.flip_prob, color_jitter=tuple(a.color_jitter), color_jitter_prob=a.color_jitter_prob,
         grayscale_prob=a.grayscale_prob, blur_prob=a.blur_prob, paraphrases=s.paraphrases,
-        negatives=s.negatives, eda=s.eda_caption, eda_config=eda_config(a),
+        negatives=s.negatives, eda=s.eda_caption, eda_config=eda_config(a), regions=s.locca_regions,
     )
 
 

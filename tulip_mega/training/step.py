@@ -27,6 +27,7 @@ from tulip_mega.config.run_layout import RunLayout
 from tulip_mega.config.streams import Streams
 from tulip_mega.data.base import Batch
 from tulip_mega.losses.outputs import ModelOutputs
+from tulip_mega.losses.locca import LoccaTargets, LoccaVocab, build_targets
 from tulip_mega.losses.reconstruction import mae_mask
 from tulip_mega.losses.stack import TulipLossStack
 from tulip_mega.losses.token_count import step_token_divisor
@@ -99,6 +100,7 @@ class TrainStep:
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.seed = cfg.run.seed
+        self._locca = _locca_setup(cfg, layout)
         # Optimizer steps done so far, skipped ones included (the loop sets it after a resume);
         # per-step randomness that must be identical on every rank and layout (the MAE mask)
         # is keyed by it.
@@ -232,12 +234,13 @@ class TrainStep:
 
     # --- megatron callbacks -------------------------------------------------------------
     def _forward(self, streams: Streams, data_iterator: Optional[Iterator], model: ScheduledModel,
-                 micro: int) -> tuple[Any, Optional[Batch], Optional[tuple]]:
+                 micro: int) -> tuple[Any, Optional[Batch], Optional[tuple], Optional[LoccaTargets]]:
         """Micro-batch `micro` through one model part over `streams`: (output, the host batch on
-        the device, MAE indices); the batch is None in a part that reads nothing."""
-        batch = images = tokens = mae_idx = patch_mask = None
+        the device, MAE indices, LocCa targets); the batch is None in a part that reads nothing."""
+        batch = images = tokens = mae_idx = patch_mask = locca = None
         if model.reads:
-            batch = self.inputs.get(data_iterator, micro).to(device(), non_blocking=True)
+            host = self.inputs.get(data_iterator, micro)
+            batch = host.to(device(), non_blocking=True)
             images, tokens = batch.images, batch.tokens
             # Masks are keyed by sample and step, so every stage, rank and layout draws the same.
             if streams.mae_visible:
@@ -248,22 +251,28 @@ class TrainStep:
                 patch_mask = mae_mask(batch.keys, self.completed_steps, self.seed, streams.patches,
                                       streams.patches - streams.masked_patches, salt=MASKED_PREDICTION_SALT)[1]
                 patch_mask = patch_mask.to(device())
-        output = model(images, tokens, batch=batch, mae_idx=mae_idx, streams=streams, patch_mask=patch_mask)
-        return output, batch, mae_idx
+            if streams.locca_regions and self.modules[model.chunk].post_process:
+                vocab, length, fraction = self._locca
+                locca = build_targets(host, host.keys, self.completed_steps, self.seed, vocab, length, fraction,
+                                      self.loss.pad_id)
+        output = model(images, tokens, batch=batch, mae_idx=mae_idx, streams=streams, patch_mask=patch_mask,
+                       locca_inputs=None if locca is None else locca.inputs.to(device()))
+        return output, batch, mae_idx, locca
 
     def _cache_forward_step(self, data_iterator, model: ScheduledModel, micro: int) -> tuple[Any, Callable]:
-        output, _, _ = self._forward(self.cache_streams, data_iterator, model, micro)
+        output, _, _, _ = self._forward(self.cache_streams, data_iterator, model, micro)
         return output, EmbeddingCache.keep_outputs
 
     def _forward_step(self, data_iterator, model: ScheduledModel, micro: int) -> tuple[Any, Callable]:
-        output, batch, mae_idx = self._forward(self.streams, data_iterator, model, micro)
-        return output, partial(self._loss_func, batch=batch, mae_idx=mae_idx, micro=micro)
+        output, batch, mae_idx, locca = self._forward(self.streams, data_iterator, model, micro)
+        return output, partial(self._loss_func, batch=batch, mae_idx=mae_idx, micro=micro, locca=locca)
 
-    def _loss_func(self, output: ModelOutputs, batch=None, mae_idx=None, micro: int = 0) -> tuple[torch.Tensor, dict]:
+    def _loss_func(self, output: ModelOutputs, batch=None, mae_idx=None, micro: int = 0,
+                   locca: Optional[LoccaTargets] = None) -> tuple[torch.Tensor, dict]:
         """Micro-batch `micro`'s loss on the last stage: every term, or with the embedding
         cache the reconstruction terms plus the cache's surrogate; and its report."""
         terms = self.terms if self.cache is None else tuple(n for n in self.terms if n in self.loss.sample_mean_terms)
-        total, values = self.loss(output, batch, mae_idx, terms=terms, text_divisor=self._text_divisor)
+        total, values = self.loss(output, batch, mae_idx, terms=terms, text_divisor=self._text_divisor, locca=locca)
         if not isinstance(total, torch.Tensor):  # no reconstruction term switched on
             total = torch.zeros((), device=output.image_emb.device)
         if self.cache is not None:
@@ -277,6 +286,15 @@ class TrainStep:
         report["logit_scale"] = output.logit_scale.detach().clone()
         report["logit_bias"] = output.logit_bias.detach().clone()
         return total, report
+
+
+def _locca_setup(cfg, layout: RunLayout) -> tuple[LoccaVocab, int, float]:
+    """The LocCa decoder's vocabulary, sequence length and parallel-prediction share."""
+    from tulip_mega.config.streams import decoder_length
+
+    tp = layout.tensor_parallel
+    length = decoder_length(cfg.model.text.context_length, tp if cfg.parallel.sequence_parallel else 1)
+    return LoccaVocab(cfg.model.text.vocab_size, cfg.loss.locca.box_bins, tp), length, cfg.loss.locca.parallel_fraction
 
 
 def _embedding_cache(cfg, layout: RunLayout, loss: TulipLossStack,
