@@ -1,11 +1,17 @@
-"""Quality of SigLIP vs clip-rocket vs TULIP on the vision-centric scenes set, at equal steps.
+"""Quality of SigLIP vs clip-rocket vs TULIP vs SigLIP 2 on the vision-centric scenes set, at equal steps.
 
-Trains the tiny SigLIP (recipes/tiny_cpu.yaml), clip-rocket (recipes/clip_rocket_tiny_cpu.yaml)
-and full-TULIP (recipes/tiny_tulip_cpu.yaml) recipes on `tulip-mega data synth --kind scenes`
+Trains the tiny SigLIP (recipes/tiny_cpu.yaml), clip-rocket (recipes/clip_rocket_tiny_cpu.yaml),
+full-TULIP (recipes/tiny_tulip_cpu.yaml), SigLIP 2 (recipes/siglip2_tiny_cpu.yaml: LocCa decoder,
+EMA-teacher terms in the last 20%) and TULIP + SigLIP 2 (the TULIP recipe with SigLIP 2's terms
+added, `SIGLIP2_TERMS`) recipes on `tulip-mega data synth --kind scenes`
 for the same number of steps, each with several seeds (run.seed), single process (TP = PP = 1),
 evaluates every final checkpoint with tulip_mega/eval/scenes.py (zero-shot per attribute,
 MMVP-style pairs, linear probes) and prints one table: every metric as mean +/- std over seeds,
-its chance level, and each recipe's mean as a ratio to SigLIP's.
+its chance level, and each recipe's mean as a ratio to SigLIP's. Recipes with a LocCa decoder
+also get the referring-expression accuracy at IoU 0.5 (tulip_mega/eval/locca.py); the others
+show n/a there. `--equal-compute` gives every recipe the training FLOPs of SigLIP's `--steps`
+(per-sample model FLOPs from tulip_mega.flops, the EMA teacher's part counted for the steps it
+runs) instead of the same number of steps.
 
 The recipes are read at run time: only data paths, seed, steps, the batch (the same for every
 recipe: 32 pairs in micro-batches of 8, so equal steps are equal samples), the text context (16
@@ -40,7 +46,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = {"siglip": "recipes/tiny_cpu.yaml", "clip_rocket": "recipes/clip_rocket_tiny_cpu.yaml",
-           "tulip": "recipes/tiny_tulip_cpu.yaml"}
+           "tulip": "recipes/tiny_tulip_cpu.yaml", "siglip2": "recipes/siglip2_tiny_cpu.yaml",
+           "tulip_siglip2": "recipes/tiny_tulip_cpu.yaml"}
+# SigLIP 2's terms on top of the TULIP recipe, sized as in recipes/siglip2_tiny_cpu.yaml.
+SIGLIP2_TERMS = ("loss.weights.locca=1", "loss.locca.box_bins=32", "model.locca_decoder.num_layers=2",
+                 "loss.weights.self_distill=1", "loss.weights.masked_prediction=0.25",
+                 "loss.distill.prototypes=256", "loss.distill.head_hidden=128", "loss.distill.head_bottleneck=64")
+EXTRA = {"tulip_siglip2": SIGLIP2_TERMS}
 BASELINE = "siglip"
 # Every recipe trains on the same number of samples per step (the tiny TULIP / clip-rocket
 # recipes' batch; the quickstart's tiny_cpu uses 64).
@@ -66,10 +78,10 @@ def make_data(out: Path, num_train: int, num_val: int, seed: int = 0) -> Path:
     return out
 
 
-def run_key(recipe: str, steps: int) -> str:
+def run_key(recipe: str, steps: int, extra: tuple[str, ...] = ()) -> str:
     """What a finished run's metrics are valid for: the recipe file's text, the overrides every
     run gets and the steps. A run kept from before a recipe changed is trained again."""
-    text = (ROOT / recipe).read_text() + repr((EQUAL_BATCH, EQUAL_TEXT, steps))
+    text = (ROOT / recipe).read_text() + repr((EQUAL_BATCH, EQUAL_TEXT, steps, extra))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -79,12 +91,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def train_run(recipe: str, data: Path, run_dir: Path, seed: int, steps: int) -> Path:
-    """Train one recipe single-process; returns its final checkpoint folder."""
+def train_run(recipe: str, data: Path, run_dir: Path, seed: int, steps: int, extra: tuple[str, ...] = ()) -> Path:
+    """Train one recipe (with the `extra` overrides) single-process; returns its final checkpoint folder."""
     from tulip_mega.config import load_config
 
-    warmup = load_config(str(ROOT / recipe)).optim.warmup_steps
-    overrides = [
+    warmup = load_config(str(ROOT / recipe), list(extra)).optim.warmup_steps
+    overrides = [*extra,
         "parallel.tensor_parallel=1", "parallel.pipeline_parallel=1",
         f"data.train_shards={data}/train-*.tar", f"data.tokenizer={data}/tokenizer.model",
         f"run.seed={seed}", f"train.steps={steps}", *EQUAL_BATCH, *EQUAL_TEXT,
@@ -129,17 +141,17 @@ def table(results: dict[str, list[dict[str, float]]]) -> str:
     from tulip_mega.eval.scenes import headline
 
     names = [n for n in results if results[n]]
-    first = results[names[0]][0]
+    keys = list(dict.fromkeys(k for n in names for k in headline(results[n][0])))  # a LocCa recipe adds rows
     others = [n for n in names if n != BASELINE]
     head = ["metric", "chance", *names, *[f"{n}/{BASELINE}" for n in others]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for key in headline(first):
-        stats = {n: _mean_std([r[key] for r in results[n]]) for n in names}
-        chance = first.get(f"{key}_chance")
+    for key in keys:
+        stats = {n: _mean_std([r[key] for r in results[n]]) for n in names if key in results[n][0]}
+        chance = next((results[n][0][f"{key}_chance"] for n in names if f"{key}_chance" in results[n][0]), None)
         row = [key, f"{chance:.3f}" if chance is not None else ""]
-        row += [f"{stats[n][0]:.3f} ± {stats[n][1]:.3f}" for n in names]
+        row += [f"{stats[n][0]:.3f} ± {stats[n][1]:.3f}" if n in stats else "n/a" for n in names]
         base = stats[BASELINE][0] if BASELINE in stats else float("nan")
-        row += [f"{stats[n][0] / base:.2f}" if base > 0 else "n/a" for n in others]
+        row += [f"{stats[n][0] / base:.2f}" if n in stats and base > 0 else "n/a" for n in others]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -170,12 +182,12 @@ def main(argv: list[str] | None = None) -> int:
             run_dir = out / "runs" / f"{name}_seed{seed}"
             cached = run_dir / "scenes_metrics.json"
             t = time.perf_counter()
-            key = run_key(RECIPES[name], steps)
+            key = run_key(RECIPES[name], steps, EXTRA.get(name, ()))
             if cached.is_file() and json.loads(cached.read_text()).get("key") == key:  # a finished run of this recipe
                 metrics = json.loads(cached.read_text())["metrics"]
                 note = "reused"
             else:
-                ckpt = train_run(RECIPES[name], data, run_dir, seed, steps)
+                ckpt = train_run(RECIPES[name], data, run_dir, seed, steps, EXTRA.get(name, ()))
                 t_train = time.perf_counter() - t
                 metrics = evaluate(ckpt, data, seed)
                 cached.write_text(json.dumps({"steps": steps, "key": key, "metrics": metrics}, indent=1))

@@ -207,7 +207,8 @@ def evaluate_scenes_checkpoint(checkpoint: str, data: str, config: Optional[str]
 
     The checkpoint (any layout) is exported to a plain PyTorch model in a temporary folder (as
     `tulip-mega convert --to pytorch` does), which embeds the scenes set in `data` (the folder
-    `tulip-mega data synth --kind scenes` wrote). Results go to <run>/eval/<checkpoint>_scenes.json. The tokenizer is the
+    `tulip-mega data synth --kind scenes` wrote); a checkpoint with a LocCa decoder also gets
+    the referring-expression metrics (tulip_mega/eval/locca.py). Results go to <run>/eval/<checkpoint>_scenes.json. The tokenizer is the
     run config's data.tokenizer unless given. Returns {"metrics": ..., "out": json path}."""
     import tempfile
 
@@ -228,6 +229,11 @@ def evaluate_scenes_checkpoint(checkpoint: str, data: str, config: Optional[str]
     with tempfile.TemporaryDirectory() as plain:
         convert_checkpoint(checkpoint_path, Path(plain), log=lambda _msg: None)
         metrics = plain_model_metrics(plain, data, tokenizer, seed=seed)
+    if any(k.startswith("locca_decoder.") for k in checkpoint_keys(checkpoint_path)):
+        from tulip_mega.eval.locca import checkpoint_refer_metrics
+
+        recipe = Path(config) if config else run_config_path(checkpoint_path)
+        metrics.update(checkpoint_refer_metrics(checkpoint_path, data, str(recipe), tokenizer))
     if out is None:
         out = str(checkpoint_path.resolve().parent.parent / "eval" / f"{checkpoint_path.name}_scenes.json")
     write_results(Path(out), metrics, checkpoint=str(checkpoint_path), task="scenes", data=data)
