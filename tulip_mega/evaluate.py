@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 from megatron.core import parallel_state
 
@@ -230,14 +230,32 @@ def evaluate_scenes_checkpoint(checkpoint: str, data: str, config: Optional[str]
         convert_checkpoint(checkpoint_path, Path(plain), log=lambda _msg: None)
         metrics = plain_model_metrics(plain, data, tokenizer, seed=seed)
     if any(k.startswith("locca_decoder.") for k in checkpoint_keys(checkpoint_path)):
-        from tulip_mega.eval.locca import checkpoint_refer_metrics
-
         recipe = Path(config) if config else run_config_path(checkpoint_path)
-        metrics.update(checkpoint_refer_metrics(checkpoint_path, data, str(recipe), tokenizer))
+        metrics.update(locca_refer_metrics(checkpoint_path, data, str(recipe), tokenizer))
     if out is None:
         out = str(checkpoint_path.resolve().parent.parent / "eval" / f"{checkpoint_path.name}_scenes.json")
     write_results(Path(out), metrics, checkpoint=str(checkpoint_path), task="scenes", data=data)
     return {"metrics": metrics, "out": out}
+
+
+def locca_refer_metrics(checkpoint: Union[str, Path], data_dir: Union[str, Path], recipe: str,
+                             tokenizer_path: str) -> dict[str, float]:
+    """`refer_metrics` of a training checkpoint that holds a LocCa decoder, on the scenes val
+    split in `data_dir`: the model is rebuilt in this process (TP = PP = 1, any saved layout)."""
+    from tulip_mega.config import load_config
+    from tulip_mega.data.tokenizer import Tokenizer
+    from tulip_mega.eval.locca import refer_metrics
+    from tulip_mega.losses.locca import LoccaVocab
+    from tulip_mega.models.specs import overrides_where_te_absent
+    from tulip_mega.parallel.init import launch_env
+
+    single = ["parallel.tensor_parallel=1", "parallel.pipeline_parallel=1", "parallel.virtual_pipeline=1",
+              "parallel.sequence_parallel=false", "checkpoint.load=null", "checkpoint.resume=false"]
+    cfg = load_config(recipe, overrides_where_te_absent() + single)
+    model = load_eval_model(cfg, Path(checkpoint), launch_env())[0].eval()
+    tok = Tokenizer(tokenizer_path, context_length=cfg.model.text.context_length)
+    vocab = LoccaVocab(cfg.model.text.vocab_size, cfg.loss.locca.box_bins)
+    return refer_metrics(model, str(Path(data_dir) / "val-*.tar"), cfg.model.vision.image_size, tok, vocab)
 
 
 def build_parser():

@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import sys
 
 import pytest
 import torch

@@ -11,8 +11,7 @@ Its reference level is a constant guess, the mean box of the regions, scored the
 from __future__ import annotations
 
 import json
-from pathlib import Path
-from typing import Iterator, Union
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -96,22 +95,3 @@ def refer_metrics(model, shards: str, image_size: int, tokenizer, vocab: LoccaVo
     guess = box_iou(true.mean(0, keepdim=True).expand_as(true), true)
     return {"locca/refer_acc50": float((iou >= 0.5).float().mean()), "locca/refer_iou": float(iou.mean()),
             "locca/refer_acc50_chance": float((guess >= 0.5).float().mean()), "locca/refer_regions": float(len(iou))}
-
-
-def checkpoint_refer_metrics(checkpoint: Union[str, Path], data_dir: Union[str, Path], recipe: str,
-                             tokenizer_path: str) -> dict[str, float]:
-    """`refer_metrics` of a training checkpoint that holds a LocCa decoder, on the scenes val
-    split in `data_dir`: the model is rebuilt in this process (TP = PP = 1, any saved layout)."""
-    from tulip_mega.config import load_config
-    from tulip_mega.data.tokenizer import Tokenizer
-    from tulip_mega.evaluate import load_eval_model
-    from tulip_mega.models.specs import overrides_where_te_absent
-    from tulip_mega.parallel.init import launch_env
-
-    single = ["parallel.tensor_parallel=1", "parallel.pipeline_parallel=1", "parallel.virtual_pipeline=1",
-              "parallel.sequence_parallel=false", "checkpoint.load=null", "checkpoint.resume=false"]
-    cfg = load_config(recipe, overrides_where_te_absent() + single)
-    model = load_eval_model(cfg, Path(checkpoint), launch_env())[0].eval()
-    tok = Tokenizer(tokenizer_path, context_length=cfg.model.text.context_length)
-    vocab = LoccaVocab(cfg.model.text.vocab_size, cfg.loss.locca.box_bins)
-    return refer_metrics(model, str(Path(data_dir) / "val-*.tar"), cfg.model.vision.image_size, tok, vocab)

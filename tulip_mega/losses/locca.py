@@ -29,7 +29,9 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from tulip_mega.config.streams import decoder_length  # noqa: F401  (the sequences' length, re-exported)
+from tulip_mega.config.streams import decoder_length
+
+__all__ = ["TASKS", "LoccaTargets", "LoccaVocab", "build_targets", "decoder_length", "locca_loss"]
 
 TASKS = ("cap", "aref", "gcap")
 
