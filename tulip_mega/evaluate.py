@@ -251,11 +251,19 @@ def locca_refer_metrics(checkpoint: Union[str, Path], data_dir: Union[str, Path]
 
     single = ["parallel.tensor_parallel=1", "parallel.pipeline_parallel=1", "parallel.virtual_pipeline=1",
               "parallel.sequence_parallel=false", "checkpoint.load=null", "checkpoint.resume=false"]
+    import torch.distributed as dist
+
     cfg = load_config(recipe, overrides_where_te_absent() + single)
-    model = load_eval_model(cfg, Path(checkpoint), launch_env())[0].eval()
-    tok = Tokenizer(tokenizer_path, context_length=cfg.model.text.context_length)
-    vocab = LoccaVocab(cfg.model.text.vocab_size, cfg.loss.locca.box_bins)
-    return refer_metrics(model, str(Path(data_dir) / "val-*.tar"), cfg.model.vision.image_size, tok, vocab)
+    started = not dist.is_initialized()  # the process group this evaluation creates, it also ends
+    try:
+        model = load_eval_model(cfg, Path(checkpoint), launch_env())[0].eval()
+        tok = Tokenizer(tokenizer_path, context_length=cfg.model.text.context_length)
+        vocab = LoccaVocab(cfg.model.text.vocab_size, cfg.loss.locca.box_bins)
+        return refer_metrics(model, str(Path(data_dir) / "val-*.tar"), cfg.model.vision.image_size, tok, vocab)
+    finally:
+        if started and dist.is_initialized():
+            parallel_state.destroy_model_parallel()
+            dist.destroy_process_group()
 
 
 def build_parser():
