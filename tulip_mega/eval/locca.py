@@ -5,6 +5,8 @@ the true box is at least 0.5 (RefCOCO's accuracy, which LocCa and SigLIP 2 repor
 
 On the scenes set every object is a region ("small red circle"; "red circle" in relation
 scenes), so the metric measures what the contrastive recipes cannot: where a named object is.
+Only expressions that name one object of their image are scored (relation scenes, and count
+scenes of one object).
 Its reference level is a constant guess, the mean box of the regions, scored the same way.
 """
 
@@ -57,10 +59,14 @@ def greedy_boxes(model, images: torch.Tensor, region_tokens: torch.Tensor, vocab
 
 def scene_regions(shards: str, image_size: int, tokenizer) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
     """(image uint8 [H, W, 3], region caption tokens [L], true box [4]) for every region of every
-    sample of `shards` (the json "regions" field)."""
+    sample of `shards` (the json "regions" field) whose caption names one object of its image:
+    as in RefCOCO, an expression that fits several objects ("small red circle" in a scene of three)
+    has no single right box, so it is not scored."""
     for shard in expand_shards(shards):
         for sample in iter_samples(shard):
             regions = json.loads(sample["json"]).get("regions", []) if "json" in sample else []
+            names = [r["caption"] for r in regions]
+            regions = [r for r in regions if names.count(r["caption"]) == 1]
             if not regions:
                 continue
             image = decode_image(sample["jpg"], image_size)
