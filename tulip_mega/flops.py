@@ -3,8 +3,9 @@
 
 A formula, not a profiler: MFU is defined against the FLOPs the model needs (matmuls only,
 training = 3 x forward, recompute and the embedding cache's extra forward reported beside it,
-not in it). The formulas are in docs/training.md "FLOP and memory model". Pure Python, no
-torch: `plan` stays instant.
+not in it). The EMA teacher of the self-distillation terms runs forward only, without
+autograd: its parts (keys `teacher_*`) count once in training, not three times. The formulas
+are in docs/training.md "FLOP and memory model". Pure Python, no torch: `plan` stays instant.
 """
 
 from __future__ import annotations
@@ -12,12 +13,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
-from tulip_mega.config.streams import Streams, contrastive_terms_on
+from tulip_mega.config.streams import Streams, contrastive_terms_on, model_heads
 
 if TYPE_CHECKING:
     from tulip_mega.config.run_layout import RunLayout
 
 TRAINING_MULTIPLIER = 3  # forward + backward (2x forward); recompute not counted
+TEACHER_PREFIX = "teacher_"  # parts of the EMA teacher: forward only (no backward, no recompute)
 
 
 def layer_flops(seq: int, hidden: int, ffn: int) -> tuple[int, int]:
@@ -40,6 +42,12 @@ def map_head_flops(seq: int, hidden: int, ffn: int) -> int:
     return q_proj + kv_proj + scores_and_av + out_proj + mlp
 
 
+def distill_head_flops(in_dim: int, hidden: int, bottleneck: int, prototypes: int) -> int:
+    """DINO projection head (models/decoders.DistillHead) on one row: three MLP layers, then
+    the prototype layer (the L2 normalisations are not matmuls)."""
+    return 2 * (in_dim * hidden + hidden * hidden + hidden * bottleneck + bottleneck * prototypes)
+
+
 @dataclass(frozen=True)
 class FlopCount:
     """Forward FLOPs per sample by part; totals for forward and training."""
@@ -51,14 +59,22 @@ class FlopCount:
         return sum(self.parts.values())
 
     @property
+    def teacher(self) -> int:
+        """Forward FLOPs of the EMA teacher (its tower slice, MAP head and heads): run once per
+        sample without autograd, so neither backward nor recompute multiplies them."""
+        return sum(v for k, v in self.parts.items() if k.startswith(TEACHER_PREFIX))
+
+    @property
     def training(self) -> int:
-        """Model FLOPs of one training sample: 3 x forward (recompute excluded)."""
-        return TRAINING_MULTIPLIER * self.forward
+        """Model FLOPs of one training sample: 3 x the student's forward + the teacher's
+        forward (recompute excluded)."""
+        return TRAINING_MULTIPLIER * (self.forward - self.teacher) + self.teacher
 
     @property
     def attention(self) -> int:
-        """Forward attention-score FLOPs (what selective recompute runs again)."""
-        return sum(v for k, v in self.parts.items() if k.endswith("_attention"))
+        """Forward attention-score FLOPs of the student (what selective recompute runs again;
+        the teacher keeps no activations, so nothing of it is recomputed)."""
+        return sum(v for k, v in self.parts.items() if k.endswith("_attention") and not k.startswith(TEACHER_PREFIX))
 
 
 def _add(parts: dict[str, int], key: str, value: int) -> None:
@@ -72,18 +88,22 @@ def count_flops(cfg, streams: Streams, contrastive_batch: Optional[int] = None) 
     None leaves the logits out. Keys: vision_layers_matmul, vision_layers_attention,
     vision_patch_embed, vision_map_head, text_layers_matmul, text_layers_attention, text_head,
     and when switched on mae_decoder_matmul / _attention, text_decoder_matmul / _attention,
-    aug_projector, contrastive_logits.
+    aug_projector, contrastive_logits; with the EMA teacher running (`streams.teacher_view`)
+    the student's distill_head / patch_head and the teacher's forward-only teacher_layers_matmul,
+    teacher_layers_attention, teacher_patch_embed, teacher_map_head, teacher_heads (the
+    "masked" stream is student tower work without a MAP head).
     """
     v, t, m, w = cfg.model.vision, cfg.model.text, cfg.model, cfg.loss.weights
     hv, ht, e, p = v.hidden_size, t.hidden_size, v.hidden_size, v.patch_size
     parts: dict[str, int] = {}
 
     for stream in streams.vision:
+        tower = "teacher" if stream.name == "teacher" else "vision"
         mm, attn = layer_flops(stream.seq, hv, v.ffn_hidden_size)
-        _add(parts, "vision_layers_matmul", stream.views * v.num_layers * mm)
-        _add(parts, "vision_layers_attention", stream.views * v.num_layers * attn)
-        _add(parts, "vision_patch_embed", stream.views * 2 * stream.seq * (3 * p * p) * hv)
-        if stream.name != "mae":
+        _add(parts, f"{tower}_layers_matmul", stream.views * v.num_layers * mm)
+        _add(parts, f"{tower}_layers_attention", stream.views * v.num_layers * attn)
+        _add(parts, f"{tower}_patch_embed", stream.views * 2 * stream.seq * (3 * p * p) * hv)
+        if stream.name in ("global", "local"):
             _add(parts, "vision_map_head", stream.views * map_head_flops(stream.seq, hv, v.ffn_hidden_size))
 
     mm, attn = layer_flops(t.context_length, ht, t.ffn_hidden_size)
@@ -105,6 +125,8 @@ def count_flops(cfg, streams: Streams, contrastive_batch: Optional[int] = None) 
         mm, attn = layer_flops(L, d, dec.ffn_hidden_size or t.ffn_hidden_size)
         parts["text_decoder_matmul"] = 2 * e * d + dec.num_layers * mm + 2 * L * d * t.vocab_size
         parts["text_decoder_attention"] = dec.num_layers * attn
+    if streams.teacher_view:
+        _distill_flops(cfg, streams, parts)
     if w.aug_contrastive > 0:
         hidden = m.aug_projector_hidden
         parts["aug_projector"] = 2 * (2 * e * hidden + 2 * hidden * e)
@@ -112,6 +134,37 @@ def count_flops(cfg, streams: Streams, contrastive_batch: Optional[int] = None) 
         terms = len(contrastive_terms_on(cfg))
         parts["contrastive_logits"] = terms * 2 * e * contrastive_batch
     return FlopCount(parts)
+
+
+def _distill_flops(cfg, streams: Streams, parts: dict[str, int]) -> None:
+    """The EMA-teacher terms' heads (models/tulip._distill_outputs): self_distill runs the
+    student's distill_head on every local crop's pooled embedding and the teacher's MAP head +
+    distill head on the teacher view; masked_prediction runs patch_head on the student's
+    masked patches and the teacher's patch head on the same patches of its tokens."""
+    v, d, heads = cfg.model.vision, cfg.loss.distill, model_heads(cfg)
+    head = distill_head_flops(v.hidden_size, d.head_hidden, d.head_bottleneck, d.prototypes)
+    teacher_heads = 0
+    if heads.distill_head:
+        parts["distill_head"] = streams.local_crops * head
+        parts["teacher_map_head"] = map_head_flops(streams.patches, v.hidden_size, v.ffn_hidden_size)
+        teacher_heads += head
+    if heads.patch_head and streams.masked_patches:
+        parts["patch_head"] = streams.masked_patches * head
+        teacher_heads += streams.masked_patches * head
+    parts["teacher_heads"] = teacher_heads
+
+
+def model_flops_between(cfg, layout: RunLayout, first: int, last: int) -> float:
+    """Mean training FLOPs per sample of the steps that follow `first` ... `last - 1` completed
+    steps (a logging window): the streams change at `layout.distill_start`, when the EMA
+    teacher and its student views start to cost compute, so MFU must count what each step ran."""
+    steps = range(first, max(last, first + 1))
+    if layout.distill_start is None:
+        return float(count_flops(cfg, layout.streams, layout.contrastive_batch).training)
+    before = sum(1 for s in steps if s < layout.distill_start)
+    flops = [count_flops(cfg, layout.streams_at(s), layout.contrastive_batch).training
+             for s in (layout.distill_start - 1, layout.distill_start)]
+    return (before * flops[0] + (len(steps) - before) * flops[1]) / len(steps)
 
 
 def tokens_per_sample(cfg, streams: Streams) -> int:

@@ -72,3 +72,36 @@ def param_counts(cfg) -> dict[str, int]:
         "text_head": ht * hv + hv,
         "logit_scale_bias": 2,
     }
+
+
+def distill_head_params(cfg) -> int:
+    """One DINO projection head (models/decoders.DistillHead): three biased linears, then the
+    bias-free prototype layer."""
+    e, d = cfg.model.vision.hidden_size, cfg.loss.distill
+    h, b = d.head_hidden, d.head_bottleneck
+    return e * h + h + h * h + h + h * b + b + b * d.prototypes
+
+
+def distill_param_counts(cfg) -> dict[str, int]:
+    """Parameters of the self-distillation terms (models/tulip.py), split by where they live and
+    how they are kept; empty when both terms are off. Student parts (trained, replicated):
+    distill_head, patch_head (last stage), distill_mask_token (stage 0). Teacher parts (float32,
+    frozen: no gradient, no optimizer state): a copy of the vision tower's layers (TP-sharded
+    like the student's, on every stage), its patch embedding (stage 0), its final LayerNorm,
+    MAP head and the teacher copies of the heads (last stage)."""
+    w = cfg.loss.weights
+    distill, patch = w.self_distill > 0, w.masked_prediction > 0
+    if not (distill or patch):
+        return {}
+    counts = param_counts(cfg)
+    head = distill_head_params(cfg)
+    heads = head * (int(distill) + int(patch))
+    return {
+        "distill_heads": heads,
+        "distill_mask_token": cfg.model.vision.hidden_size if patch else 0,
+        "teacher_vision_embed": counts["vision_embed"],
+        "teacher_vision_layers": counts["vision_layers"],
+        "teacher_vision_final_ln": counts["vision_final_ln"],
+        "teacher_vision_map_head": counts["vision_map_head"],
+        "teacher_heads": heads,
+    }

@@ -13,7 +13,10 @@ Pure arithmetic on the resolved recipe (no torch / megatron import, so it answer
 - FLOPs per image-text pair (both towers), the contrastive batch (the whole global batch
   under `loss.contrastive_batch=global`, whose embedding cache costs one more forward of the
   contrastive streams per step), and the step time / pairs per second at a stated MFU of a
-  stated peak (H100 bf16 dense 989 TFLOP/s).
+  stated peak (H100 bf16 dense 989 TFLOP/s);
+- with SigLIP 2's self-distillation terms, the EMA teacher: its forward-only FLOPs (once, not
+  3x), its float32 weights per stage (no gradient, no optimizer state), and the model FLOPs
+  before and after it starts at `loss.distill.start_fraction`.
 
 The formulas (Korthikanti et al. 2022 for activations) are in docs/training.md "FLOP and
 memory model".
@@ -28,12 +31,12 @@ from typing import Optional, Sequence
 
 from tulip_mega.config.fp8_shapes import fp8_plan
 from tulip_mega.config.run_layout import RunLayout
-from tulip_mega.config.streams import Streams
+from tulip_mega.config.streams import DISTILL_TERMS, Streams
 from tulip_mega.data_rate import data_rate, format_data_rate
 from tulip_mega.flops import contrastive_batch_line as flops_contrastive_batch_line
 from tulip_mega.flops import count_flops, embedding_cache_flops
 from tulip_mega.launch import resolve_layout
-from tulip_mega.model_size import param_counts, towers
+from tulip_mega.model_size import distill_param_counts, param_counts, towers
 from tulip_mega.plan_stages import PipelinePlan, format_pipeline, plan_pipeline
 
 H100_BF16_DENSE_TFLOPS = 989.0
@@ -66,6 +69,8 @@ class Plan:
     mfu: float
     peak_tflops: float
     pipeline: PipelinePlan  # per-stage FLOPs and memory (tulip_mega/plan_stages.py)
+    flops_teacher_per_sample: int = 0  # the EMA teacher's forward (in flops_model_per_sample once)
+    flops_model_before_teacher: int = 0  # model FLOPs per sample of the steps before it starts
 
 
 def make_plan(cfg, nodes: int, gpus_per_node: int = 8, mfu: float = 0.40,
@@ -82,26 +87,29 @@ def plan_layout(cfg, layout: RunLayout, mfu: float = 0.40, peak_tflops: float = 
     transformer_per_gpu = sum(tw.layers * (tw.layer_sharded_params / tp + tw.layer_replicated_params)
                               for tw in towers(cfg)) / pp
     pipeline = plan_pipeline(cfg, layout)
-    fwd_parts = forward_flops_per_sample(cfg, layout.streams)
-    fwd = sum(fwd_parts.values())
-    model = 3 * fwd
+    count = count_flops(cfg, layout.streams)
+    fwd, model = count.forward, count.training  # the teacher: forward only, and never recomputed
     recompute = cfg.recompute.granularity
     if recompute == "full":
-        hardware = model + fwd
+        hardware = model + fwd - count.teacher
     elif recompute == "selective":
-        hardware = model + sum(v for k, v in fwd_parts.items() if k.endswith("_attention"))
+        hardware = model + count.attention
     else:
         hardware = model
     cache = embedding_cache_flops(cfg, layout)
     hardware += cache
     gb = layout.global_batch_size
     step = gb * (model + cache) / (layout.world_size * peak_tflops * 1e12 * mfu)
+    trained = sum(param_counts(cfg).values()) + sum(n for k, n in distill_param_counts(cfg).items()
+                                                     if not k.startswith("teacher_"))
     return Plan(
-        layout=layout, contrastive_mode=cfg.loss.contrastive_batch, params_total=sum(param_counts(cfg).values()),
+        layout=layout, contrastive_mode=cfg.loss.contrastive_batch, params_total=trained,
         params_per_gpu=pipeline.fullest.params, transformer_params_per_gpu=transformer_per_gpu,
         memory_gib=dict(pipeline.fullest.memory_gib), flops_forward_per_sample=fwd, flops_model_per_sample=model,
         flops_hardware_per_sample=hardware, flops_cache_per_sample=cache, step_time_s=step,
         samples_per_s=gb / step, mfu=mfu, peak_tflops=peak_tflops, pipeline=pipeline,
+        flops_teacher_per_sample=count.teacher,
+        flops_model_before_teacher=count_flops(cfg, layout.streams.without_distill()).training,
     )
 
 
@@ -145,6 +153,8 @@ def format_plan(cfg, plan: Plan) -> str:
         f"  optimizer    {m['optimizer']:8.2f}   (fp32 master + Adam m, v{'; / DP' if par.distributed_optimizer else ''})",
         f"  activations  {m['activations']:8.2f}   (Korthikanti et al.; micro-batch {lay.micro_batch_size}, every view "
         f"and text; {plan.pipeline.fullest.in_flight} in flight)",
+        *([f"  teacher      {m['teacher']:8.2f}   (EMA teacher: float32 weights, no gradients or optimizer "
+            "states, no activations)"] if "teacher" in m else []),
         f"  total        {m['total']:8.2f}   (+ ~10% for NCCL buffers and fragmentation; H100 has 80)",
         "",
         format_pipeline(plan.pipeline),
@@ -154,6 +164,7 @@ def format_plan(cfg, plan: Plan) -> str:
         f"with recompute and the embedding cache {plan.flops_hardware_per_sample / 1e9:.2f} GFLOP",
         f"at {plan.mfu:.0%} MFU of {plan.peak_tflops:g} TFLOP/s per GPU: step {plan.step_time_s:.3f} s, "
         f"{plan.samples_per_s:,.0f} pairs/s, {plan.samples_per_s * 3600 / 1e6:.1f}M pairs/hour",
+        *teacher_lines(cfg, plan),
     ]
     if m["total"] > 80 * 0.9:
         lines.append("warning: the estimate exceeds ~72 GiB (90% of an 80 GB H100): raise TP/PP, lower "
@@ -164,6 +175,26 @@ def format_plan(cfg, plan: Plan) -> str:
                   f"fp8={fp8.fp8}: FP8 GEMMs via Transformer Engine (needs TE on the GPU nodes); the estimate "
                   "above uses the bf16 peak, and TE's FP8 weight copies add about 2 bytes per parameter"]
     return "\n".join(lines)
+
+
+def teacher_lines(cfg, plan: Plan) -> list[str]:
+    """What the EMA teacher of the self-distillation terms costs per step (none without it):
+    its forward-only FLOPs, its float32 weights on the fullest stage, and the model FLOPs per
+    pair before and after it starts (the step time above is the one after)."""
+    start = plan.layout.distill_start
+    if start is None:
+        return []
+    terms = ", ".join(t for t in DISTILL_TERMS if getattr(cfg.loss.weights, t) > 0)
+    teacher, model, before = (plan.flops_teacher_per_sample, plan.flops_model_per_sample,
+                              plan.flops_model_before_teacher)
+    fullest = plan.pipeline.fullest
+    steps = cfg.train.steps
+    mean = (start * before + (steps - start) * model) / max(steps, 1)
+    return [f"EMA teacher ({terms}) from step {start:,} of {steps:,}: {_flops(teacher)}/pair forward-only "
+            f"({teacher / model:.0%} of the model FLOPs), {fullest.memory_gib['teacher']:.2f} GiB of float32 "
+            f"weights on the fullest stage ({fullest.teacher_params / 1e6:.1f}M parameters, stage {fullest.index})",
+            f"  model FLOPs per pair: {before / 1e9:.2f} GFLOP before step {start:,}, {model / 1e9:.2f} GFLOP "
+            f"from it on (the step time above), {mean / 1e9:.2f} GFLOP averaged over the run"]
 
 
 RECIPE_COMMENT_PREFIX = "# plan: "

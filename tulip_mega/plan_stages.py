@@ -15,6 +15,13 @@ Pure arithmetic (no torch), like tulip_mega/plan.py, whose formulas it applies p
                    interleaved with v chunks keeps min(v m, 2 (p - i - 1) + (v - 1) p + 1)
                    chunk-micro-batches of 1/v of the stage's layers (megatron's warm-up count);
                    the last stage adds the decoders' activations of one micro-batch
+  EMA teacher      (self_distill / masked_prediction) a float32 copy of the stage's vision
+                   layers (/TP), + its patch embedding on stage 0, + its final LayerNorm, MAP
+                   head and head copies on the last stage, at 4 bytes per parameter with no
+                   gradient or optimizer state (memory kind "teacher"); its forward runs without
+                   autograd, so its stream adds no activations. The student's distill heads
+                   and mask token are ordinary parameters; the last stage adds the heads'
+                   activations (their K-wide logits dominate) of one micro-batch
   bubble           1F1B (p - 1) / (m + p - 1); interleaved (p - 1) / (v m + p - 1), with m the
                    micro-batches per step of one DP rank (Narayanan et al. 2021)
   pipeline time    the step is paced by the slowest stage: factor max/mean stage FLOPs, and the
@@ -34,7 +41,7 @@ from typing import Optional
 
 from tulip_mega.config.run_layout import RunLayout
 from tulip_mega.config.streams import Streams
-from tulip_mega.model_size import Tower, param_counts, towers
+from tulip_mega.model_size import Tower, distill_param_counts, param_counts, towers
 from tulip_mega.models.pipeline_split import Split, StageCosts, balanced_split, even_split, stage_costs
 
 GIB = 1024**3
@@ -48,7 +55,8 @@ class StagePlan:
     flops: float  # training FLOPs per pair on this stage (recompute and cache included)
     params: float  # parameters per GPU of this stage
     in_flight: int  # micro-batches (1F1B) / chunk-micro-batches (interleaved) holding activations
-    memory_gib: dict  # parameters, gradients, optimizer, activations, total
+    memory_gib: dict  # parameters, gradients, optimizer, activations, (teacher,) total
+    teacher_params: float = 0.0  # EMA-teacher parameters per GPU of this stage (float32, frozen)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,14 +131,27 @@ def _decoder_activations(cfg, streams: Streams, micro_batch: int, tp: int, sp: b
     return total
 
 
+def _distill_head_activations(cfg, streams: Streams, micro_batch: int, value_bytes: int) -> float:
+    """Activation bytes of one micro-batch through the student's distill heads and their loss:
+    per student row the MLP's saved inputs (e + 4 H + 2 B values) and, in float32, the
+    log-softmax over the K prototypes and the teacher's target it multiplies."""
+    if not streams.teacher_view:
+        return 0.0
+    w, d, e = cfg.loss.weights, cfg.loss.distill, cfg.model.vision.hidden_size
+    rows = (streams.local_crops if w.self_distill > 0 else 0) + streams.masked_patches
+    per_row = (e + 4 * d.head_hidden + 2 * d.head_bottleneck) * value_bytes + 2 * d.prototypes * 4
+    return micro_batch * rows * per_row
+
+
 def layer_activation_bytes(cfg, streams: Streams, tower: str, micro_batch: int, recompute: Optional[str],
                            value_bytes: int) -> float:
-    """Activation bytes of ONE layer of `tower` for one micro-batch: every stream through it."""
+    """Activation bytes of ONE layer of `tower` for one micro-batch: every stream through it
+    but the EMA teacher's (it runs without autograd and keeps nothing for a backward)."""
     par = cfg.parallel
     tp, sp = par.tensor_parallel, par.sequence_parallel
     vt, tt = towers(cfg)
     if tower == "vision":
-        calls = [(dataclasses.replace(vt, seq=s.seq), s.views) for s in streams.vision]
+        calls = [(dataclasses.replace(vt, seq=s.seq), s.views) for s in streams.vision if s.name != "teacher"]
     else:
         calls = [(tt, streams.texts)]
     return sum(tw.layer_activation_bytes(micro_batch * n, tp, sp, recompute, value_bytes) for tw, n in calls)
@@ -181,6 +202,7 @@ class _StageMemory:
         self.bytes = (4, 4, 8) if fp32 else (2, 4, 12)  # weight, gradient, optimizer per parameter
         self.value_bytes = 4 if fp32 else 2
         self.decoders = _decoder_params(cfg)
+        self.distill = distill_param_counts(cfg)
         mb, streams, rc = layout.micro_batch_size, layout.streams, cfg.recompute.granularity
         self.per_layer = {name: layer_activation_bytes(cfg, streams, name, mb, rc, self.value_bytes)
                           for name in ("vision", "text")}
@@ -193,14 +215,29 @@ class _StageMemory:
         vt, tt = self.towers
         params = sum(n * (tw.layer_sharded_params / tp + tw.layer_replicated_params) for n, tw in ((nv, vt), (nt, tt)))
         if i == 0:
-            params += c["vision_embed"] + c["text_embed"] / tp
+            params += c["vision_embed"] + c["text_embed"] / tp + self.distill.get("distill_mask_token", 0)
         if i == last:
             params += (c["vision_final_ln"] + c["vision_map_head"] + c["text_final_ln"] + c["text_head"]
-                       + c["logit_scale_bias"] + self.decoders[0] / tp + self.decoders[1])
+                       + c["logit_scale_bias"] + self.decoders[0] / tp + self.decoders[1]
+                       + self.distill.get("distill_heads", 0))
         return params
 
-    def stage(self, i: int, nv: int, nt: int) -> tuple[float, int, dict]:
-        """(parameters per GPU, micro-batches in flight, memory GiB by kind) of stage `i`."""
+    def teacher_params(self, i: int, nv: int) -> float:
+        """EMA-teacher parameters per GPU of stage `i` holding `nv` vision layers: the teacher
+        mirrors the student's vision tower slice on every stage (models/tulip.py); 0 without it."""
+        if not self.distill:
+            return 0.0
+        tp, d, vt = self.layout.tensor_parallel, self.distill, self.towers[0]
+        params = nv * (vt.layer_sharded_params / tp + vt.layer_replicated_params)
+        if i == 0:
+            params += d["teacher_vision_embed"]
+        if i == self.layout.pipeline_parallel - 1:
+            params += d["teacher_vision_final_ln"] + d["teacher_vision_map_head"] + d["teacher_heads"]
+        return params
+
+    def stage(self, i: int, nv: int, nt: int) -> tuple[float, int, dict, float]:
+        """(parameters per GPU, micro-batches in flight, memory GiB by kind, EMA-teacher
+        parameters per GPU) of stage `i`."""
         lay, cfg = self.layout, self.cfg
         params = self.params(i, nv, nt)
         flight = in_flight(i, lay.pipeline_parallel, lay.microbatches, lay.virtual_pipeline)
@@ -210,12 +247,16 @@ class _StageMemory:
         if i == lay.pipeline_parallel - 1:
             act += _decoder_activations(cfg, lay.streams, lay.micro_batch_size, lay.tensor_parallel,
                                         cfg.parallel.sequence_parallel, self.value_bytes)
+            act += _distill_head_activations(cfg, lay.streams, lay.micro_batch_size, self.value_bytes)
         weight_bytes, grad_bytes, optim_bytes = self.bytes
         dp = lay.data_parallel if cfg.parallel.distributed_optimizer else 1
         memory = {"parameters": params * weight_bytes / GIB, "gradients": params * grad_bytes / GIB,
                   "optimizer": params * optim_bytes / dp / GIB, "activations": act / GIB}
+        teacher = self.teacher_params(i, nv)
+        if self.distill:
+            memory["teacher"] = teacher * 4 / GIB  # float32 weights only: frozen, no grad, no optimizer
         memory["total"] = sum(memory.values())
-        return params, flight, memory
+        return params, flight, memory, teacher
 
 
 def compare_splits(cfg, layout: RunLayout) -> dict[str, float]:
@@ -248,12 +289,15 @@ def format_pipeline(pipe: PipelinePlan) -> str:
         lines.append(f"  bubble with {pipe.microbatches} micro-batches per step: 1F1B {pipe.bubble_1f1b:.1%}; "
                      f"interleaved {inter}"
                      + (f"; this recipe (v={pipe.virtual}) {pipe.bubble:.1%}" if pipe.virtual > 1 else ""))
-    lines.append("  stage  vision  text   GFLOP/pair  params/GPU  in-flight  memory GiB (par+grad+opt+act)")
+    teacher = "teacher" in pipe.stages[0].memory_gib
+    lines.append("  stage  vision  text   GFLOP/pair  params/GPU  in-flight  memory GiB (par+grad+opt+act"
+                 + ("+teacher)" if teacher else ")"))
     for s in pipe.stages:
         m = s.memory_gib
         lines.append(f"  {s.index:5d}  {s.vision_layers:6d}  {s.text_layers:4d}  {s.flops / 1e9:11.2f}  "
                      f"{s.params / 1e6:9.1f}M  {s.in_flight:9d}  {m['total']:6.2f} = {m['parameters']:.2f}+"
-                     f"{m['gradients']:.2f}+{m['optimizer']:.2f}+{m['activations']:.2f}")
+                     f"{m['gradients']:.2f}+{m['optimizer']:.2f}+{m['activations']:.2f}"
+                     + (f"+{m['teacher']:.2f}" if teacher else ""))
     if pp > 1:
         lines.append(f"  slowest stage / mean: {pipe.imbalance:.3f}")
     if pipe.suggestion is not None:

@@ -35,7 +35,8 @@ from tulip_mega.training.async_checkpoint import CheckpointWriter
 from tulip_mega.training.checkpoint import load_checkpoint, model_shape, read_latest
 from tulip_mega.training.data import build_train_loader, caption_pad_id
 from tulip_mega.training.host_cpus import log_host_cpus
-from tulip_mega.flops import contrastive_batch_line, count_flops, embedding_cache_flops, tokens_per_sample
+from tulip_mega.flops import (contrastive_batch_line, count_flops, embedding_cache_flops, model_flops_between,
+                              tokens_per_sample)
 from tulip_mega.training.metrics import DEBUG_LOG_NAME, MetricsLogger, setup_logging
 from tulip_mega.training.plateau import PlateauWatch
 from tulip_mega.training.wandb_logger import make_wandb_sink
@@ -267,7 +268,7 @@ class _StepWatch:
         metrics["samples_per_sec"] = (
             self.cfg.train.global_batch_size * (step - self.step_last) / max(now - self.t_last - eval_seconds, 1e-9)
         )
-        metrics.update(self.speed.metrics(metrics["samples_per_sec"], self.window, self.loader))
+        metrics.update(self.speed.metrics(metrics["samples_per_sec"], self.window, self.loader, self.step_last, step))
         metrics["data_wait_fraction"] = metrics["data_wait"] / max(metrics["step_time"], 1e-9)
         self.window = _Window()
         self.t_last, self.step_last = now, step
@@ -403,6 +404,7 @@ class _SpeedMeter:
     Every rank calls `metrics` at the same steps (it runs two small collectives)."""
 
     def __init__(self, cfg: Config, layout: RunLayout) -> None:
+        self.cfg, self.layout = cfg, layout
         self.flops = count_flops(cfg, layout.streams, layout.contrastive_batch)
         self.tokens = tokens_per_sample(cfg, layout.streams)
         self.world_size = layout.world_size
@@ -414,12 +416,15 @@ class _SpeedMeter:
                  "%d tower tokens per sample; peak: %s",
                  self.flops.forward / 1e9, self.flops.training / 1e9, self.tokens, peak_note)
 
-    def metrics(self, samples_per_sec: float, window: _Window, loader) -> dict[str, float]:
+    def metrics(self, samples_per_sec: float, window: _Window, loader, first: int, last: int) -> dict[str, float]:
+        """The window's metrics; `first`, `last`: completed steps at its start and end (the
+        model FLOPs per sample change when the EMA teacher starts)."""
         steps = max(window.steps, 1)
-        tflops = achieved_tflops(self.flops.training, samples_per_sec, self.world_size)
+        model_flops = model_flops_between(self.cfg, self.layout, first, last)
+        tflops = achieved_tflops(model_flops, samples_per_sec, self.world_size)
         out = {
             "tokens_per_sec": samples_per_sec * self.tokens,
-            "model_flops_per_sample": float(self.flops.training),
+            "model_flops_per_sample": model_flops,
             "tflops_per_device": tflops,
         }
         achieved = mfu(tflops, self.peak)
