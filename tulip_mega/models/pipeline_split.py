@@ -28,7 +28,7 @@ from tulip_mega.config import ConfigError
 from tulip_mega.config.pipeline_split import (Split, check_recompute_fits, check_split_choice, even_split, num_chunks,
                                               show_split)
 from tulip_mega.config.streams import Streams, contrastive_terms_on
-from tulip_mega.flops import TRAINING_MULTIPLIER, count_flops
+from tulip_mega.flops import TEACHER_PREFIX, TRAINING_MULTIPLIER, count_flops
 
 __all__ = ["Split", "even_split", "show_split"]  # re-exported: callers import the split from here
 
@@ -85,10 +85,15 @@ def _split_parts(parts: dict[str, int], layers: dict[str, int], recompute: Optio
         fwd = parts.get(mm, 0) + parts.get(attn, 0)
         extra = fwd if recompute == "full" else parts.get(attn, 0) if recompute == "selective" else 0
         per_layer[tower] = (multiplier * fwd + extra) / max(layers[tower], 1)
-    first = multiplier * parts.get("vision_patch_embed", 0)
+    # The EMA teacher (keys teacher_*): forward only, never recomputed, its layers beside the
+    # student's vision layers on every stage, its patch embedding on the first.
+    teacher_layers = parts.get("teacher_layers_matmul", 0) + parts.get("teacher_layers_attention", 0)
+    per_layer["vision"] += teacher_layers / max(layers["vision"], 1)
+    first = multiplier * parts.get("vision_patch_embed", 0) + parts.get("teacher_patch_embed", 0)
     layer_keys = {k for pair in _LAYER_PARTS.values() for k in pair}
-    last = multiplier * sum(v for k, v in parts.items()
-                            if k not in layer_keys and k not in ("vision_patch_embed", "contrastive_logits"))
+    placed = layer_keys | {"vision_patch_embed", "contrastive_logits", "teacher_layers_matmul",
+                           "teacher_layers_attention", "teacher_patch_embed"}
+    last = sum((1 if k.startswith(TEACHER_PREFIX) else multiplier) * v for k, v in parts.items() if k not in placed)
     return per_layer, first, last
 
 
