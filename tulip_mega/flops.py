@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
-from tulip_mega.config.streams import Streams, contrastive_terms_on, model_heads
+from tulip_mega.config.streams import Streams, contrastive_terms_on, decoder_length, model_heads
 
 if TYPE_CHECKING:
     from tulip_mega.config.run_layout import RunLayout
@@ -88,6 +88,7 @@ def count_flops(cfg, streams: Streams, contrastive_batch: Optional[int] = None) 
     None leaves the logits out. Keys: vision_layers_matmul, vision_layers_attention,
     vision_patch_embed, vision_map_head, text_layers_matmul, text_layers_attention, text_head,
     and when switched on mae_decoder_matmul / _attention, text_decoder_matmul / _attention,
+    locca_decoder_matmul / _attention,
     aug_projector, contrastive_logits; with the EMA teacher running (`streams.teacher_view`)
     the student's distill_head / patch_head and the teacher's forward-only teacher_layers_matmul,
     teacher_layers_attention, teacher_patch_embed, teacher_map_head, teacher_heads (the
@@ -125,6 +126,8 @@ def count_flops(cfg, streams: Streams, contrastive_batch: Optional[int] = None) 
         mm, attn = layer_flops(L, d, dec.ffn_hidden_size or t.ffn_hidden_size)
         parts["text_decoder_matmul"] = 2 * e * d + dec.num_layers * mm + 2 * L * d * t.vocab_size
         parts["text_decoder_attention"] = dec.num_layers * attn
+    if streams.locca_regions:
+        _locca_flops(cfg, streams, parts)
     if streams.teacher_view:
         _distill_flops(cfg, streams, parts)
     if w.aug_contrastive > 0:
@@ -134,6 +137,37 @@ def count_flops(cfg, streams: Streams, contrastive_batch: Optional[int] = None) 
         terms = len(contrastive_terms_on(cfg))
         parts["contrastive_logits"] = terms * 2 * e * contrastive_batch
     return FlopCount(parts)
+
+
+def locca_vocab_size(cfg) -> int:
+    """The LocCa decoder's vocabulary (losses/locca.LoccaVocab): text ids, location bins, three
+    task tokens and the mask token, padded to a multiple of TP."""
+    n = cfg.model.text.vocab_size + cfg.loss.locca.box_bins + 4
+    tp = cfg.parallel.tensor_parallel
+    return -(-n // tp) * tp
+
+
+def locca_sequence(cfg) -> int:
+    """Positions of every LocCa sequence of the recipe (rounded to TP under sequence parallel)."""
+    par = cfg.parallel
+    return decoder_length(cfg.model.text.context_length, par.tensor_parallel if par.sequence_parallel else 1)
+
+
+def _locca_flops(cfg, streams: Streams, parts: dict[str, int]) -> None:
+    """The LocCa decoder (models/decoders.LoccaDecoder) on one image: the context projection of
+    its P patch tokens, then 3 sequences of Ld positions, each layer a causal self-attention
+    layer plus cross-attention to the P tokens (q and out projections on Ld, k/v on P, scores
+    and weighted sum Ld x P), and the output layer onto the decoder vocabulary."""
+    dec, hv, ht = cfg.model.locca_decoder, cfg.model.vision.hidden_size, cfg.model.text.hidden_size
+    d = dec.hidden_size or ht
+    seq = locca_sequence(cfg)
+    P, tasks = streams.patches, 3
+    mm, attn = layer_flops(seq, d, dec.ffn_hidden_size or cfg.model.text.ffn_hidden_size)
+    cross_mm = 2 * seq * d * d + 2 * P * d * 2 * d + 2 * seq * d * d
+    cross_attn = 2 * seq * P * d + 2 * seq * P * d
+    parts["locca_decoder_matmul"] = (2 * P * hv * d + tasks * dec.num_layers * (mm + cross_mm)
+                                     + tasks * 2 * seq * d * locca_vocab_size(cfg))
+    parts["locca_decoder_attention"] = tasks * dec.num_layers * (attn + cross_attn)
 
 
 def _distill_flops(cfg, streams: Streams, parts: dict[str, int]) -> None:

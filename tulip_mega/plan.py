@@ -31,13 +31,13 @@ from typing import Optional, Sequence
 
 from tulip_mega.config.fp8_shapes import fp8_plan
 from tulip_mega.config.run_layout import RunLayout
-from tulip_mega.config.streams import DISTILL_TERMS, Streams
+from tulip_mega.config.streams import DISTILL_TERMS, Streams, input_streams
 from tulip_mega.data_rate import data_rate, format_data_rate
 from tulip_mega.flops import contrastive_batch_line as flops_contrastive_batch_line
-from tulip_mega.flops import count_flops, embedding_cache_flops
+from tulip_mega.flops import count_flops, embedding_cache_flops, locca_sequence
 from tulip_mega.launch import resolve_layout
 from tulip_mega.model_size import distill_param_counts, param_counts, towers
-from tulip_mega.plan_stages import PipelinePlan, format_pipeline, plan_pipeline
+from tulip_mega.plan_stages import PipelinePlan, format_pipeline, locca_params, plan_pipeline
 
 H100_BF16_DENSE_TFLOPS = 989.0
 GIB = 1024**3
@@ -164,6 +164,7 @@ def format_plan(cfg, plan: Plan) -> str:
         f"with recompute and the embedding cache {plan.flops_hardware_per_sample / 1e9:.2f} GFLOP",
         f"at {plan.mfu:.0%} MFU of {plan.peak_tflops:g} TFLOP/s per GPU: step {plan.step_time_s:.3f} s, "
         f"{plan.samples_per_s:,.0f} pairs/s, {plan.samples_per_s * 3600 / 1e6:.1f}M pairs/hour",
+        *locca_lines(cfg, plan),
         *teacher_lines(cfg, plan),
     ]
     if m["total"] > 80 * 0.9:
@@ -175,6 +176,22 @@ def format_plan(cfg, plan: Plan) -> str:
                   f"fp8={fp8.fp8}: FP8 GEMMs via Transformer Engine (needs TE on the GPU nodes); the estimate "
                   "above uses the bf16 peak, and TE's FP8 weight copies add about 2 bytes per parameter"]
     return "\n".join(lines)
+
+
+def locca_lines(cfg, plan: Plan) -> list[str]:
+    """What the LocCa decoder costs per step (none without it): its training FLOPs per pair
+    (3 sequences per image, forward and backward) and its parameters on the last stage."""
+    if cfg.loss.weights.locca <= 0:
+        return []
+    parts = count_flops(cfg, input_streams(cfg)).parts
+    decoder = 3 * (parts["locca_decoder_matmul"] + parts["locca_decoder_attention"])
+    sharded, replicated = locca_params(cfg)
+    tp = plan.layout.tensor_parallel
+    return [f"LocCa decoder ({cfg.model.locca_decoder.num_layers} layers, 3 sequences of "
+            f"{locca_sequence(cfg)} positions per image): {_flops(decoder)}/pair training "
+            f"({decoder / plan.flops_model_per_sample:.0%} of the model FLOPs), "
+            f"{(sharded + replicated) / 1e6:.1f}M parameters ({sharded / tp / 1e6 + replicated / 1e6:.1f}M per GPU "
+            f"on the last stage)"]
 
 
 def teacher_lines(cfg, plan: Plan) -> list[str]:

@@ -41,6 +41,7 @@ from typing import Optional
 
 from tulip_mega.config.run_layout import RunLayout
 from tulip_mega.config.streams import Streams
+from tulip_mega.flops import locca_sequence, locca_vocab_size
 from tulip_mega.model_size import Tower, distill_param_counts, param_counts, towers
 from tulip_mega.models.pipeline_split import Split, StageCosts, balanced_split, even_split, stage_costs
 
@@ -113,9 +114,26 @@ def _decoder_params(cfg) -> tuple[float, float]:
         sharded += d.num_layers * layer.layer_sharded_params + 2 * t.vocab_size * d.hidden_size
         replicated += (d.num_layers * layer.layer_replicated_params + v.hidden_size * d.hidden_size + d.hidden_size
                        + t.context_length * d.hidden_size + 2 * d.hidden_size)
+    if w.locca > 0:
+        s, r = locca_params(cfg)
+        sharded, replicated = sharded + s, replicated + r
     if w.aug_contrastive > 0:
         e, h = v.hidden_size, m.aug_projector_hidden
         replicated += 2 * (2 * e * h + h + e)
+    return sharded, replicated
+
+
+def locca_params(cfg) -> tuple[float, float]:
+    """(TP-sharded, replicated) parameters of the LocCa decoder: its layers with cross-attention
+    (q, kv, out projections; one more LayerNorm), the vocabulary-parallel embedding and output
+    layer, learned positions and the context projection."""
+    d_cfg, hv = cfg.model.locca_decoder, cfg.model.vision.hidden_size
+    d, seq = d_cfg.hidden_size, locca_sequence(cfg)
+    layer = Tower("locca", d_cfg.num_layers, d, d_cfg.ffn_hidden_size, d_cfg.num_heads, seq)
+    cross = 4 * d * d + 4 * d  # q (d x d), kv (d x 2d), out (d x d) and their biases
+    vocab = locca_vocab_size(cfg)
+    sharded = d_cfg.num_layers * (layer.layer_sharded_params + cross) + 2 * vocab * d
+    replicated = d_cfg.num_layers * (layer.layer_replicated_params + 2 * d) + seq * d + hv * d + d + 2 * d
     return sharded, replicated
 
 
@@ -123,11 +141,12 @@ def _decoder_activations(cfg, streams: Streams, micro_batch: int, tp: int, sp: b
     """Activation bytes of one micro-batch through the decoders (no recompute)."""
     m, w = cfg.model, cfg.loss.weights
     total = 0.0
-    for on, d, seq in ((w.mae > 0, m.mae_decoder, streams.patches),
-                       (w.text_recon > 0, m.text_decoder, cfg.model.text.context_length)):
-        if on:
+    for on, d, seq, rows in ((w.mae > 0, m.mae_decoder, streams.patches, 1),
+                             (w.text_recon > 0, m.text_decoder, cfg.model.text.context_length, 1),
+                             (w.locca > 0, m.locca_decoder, locca_sequence(cfg), 3)):
+        if on:  # LocCa: 3 sequences per image (its cross-attention's k/v over the patches not counted)
             tw = Tower("dec", d.num_layers, d.hidden_size, d.ffn_hidden_size, d.num_heads, seq)
-            total += d.num_layers * tw.layer_activation_bytes(micro_batch, tp, sp, None, value_bytes)
+            total += d.num_layers * tw.layer_activation_bytes(rows * micro_batch, tp, sp, None, value_bytes)
     return total
 
 

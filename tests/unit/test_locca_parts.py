@@ -81,3 +81,34 @@ def test_loss_is_the_per_sample_sum_of_task_means():
 def test_locca_refuses_a_cropped_first_view():
     with pytest.raises(ConfigError, match="first_view_crop=false"):
         load_config(None, DEBUG + ["loss.weights.locca=1", "data.augment.first_view_crop=true"])
+
+
+def _locca_params_worker(overrides: list[str]) -> int:
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from harness import build_train_step
+
+    _, model, *_ = build_train_step(overrides)
+    return sum(p.numel() for n, p in model[0].module.named_parameters() if n.startswith("locca_decoder."))
+
+
+def test_plan_counts_the_built_decoders_parameters_and_flops():
+    from tulip_mega.config.streams import input_streams
+    from tulip_mega.flops import count_flops
+    from tulip_mega.parallel.spawn import run_distributed
+    from tulip_mega.plan_stages import locca_params
+
+    overrides = ["train.global_batch_size=8", "train.micro_batch_size=4", "loss.weights.locca=1",
+                 "loss.locca.box_bins=32", "model.locca_decoder.num_layers=2"]
+    cfg = load_config(None, DEBUG + overrides)
+    built = run_distributed(_locca_params_worker, 1, DEBUG + overrides, timeout=300)[0]
+    assert sum(locca_params(cfg)) == built
+    # FLOPs by hand: debug text width 64 (ffn 256), 16 patches of width 64, context 64 + 4 positions.
+    d, f, P, L, V, layers = 64, 256, 16, 68, 1024 + 32 + 4, 2
+    self_mm = 2 * L * d * 3 * d + 2 * L * d * d + 4 * L * d * f
+    cross_mm = 2 * L * d * d + 4 * P * d * d + 2 * L * d * d
+    parts = count_flops(cfg, input_streams(cfg)).parts
+    assert parts["locca_decoder_matmul"] == 2 * P * d * d + 3 * layers * (self_mm + cross_mm) + 3 * 2 * L * d * V
+    assert parts["locca_decoder_attention"] == 3 * layers * (4 * L * L * d + 4 * L * P * d)
