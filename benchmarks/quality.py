@@ -85,6 +85,35 @@ def run_key(recipe: str, steps: int, extra: tuple[str, ...] = ()) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def run_overrides(data: Path, steps: int, extra: tuple[str, ...] = ()) -> list[str]:
+    """What every single-process benchmark run of a recipe is given besides its seed and run folder."""
+    return [*extra, "parallel.tensor_parallel=1", "parallel.pipeline_parallel=1",
+            f"data.train_shards={data}/train-*.tar", f"data.tokenizer={data}/tokenizer.model",
+            f"train.steps={steps}", *EQUAL_BATCH, *EQUAL_TEXT]
+
+
+def flops_per_run(recipe: str, data: Path, steps: int, extra: tuple[str, ...] = ()) -> float:
+    """Training FLOPs of a whole run per sample-step (tulip_mega.flops: every view, text, decoder
+    and, from its start, the EMA teacher): the unit of the equal-compute comparison."""
+    from tulip_mega.config import load_config
+    from tulip_mega.flops import model_flops_between
+    from tulip_mega.launch import resolve_layout
+
+    cfg = load_config(str(ROOT / recipe), run_overrides(data, steps, extra) + ["optim.warmup_steps=0"])
+    return steps * model_flops_between(cfg, resolve_layout(cfg, 1), 0, steps)
+
+
+def equal_compute_steps(base: str, recipe: str, data: Path, steps: int, extra: tuple[str, ...] = ()) -> int:
+    """The steps at which `recipe` spends the FLOPs `base` spends in `steps` (equal batch, so the
+    ratio of per-sample FLOPs; the teacher's share depends on the steps, so it is solved by search)."""
+    budget = flops_per_run(RECIPES[base], data, steps)
+    lo, hi = 1, steps * 4
+    while lo < hi:  # the largest n with flops(n) <= budget
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if flops_per_run(recipe, data, mid, extra) <= budget else (lo, mid - 1)
+    return lo
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -96,17 +125,15 @@ def train_run(recipe: str, data: Path, run_dir: Path, seed: int, steps: int, ext
     from tulip_mega.config import load_config
 
     warmup = load_config(str(ROOT / recipe), list(extra)).optim.warmup_steps
-    overrides = [*extra,
-        "parallel.tensor_parallel=1", "parallel.pipeline_parallel=1",
-        f"data.train_shards={data}/train-*.tar", f"data.tokenizer={data}/tokenizer.model",
-        f"run.seed={seed}", f"train.steps={steps}", *EQUAL_BATCH, *EQUAL_TEXT,
+    overrides = [
+        *run_overrides(data, steps, extra), f"run.seed={seed}",
         f"run.output_dir={run_dir.parent}", f"run.name={run_dir.name}",
         "eval.interval=0", "eval.zeroshot_shards=null", "eval.retrieval_shards=null",
         "eval.linear_probe_shards=null", "eval.linear_probe_val_shards=null",
         "checkpoint.interval=0", "checkpoint.resume=false",
     ]
     if steps <= warmup:  # megatron's scheduler needs warm-up < steps (only --quick gets here)
-        overrides.append(f"optim.warmup_steps={max(1, steps // 4)}")
+        overrides.append(f"optim.warmup_steps={steps // 4}")
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -163,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, default=None, help="seeds per recipe (default 3; quick 1)")
     p.add_argument("--recipes", default=",".join(RECIPES), help=f"comma list of {', '.join(RECIPES)}")
     p.add_argument("--out", default=str(ROOT / "runs" / "quality"), help="work folder (data, runs, results)")
+    p.add_argument("--equal-compute", action="store_true",
+                   help=f"every recipe gets the training FLOPs of {BASELINE} at --steps, not the same steps")
     args = p.parse_args(argv)
     steps = args.steps or (8 if args.quick else 100)
     seeds = args.seeds or (1 if args.quick else 3)
@@ -171,33 +200,37 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in RECIPES]
     if unknown:
         p.error(f"unknown recipes {unknown}; choose from {list(RECIPES)}")
-    out = Path(args.out) / ("quick" if args.quick else "full")
+    out = Path(args.out) / ("quick" if args.quick else "full") / ("equal_compute" if args.equal_compute else "")
     t0 = time.perf_counter()
     data = make_data(out / "data", num_train, num_val)
     print(f"data: {data} ({num_train} train / {num_val} val scenes), {time.perf_counter() - t0:.0f} s", flush=True)
     results: dict[str, list[dict[str, float]]] = {n: [] for n in names}
+    budget = {n: (equal_compute_steps(BASELINE, RECIPES[n], data, steps, EXTRA.get(n, ())) if args.equal_compute
+                  else steps) for n in names}
+    if args.equal_compute:
+        print("equal compute: steps " + ", ".join(f"{n} {budget[n]}" for n in names), flush=True)
     load_start = os.getloadavg()
     for seed in range(seeds):
         for name in names:
             run_dir = out / "runs" / f"{name}_seed{seed}"
             cached = run_dir / "scenes_metrics.json"
             t = time.perf_counter()
-            key = run_key(RECIPES[name], steps, EXTRA.get(name, ()))
+            key = run_key(RECIPES[name], budget[name], EXTRA.get(name, ()))
             if cached.is_file() and json.loads(cached.read_text()).get("key") == key:  # a finished run of this recipe
                 metrics = json.loads(cached.read_text())["metrics"]
                 note = "reused"
             else:
-                ckpt = train_run(RECIPES[name], data, run_dir, seed, steps, EXTRA.get(name, ()))
+                ckpt = train_run(RECIPES[name], data, run_dir, seed, budget[name], EXTRA.get(name, ()))
                 t_train = time.perf_counter() - t
                 metrics = evaluate(ckpt, data, seed)
-                cached.write_text(json.dumps({"steps": steps, "key": key, "metrics": metrics}, indent=1))
+                cached.write_text(json.dumps({"steps": budget[name], "key": key, "metrics": metrics}, indent=1))
                 note = f"train {t_train:.0f} s, eval {time.perf_counter() - t - t_train:.0f} s"
             results[name].append(metrics)
             print(f"{name} seed {seed}: {note}; pairs/all {metrics['pairs/all']:.3f}, "
                   f"probe/count {metrics['probe/count']:.3f}", flush=True)
             wall = time.perf_counter() - t0
             (out / "results.json").write_text(json.dumps({  # after every run: a cut-short benchmark keeps its part
-                "steps": steps, "seeds_done": min(len(r) for r in results.values()), "wall_s": wall,
+                "steps": budget, "seeds_done": min(len(r) for r in results.values()), "wall_s": wall,
                 "num_train": num_train, "num_val": num_val, "loadavg_start": load_start,
                 "loadavg_end": os.getloadavg(), "results": results}, indent=1))
     text = table(results)
