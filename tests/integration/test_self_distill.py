@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import functools
 
 import pytest
 import torch
@@ -103,6 +104,12 @@ def test_terms_equal_an_independent_reference_at_the_teachers_start():
     assert out["metrics"]["chance/self_distill"] == pytest.approx(float(torch.log(torch.tensor(64.0))), rel=1e-6)
 
 
+@functools.lru_cache(maxsize=None)
+def _single_process_training(model: tuple[str, ...]) -> list[dict]:
+    """The reference run of the layout tests (4 optimizer steps, one process), once per model shape."""
+    return run_distributed(step_worker, 1, DISTILL + list(model), 4, True)
+
+
 def _teacher(entries: list[list[tuple]]) -> dict[str, torch.Tensor]:
     full = assemble(entries)
     return {k: v for k, v in full.items() if k.startswith("teacher_")}
@@ -120,7 +127,7 @@ def test_layouts_train_the_same_student_and_teacher(world, layout):
     Adam (measured under TP2 x PP2: losses within 1.2e-5 relative, weights within 1.3e-4, the
     teacher's within 4.3e-5); the per-step gradients are compared tightly below."""
     model = [o for o in layout if o.startswith("model.")]
-    ref = run_distributed(step_worker, 1, DISTILL + model, 4, True)
+    ref = _single_process_training(tuple(model))
     out = run_distributed(step_worker, world, DISTILL + layout, 4, True)
     for key in TERMS:
         assert out[0]["metrics"][key] == pytest.approx(ref[0]["metrics"][key], rel=1e-4), key

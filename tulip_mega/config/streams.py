@@ -94,11 +94,6 @@ class Streams:
         """Extra global crops the loader emits: the student's, or the teacher's one crop."""
         return max(self.extra_global_crops, 1 if self.teacher_view else 0)
 
-    @property
-    def distill(self) -> bool:
-        """Whether these streams feed the EMA-teacher terms."""
-        return self.teacher_view
-
     def without_distill(self) -> "Streams":
         """The streams before the EMA teacher starts (loss.distill.start_fraction): no teacher
         view, no masked view, and the local crops only if image_image reads them."""

@@ -37,7 +37,7 @@ def _check_sequence_split(config: TransformerConfig, seq: int, what: str, owner:
         )
 
 
-def _gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+def gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """x [s, b, d], idx [b, n] -> [n, b, d] with out[j, i] = x[idx[i, j], i]."""
     return x.gather(0, idx.t().unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
@@ -97,7 +97,7 @@ class MAEDecoder(MegatronModule):
         if self.config.sequence_parallel:
             # The prediction head is replicated: every TP rank needs the whole sequence.
             hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
-        hidden = _gather_rows(hidden, masked_idx.to(device=hidden.device, dtype=torch.long))  # [m, b, d]
+        hidden = gather_rows(hidden, masked_idx.to(device=hidden.device, dtype=torch.long))  # [m, b, d]
         return self.decoder_pred(hidden).transpose(0, 1)  # [b, m, p*p*3]
 
 

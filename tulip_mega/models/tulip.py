@@ -5,7 +5,9 @@ scales and biases and hands the loss a `ModelOutputs`. Every stage holds a slice
 AND the text layers (first stage: embeddings; last stage: heads and reconstruction decoders);
 activations between stages travel packed in one tensor (models/packing.py). One step calls the
 vision tower once per input stream and the text tower once over all texts; which streams and
-heads exist is decided once from the recipe (config/streams.py) and handed in.
+heads exist is decided once from the recipe (config/streams.py) and handed in. With SigLIP 2's
+terms the last stage also holds the LocCa decoder, and every stage its slice of the EMA teacher
+(models/teacher.py: the vision tower under `teacher_` names, encoding one more stream).
 """
 
 from __future__ import annotations
@@ -23,17 +25,16 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from tulip_mega.config.streams import Heads, Streams
-from tulip_mega.losses.outputs import ModelOutputs
-from tulip_mega.config.streams import decoder_length
+from tulip_mega.config.streams import Heads, Streams, decoder_length
 from tulip_mega.losses.locca import LoccaVocab
+from tulip_mega.losses.outputs import ModelOutputs
 from tulip_mega.models.decoders import (
     AugProjector,
     CausalTextDecoder,
     DistillHead,
     LoccaDecoder,
     MAEDecoder,
-    _gather_rows,
+    gather_rows,
 )
 from tulip_mega.models.packing import ActivationPacker, PackedPart
 from tulip_mega.models.specs import block_spec
@@ -43,7 +44,7 @@ from tulip_mega.models.vision import MAPHead, PatchEmbedding
 
 # Modules that exist only for training losses: not part of SigLIP, not exported by `convert`,
 # and absent from a Hugging Face checkpoint used as init.
-TRAINING_ONLY = ("mae_decoder", "text_decoder", "aug_image_projector", "aug_text_projector", "aug_logit_scale",
+TRAINING_ONLY = ("mae_decoder", "text_decoder", "locca_decoder", "aug_image_projector", "aug_text_projector", "aug_logit_scale",
                  "ii_logit_", "tt_logit_", TEACHER_PREFIX, "distill_head", "patch_head", "distill_mask_token",
                  "distill_center", "patch_center")
 
@@ -366,9 +367,9 @@ class TulipModel(MegatronModule):
             fields["distill_center"] = self.distill_center
         if self.heads.patch_head and streams.masked_patches:
             idx = patch_mask.to(device=teacher_tokens.device, dtype=torch.long)
-            student = _gather_rows(self._full_sequence(hidden["masked"]), idx)  # [m, b, h]
+            student = gather_rows(self._full_sequence(hidden["masked"]), idx)  # [m, b, h]
             with torch.no_grad():
-                fields["masked_teacher"] = self.teacher_patch_head(_gather_rows(teacher_tokens, idx)).float()
+                fields["masked_teacher"] = self.teacher_patch_head(gather_rows(teacher_tokens, idx)).float()
             fields["masked_student"] = self.patch_head(student).float()  # [m, b, K]
             fields["patch_center"] = self.patch_center
         self.teacher.observe(fields)
