@@ -7,8 +7,9 @@
 - TP=2 x PP=2 and DP=2 equal the single-process run step by step (losses, gradients), and the
   EMA teacher's weights are the same after several steps on every layout;
 - before `loss.distill.start_fraction` the teacher's views cost nothing and its terms are off;
-- kill-and-resume: a run restarted from a checkpoint taken while the teacher runs reproduces
-  the uninterrupted run (losses, teacher weights and centres, student weights, optimizer).
+- resume: a run restarted from a checkpoint taken while the teacher runs reproduces the
+  uninterrupted run (losses, teacher weights and centres, the LocCa decoder, student weights,
+  optimizer), and the exports leave the teacher, heads and decoder out, saying so.
 """
 
 from __future__ import annotations
@@ -179,7 +180,9 @@ def _resume_overrides(data: dict, run_dir, name: str, *extra: str) -> list[str]:
         "loss.weights.self_distill=1", "loss.weights.masked_prediction=0.25",
         "data.views.global_crops=2", "data.views.local_crops=2", "data.views.local_size=16",
         "loss.distill.start_fraction=0.25", "loss.distill.prototypes=64", "loss.distill.head_hidden=32",
-        "loss.distill.head_bottleneck=16", *extra,
+        "loss.distill.head_bottleneck=16",
+        # SigLIP 2's third term in the same run: the LocCa decoder (captioning only: shapes have no regions)
+        "loss.weights.locca=1", "loss.locca.box_bins=32", "model.locca_decoder.num_layers=1", *extra,
     ]
 
 
@@ -198,11 +201,12 @@ def test_resume_with_the_teacher_in_the_checkpoint_is_exact(shapes_data, tmp_pat
     again = read_metrics(tmp_path / "resumed" / "metrics.jsonl")
     assert [m["step"] for m in again] == list(range(7, 13))
     for a, b in zip(again, metrics[6:]):
-        for key in ("loss", *TERMS, "grad_norm", "teacher_momentum"):
+        for key in ("loss", *TERMS, "loss/locca", "grad_norm", "teacher_momentum"):
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (a["step"], key)
     w_full, w_resumed = _model_tensors(full[0]["checkpoint"]), _model_tensors(resumed[0]["checkpoint"])
     assert set(w_full) == set(w_resumed)
     assert any("teacher_vision_block" in k for k in w_full) and any(k.endswith("distill_center") for k in w_full)
+    assert any(k.startswith("locca_decoder.") for k in w_full)
     for k in w_full:
         torch.testing.assert_close(w_resumed[k], w_full[k], rtol=1e-5, atol=1e-6, msg=k)
 
@@ -214,7 +218,7 @@ def test_resume_with_the_teacher_in_the_checkpoint_is_exact(shapes_data, tmp_pat
         lines: list[str] = []
         export(full[0]["checkpoint"], tmp_path / name, tokenizer=shapes_data["tokenizer"], log=lines.append)
         left = [line for line in lines if line.startswith("left out")]
-        assert left and "EMA teacher" in left[0] and "distill_head" in left[0] and "patch_head" in left[0], lines
+        assert left and all(m in left[0] for m in ("EMA teacher", "distill_head", "patch_head", "locca_decoder")), lines
 
 
 @pytest.mark.multiprocess
