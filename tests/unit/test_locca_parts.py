@@ -112,3 +112,23 @@ def test_plan_counts_the_built_decoders_parameters_and_flops():
     parts = count_flops(cfg, input_streams(cfg)).parts
     assert parts["locca_decoder_matmul"] == 2 * P * d * d + 3 * layers * (self_mm + cross_mm) + 3 * 2 * L * d * V
     assert parts["locca_decoder_attention"] == 3 * layers * (4 * L * L * d + 4 * L * P * d)
+
+
+def test_chance_is_log_vocabulary_per_task_present():
+    from tulip_mega.config.streams import input_streams
+    from tulip_mega.losses.outputs import ModelOutputs
+    from tulip_mega.losses.stack import TulipLossStack
+
+    cfg = load_config(None, DEBUG + ["loss.weights.locca=1"])
+    stack = TulipLossStack(cfg, input_streams(cfg), group=None, pad_id=PAD)
+    one = torch.tensor(1.0)
+    out = ModelOutputs(image_emb=torch.zeros(2, 4), text_emb=torch.zeros(2, 4), logit_scale=one, logit_bias=one,
+                       ii_logit_scale=one, ii_logit_bias=one, tt_logit_scale=one, tt_logit_bias=one,
+                       locca_logits=torch.zeros(10, 6, 1060))
+    chance = stack.chance(out, _batch(), ["locca"])["locca"].item()
+    assert chance == pytest.approx((1 + 2 * 0.5) * math.log(1060), rel=1e-6)  # one of two samples has a region
+    # and it is what a uniform decoder scores
+    v = LoccaVocab(text=1024, bins=32)
+    t = build_targets(_batch(), ["a", "b"], 0, 0, v, 10, 0.0, PAD)
+    uniform = locca_loss(torch.zeros(10, 6, 1060), t.targets, t.weights).item()
+    assert uniform == pytest.approx(chance, rel=1e-6)

@@ -17,6 +17,7 @@ term is computed over.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
@@ -89,7 +90,7 @@ class TulipLossStack(torch.nn.Module):
         # they are computed per micro-batch in the gradient pass.
         self.sample_mean_terms = tuple(name for name in self.terms if name in SAMPLE_MEAN_TERMS)
         self.distill_terms = tuple(name for name in self.terms if name in DISTILL_TERMS)
-        self.chance_terms = self.contrastive_terms + self.distill_terms
+        self.chance_terms = self.contrastive_terms + self.distill_terms + (("locca",) if "locca" in self.terms else ())
         d = loss.distill
         self.distill_temperatures = (d.student_temperature, d.teacher_temperature)
         self.prototypes = d.prototypes
@@ -242,6 +243,15 @@ class TulipLossStack(torch.nn.Module):
     def _locca(self, out: ModelOutputs, inputs: TermInputs) -> torch.Tensor:
         return locca_loss(out.locca_logits, inputs.locca.targets, inputs.locca.weights)
 
+    def _locca_chance(self, out: ModelOutputs, batch) -> Number:
+        """A decoder that has learned nothing (uniform over its vocabulary V) scores log V per
+        task: captioning for every sample, the two region tasks for those with a region."""
+        from megatron.core import parallel_state
+
+        tp = parallel_state.get_tensor_model_parallel_world_size() if parallel_state.model_parallel_is_initialized() else 1
+        tasks = 1.0 + 2.0 * batch.region_valid.any(-1).float().mean()
+        return tasks * math.log(out.locca_logits.shape[-1] * tp)
+
     def _aug_contrastive(self, out: ModelOutputs, inputs: TermInputs) -> torch.Tensor:
         scale = out.aug_logit_scale.clamp(max=self.max_infonce_scale)
         return self.aug_infonce(out.aug_image, out.aug_text, scale)
@@ -289,7 +299,7 @@ LOSS_TERMS: tuple[LossTerm, ...] = (
              TulipLossStack._text_text, TulipLossStack._text_text_chance),
     LossTerm("mae", ("mae_pred",), TulipLossStack._mae),
     LossTerm("text_recon", ("text_logits",), TulipLossStack._text_recon),
-    LossTerm("locca", ("locca_logits",), TulipLossStack._locca),
+    LossTerm("locca", ("locca_logits",), TulipLossStack._locca, TulipLossStack._locca_chance),
     LossTerm("aug_contrastive", ("aug_image", "aug_text", "aug_logit_scale"),
              TulipLossStack._aug_contrastive, TulipLossStack._aug_contrastive_chance),
     LossTerm("self_distill", ("distill_student", "distill_teacher", "distill_center"),
