@@ -239,31 +239,47 @@ def evaluate_scenes_checkpoint(checkpoint: str, data: str, config: Optional[str]
 
 
 def locca_refer_metrics(checkpoint: Union[str, Path], data_dir: Union[str, Path], recipe: str,
-                             tokenizer_path: str) -> dict[str, float]:
+                        tokenizer_path: str) -> dict[str, float]:
     """`refer_metrics` of a training checkpoint that holds a LocCa decoder, on the scenes val
-    split in `data_dir`: the model is rebuilt in this process (TP = PP = 1, any saved layout)."""
+    split in `data_dir`: the model is rebuilt in this process (TP = PP = 1, any saved layout).
+    Without a process group it makes a one-rank group on a free port of its own (the default
+    one may belong to a training run on this machine) and ends it, restoring the environment."""
+    import gc
+    import os
+
+    import torch.distributed as dist
+
     from tulip_mega.config import load_config
     from tulip_mega.data.tokenizer import Tokenizer
     from tulip_mega.eval.locca import refer_metrics
     from tulip_mega.losses.locca import LoccaVocab
     from tulip_mega.models.specs import overrides_where_te_absent
     from tulip_mega.parallel.init import launch_env
+    from tulip_mega.parallel.spawn import free_port
 
     single = ["parallel.tensor_parallel=1", "parallel.pipeline_parallel=1", "parallel.virtual_pipeline=1",
               "parallel.sequence_parallel=false", "checkpoint.load=null", "checkpoint.resume=false"]
-    import torch.distributed as dist
-
     cfg = load_config(recipe, overrides_where_te_absent() + single)
-    started = not dist.is_initialized()  # the process group this evaluation creates, it also ends
+    started = not dist.is_initialized()
+    saved = {key: os.environ.get(key) for key in ("MASTER_ADDR", "MASTER_PORT")}
+    if started:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     try:
         model = load_eval_model(cfg, Path(checkpoint), launch_env())[0].eval()
         tok = Tokenizer(tokenizer_path, context_length=cfg.model.text.context_length)
         vocab = LoccaVocab(cfg.model.text.vocab_size, cfg.loss.locca.box_bins)
         return refer_metrics(model, str(Path(data_dir) / "val-*.tar"), cfg.model.vision.image_size, tok, vocab)
     finally:
-        if started and dist.is_initialized():
-            parallel_state.destroy_model_parallel()
-            dist.destroy_process_group()
+        if started:
+            if dist.is_initialized():
+                parallel_state.destroy_model_parallel()
+                dist.destroy_process_group()
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+            gc.collect()  # the group's TCP store, and with it the port
 
 
 def build_parser():

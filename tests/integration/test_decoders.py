@@ -149,7 +149,7 @@ def test_decoder_config_has_decoder_sizes_tower_parallelism_and_one_stage():
         for field in ("tensor_model_parallel_size", "sequence_parallel", "params_dtype", "bf16", "fp8",
                       "layernorm_epsilon", "add_bias_linear", "use_cpu_initialization", "perform_initialization"):
             assert getattr(dec, field) == getattr(tower, field), field
-    with pytest.raises(ValueError, match="expected 'mae' or 'text'"):
+    with pytest.raises(ValueError, match="expected 'mae', 'text' or 'locca'"):
         decoder_config(cfg, "vision")
 
 

@@ -56,7 +56,11 @@ def _block_shapes(cfg) -> dict[str, list]:
         rows["mae_decoder"] = [streams.patches * mb]
     if heads.text_decoder:
         rows["text_decoder"] = [m.text.context_length * mb]
-    sizes = {"vision": m.vision, "text": m.text, "mae_decoder": m.mae_decoder, "text_decoder": m.text_decoder}
+    if heads.locca_decoder:  # 3 sequences per sample of context + 4 positions (rounded to TP under SP)
+        length = -(-(m.text.context_length + 4) // (tp if sp else 1)) * (tp if sp else 1)
+        rows["locca_decoder"] = [length * 3 * mb]
+    sizes = {"vision": m.vision, "text": m.text, "mae_decoder": m.mae_decoder, "text_decoder": m.text_decoder,
+             "locca_decoder": m.locca_decoder}
     out = {}
     for block, counts in rows.items():
         h, f = sizes[block].hidden_size, sizes[block].ffn_hidden_size

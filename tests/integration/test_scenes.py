@@ -152,7 +152,8 @@ def test_quality_benchmark_quick_runs_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "| pairs/all | 0.250 |" in proc.stdout and "tulip/siglip" in proc.stdout
     results = json.loads((tmp_path / "quick" / "results.json").read_text())
-    assert set(results["results"]) == {"siglip", "clip_rocket", "tulip"}
+    assert set(results["results"]) == {"siglip", "clip_rocket", "tulip", "siglip2", "tulip_siglip2"}
+    assert "locca/refer_acc50" in results["results"]["siglip2"][0] and "| locca/refer_acc50 |" in proc.stdout
     for runs in results["results"].values():
         assert len(runs) == 1 and 0.0 <= runs[0]["pairs/all"] <= 1.0 and "probe/count" in runs[0]
     # the same numbers through `tulip-mega eval CHECKPOINT --task scenes`

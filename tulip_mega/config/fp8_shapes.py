@@ -197,9 +197,9 @@ def _block_tokens(cfg, streams: Streams) -> dict[str, list[TokenCount]]:
                           ] if heads.mae_decoder else []
     out["text_decoder"] = [_tokens("decoder", t.context_length, 1, mb, f"{t.context_length} tokens", micro, cfg)
                            ] if heads.text_decoder else []
-    locca = decoder_length(t.context_length, cfg.parallel.tensor_parallel if cfg.parallel.sequence_parallel else 1)
-    out["locca_decoder"] = [_tokens("decoder", locca, 3, mb, f"{locca} LocCa positions x 3 tasks", micro, cfg)
-                            ] if heads.locca_decoder else []
+    if heads.locca_decoder:  # listed only where built: recipes without it keep their table
+        locca = decoder_length(t.context_length, cfg.parallel.tensor_parallel if cfg.parallel.sequence_parallel else 1)
+        out["locca_decoder"] = [_tokens("decoder", locca, 3, mb, f"{locca} LocCa positions x 3 tasks", micro, cfg)]
     return out
 
 

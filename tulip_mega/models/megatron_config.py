@@ -175,7 +175,7 @@ def decoder_config(cfg, which: DecoderName, choices: Optional[LayerChoices] = No
     """
     decoders = {"mae": cfg.model.mae_decoder, "text": cfg.model.text_decoder, "locca": cfg.model.locca_decoder}
     if which not in decoders:
-        raise ValueError(f"decoder_config: which={which!r}; expected one of {', '.join(decoders)}")
+        raise ValueError(f"decoder_config: which={which!r}; expected 'mae', 'text' or 'locca'")
     dec = decoders[which]
     unset = [k for k in ("hidden_size", "num_heads", "ffn_hidden_size") if getattr(dec, k) is None]
     if unset:

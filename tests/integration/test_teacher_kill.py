@@ -1,0 +1,114 @@
+"""kill -9 while the EMA teacher runs, then resume: the run killed during step 4's (unpublished)
+save resumes from step 3, where the teacher has run for a step, and reproduces the uninterrupted
+run's step 4 and every tensor of its checkpoint: student, optimizer, the teacher's float32 weights
+and both centres, and the LocCa decoder (TP=2 on 2 ranks, sequence parallel off)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from harness import build_train_step, global_batches, rank_microbatches
+from tulip_mega.parallel.spawn import run_distributed
+
+pytestmark = pytest.mark.multiprocess
+
+REPO = Path(__file__).resolve().parents[2]
+# 4 steps; the teacher starts after 2 (start_fraction 0.5); TP=2 across the 2 ranks.
+RUN = ["parallel.tensor_parallel=2", "train.global_batch_size=16", "train.micro_batch_size=8", "train.steps=4",
+       "loss.weights.self_distill=1", "loss.weights.masked_prediction=0.25", "data.views.global_crops=2",
+       "data.views.local_crops=2", "data.views.local_size=16", "loss.distill.start_fraction=0.5",
+       "loss.distill.prototypes=64", "loss.distill.head_hidden=32", "loss.distill.head_bottleneck=16",
+       "loss.weights.locca=1", "loss.locca.box_bins=32", "model.locca_decoder.num_layers=1"]
+SHAPE = {"test": 1}
+
+
+def teacher_run_worker(root: str, steps: int, kill_marker: str, load: str) -> dict:
+    """Train to `steps` (after loading `load`, if given), saving asynchronously after every
+    step. With a kill marker: after scheduling the last step's save, write the marker and wait
+    to be killed (that save stays unpublished)."""
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from tulip_mega.training.async_checkpoint import CheckpointWriter
+    from tulip_mega.training.checkpoint import load_checkpoint
+
+    cfg, model, opt, sched, step = build_train_step(RUN)
+    it = rank_microbatches(cfg, global_batches(cfg, steps), parallel_state.get_data_parallel_rank(),
+                           parallel_state.get_data_parallel_world_size())
+    start = 0
+    if load:
+        start = load_checkpoint(Path(load), model, opt, sched, None, SHAPE)["step"]
+        step.completed_steps = start
+        for _ in range(start * step.num_microbatches):
+            next(it)  # the data this run already consumed
+    writer = CheckpointWriter(True)
+    metrics = []
+    for s in range(start + 1, steps + 1):
+        metrics.append(step(it))
+        writer.poll()
+        writer.save(Path(root), s, model, opt, sched, None, SHAPE, keep_last=5)
+        if kill_marker and s == steps:
+            dist.barrier()
+            if dist.get_rank() == 0:
+                Path(kill_marker).write_text(str(s))
+            time.sleep(600)
+    writer.close()
+    return {"metrics": metrics}
+
+
+def load_tensors_worker(checkpoint: str) -> dict:
+    from megatron.core import dist_checkpointing
+
+    return {k: v for k, v in dist_checkpointing.load_plain_tensors(checkpoint).items() if torch.is_tensor(v)}
+
+
+KILL_SCRIPT = """
+import sys
+sys.path[:0] = [{tests!r}, {here!r}]
+from test_teacher_kill import teacher_run_worker
+from tulip_mega.parallel.spawn import run_distributed
+if __name__ == "__main__":
+    run_distributed(teacher_run_worker, 2, {root!r}, 4, {marker!r}, "")
+"""
+
+
+@pytest.mark.slow
+def test_sigkill_while_the_teacher_runs_resumes_exactly(tmp_path):
+    root, marker = tmp_path / "ckpt", tmp_path / "killed_at"
+    script = tmp_path / "run.py"
+    script.write_text(KILL_SCRIPT.format(tests=str(REPO / "tests"), here=str(Path(__file__).parent),
+                                         root=str(root), marker=str(marker)))
+    proc = subprocess.Popen([sys.executable, str(script)], cwd=REPO, start_new_session=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    try:
+        while not marker.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher, both ranks and any writer process
+        proc.wait()
+    assert (root / "latest").read_text().strip() == "step_0000003"  # step 4's save never published
+
+    reference = run_distributed(teacher_run_worker, 2, str(tmp_path / "ref"), 4, "", "")
+    resumed = run_distributed(teacher_run_worker, 2, str(root), 4, "", str(root / "step_0000003"))
+    ref_step, got_step = reference[0]["metrics"][3], resumed[0]["metrics"][0]
+    for key in ("loss", "loss/self_distill", "loss/masked_prediction", "loss/locca", "teacher_momentum"):
+        assert got_step[key] == pytest.approx(ref_step[key], rel=1e-6), key
+    ref = run_distributed(load_tensors_worker, 1, str(tmp_path / "ref" / "step_0000004"))[0]
+    got = run_distributed(load_tensors_worker, 1, str(root / "step_0000004"))[0]
+    assert set(ref) == set(got)
+    assert any(k.startswith("teacher_vision_block") for k in ref) and "distill_center" in ref, sorted(ref)[:8]
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-6, atol=1e-7, msg=k)
