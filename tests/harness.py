@@ -304,6 +304,29 @@ def kill_mid_second_shard(argv: Sequence[str], out_dir, shard_names: Sequence[st
     assert not any((out / n).exists() for n in shard_names[1:]), "a shard after the kill point was completed"
 
 
+def run_script_and_kill_at_marker(script, marker, timeout: float = 300.0) -> None:
+    """Run the Python `script` (its own session, the repo on PYTHONPATH) until it writes the file
+    `marker`, then SIGKILL its whole process group: the launcher, every rank, any writer."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, str(script)], cwd=repo, start_new_session=True,
+                            env={**os.environ, "PYTHONPATH": str(repo)}, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    try:
+        while not Path(marker).exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def read_all(spec: str) -> dict[str, dict]:
     """Every sample of the shards of ``spec`` by key (read with shards.iter_samples)."""
     from tulip_mega.data.shards import expand_shards, iter_samples

@@ -5,17 +5,13 @@ and both centres, and the LocCa decoder (TP=2 on 2 ranks, sequence parallel off)
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from harness import build_train_step, global_batches, rank_microbatches
+from harness import build_train_step, global_batches, rank_microbatches, run_script_and_kill_at_marker
 from tulip_mega.parallel.spawn import run_distributed
 
 pytestmark = pytest.mark.multiprocess
@@ -89,16 +85,7 @@ def test_sigkill_while_the_teacher_runs_resumes_exactly(tmp_path):
     script = tmp_path / "run.py"
     script.write_text(KILL_SCRIPT.format(tests=str(REPO / "tests"), here=str(Path(__file__).parent),
                                          root=str(root), marker=str(marker)))
-    proc = subprocess.Popen([sys.executable, str(script)], cwd=REPO, start_new_session=True,
-                            env={**os.environ, "PYTHONPATH": str(REPO)}, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    try:
-        while not marker.exists():
-            assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
-            time.sleep(0.05)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the launcher, both ranks and any writer process
-        proc.wait()
+    run_script_and_kill_at_marker(script, marker)
     assert (root / "latest").read_text().strip() == "step_0000003"  # step 4's save never published
 
     reference = run_distributed(teacher_run_worker, 2, str(tmp_path / "ref"), 4, "", "")
