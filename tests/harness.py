@@ -304,6 +304,63 @@ def kill_mid_second_shard(argv: Sequence[str], out_dir, shard_names: Sequence[st
     assert not any((out / n).exists() for n in shard_names[1:]), "a shard after the kill point was completed"
 
 
+def train_and_save_worker(overrides: Sequence[str], root: str, steps: int, kill_marker: str, load: str) -> dict:
+    """Train to `steps` (after loading `load`, if given), saving asynchronously after every
+    step. With a kill marker: after scheduling the last step's save, write the marker and wait
+    to be killed (that save stays unpublished: it is only published at the next poll).
+    Returns every step's metrics and losses."""
+    import time
+    import warnings
+    from pathlib import Path
+
+    warnings.filterwarnings("ignore")
+    from megatron.core import parallel_state
+
+    from tulip_mega.training.async_checkpoint import CheckpointWriter
+    from tulip_mega.training.checkpoint import load_checkpoint
+
+    shape = {"test": 1}
+    cfg, model, opt, sched, step = build_train_step(overrides)
+    it = rank_microbatches(cfg, global_batches(cfg, steps), parallel_state.get_data_parallel_rank(),
+                           parallel_state.get_data_parallel_world_size())
+    start = 0
+    if load:
+        start = load_checkpoint(Path(load), model, opt, sched, None, shape)["step"]
+        step.completed_steps = start
+        for _ in range(start * step.num_microbatches):
+            next(it)  # the data this run already consumed
+    writer = CheckpointWriter(True)
+    metrics = []
+    for s in range(start + 1, steps + 1):
+        metrics.append(step(it))
+        writer.poll()
+        writer.save(Path(root), s, model, opt, sched, None, shape, keep_last=5)
+        if kill_marker and s == steps:
+            dist.barrier()
+            if dist.get_rank() == 0:
+                Path(kill_marker).write_text(str(s))
+            time.sleep(600)
+    writer.close()
+    return {"metrics": metrics, "losses": [m["loss"] for m in metrics]}
+
+
+def load_tensors_worker(checkpoint: str) -> dict:
+    """Every tensor of a checkpoint (weights, optimizer state, buffers), unsharded."""
+    from megatron.core import dist_checkpointing
+
+    return {k: v for k, v in dist_checkpointing.load_plain_tensors(checkpoint).items() if torch.is_tensor(v)}
+
+
+KILL_SCRIPT = """
+import sys
+sys.path[:0] = [{tests!r}]
+from harness import train_and_save_worker
+from tulip_mega.parallel.spawn import run_distributed
+if __name__ == "__main__":
+    run_distributed(train_and_save_worker, 2, {overrides!r}, {root!r}, {steps!r}, {marker!r}, "")
+"""
+
+
 def run_script_and_kill_at_marker(script, marker, timeout: float = 300.0) -> None:
     """Run the Python `script` (its own session, the repo on PYTHONPATH) until it writes the file
     `marker`, then SIGKILL its whole process group: the launcher, every rank, any writer."""

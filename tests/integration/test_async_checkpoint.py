@@ -4,13 +4,13 @@ async save leaves the previous checkpoint loadable and the resume exact."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from harness import build_train_step, global_batches, rank_microbatches, run_script_and_kill_at_marker
+from harness import (KILL_SCRIPT, build_train_step, global_batches, load_tensors_worker, rank_microbatches,
+                     run_script_and_kill_at_marker, train_and_save_worker)
 from tulip_mega.parallel.spawn import run_distributed
 
 pytestmark = pytest.mark.multiprocess
@@ -47,12 +47,6 @@ def sync_vs_async_worker(root: str) -> dict:
     return {"path": str(path), "unpublished_at_first": unpublished, "report": report}
 
 
-def load_tensors_worker(checkpoint: str) -> dict:
-    from megatron.core import dist_checkpointing
-
-    return {k: v for k, v in dist_checkpointing.load_plain_tensors(checkpoint).items() if torch.is_tensor(v)}
-
-
 def test_async_checkpoint_equals_sync_one(tmp_path):
     out = run_distributed(sync_vs_async_worker, 2, str(tmp_path))
     assert all(r["unpublished_at_first"] for r in out), "latest was written before the async write finished"
@@ -68,63 +62,18 @@ def test_async_checkpoint_equals_sync_one(tmp_path):
 
 
 # --- SIGKILL during an async save --------------------------------------------------------------
-def train_and_save_worker(root: str, steps: int, kill_marker: str, load: str) -> dict:
-    """Train `steps` steps (after loading `load`, if given), saving asynchronously after each.
-    With a kill marker: after scheduling the save of the last step, write the marker and wait
-    to be killed (the save stays unpublished: it is only published at the next poll)."""
-    import warnings
-
-    warnings.filterwarnings("ignore")
-    import torch.distributed as dist
-
-    from tulip_mega.training.async_checkpoint import CheckpointWriter
-    from tulip_mega.training.checkpoint import load_checkpoint
-
-    cfg, model, opt, sched, step = build_train_step(LAYOUT)
-    it = _iterator(cfg, steps)
-    start = 0
-    if load:
-        start = load_checkpoint(Path(load), model, opt, sched, None, SHAPE)["step"]
-        step.completed_steps = start
-        for _ in range(start * step.num_microbatches):
-            next(it)  # the data this run already consumed
-    writer = CheckpointWriter(True)
-    losses = []
-    for s in range(start + 1, steps + 1):
-        losses.append(step(it)["loss"])
-        writer.poll()
-        writer.save(Path(root), s, model, opt, sched, None, SHAPE, keep_last=5)
-        if kill_marker and s == steps:
-            dist.barrier()
-            if dist.get_rank() == 0:
-                Path(kill_marker).write_text(str(s))
-            time.sleep(600)
-    writer.close()
-    return {"losses": losses}
-
-
-KILL_SCRIPT = """
-import sys
-sys.path[:0] = [{tests!r}, {here!r}]
-from test_async_checkpoint import train_and_save_worker
-from tulip_mega.parallel.spawn import run_distributed
-if __name__ == "__main__":
-    run_distributed(train_and_save_worker, 2, {root!r}, 3, {marker!r}, "")
-"""
-
-
 def test_sigkill_during_async_save_keeps_previous_latest_and_resume_is_exact(tmp_path):
     root, marker = tmp_path / "ckpt", tmp_path / "killed_at"
     script = tmp_path / "run.py"
-    script.write_text(KILL_SCRIPT.format(tests=str(REPO / "tests"), here=str(Path(__file__).parent),
-                                         root=str(root), marker=str(marker)))
+    script.write_text(KILL_SCRIPT.format(tests=str(REPO / "tests"), overrides=LAYOUT, root=str(root), steps=3,
+                                         marker=str(marker)))
     run_script_and_kill_at_marker(script, marker)
     # Step 3's save was started but never published; step 2's is the newest complete one.
     assert (root / "latest").read_text().strip() == "step_0000002"
     assert not (root / "step_0000003").exists()
 
-    reference = run_distributed(train_and_save_worker, 2, str(tmp_path / "ref"), 3, "", "")
-    resumed = run_distributed(train_and_save_worker, 2, str(root), 3, "", str(root / "step_0000002"))
+    reference = run_distributed(train_and_save_worker, 2, LAYOUT, str(tmp_path / "ref"), 3, "", "")
+    resumed = run_distributed(train_and_save_worker, 2, LAYOUT, str(root), 3, "", str(root / "step_0000002"))
     assert resumed[0]["losses"] == [pytest.approx(reference[0]["losses"][2], rel=1e-6)]
     ref = run_distributed(load_tensors_worker, 1, str(tmp_path / "ref" / "step_0000003"))[0]
     got = run_distributed(load_tensors_worker, 1, str(root / "step_0000003"))[0]

@@ -5,13 +5,12 @@ and both centres, and the LocCa decoder (TP=2 on 2 ranks, sequence parallel off)
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from harness import build_train_step, global_batches, rank_microbatches, run_script_and_kill_at_marker
+from harness import KILL_SCRIPT, load_tensors_worker, run_script_and_kill_at_marker, train_and_save_worker
 from tulip_mega.parallel.spawn import run_distributed
 
 pytestmark = pytest.mark.multiprocess
@@ -23,73 +22,19 @@ RUN = ["parallel.tensor_parallel=2", "train.global_batch_size=16", "train.micro_
        "data.views.local_crops=2", "data.views.local_size=16", "loss.distill.start_fraction=0.5",
        "loss.distill.prototypes=64", "loss.distill.head_hidden=32", "loss.distill.head_bottleneck=16",
        "loss.weights.locca=1", "loss.locca.box_bins=32", "model.locca_decoder.num_layers=1"]
-SHAPE = {"test": 1}
-
-
-def teacher_run_worker(root: str, steps: int, kill_marker: str, load: str) -> dict:
-    """Train to `steps` (after loading `load`, if given), saving asynchronously after every
-    step. With a kill marker: after scheduling the last step's save, write the marker and wait
-    to be killed (that save stays unpublished)."""
-    import warnings
-
-    warnings.filterwarnings("ignore")
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    from tulip_mega.training.async_checkpoint import CheckpointWriter
-    from tulip_mega.training.checkpoint import load_checkpoint
-
-    cfg, model, opt, sched, step = build_train_step(RUN)
-    it = rank_microbatches(cfg, global_batches(cfg, steps), parallel_state.get_data_parallel_rank(),
-                           parallel_state.get_data_parallel_world_size())
-    start = 0
-    if load:
-        start = load_checkpoint(Path(load), model, opt, sched, None, SHAPE)["step"]
-        step.completed_steps = start
-        for _ in range(start * step.num_microbatches):
-            next(it)  # the data this run already consumed
-    writer = CheckpointWriter(True)
-    metrics = []
-    for s in range(start + 1, steps + 1):
-        metrics.append(step(it))
-        writer.poll()
-        writer.save(Path(root), s, model, opt, sched, None, SHAPE, keep_last=5)
-        if kill_marker and s == steps:
-            dist.barrier()
-            if dist.get_rank() == 0:
-                Path(kill_marker).write_text(str(s))
-            time.sleep(600)
-    writer.close()
-    return {"metrics": metrics}
-
-
-def load_tensors_worker(checkpoint: str) -> dict:
-    from megatron.core import dist_checkpointing
-
-    return {k: v for k, v in dist_checkpointing.load_plain_tensors(checkpoint).items() if torch.is_tensor(v)}
-
-
-KILL_SCRIPT = """
-import sys
-sys.path[:0] = [{tests!r}, {here!r}]
-from test_teacher_kill import teacher_run_worker
-from tulip_mega.parallel.spawn import run_distributed
-if __name__ == "__main__":
-    run_distributed(teacher_run_worker, 2, {root!r}, 4, {marker!r}, "")
-"""
 
 
 @pytest.mark.slow
 def test_sigkill_while_the_teacher_runs_resumes_exactly(tmp_path):
     root, marker = tmp_path / "ckpt", tmp_path / "killed_at"
     script = tmp_path / "run.py"
-    script.write_text(KILL_SCRIPT.format(tests=str(REPO / "tests"), here=str(Path(__file__).parent),
-                                         root=str(root), marker=str(marker)))
+    script.write_text(KILL_SCRIPT.format(tests=str(REPO / "tests"), overrides=RUN, root=str(root), steps=4,
+                                         marker=str(marker)))
     run_script_and_kill_at_marker(script, marker)
     assert (root / "latest").read_text().strip() == "step_0000003"  # step 4's save never published
 
-    reference = run_distributed(teacher_run_worker, 2, str(tmp_path / "ref"), 4, "", "")
-    resumed = run_distributed(teacher_run_worker, 2, str(root), 4, "", str(root / "step_0000003"))
+    reference = run_distributed(train_and_save_worker, 2, RUN, str(tmp_path / "ref"), 4, "", "")
+    resumed = run_distributed(train_and_save_worker, 2, RUN, str(root), 4, "", str(root / "step_0000003"))
     ref_step, got_step = reference[0]["metrics"][3], resumed[0]["metrics"][0]
     for key in ("loss", "loss/self_distill", "loss/masked_prediction", "loss/locca", "teacher_momentum"):
         assert got_step[key] == pytest.approx(ref_step[key], rel=1e-6), key
