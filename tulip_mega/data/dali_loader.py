@@ -49,6 +49,7 @@ from PIL import Image
 from tulip_mega.data.base import Batch
 from tulip_mega.data.dali_pipeline import ViewPlan, build_pipeline, to_torch
 from tulip_mega.data.host_prep import HostPrep, HostSample, Result
+from tulip_mega.data.image_files import edit_file, image_file
 from tulip_mega.data.reader_pool import READ_CHUNK, ReaderPool
 from tulip_mega.data.sample_stream import Cursor, Entry, Position, SampleStream, StreamPositionMixin, read_slices
 from tulip_mega.data.tokenizer import Tokenizer
@@ -64,7 +65,7 @@ class _Prepared:
 
     key: str
     shard: str
-    jpg: bytes
+    image: bytes  # key.jpg / .jpeg / .webp / .png (image_files.IMAGE_EXTS); DALI decodes each
     host: HostSample
     pos: Optional[bytes] = None
     neg: Optional[bytes] = None
@@ -228,7 +229,7 @@ class DaliLoader(StreamPositionMixin):
                 torch.cuda.set_device(self.device_id)
             self._pipe = build_pipeline(self.plan, self.batch_size, self.threads, self.gpu, self.device_id)
         pipe = self._pipe
-        pipe.feed_input("jpg", [np.frombuffer(s.jpg, dtype=np.uint8) for s in samples])
+        pipe.feed_input("jpg", [np.frombuffer(s.image, dtype=np.uint8) for s in samples])
         if self.plan.uses_params:
             pipe.feed_input("params", [s.host.params for s in samples])
         if self.plan.edits:
@@ -295,9 +296,9 @@ class DaliLoader(StreamPositionMixin):
     def _prepared(self, item: dict[str, Any], result: HostSample) -> _Prepared:
         """A host-checked sample with the image bytes DALI decodes (read back where a worker sent offsets)."""
         files = self._files
-        return _Prepared(key=item["__key__"], shard=item["__shard__"], jpg=files.get(item, "jpg"), host=result,
-                         pos=files.get(item, "pos.jpg") if result.info.has_pos else None,
-                         neg=files.get(item, "neg.jpg") if result.info.has_neg else None)
+        return _Prepared(key=item["__key__"], shard=item["__shard__"], image=files.get(item, image_file(item)),
+                         host=result, pos=files.get(item, edit_file(item, "pos")) if result.info.has_pos else None,
+                         neg=files.get(item, edit_file(item, "neg")) if result.info.has_neg else None)
 
     def _flush(self, pending: list[_Prepared], cursor: Cursor) -> tuple[Optional[Batch], list[_Prepared]]:
         """(batch of ``pending``, []); or, when DALI rejected samples, (None, the others) after

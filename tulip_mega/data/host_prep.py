@@ -31,12 +31,13 @@ from PIL import Image
 
 from tulip_mega.data.dali_pipeline import ViewPlan, sample_params
 from tulip_mega.data.eda import eda
+from tulip_mega.data.image_files import all_image_files, edit_file, image_file
 from tulip_mega.data.sample_stream import Damaged, Entry, read_caption
 from tulip_mega.data.tokenizer import Tokenizer
 
 __all__ = ["HOST", "IMAGE_FILES", "Drawn", "HostPrep", "HostSample", "Inspected", "Request", "Result"]
 
-IMAGE_FILES = ("jpg", "pos.jpg", "neg.jpg")  # the files DALI decodes
+IMAGE_FILES = all_image_files()  # the files DALI may decode: key.{jpg,jpeg,webp,png} and the GeCo edits
 # The key under which a reader worker stores a sample's ``inspect`` result in the sample dict.
 HOST = "__host__"
 # One unit of position-dependent work is a sample_stream.Entry: (epoch, index in epoch, sample
@@ -117,6 +118,12 @@ def _regions(meta: dict[str, Any]) -> tuple[Region, ...]:
     return tuple(out)
 
 
+def _has_edit(item: dict[str, Any], edit: str) -> bool:
+    """Whether GeCo edit ``edit`` is present and non-empty (an empty file = a missing edit)."""
+    name = edit_file(item, edit)
+    return name is not None and bool(item.get(name))
+
+
 _VALID = {"paraphrases": "paraphrase_valid", "negatives": "negative_valid", "region_tokens": "region_valid"}
 
 
@@ -137,6 +144,9 @@ class HostPrep:
         paraphrases: tuple[str, ...] = ()
         negatives: tuple[str, ...] = ()
         regions: tuple[Region, ...] = ()
+        # Only the GeCo fields are read: img2dataset's / DataComp's own keys (url, key, status,
+        # width, exif, uid, clip scores, ...) are ignored, and a json without GeCo fields is a
+        # sample with none (valid masks False), never bad data.
         if plan.needs_json and "json" in item:
             try:
                 meta = json.loads(item["json"].decode("utf-8"))
@@ -147,7 +157,7 @@ class HostPrep:
             except (UnicodeDecodeError, ValueError) as e:
                 return f"malformed json ({e})"
         try:  # header only: the size for the crop windows, and an early check that it is an image
-            with Image.open(io.BytesIO(item["jpg"])) as im:
+            with Image.open(io.BytesIO(item[image_file(item)])) as im:
                 width, height = im.size
         except Exception as e:  # noqa: BLE001 - PIL raises many types for garbage
             return f"undecodable image ({type(e).__name__}: {e})"
@@ -177,8 +187,8 @@ class HostPrep:
                 continue
             caption, paraphrases, negatives, regions, width, height = c
             info = Inspected(caption=caption, width=width, height=height, tokens=rows[r],
-                             has_pos=bool(item.get("pos.jpg")) if plan.edits else False,
-                             has_neg=bool(item.get("neg.jpg")) if plan.edits else False)
+                             has_pos=_has_edit(item, "pos") if plan.edits else False,
+                             has_neg=_has_edit(item, "neg") if plan.edits else False)
             r += 1
             for name, count, got in (("paraphrases", plan.paraphrases, paraphrases),
                                      ("negatives", plan.negatives, negatives), ("region_tokens", plan.regions, regions)):

@@ -20,6 +20,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from tulip_mega.data.base import IMAGE_MEAN, IMAGE_STD, Batch
+from tulip_mega.data.image_files import MISSING_IMAGE, image_file
 from tulip_mega.data.shards import ShardReadError, expand_shards, iter_samples
 
 __all__ = ["batch_grid", "shard_stats"]
@@ -65,9 +66,13 @@ def batch_grid(batch: Batch, captions: list[str], out_png: str, max_rows: int = 
 
 
 def shard_stats(spec: str | list[str]) -> dict[str, Any]:
-    """Counts over a shard set: samples, fields present, damaged shards, caption lengths."""
+    """Counts over a shard set: samples, fields present, image formats, damaged shards, caption
+    lengths, and the problems that make the loaders skip a sample, named with the loaders'
+    reasons (``image_files.MISSING_IMAGE``, "missing caption (.txt)", "empty caption", ...).
+    img2dataset writes no ``.txt`` when a caption is empty, so that is the usual problem there."""
     shards = expand_shards(spec) if isinstance(spec, str) else list(spec)
     fields: Counter[str] = Counter()
+    formats: Counter[str] = Counter()
     problems: Counter[str] = Counter()
     damaged: list[str] = []
     words: list[int] = []
@@ -79,16 +84,23 @@ def shard_stats(spec: str | list[str]) -> dict[str, Any]:
             for s in iter_samples(shard):
                 samples += 1
                 fields.update(k for k in s if not k.startswith("__"))
-                if "jpg" not in s:
-                    problems["missing jpg"] += 1
-                try:
-                    caption = s["txt"].decode("utf-8") if "txt" in s else ""
-                except UnicodeDecodeError:
-                    caption = ""
-                    problems["caption not UTF-8"] += 1
-                if not caption.strip():
-                    problems["missing or empty caption"] += 1
-                words.append(len(caption.split()))
+                image = image_file(s)
+                if image is None:
+                    problems[MISSING_IMAGE] += 1
+                else:
+                    formats[image] += 1
+                if "txt" not in s:
+                    problems["missing caption (.txt)"] += 1
+                else:
+                    try:
+                        caption = s["txt"].decode("utf-8")
+                    except UnicodeDecodeError:
+                        caption = None
+                        problems["caption not UTF-8"] += 1
+                    if caption is not None and not caption.strip():
+                        problems["empty caption"] += 1
+                    elif caption is not None:
+                        words.append(len(caption.split()))
                 if "json" in s:
                     try:
                         if not isinstance(json.loads(s["json"].decode("utf-8")), dict):
@@ -102,6 +114,7 @@ def shard_stats(spec: str | list[str]) -> dict[str, Any]:
         "bytes": size,
         "samples": samples,
         "fields": dict(sorted(fields.items())),
+        "image_formats": dict(sorted(formats.items())),
         "problems": dict(sorted(problems.items())),
         "damaged_shards": damaged,
         "caption_words_mean": float(np.mean(words)) if words else 0.0,

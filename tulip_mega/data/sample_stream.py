@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 from tulip_mega.data.dp_split import SPLIT_NAME, ShardSlice, rank_slices, read_slice, shard_order, shard_sizes
+from tulip_mega.data.image_files import MISSING_IMAGE, image_file
 from tulip_mega.data.shards import ShardReadError, expand_shards
 
 __all__ = ["Cursor", "Damaged", "Entry", "Item", "Position", "Reader", "SampleStream", "read_caption",
@@ -64,13 +65,17 @@ def read_slices(slices: list[ShardSlice]) -> Iterator[Item]:
 def read_caption(item: Item) -> tuple[str] | str | None:
     """(caption,) of a sample with an image and a usable caption; else a reason string (a
     counted skip) or None (an uncounted drop: the incomplete last sample of a damaged shard,
-    which that shard's ``Damaged`` already counts). Shared by the PIL and the DALI loader."""
+    which that shard's ``Damaged`` already counts). Shared by the PIL and the DALI loader.
+
+    The image is any of ``image_files.IMAGE_EXTS``; ``key.json`` is not needed (img2dataset
+    writes no ``.txt`` when a caption is empty: "missing caption (.txt)")."""
     if isinstance(item, Damaged):
         return item.message
-    if "jpg" not in item or "txt" not in item:
+    has_image = image_file(item) is not None
+    if not has_image or "txt" not in item:
         if item.get("__partial__", False):
             return None
-        return f"missing {'image (.jpg)' if 'jpg' not in item else 'caption (.txt)'}"
+        return MISSING_IMAGE if not has_image else "missing caption (.txt)"
     try:
         caption = item["txt"].decode("utf-8")
     except UnicodeDecodeError as e:

@@ -34,6 +34,10 @@ _GLOB_CHARS = re.compile(r"[*?\[]")
 # Magic numbers of compressed tars; their decompressors detect truncation themselves.
 _COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ")
 _BLOCK = tarfile.BLOCKSIZE
+# What a glob keeps: tar shards, plain or compressed. img2dataset writes ``00000.parquet`` and
+# ``00000_stats.json`` beside each ``00000.tar``, and ``tulip-mega data index`` writes
+# ``00000.tar.idx``: ``dir/0000*`` must not hand those to the tar reader.
+SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
 
 
 class ShardReadError(Exception):
@@ -114,9 +118,14 @@ def _expand_one(part: str, spec: str) -> list[str]:
             raise FileNotFoundError(f"shard spec {spec!r}: directory {part!r} contains no *.tar files")
         return paths
     if _GLOB_CHARS.search(path):
-        paths = sorted(p for p in glob.glob(path) if os.path.isfile(p))
-        if not paths:
+        files = sorted(p for p in glob.glob(path) if os.path.isfile(p))
+        if not files:
             raise FileNotFoundError(f"shard spec {spec!r}: glob {part!r} matched no files")
+        paths = [p for p in files if p.lower().endswith(SHARD_SUFFIXES)]
+        if not paths:
+            shown = ", ".join(os.path.basename(p) for p in files[:3]) + (" ..." if len(files) > 3 else "")
+            raise FileNotFoundError(f"shard spec {spec!r}: glob {part!r} matched {len(files)} files but no tar "
+                                    f"shards (names ending {', '.join(SHARD_SUFFIXES)}): {shown}")
         return paths
     if not os.path.isfile(path):
         raise FileNotFoundError(f"shard spec {spec!r}: shard file {part!r} does not exist")
@@ -127,8 +136,9 @@ def expand_shards(spec: str) -> list[str]:
     """Turn a shard spec into an explicit, ordered list of existing shard files.
 
     Accepted forms (combinable with commas): a brace range ``dir/train-{000000..000007}.tar``
-    (zero padding kept), a glob ``dir/train-*.tar`` (sorted), a directory (all ``*.tar``
-    sorted) or a plain file. Every failure is a FileNotFoundError naming the spec and what was
+    (zero padding kept), a glob ``dir/train-*.tar`` (sorted; only names ending in
+    ``SHARD_SUFFIXES`` are kept, so img2dataset's ``.parquet`` / ``_stats.json`` and our ``.idx``
+    files beside the tars are left out), a directory (all ``*.tar`` sorted) or a plain file. Every failure is a FileNotFoundError naming the spec and what was
     looked for, so a typo fails at startup instead of as an empty epoch.
     """
     if not isinstance(spec, str) or not spec.strip():

@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 from tulip_mega.data.base import Batch
+from tulip_mega.data.image_files import image_file
 from tulip_mega.data.sample_stream import Item, SampleStream, StreamPositionMixin, read_caption
 from tulip_mega.data.tokenizer import Tokenizer
 
@@ -36,7 +37,7 @@ class LoaderFieldError(ValueError):
 
 
 def decode_image(data: bytes, image_size: int) -> np.ndarray:
-    """JPEG/PNG bytes -> read-only uint8 [image_size, image_size, 3] RGB (bicubic resize, no crop).
+    """JPEG/PNG/WebP bytes -> read-only uint8 [image_size, image_size, 3] RGB (bicubic resize, no crop).
 
     ``draft`` lets libjpeg decode large JPEGs at a reduced scale (still >= the target size),
     which is much faster than a full decode followed by a big downscale.
@@ -86,7 +87,7 @@ class SimpleLoader(StreamPositionMixin):
         if not isinstance(caption, tuple):
             return caption
         try:
-            image = decode_image(item["jpg"], self.image_size)
+            image = decode_image(item[image_file(item)], self.image_size)
         except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, ...
             return f"undecodable image ({type(e).__name__}: {e})"
         return image, caption[0]

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from tulip_mega.data.base import IMAGE_MEAN, IMAGE_STD
+from tulip_mega.data.image_files import image_file
 from tulip_mega.data.shards import expand_shards, iter_samples
 from tulip_mega.data.simple_loader import decode_image
 from tulip_mega.losses.locca import LoccaVocab
@@ -69,7 +70,7 @@ def scene_regions(shards: str, image_size: int, tokenizer) -> Iterator[tuple[np.
             regions = [r for r in regions if names.count(r["caption"]) == 1]
             if not regions:
                 continue
-            image = decode_image(sample["jpg"], image_size)
+            image = decode_image(sample[image_file(sample)], image_size)
             tokens = tokenizer.encode([r["caption"] for r in regions])
             for r, row in zip(regions, tokens):
                 yield image, row, torch.tensor(r["box"], dtype=torch.float32)

@@ -39,6 +39,7 @@ from typing import Any, Optional, Protocol
 import numpy as np
 from PIL import Image
 
+from tulip_mega.data.image_files import image_file
 from tulip_mega.datagen.geco.rules import OBJECT_GROUPS, edit_caption
 from tulip_mega.datagen.geco.run import GecoSummary, Updates, caption_of, encode_meta, meta_of, sample_seed
 from tulip_mega.datagen.geco.text import ModelNotFoundError, normalise
@@ -379,7 +380,7 @@ class ImageStage:
         for i, s in enumerate(batch):
             meta = meta_of(s)
             try:
-                with Image.open(io.BytesIO(s["jpg"])) as im:
+                with Image.open(io.BytesIO(s[image_file(s)])) as im:
                     original = im.convert("RGB")
             except Exception:  # noqa: BLE001 - any undecodable image: copy the sample unchanged
                 original = None
