@@ -4,7 +4,7 @@ Everything the host computes for a sample except reading the tar and decoding it
 two parts:
 
 - ``inspect`` depends on the sample alone: caption checks (``read_caption``), the GeCo
-  ``key.json`` parse, the JPEG header read (image size, and an early "is this an image"
+  ``key.json`` parse, the image header read (jpg, webp or png: size, and an early "is this an image"
   check), and the tokenisation of the caption and GeCo texts. Reader workers run it right
   after reading a shard, before the shuffle buffer (``tulip_mega.data.reader_pool``).
 - ``draw`` depends on the sample's position too: its random view parameters and EDA copy,
