@@ -312,7 +312,11 @@ class AugmentConfig:
 @dataclass
 class DataConfig:
     train_shards: str = _f("data/shapes/train-{000000..000007}.tar",
-                           "webdataset shards: brace range, glob or directory")
+                           "webdataset shards: brace range, glob, directory or file, comma-separated; "
+                           "each may be an object-store URL read through multi-storage-client "
+                           "(s3://bucket/prefix/train-{000000..000099}.tar, s3://bucket/prefix/train-*.tar, "
+                           "s3://bucket/prefix/, msc://profile/...; credentials: MSC_CONFIG or AWS_* env, "
+                           "see README 'Shards in an object store')")
     tokenizer: str = _f("data/shapes/tokenizer.model", "SentencePiece model file")
     shuffle_buffer: int = _f(256, "samples held in the shuffle buffer; 0 = no shuffle")
     loader: Literal["auto", "dali", "simple"] = _f(

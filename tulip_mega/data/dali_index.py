@@ -22,6 +22,7 @@ import tarfile
 from dataclasses import dataclass
 from typing import Optional
 
+from tulip_mega.data.object_store import is_url
 from tulip_mega.data.shards import ShardReadError, iter_samples, split_name
 
 __all__ = ["IndexResult", "build_index", "ensure_indexes", "index_path"]
@@ -53,7 +54,11 @@ def _intact_keys(shard: str) -> tuple[list[str], Optional[str]]:
 
 
 def build_index(shard: str, index_dir: Optional[str] = None) -> IndexResult:
-    """Write the index of ``shard`` (atomically: ``.tmp`` then rename); returns what it holds."""
+    """Write the index of ``shard`` (atomically: ``.tmp`` then rename); returns what it holds.
+    Local shards only: an index records byte offsets for re-reading a file in place."""
+    if is_url(shard):
+        raise ValueError(f"shard {shard} is an object-store URL: index files are for local shards only "
+                         f"(object-store shards are counted by reading them at start-up)")
     keys, damage = _intact_keys(shard)
     wanted = set(keys)
     size = os.path.getsize(shard)

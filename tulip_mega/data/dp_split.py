@@ -18,8 +18,9 @@ sample, and each rank still reads mostly whole shards in sequence (cheap I/O):
   sample of its K epochs; the ranks' shares of that last round then differ by at most one.
 
 A rank's range becomes ``ShardSlice``s: the samples [start, stop) of a shard in tar order.
-Sample counts come from the DALI index files (``tulip-mega data index``) when they are up to
-date, else from reading the shards once at start-up. A damaged shard counts the samples read
+Sample counts come from the DALI index files (``tulip-mega data index``, local shards only) when
+they are up to date, else from reading the shards once at start-up (object-store shards: every
+rank fetches every shard once to count it). A damaged shard counts the samples read
 before the damage; exactly one slice per shard and epoch (``ends``) reads on to the shard's
 end, so the damage is reported (and counted as skipped) once, by one rank.
 """
@@ -34,6 +35,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from tulip_mega.data import object_store
 from tulip_mega.data.dali_index import index_path
 from tulip_mega.data.shards import ShardReadError, iter_samples
 
@@ -64,17 +66,27 @@ def shard_order(shards: list[str], seed: int, epoch: int) -> list[int]:
     return order
 
 
-# Counts by reading, per (path, size, mtime): eval builds a loader per evaluation.
-_COUNTED: dict[tuple[str, int, float], int] = {}
+# Counts by reading, per (path, size, mtime) or (URL, size, last modified): eval builds a
+# loader per evaluation, and re-reading an object-store shard means fetching it again.
+_COUNTED: dict[tuple[str, int, Any], int] = {}
+
+
+def _count_key(shard: str) -> Optional[tuple[str, int, Any]]:
+    """What identifies this version of the shard: (path, size, mtime), for a URL the object's
+    (size, last modified) from the store; None (no caching) when neither can be had."""
+    if object_store.is_url(shard):
+        stamp = object_store.object_stamp(shard)
+        return None if stamp is None else (shard, *stamp)
+    try:
+        st = os.stat(shard)
+    except OSError:
+        return None
+    return os.path.abspath(shard), st.st_size, st.st_mtime
 
 
 def count_samples(shard: str) -> int:
     """Samples ``iter_samples`` yields for ``shard`` (for a damaged shard: those before the damage)."""
-    try:
-        st = os.stat(shard)
-        key: Optional[tuple[str, int, float]] = (os.path.abspath(shard), st.st_size, st.st_mtime)
-    except OSError:
-        key = None
+    key = _count_key(shard)
     if key is not None and key in _COUNTED:
         return _COUNTED[key]
     n = 0
@@ -89,7 +101,10 @@ def count_samples(shard: str) -> int:
 
 
 def _indexed_count(shard: str, index_dir: Optional[str]) -> Optional[int]:
-    """The sample count in ``shard``'s DALI index when the index is at least as new as the shard."""
+    """The sample count in ``shard``'s DALI index when the index is at least as new as the shard;
+    None for an object-store shard (index files sit beside local shards only)."""
+    if object_store.is_url(shard):
+        return None
     path = index_path(shard, index_dir)
     try:
         if os.path.getmtime(path) < os.path.getmtime(shard):

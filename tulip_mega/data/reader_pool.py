@@ -17,6 +17,8 @@ c % W, a second thread in each worker) for the position-seeded view parameters a
   is unsafe) with this module preloaded, so a worker starts in milliseconds instead of
   re-importing torch; ``spawn`` where forkserver does not exist. As with any non-fork start
   method, a script that builds the loader needs an ``if __name__ == "__main__":`` guard.
+  A worker starts with the loader's object-store settings of the moment (``AWS_*``, ``MSC_*``;
+  ``_store_env``), not those the fork server was started with.
 - Bounded: at most ``ahead`` shards per worker are requested, and each worker's queue holds
   at most ``queue_chunks`` chunks. A worker must be able to run a whole shard ahead of the
   loader (which drains shard k from one worker while the next worker reads shard k+1), so
@@ -199,11 +201,33 @@ def _serve_draws(prep: HostPrep, inbox: Any, outbox: Any, parent: int) -> None:
             return
 
 
+# Environment variables that say where object-store shards are and how to log in to them.
+_STORE_ENV = ("AWS_", "MSC_", "AIS_", "GOOGLE_APPLICATION_CREDENTIALS")
+
+
+def _store_env() -> dict[str, str]:
+    """The loader process's object-store settings now. A worker is forked from the fork server,
+    which holds the environment of the moment it started (the process's first pool), so an
+    endpoint or credentials set later (a test, a notebook, a second run in one process) would
+    be missing there, and the worker would ask the default endpoint (AWS itself) instead."""
+    return {k: v for k, v in os.environ.items() if k.startswith(_STORE_ENV)}
+
+
+def _use_store_env(env: dict[str, str]) -> None:
+    """Make this worker's object-store settings exactly ``env`` (the loader's)."""
+    for k in [k for k in os.environ if k.startswith(_STORE_ENV) and k not in env]:
+        del os.environ[k]
+    os.environ.update(env)
+
+
 def _worker_main(prep: HostPrep, chunk_size: int, max_chunk_bytes: int, inbox: Any, outbox: Any, draw_in: Any,
-                 draw_out: Any, parent: int) -> None:
+                 draw_out: Any, parent: int, store_env: Optional[dict[str, str]] = None) -> None:
     import threading
 
     import torch
+
+    if store_env is not None:
+        _use_store_env(store_env)
 
     for s in _PARENT_DECIDES:  # the loader's process decides, then closes the pool
         signal.signal(s, signal.SIG_IGN)
@@ -280,7 +304,7 @@ class ReaderPool:
             self._procs = [
                 ctx.Process(target=_worker_main, args=(prep, chunk_size, max_chunk_bytes, self._inbox[w],
                                                        self._outbox[w], self._draw_in[w], self._draw_out[w],
-                                                       os.getpid()),
+                                                       os.getpid(), _store_env()),
                             name=f"{name}-{w}", daemon=True)
                 for w in range(workers)
             ]

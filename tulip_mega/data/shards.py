@@ -9,6 +9,10 @@ loaders turn into "skip and count" instead of a crash hours into a run.
 
 Shards are written to ``<name>.tmp`` and renamed only when complete, so a reader (or a
 brace spec) never picks up a half-written shard after a crash.
+
+Shards may also be object-store URLs (``s3://``, ``msc://profile/...``; see ``object_store``):
+specs expand against the store's listing, and a shard's bytes are fetched whole and parsed by
+the same reader as a local file.
 """
 
 from __future__ import annotations
@@ -22,10 +26,12 @@ import os
 import posixpath
 import re
 import tarfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, BinaryIO, Literal, NamedTuple, Optional
 
 import numpy as np
+
+from tulip_mega.data import object_store
 
 __all__ = ["ShardReadError", "ShardWriter", "expand_shards", "iter_samples", "split_name"]
 
@@ -101,10 +107,11 @@ def _expand_braces(pattern: str) -> list[str]:
 
 
 def _expand_one(part: str, spec: str) -> list[str]:
-    path = os.path.expanduser(part)
+    url = object_store.is_url(part)
+    path = part if url else os.path.expanduser(part)
     if _BRACE_RANGE.search(path):
         paths = _expand_braces(path)
-        missing = [p for p in paths if not os.path.isfile(p)]
+        missing = object_store.missing_objects(paths) if url else [p for p in paths if not os.path.isfile(p)]
         if missing:
             shown = ", ".join(missing[:3]) + (f" (+{len(missing) - 3} more)" if len(missing) > 3 else "")
             raise FileNotFoundError(
@@ -112,6 +119,8 @@ def _expand_one(part: str, spec: str) -> list[str]:
                 f"{part!r} do not exist: {shown}"
             )
         return paths
+    if url:
+        return object_store.expand_url(part, spec)
     if os.path.isdir(path):
         paths = sorted(glob.glob(os.path.join(glob.escape(path), "*.tar")))
         if not paths:
@@ -138,7 +147,10 @@ def expand_shards(spec: str) -> list[str]:
     Accepted forms (combinable with commas): a brace range ``dir/train-{000000..000007}.tar``
     (zero padding kept), a glob ``dir/train-*.tar`` (sorted; only names ending in
     ``SHARD_SUFFIXES`` are kept, so img2dataset's ``.parquet`` / ``_stats.json`` and our ``.idx``
-    files beside the tars are left out), a directory (all ``*.tar`` sorted) or a plain file. Every failure is a FileNotFoundError naming the spec and what was
+    files beside the tars are left out), a directory (all ``*.tar`` sorted) or a plain file; each
+    may be an object-store URL instead of a path (``s3://bucket/prefix/train-{000000..000007}.tar``,
+    ``s3://bucket/prefix/train-*.tar``, a folder ``s3://bucket/prefix/``, ``msc://profile/...``;
+    see ``object_store``). Every failure is a FileNotFoundError naming the spec and what was
     looked for, so a typo fails at startup instead of as an empty epoch.
     """
     if not isinstance(spec, str) or not spec.strip():
@@ -161,8 +173,28 @@ def split_name(name: str) -> tuple[str, str] | None:
     return (posixpath.join(dirname, stem) if dirname else stem), ext.lower()
 
 
-def _is_compressed(path: str) -> bool:
-    with open(path, "rb") as f:
+Opener = Callable[[], BinaryIO]  # a fresh binary file object over one shard's bytes per call
+
+
+def _opener(path: str) -> Opener:
+    """How the readers open ``path``: the local file, or for a URL the object fetched once
+    through MSC and kept in memory (the lean reader's fallback to tarfile re-reads it from
+    there, not from the store). An object that cannot be fetched raises OSError at the first
+    call, as ``open`` does for a missing file, so both end as the same damage report."""
+    if not object_store.is_url(path):
+        return lambda: open(path, "rb")
+    fetched: list[bytes] = []
+
+    def remote() -> BinaryIO:
+        if not fetched:
+            fetched.append(object_store.read_object(path))
+        return io.BytesIO(fetched[0])
+
+    return remote
+
+
+def _is_compressed(opener: Opener) -> bool:
+    with opener() as f:
         head = f.read(6)
     return head.startswith(_COMPRESSED_MAGIC)
 
@@ -193,7 +225,11 @@ def iter_samples(path: str, offsets: bool = False) -> Iterator[dict[str, Any]]:
 
     ``offsets=True`` adds ``"__offsets__": {ext: (byte offset, size)}`` for each file read intact
     of an uncompressed tar, so a file can be read again later with ``os.pread`` (the DALI
-    loader's reader workers send offsets instead of image bytes between processes).
+    loader's reader workers send offsets instead of image bytes between processes). A URL shard
+    (``s3://...``) is fetched whole into memory through multi-storage-client (fine for WebDataset
+    shards of ~100 MB-1 GB) and parsed by the same readers; its samples never carry
+    ``__offsets__`` (``os.pread`` cannot read an object), so they keep their image bytes, as
+    compressed shards do. Damage raises the same ShardReadError, naming the URL.
 
     Uncompressed shards are read by ``_iter_lean`` (about 5x less CPU than tarfile: plain
     headers parsed with one regex each, the rare others by tarfile one member at a time). Any
@@ -202,15 +238,17 @@ def iter_samples(path: str, offsets: bool = False) -> Iterator[dict[str, Any]]:
     and error messages are tarfile's in every case.
     """
     path = os.fspath(path)
+    opener = _opener(path)
+    offsets = offsets and not object_store.is_url(path)
     yielded = 0
     try:
-        for sample in _iter_lean(path, offsets):
+        for sample in _iter_lean(path, offsets, opener):
             yield sample
             yielded += 1
         return
     except (_Unusual, OSError):
         pass
-    samples = _iter_tarfile(path, offsets)
+    samples = _iter_tarfile(path, offsets, opener)
     for _ in range(yielded):  # the lean reader got these from the same bytes
         next(samples)
     yield from samples
@@ -313,7 +351,8 @@ class _Window:
 
     def __init__(self, f: BinaryIO) -> None:
         self.f = f
-        self.end = os.fstat(f.fileno()).st_size
+        self.end = f.seek(0, os.SEEK_END)  # a file or an in-memory object (no fileno for fstat)
+        f.seek(0)
         self.buf = f.read(min(_WINDOW, self.end))
         self.base = 0  # file offset of buf[0]; the file position is base + len(buf)
 
@@ -413,15 +452,17 @@ def _checked(scan: _Scan) -> Members:
 class _OneByOne:
     """Python's tarfile parsing the headers ``_scan`` leaves, one member at a time."""
 
-    def __init__(self, path: str) -> None:
-        self.path = path
+    def __init__(self, opener: Opener) -> None:
+        self.opener = opener
+        self.f: BinaryIO | None = None  # its own file object: the window's position must not move
         self.tf: tarfile.TarFile | None = None  # opened at the first such header
 
     def read_into(self, members: Members, win: _Window, pos: int) -> int:
         """Append the member whose header is at ``pos`` (when it is a file); returns the next
         header's offset. Damage, and what the lean reader does not handle, is _Unusual."""
         if self.tf is None:
-            self.tf = tarfile.open(self.path, mode="r:")
+            self.f = self.opener()
+            self.tf = tarfile.open(fileobj=self.f, mode="r:")
             self.tf.next()  # the first member, parsed at open
         tf = self.tf
         tf.fileobj.seek(pos)
@@ -442,15 +483,17 @@ class _OneByOne:
     def close(self) -> None:
         if self.tf is not None:
             self.tf.close()
+        if self.f is not None:
+            self.f.close()
 
 
-def _lean_runs(path: str) -> Iterator[Members]:
+def _lean_runs(opener: Opener) -> Iterator[Members]:
     """The members of an uncompressed shard, a checksum-checked run of headers at a time.
 
     Whatever would make tarfile stop or fail (a bad checksum, garbage, a cut file, a pax
     global header, sparse files, compression) raises _Unusual before any member that is not
     fully checked is handed on."""
-    with open(path, "rb") as f, contextlib.closing(_OneByOne(path)) as one:
+    with opener() as f, contextlib.closing(_OneByOne(opener)) as one:
         win = _Window(f)
         if win.buf.startswith(_COMPRESSED_MAGIC):
             raise _Unusual("compressed")
@@ -472,23 +515,29 @@ def _lean_runs(path: str) -> Iterator[Members]:
             raise _Unusual(f"{type(e).__name__}: {e}") from e
 
 
-def _iter_lean(path: str, offsets: bool) -> Iterator[dict[str, Any]]:
+def _iter_lean(path: str, offsets: bool, opener: Optional[Opener] = None) -> Iterator[dict[str, Any]]:
     """``iter_samples`` for uncompressed tars without damage; _Unusual for anything else."""
-    return _group(path, _lean_runs(path), offsets)
+    return _group(path, _lean_runs(opener or _opener(path)), offsets)
 
 
 # --------------------------------------------------------------------------- the tarfile reader
 
 
-def _tarfile_runs(path: str, compressed: bool) -> Iterator[Members | Damage]:
+def _tarfile_runs(opener: Opener, compressed: bool) -> Iterator[Members | Damage]:
     """The file members of any shard, one per run, read by Python's tarfile; a ``Damage`` where
     reading stops (a bad header, an unreadable file, no end-of-archive marker)."""
     try:
-        tf = tarfile.open(path, mode="r:*" if compressed else "r:")
-    except (OSError, tarfile.TarError, EOFError) as e:
+        f = opener()
+    except OSError as e:
         yield Damage(f"cannot open: {type(e).__name__}: {e}")
         return
-    with tf:
+    try:
+        tf = tarfile.open(fileobj=f, mode="r:*" if compressed else "r:")
+    except (OSError, tarfile.TarError, EOFError) as e:
+        f.close()
+        yield Damage(f"cannot open: {type(e).__name__}: {e}")
+        return
+    with f, tf:
         members = iter(tf)
         while True:
             try:
@@ -511,14 +560,16 @@ def _tarfile_runs(path: str, compressed: bool) -> Iterator[Members | Damage]:
             yield Damage(f"no end-of-archive marker at byte {tf.offset} (file cut off or garbled header)")
 
 
-def _iter_tarfile(path: str, offsets: bool) -> Iterator[dict[str, Any]]:
+def _iter_tarfile(path: str, offsets: bool, opener: Optional[Opener] = None) -> Iterator[dict[str, Any]]:
     """``iter_samples`` with Python's tarfile: any shard, every damage case (the reference)."""
     path = os.fspath(path)
+    opener = opener or _opener(path)
     try:
-        compressed = _is_compressed(path)
+        compressed = _is_compressed(opener)
     except OSError:
-        compressed = False  # tarfile.open fails the same way, and _tarfile_runs reports it
-    return _group(path, _tarfile_runs(path, compressed), offsets and not compressed)
+        compressed = False  # opening fails the same way in _tarfile_runs, which reports it
+    offsets = offsets and not compressed and not object_store.is_url(path)
+    return _group(path, _tarfile_runs(opener, compressed), offsets)
 
 
 # --------------------------------------------------------------------------- writing
