@@ -1,4 +1,4 @@
-"""`tulip-mega data synth | index | inspect | stats`: dataset tools."""
+"""`tulip-mega data synth | index | inspect | stats | prepare`: dataset tools."""
 
 from __future__ import annotations
 
@@ -11,12 +11,13 @@ _SHARDS_HELP = "shard spec (brace range, glob, folder)"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add `data` and its four sub-commands."""
+    """Add `data` and its five sub-commands."""
     data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
     _add_synth(data)
     _add_index(data)
     _add_inspect(data)
     _add_stats(data)
+    _add_prepare(data)
 
 
 def _add_synth(data: argparse._SubParsersAction) -> None:
@@ -56,6 +57,17 @@ def _add_stats(data: argparse._SubParsersAction) -> None:
     dstats = data.add_parser("stats", help="count samples, fields, damaged shards and bad samples")
     dstats.add_argument("--data", required=True, help=_SHARDS_HELP)
     dstats.set_defaults(func=shard_stats)
+
+
+def _add_prepare(data: argparse._SubParsersAction) -> None:
+    dprep = data.add_parser("prepare", help="make a shard folder an energon dataset (.nv-meta/) and check it with "
+                                            "our reader; the folder then works as data.train_shards")
+    dprep.add_argument("path", help="folder of WebDataset .tar shards (searched recursively, as energon does)")
+    dprep.add_argument("--split-parts", nargs="+", default=None, metavar="NAME:PATTERN",
+                       help="energon split parts, e.g. train:train-.* val:val-.* (a regex on shard names "
+                            "relative to PATH, {a..b} braces allowed); default: every shard in train")
+    dprep.add_argument("--num-workers", type=int, default=2, help="energon's indexing processes")
+    dprep.set_defaults(func=prepare_folder)
 
 
 def synth_dataset(args: argparse.Namespace) -> int:
@@ -127,3 +139,28 @@ def shard_stats(args: argparse.Namespace) -> int:
     stats = stats_of(args.data)
     print(json.dumps(stats, indent=2))
     return 1 if stats["damaged_shards"] or stats["problems"] else 0
+
+
+def prepare_folder(args: argparse.Namespace) -> int:
+    """`data prepare`: energon's preparation, then our reader's summary; exit 1 when a shard is
+    damaged (like `data index` and `data stats`), 2 when nothing could be prepared."""
+    from tulip_mega.data.energon_prepare import prepare_dataset
+
+    try:
+        report = prepare_dataset(args.path, args.split_parts, args.num_workers)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        return error_exit("data prepare", e)
+    print(f"prepared {report.root} as an energon dataset (CrudeWebdataset): "
+          + ", ".join(f"{name} {n} shards" for name, n in report.split_parts.items()))
+    print(f"read with tulip-mega's reader: {len(report.shards)} shards, {report.samples} samples")
+    print("parts: " + ", ".join(f"{ext} {n}" for ext, n in sorted(report.parts.items())))
+    no_image = sum(s.no_image for s in report.shards)
+    no_caption = sum(s.no_caption for s in report.shards)
+    print(f"samples without an image (jpg): {no_image}; without a caption (txt): {no_caption}")
+    print(f"damaged shards: {len(report.damaged)}")
+    for s in report.damaged:
+        print(f"  {s.name}: {s.samples} samples before the damage; {s.damage}")
+    for name, why in report.left_out.items():
+        print(f"left out of energon's index: {name}: {why}")
+    print(f"wrote our per-shard counts to {report.counts_file}")
+    return 1 if report.damaged or report.left_out else 0

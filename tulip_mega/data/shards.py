@@ -27,6 +27,8 @@ from typing import Any, BinaryIO, Literal, NamedTuple, Optional
 
 import numpy as np
 
+from tulip_mega.data.energon_meta import energon_shards, is_energon_dataset
+
 __all__ = ["ShardReadError", "ShardWriter", "expand_shards", "iter_samples", "split_name"]
 
 _BRACE_RANGE = re.compile(r"\{(\d+)\.\.(\d+)\}")
@@ -98,6 +100,11 @@ def _expand_braces(pattern: str) -> list[str]:
 
 def _expand_one(part: str, spec: str) -> list[str]:
     path = os.path.expanduser(part)
+    if os.path.isdir(path) and is_energon_dataset(path):  # its split.yaml's train shards (energon_meta)
+        try:
+            return energon_shards(path, "train")
+        except (OSError, ValueError) as e:
+            raise FileNotFoundError(f"shard spec {spec!r}: energon dataset {part!r}: {e}") from e
     if _BRACE_RANGE.search(path):
         paths = _expand_braces(path)
         missing = [p for p in paths if not os.path.isfile(p)]
@@ -128,8 +135,10 @@ def expand_shards(spec: str) -> list[str]:
 
     Accepted forms (combinable with commas): a brace range ``dir/train-{000000..000007}.tar``
     (zero padding kept), a glob ``dir/train-*.tar`` (sorted), a directory (all ``*.tar``
-    sorted) or a plain file. Every failure is a FileNotFoundError naming the spec and what was
-    looked for, so a typo fails at startup instead of as an empty epoch.
+    sorted; for a prepared energon dataset folder, the shards of its ``train`` split from
+    ``.nv-meta/split.yaml``, in that order) or a plain file. Every failure is a
+    FileNotFoundError naming the spec and what was looked for, so a typo fails at startup
+    instead of as an empty epoch.
     """
     if not isinstance(spec, str) or not spec.strip():
         raise FileNotFoundError(f"empty shard spec {spec!r}: expected a brace range, glob, directory or file list")
