@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 from tulip_mega.commands.common import error_exit
 
@@ -88,15 +89,29 @@ def synth_dataset(args: argparse.Namespace) -> int:
 
 def index_shards(args: argparse.Namespace) -> int:
     """`data index`: one DALI index per shard; exit 1 when any shard is damaged."""
-    from tulip_mega.data.dali_index import build_index
+    from tulip_mega.data.dali_index import build_index, index_path
     from tulip_mega.data.shards import expand_shards
 
     damaged = 0
-    for shard in expand_shards(args.data):
+    shards = expand_shards(args.data)
+    for shard in shards:  # refuse before writing any
+        path = index_path(shard, args.index_dir)
+        if os.path.isfile(path) and not _is_dali_index(path):
+            return error_exit("data index", ValueError(
+                f"{path} exists and is not a DALI index: energon's binary tar index of {shard} has this name "
+                "(written by `data prepare` / `energon prepare`), and energon needs it to read the folder; "
+                "pass --index-dir DIR to keep DALI indexes elsewhere"))
+    for shard in shards:
         r = build_index(shard, args.index_dir)
         damaged += r.damage is not None
         print(f"{r.index}: {r.samples} samples" + (f"  DAMAGED: {r.damage}" if r.damage else ""))
     return 1 if damaged else 0
+
+
+def _is_dali_index(path: str) -> bool:
+    """A wds2idx file starts with ``v1``; energon's ``<shard>.idx`` is packed 64-bit offsets."""
+    with open(path, "rb") as f:
+        return f.read(2) == b"v1"
 
 
 def inspect_recipe(recipe: str | None, overrides: list[str], out_png: str, rows: int = 8) -> str:
@@ -162,5 +177,8 @@ def prepare_folder(args: argparse.Namespace) -> int:
         print(f"  {s.name}: {s.samples} samples before the damage; {s.damage}")
     for name, why in report.left_out.items():
         print(f"left out of energon's index: {name}: {why}")
+    if report.dali_indexes_replaced:
+        print(f"energon replaced {report.dali_indexes_replaced} DALI index files (<shard>.idx is also the name of "
+              "its binary tar index); `tulip-mega data index --index-dir DIR` writes DALI indexes elsewhere")
     print(f"wrote our per-shard counts to {report.counts_file}")
     return 1 if report.damaged or report.left_out else 0

@@ -92,16 +92,18 @@ def count_samples(shard: str) -> int:
 
 
 def _indexed_count(shard: str, index_dir: Optional[str]) -> Optional[int]:
-    """The sample count in ``shard``'s DALI index when the index is at least as new as the shard."""
+    """The sample count in ``shard``'s DALI index when the index is at least as new as the shard.
+
+    Read as bytes: energon writes its binary tar index under the same name (``<shard>.idx``)."""
     path = index_path(shard, index_dir)
     try:
         if os.path.getmtime(path) < os.path.getmtime(shard):
             return None
-        with open(path, encoding="utf-8") as f:
-            head = f.readline().split()
+        with open(path, "rb") as f:
+            head = f.readline(64).split()
     except OSError:
         return None
-    if len(head) == 2 and head[0].startswith("v1") and head[1].isdigit():
+    if len(head) == 2 and head[0].startswith(b"v1") and head[1].isdigit():
         return int(head[1])
     return None
 

@@ -21,6 +21,10 @@ What energon 7.4.1 does with a damaged shard (checked on shards cut at several o
 So shards that tarfile cannot list to the end, and empty ones, are left out of energon's
 preparation (``--exclude``) and reported as such; their good samples are lost to energon-folder
 training until the shard is rewritten. Their counts by our reader are still recorded.
+
+energon also writes its binary tar index beside each shard as ``<shard>.idx``, the name of our
+DALI index files (dali_index): prepare says how many it replaced; dp_split then uses the
+recorded counts instead, and `data index` refuses to overwrite energon's files (--index-dir).
 """
 
 from __future__ import annotations
@@ -66,6 +70,7 @@ class PrepareReport:
     split_parts: dict[str, int]  # energon split part -> shards in it
     left_out: dict[str, str]  # shard name -> why energon's preparation could not take it
     counts_file: str
+    dali_indexes_replaced: int = 0  # our `data index` files energon overwrote with its own tar index
 
     @property
     def samples(self) -> int:
@@ -102,6 +107,17 @@ def scan_shard(root: str, name: str) -> ShardScan:
     except ShardReadError as e:
         scan.damage = str(e)
     return scan
+
+
+def _is_dali_index(shard: str) -> bool:
+    """Whether ``<shard>.idx`` is a DALI index (``tulip-mega data index``, text starting ``v1``).
+
+    energon's indexer writes its own binary tar index under that very name (``x.tar.idx``)."""
+    try:
+        with open(shard + ".idx", "rb") as f:
+            return f.read(2) == b"v1"
+    except OSError:
+        return False
 
 
 def _energon_refuses(path: str, scan: ShardScan) -> Optional[str]:
@@ -163,6 +179,7 @@ def prepare_dataset(root: str, split_parts: Optional[list[str]] = None, num_work
         raise ValueError(f"data prepare: {root}: energon can index none of its {len(names)} shards: "
                          + "; ".join(f"{n}: {w}" for n, w in list(left_out.items())[:3]))
     parts = list(split_parts) if split_parts else ["train:.*"]
+    dali = [n for n in names if _is_dali_index(os.path.join(root, n))]
     _run_energon(root, parts, sorted(left_out), num_workers, log if log is not None else sys.stderr)
     if not os.path.isfile(os.path.join(root, META_DIR, SPLIT_FILE)):
         raise RuntimeError(f"energon prepare {root} wrote no {META_DIR}/{SPLIT_FILE} (its output is above)")
@@ -174,4 +191,5 @@ def prepare_dataset(root: str, split_parts: Optional[list[str]] = None, num_work
             split_sizes[name] = len(energon_shards(root, name))
         except ValueError:  # a split part no shard matched
             split_sizes[name] = 0
-    return PrepareReport(root, scans, split_sizes, left_out, counts_file)
+    replaced = sum(not _is_dali_index(os.path.join(root, n)) for n in dali)
+    return PrepareReport(root, scans, split_sizes, left_out, counts_file, replaced)
