@@ -81,6 +81,7 @@ def test_prepare_writes_energon_meta_and_prints_our_summary(prepared):
         "val-000000.tar": 8}
 
 
+@pytest.mark.filterwarnings("ignore:.*pin_memory")  # energon's DataLoader on a CPU machine
 def test_energon_loads_the_prepared_folder(prepared):
     from megatron.energon import Cooker, DefaultTaskEncoder, WorkerConfig, get_savable_loader, get_train_dataset
     from megatron.energon import stateless
@@ -161,11 +162,13 @@ def test_prepare_reports_damaged_shards_counted_as_our_reader_counts(tmp_path, m
     info = write_shapes_dataset(root, num_train=40, num_val=0, samples_per_shard=16, image_size=32)
     a, b = info["train_shards"][1], info["train_shards"][2]
     _cut(a, "train0000021.jpg", mid_data=False)  # at a header: samples 16-20 read, the fifth partial
-    _cut(b, "train0000035.pos.jpg", mid_data=True)  # inside a file: samples 32-34 and a partial 35
+    _cut(b, "train0000035.txt", mid_data=True)  # inside a file: samples 32-34 and a partial 35 (jpg only)
     assert _cli(["data", "index", "--data", root])[0] == 1  # DALI indexes beside the shards (damage: exit 1)
     rc, out, _ = _cli(["data", "prepare", root, "--num-workers", "1"])
     assert rc == 1  # damage found (like `data index` / `data stats`)
     assert "read with tulip-mega's reader: 3 shards, 25 samples" in out  # 16 + 5 + 4
+    assert "parts: jpg 25, json 24, neg.jpg 24, pos.jpg 24, txt 24" in out
+    assert "samples without an image (jpg): 0; without a caption (txt): 1" in out
     assert "damaged shards: 2" in out
     assert "train-000001.tar: 5 samples before the damage; shard " in out
     assert "no end-of-archive marker" in out
@@ -293,3 +296,29 @@ def test_read_metadataset_names_the_file_for_other_mistakes(tmp_path):
                                               "splits": {"train": {"blend": [{"path": "ds", "weight": -1}]}}})
     with pytest.raises(ValueError, match=r"w\.yaml: key 'splits\.train\.blend\[0\]\.weight': expected a positive"):
         read_metadataset(bad_weight)
+
+
+def test_energon_read_benchmark_runs_and_checks_its_sample_counts(capsys):
+    """benchmarks/energon_read.py at a tiny size: every row measured (its passes check that each
+    handled exactly the epoch's samples), and a pass that loses samples stops the run."""
+    pytest.importorskip("nvidia.dali")
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    bench_dir = Path(__file__).resolve().parents[2] / "benchmarks"
+    sys.path.insert(0, str(bench_dir))
+    try:
+        spec = importlib.util.spec_from_file_location("energon_read_bench", bench_dir / "energon_read.py")
+        bench = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(bench)
+        bench.main(["--samples", "128", "--samples-per-shard", "64", "--rounds", "1"])
+    finally:
+        sys.path.remove(str(bench_dir))
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:6]]
+    assert [r[0] for r in rows] == ["raw", "siglip:", "clip_rocket:", "tulip:"]
+    numbers = [[float(x.rstrip("x")) for x in r if x[0].isdigit()] for r in rows]
+    assert [len(n) for n in numbers] == [3, 5, 5, 5]  # energon, ours, ratio (+ host path, ratio)
+    assert all(x > 0 for n in numbers for x in n)
+    with pytest.raises(SystemExit, match="a pass handled 3 samples, expected 4"):
+        bench.us_per_sample(lambda: 3, 4)
