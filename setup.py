@@ -20,6 +20,10 @@ setup(
         "matplotlib",  # tulip-mega report (PNG curves) and data inspect (image grids)
         "psutil",  # megatron dist_checkpointing writer needs it
         "tqdm",  # geco progress bars (samples/s)
+        # Dataset description (`data prepare`, energon folders as train_shards, MetadatasetV2 blends); the
+        # training read path stays ours (docs/training.md). energon asks for torch unpinned: the pin above holds.
+        "megatron-energon==7.4.1",
+        "multi-storage-client==1.3.1",  # energon's storage layer (object stores), pinned with it
     ],
     extras_require={
         # Never needed on CPU. TE needs the CUDA toolkit + cuDNN to build/import.
@@ -33,9 +37,10 @@ setup(
         # transformers: convert tests (SiglipTextConfig.projection_size) and geco; diffusers: geco image tests;
         # open_clip_torch + timm: convert --to open_clip tests; wandb: logging.wandb tests; scikit-learn: the
         # reference logistic regression of the linear-probe tests; clip-benchmark: `clip_benchmark eval` on the
-        # open_clip export (adds webdataset, braceexpand, pycocoevalcap, pycocotools; torch stays the pinned one).
+        # open_clip export (adds webdataset, braceexpand, pycocoevalcap, pycocotools; torch stays the pinned one);
+        # moto[server]: a local S3 endpoint for the object-store tests.
         "dev": ["pytest>=7", "pytest-timeout", "transformers>=4.49", "diffusers>=0.30", "open_clip_torch>=3.0",
-                "timm>=1.0.15", "wandb>=0.17", "scikit-learn", "clip-benchmark>=1.6.2"],
+                "timm>=1.0.15", "wandb>=0.17", "scikit-learn", "clip-benchmark>=1.6.2", "moto[server]==5.2.6"],
     },
     entry_points={"console_scripts": ["tulip-mega=tulip_mega.cli:main"]},
 )

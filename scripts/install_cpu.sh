@@ -3,7 +3,8 @@
 #
 # torch==2.13.0 is pinned: pip finds a CPU build of exactly that version (any other pin pulls
 # gigabytes of CUDA wheels). megatron-core 0.16.1 is the newest release that installs on
-# Python 3.11. GPU machines use `pip install -e .[gpu]` in an NVIDIA container instead.
+# Python 3.11. megatron-energon 7.4.1 (setup.py) requires torch without a version, so the pin holds.
+# GPU machines use `pip install -e .[gpu]` in an NVIDIA container instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
@@ -18,4 +19,4 @@ fi
 SITE="$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 cp scripts/torchvision_cpu_shim.py "$SITE/_tulip_torchvision_cpu_shim.py"
 echo "import _tulip_torchvision_cpu_shim" > "$SITE/_tulip_torchvision_cpu_shim.pth"
-echo "installed: $(.venv/bin/python -W ignore -c 'import torch, megatron.core as m, nvidia.dali as d; import torchvision, open_clip; print("torch", torch.__version__, "| megatron-core", m.__version__, "| dali", d.__version__, "| open_clip", open_clip.__version__)')"
+echo "installed: $(.venv/bin/python -W ignore -c 'import torch, megatron.core as m, nvidia.dali as d; import torchvision, open_clip; from importlib.metadata import version as v; print("torch", torch.__version__, "| megatron-core", m.__version__, "| dali", d.__version__, "| open_clip", open_clip.__version__, "| energon", v("megatron-energon"))')"

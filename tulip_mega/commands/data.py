@@ -1,9 +1,10 @@
-"""`tulip-mega data synth | index | inspect | stats`: dataset tools."""
+"""`tulip-mega data synth | index | inspect | stats | prepare`: dataset tools."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 
 from tulip_mega.commands.common import error_exit
 
@@ -11,12 +12,13 @@ _SHARDS_HELP = "shard spec (brace range, glob, folder)"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add `data` and its four sub-commands."""
+    """Add `data` and its five sub-commands."""
     data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
     _add_synth(data)
     _add_index(data)
     _add_inspect(data)
     _add_stats(data)
+    _add_prepare(data)
 
 
 def _add_synth(data: argparse._SubParsersAction) -> None:
@@ -58,6 +60,17 @@ def _add_stats(data: argparse._SubParsersAction) -> None:
     dstats.set_defaults(func=shard_stats)
 
 
+def _add_prepare(data: argparse._SubParsersAction) -> None:
+    dprep = data.add_parser("prepare", help="make a shard folder an energon dataset (.nv-meta/) and check it with "
+                                            "our reader; the folder then works as data.train_shards")
+    dprep.add_argument("path", help="folder of WebDataset .tar shards (searched recursively, as energon does)")
+    dprep.add_argument("--split-parts", nargs="+", default=None, metavar="NAME:PATTERN",
+                       help="energon split parts, e.g. train:train-.* val:val-.* (a regex on shard names "
+                            "relative to PATH, {a..b} braces allowed); default: every shard in train")
+    dprep.add_argument("--num-workers", type=int, default=2, help="energon's indexing processes")
+    dprep.set_defaults(func=prepare_folder)
+
+
 def synth_dataset(args: argparse.Namespace) -> int:
     """`data synth`: write the shapes or scenes set and print where its splits are."""
     if args.kind == "scenes":
@@ -76,15 +89,29 @@ def synth_dataset(args: argparse.Namespace) -> int:
 
 def index_shards(args: argparse.Namespace) -> int:
     """`data index`: one DALI index per shard; exit 1 when any shard is damaged."""
-    from tulip_mega.data.dali_index import build_index
+    from tulip_mega.data.dali_index import build_index, index_path
     from tulip_mega.data.shards import expand_shards
 
     damaged = 0
-    for shard in expand_shards(args.data):
+    shards = expand_shards(args.data)
+    for shard in shards:  # refuse before writing any
+        path = index_path(shard, args.index_dir)
+        if os.path.isfile(path) and not _is_dali_index(path):
+            return error_exit("data index", ValueError(
+                f"{path} exists and is not a DALI index: energon's binary tar index of {shard} has this name "
+                "(written by `data prepare` / `energon prepare`), and energon needs it to read the folder; "
+                "pass --index-dir DIR to keep DALI indexes elsewhere"))
+    for shard in shards:
         r = build_index(shard, args.index_dir)
         damaged += r.damage is not None
         print(f"{r.index}: {r.samples} samples" + (f"  DAMAGED: {r.damage}" if r.damage else ""))
     return 1 if damaged else 0
+
+
+def _is_dali_index(path: str) -> bool:
+    """A wds2idx file starts with ``v1``; energon's ``<shard>.idx`` is packed 64-bit offsets."""
+    with open(path, "rb") as f:
+        return f.read(2) == b"v1"
 
 
 def inspect_recipe(recipe: str | None, overrides: list[str], out_png: str, rows: int = 8) -> str:
@@ -127,3 +154,31 @@ def shard_stats(args: argparse.Namespace) -> int:
     stats = stats_of(args.data)
     print(json.dumps(stats, indent=2))
     return 1 if stats["damaged_shards"] or stats["problems"] else 0
+
+
+def prepare_folder(args: argparse.Namespace) -> int:
+    """`data prepare`: energon's preparation, then our reader's summary; exit 1 when a shard is
+    damaged (like `data index` and `data stats`), 2 when nothing could be prepared."""
+    from tulip_mega.data.energon_prepare import prepare_dataset
+
+    try:
+        report = prepare_dataset(args.path, args.split_parts, args.num_workers)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        return error_exit("data prepare", e)
+    print(f"prepared {report.root} as an energon dataset (CrudeWebdataset): "
+          + ", ".join(f"{name} {n} shards" for name, n in report.split_parts.items()))
+    print(f"read with tulip-mega's reader: {len(report.shards)} shards, {report.samples} samples")
+    print("parts: " + ", ".join(f"{ext} {n}" for ext, n in sorted(report.parts.items())))
+    no_image = sum(s.no_image for s in report.shards)
+    no_caption = sum(s.no_caption for s in report.shards)
+    print(f"samples without an image (jpg): {no_image}; without a caption (txt): {no_caption}")
+    print(f"damaged shards: {len(report.damaged)}")
+    for s in report.damaged:
+        print(f"  {s.name}: {s.samples} samples before the damage; {s.damage}")
+    for name, why in report.left_out.items():
+        print(f"left out of energon's index: {name}: {why}")
+    if report.dali_indexes_replaced:
+        print(f"energon replaced {report.dali_indexes_replaced} DALI index files (<shard>.idx is also the name of "
+              "its binary tar index); `tulip-mega data index --index-dir DIR` writes DALI indexes elsewhere")
+    print(f"wrote our per-shard counts to {report.counts_file}")
+    return 1 if report.damaged or report.left_out else 0

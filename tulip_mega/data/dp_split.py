@@ -19,10 +19,11 @@ sample, and each rank still reads mostly whole shards in sequence (cheap I/O):
 
 A rank's range becomes ``ShardSlice``s: the samples [start, stop) of a shard in tar order.
 Sample counts come from the DALI index files (``tulip-mega data index``, local shards only) when
-they are up to date, else from reading the shards once at start-up (object-store shards: every
-rank fetches every shard once to count it). A damaged shard counts the samples read
-before the damage; exactly one slice per shard and epoch (``ends``) reads on to the shard's
-end, so the damage is reported (and counted as skipped) once, by one rank.
+they are up to date, else from ``.nv-meta/tulip_counts.json`` (``tulip-mega data prepare``) when the
+shard's size and mtime are those recorded, else from reading the shards once at start-up
+(object-store shards: every rank fetches every shard once to count it). A damaged shard counts
+the samples read before the damage; exactly one slice per shard and epoch (``ends``) reads on to
+the shard's end, so the damage is reported (and counted as skipped) once, by one rank.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from typing import Any, Optional
 
 from tulip_mega.data import object_store
 from tulip_mega.data.dali_index import index_path
+from tulip_mega.data.shard_counts import recorded_count
 from tulip_mega.data.shards import ShardReadError, iter_samples
 
 __all__ = ["ShardSlice", "count_samples", "rank_range", "rank_slices", "read_slice", "round_start", "shard_order",
@@ -102,37 +104,43 @@ def count_samples(shard: str) -> int:
 
 def _indexed_count(shard: str, index_dir: Optional[str]) -> Optional[int]:
     """The sample count in ``shard``'s DALI index when the index is at least as new as the shard;
-    None for an object-store shard (index files sit beside local shards only)."""
+    None for an object-store shard (index files sit beside local shards only). Read as bytes:
+    energon writes its binary tar index under the same name (``<shard>.idx``)."""
     if object_store.is_url(shard):
         return None
     path = index_path(shard, index_dir)
     try:
         if os.path.getmtime(path) < os.path.getmtime(shard):
             return None
-        with open(path, encoding="utf-8") as f:
-            head = f.readline().split()
+        with open(path, "rb") as f:
+            head = f.readline(64).split()
     except OSError:
         return None
-    if len(head) == 2 and head[0].startswith("v1") and head[1].isdigit():
+    if len(head) == 2 and head[0].startswith(b"v1") and head[1].isdigit():
         return int(head[1])
     return None
 
 
 def shard_sizes(shards: list[str], index_dir: Optional[str] = None) -> list[int]:
-    """Samples per shard: from up-to-date index files, else by reading the shard once.
+    """Samples per shard: from up-to-date index files, else from the counts `data prepare`
+    recorded (``shard_counts``: same size and mtime), else by reading the shard once.
 
-    An index leaves out a damaged shard's partial last sample, which a count by reading keeps;
-    both are consistent as long as every rank uses the same source (same files)."""
+    A recorded count is our reader's, as ``count_samples`` would give. An index leaves out a
+    damaged shard's partial last sample, which a count by reading keeps; both are consistent as
+    long as every rank uses the same source (same files)."""
     sizes: list[int] = []
     counted = 0
     for shard in shards:
         n = _indexed_count(shard, index_dir)
         if n is None:
+            n = recorded_count(shard)
+        if n is None:
             n, counted = count_samples(shard), counted + 1
         sizes.append(n)
     if counted > 64:
         logger.warning("counted the samples of %d shards by reading them (no up-to-date .idx files); "
-                       "`tulip-mega data index --data SPEC` writes them once and makes start-up cheap", counted)
+                       "`tulip-mega data index --data SPEC` (or `data prepare FOLDER`) records the counts once "
+                       "and makes start-up cheap", counted)
     return sizes
 
 

@@ -32,6 +32,7 @@ from typing import Any, BinaryIO, Literal, NamedTuple, Optional
 import numpy as np
 
 from tulip_mega.data import object_store
+from tulip_mega.data.energon_meta import energon_shards, is_energon_dataset
 
 __all__ = ["ShardReadError", "ShardWriter", "expand_shards", "iter_samples", "split_name"]
 
@@ -109,6 +110,11 @@ def _expand_braces(pattern: str) -> list[str]:
 def _expand_one(part: str, spec: str) -> list[str]:
     url = object_store.is_url(part)
     path = part if url else os.path.expanduser(part)
+    if not url and os.path.isdir(path) and is_energon_dataset(path):  # its split.yaml's train shards
+        try:
+            return energon_shards(path, "train")
+        except (OSError, ValueError) as e:
+            raise FileNotFoundError(f"shard spec {spec!r}: energon dataset {part!r}: {e}") from e
     if _BRACE_RANGE.search(path):
         paths = _expand_braces(path)
         missing = object_store.missing_objects(paths) if url else [p for p in paths if not os.path.isfile(p)]
@@ -147,7 +153,8 @@ def expand_shards(spec: str) -> list[str]:
     Accepted forms (combinable with commas): a brace range ``dir/train-{000000..000007}.tar``
     (zero padding kept), a glob ``dir/train-*.tar`` (sorted; only names ending in
     ``SHARD_SUFFIXES`` are kept, so img2dataset's ``.parquet`` / ``_stats.json`` and our ``.idx``
-    files beside the tars are left out), a directory (all ``*.tar`` sorted) or a plain file; each
+    files beside the tars are left out), a directory (all ``*.tar`` sorted; for a prepared energon dataset
+    folder, the shards of its ``train`` split from ``.nv-meta/split.yaml``, in that order) or a plain file; each
     may be an object-store URL instead of a path (``s3://bucket/prefix/train-{000000..000007}.tar``,
     ``s3://bucket/prefix/train-*.tar``, a folder ``s3://bucket/prefix/``, ``msc://profile/...``;
     see ``object_store``). Every failure is a FileNotFoundError naming the spec and what was
