@@ -138,7 +138,7 @@ def test_recipe_key_data_mixture(tmp_path, two_sets) -> None:
     parts = train_datasets(cfg)
     assert parts == [MixturePart("web", sorted(a), 3.0), MixturePart("dataset1", b, 1.0)]
     with pytest.raises(ConfigError, match=r"unknown key 'data.mixture\[1\].wieght'"):
-        load_config(None, [f"data.mixture=[{{shards: x}}, {{shards: y, wieght: 2}}]"])
+        load_config(None, ["data.mixture=[{shards: x}, {shards: y, wieght: 2}]"])
     with pytest.raises(ConfigError, match=r"data.mixture\[0\].weight=-1.0 must be > 0"):
         load_config(None, ["data.mixture=[{shards: x, weight: -1}]"])
     with pytest.raises(ConfigError, match="names must be unique"):
