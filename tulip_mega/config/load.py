@@ -149,8 +149,39 @@ def _apply(obj: Any, data: Mapping, prefix: str, source: str) -> None:
             raise _unknown(key, source)
         if _is_section(hints[name]):
             _apply_section(getattr(obj, name), value, key, source)
+        elif _section_list(hints[name]) is not None:
+            setattr(obj, name, _sections(value, _section_list(hints[name]), key, source))
         else:
             setattr(obj, name, _checked(value, hints[name], key, source))
+
+
+def _section_list(tp: Any) -> type | None:
+    """The section type of a `list[Section]` field (data.mixture), else None."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) is list and args and _is_section(args[0]):
+        return args[0]
+    return None
+
+
+def _sections(value: Any, cls: type, key: str, source: str) -> list:
+    """A list of mappings as sections of type `cls`, each checked key by key (`key[i].name`)."""
+    if value is None:
+        return []
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{source}: '{key}' expects a list of mappings with keys {list(_hints(cls))}, "
+                          f"got {value!r}")
+    out = []
+    for i, item in enumerate(value):
+        if not isinstance(item, Mapping):
+            raise ConfigError(f"{source}: '{key}[{i}]' expects a mapping with keys {list(_hints(cls))}, "
+                              f"got {item!r}")
+        section = cls()
+        for name, v in item.items():
+            if not isinstance(name, str) or name not in _hints(cls):
+                raise ConfigError(f"{source}: unknown key '{key}[{i}].{name}'; expected one of {list(_hints(cls))}")
+            setattr(section, name, _checked(v, _hints(cls)[name], f"{key}[{i}].{name}", source))
+        out.append(section)
+    return out
 
 
 def _apply_section(section: Any, value: Any, key: str, source: str) -> None:
@@ -185,6 +216,9 @@ def apply_override(cfg: Config, override: str) -> None:
             continue
         if i != len(parts) - 1:  # descending into a leaf, e.g. optim.lr.x
             raise _unknown(key, COMMAND_LINE)
+        if _section_list(tp) is not None:
+            setattr(obj, part, _sections(value, _section_list(tp), key, COMMAND_LINE))
+            return
         try:
             setattr(obj, part, _convert(value, tp))
         except _Mismatch:

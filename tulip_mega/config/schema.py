@@ -310,6 +310,15 @@ class AugmentConfig:
 
 
 @dataclass
+class MixtureEntry:
+    """One dataset of a weighted training mixture (data.mixture; docs/data.md "Mixtures")."""
+
+    shards: str = _f("", "this dataset's shards, in any form data.train_shards takes")
+    weight: float = _f(1.0, "relative sampling weight (> 0); the weights are normalised over the mixture")
+    name: str = _f("", "name in logs, metrics and checkpoints; default: dataset<i> (0-based)")
+
+
+@dataclass
 class DataConfig:
     train_shards: str = _f("data/shapes/train-{000000..000007}.tar",
                            "webdataset shards: brace range, glob, directory or file, comma-separated; "
@@ -317,6 +326,9 @@ class DataConfig:
                            "(s3://bucket/prefix/train-{000000..000099}.tar, s3://bucket/prefix/train-*.tar, "
                            "s3://bucket/prefix/, msc://profile/...; credentials: MSC_CONFIG or AWS_* env, "
                            "see README 'Shards in an object store')")
+    mixture: list[MixtureEntry] = field(default_factory=list, metadata={"help": (
+        "weighted mixture of datasets: a list of {shards, weight, name}; each sample is drawn from dataset i with "
+        "probability weight_i / sum(weights); non-empty replaces data.train_shards")})
     tokenizer: str = _f("data/shapes/tokenizer.model", "SentencePiece model file")
     shuffle_buffer: int = _f(256, "samples held in the shuffle buffer; 0 = no shuffle")
     loader: Literal["auto", "dali", "simple"] = _f(
@@ -331,11 +343,21 @@ class DataConfig:
 
     def validate(self) -> None:
         _require(bool(self.train_shards.strip()), "data.train_shards must not be empty")
+        for i, entry in enumerate(self.mixture):
+            _require(bool(entry.shards.strip()), f"data.mixture[{i}].shards must not be empty")
+            _require(entry.weight > 0, f"data.mixture[{i}].weight={entry.weight} must be > 0 "
+                                       f"(leave a dataset out of the list to drop it)")
+        names = self.mixture_names()
+        _require(len(set(names)) == len(names), f"data.mixture names must be unique, got {names}")
         _require(bool(self.tokenizer.strip()), "data.tokenizer must not be empty")
         _at_least(self, "data", ("shuffle_buffer", "prefetch", "reader_workers"), 0)
         _at_least(self, "data", ("threads",), 1)
         self.views.validate()
         self.augment.validate()
+
+    def mixture_names(self) -> list[str]:
+        """Each mixture dataset's name (its `name`, or dataset<i>)."""
+        return [entry.name or f"dataset{i}" for i, entry in enumerate(self.mixture)]
 
 
 @dataclass

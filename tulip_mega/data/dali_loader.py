@@ -51,7 +51,8 @@ from tulip_mega.data.dali_pipeline import ViewPlan, build_pipeline, to_torch
 from tulip_mega.data.host_prep import HostPrep, HostSample, Result
 from tulip_mega.data.image_files import edit_file, image_file
 from tulip_mega.data.reader_pool import READ_CHUNK, ReaderPool
-from tulip_mega.data.sample_stream import Cursor, Entry, Position, SampleStream, StreamPositionMixin, read_slices
+from tulip_mega.data.mixture import MixturePart, MixtureStream, make_stream
+from tulip_mega.data.sample_stream import Cursor, Entry, Position, StreamPositionMixin, read_slices
 from tulip_mega.data.tokenizer import Tokenizer
 
 __all__ = ["DaliLoader"]
@@ -129,7 +130,7 @@ class DaliLoader(StreamPositionMixin):
 
     def __init__(
         self,
-        shards: list[str] | str,
+        shards: list[str] | str | list[MixturePart],
         batch_size: int,
         plan: ViewPlan,
         tokenizer: Tokenizer,
@@ -154,7 +155,7 @@ class DaliLoader(StreamPositionMixin):
             from tulip_mega.parallel.init import use_cuda
 
             gpu = use_cuda()
-        self.stream = SampleStream(shards, dp_rank, dp_size, seed, shuffle_buffer, num_epochs)
+        self.stream = make_stream(shards, dp_rank, dp_size, seed, shuffle_buffer, num_epochs)
         self.batch_size = batch_size
         self.tokenizer = tokenizer
         self.plan = plan
@@ -167,7 +168,8 @@ class DaliLoader(StreamPositionMixin):
         self.chunk_size = chunk_size  # samples per unit of host work (draws, in the loader or a worker)
         self.read_chunk_size = read_chunk_size  # samples per reader-worker message (reader_pool.READ_CHUNK)
         self.gpu = gpu
-        self._pool: Optional[ReaderPool] = None  # reader workers while an iteration runs
+        self._pool: Optional[ReaderPool] = None  # reader workers while an iteration runs (draws, too)
+        self._pools: list[ReaderPool] = []  # every pool: one, or one per mixture dataset
         self._files = _ShardFiles()  # image bytes the workers left in the shard (offsets only)
         self._pipe = None  # built lazily; dropped (rebuilt) after a failed run
         self._rebuilds = 0
@@ -193,11 +195,18 @@ class DaliLoader(StreamPositionMixin):
         the values are the same wherever they are computed, so results do not depend on the
         worker count. The host-only benchmark times this generator."""
         prep = self._host_prep()
+        # A mixture reads its datasets' shards side by side: one pool per dataset (a pool serves
+        # one ordered read at a time); the first also makes the draws.
+        parts = len(self.stream.parts) if isinstance(self.stream, MixtureStream) else 0
         if self.reader_workers:
-            self._pool = ReaderPool(prep, self.reader_workers, chunk_size=self.read_chunk_size,
-                                    name=f"dali-reader-dp{self.stream.dp_rank}")
+            self._pools = [ReaderPool(prep, self.reader_workers, chunk_size=self.read_chunk_size,
+                                      name=f"dali-reader-dp{self.stream.dp_rank}" + (f"-{i}" if parts else ""))
+                           for i in range(max(parts, 1))]
+            self._pool = self._pools[0]
         try:
-            read = read_slices if self._pool is None else self._pool.read
+            read: Any = read_slices
+            if self._pool is not None:
+                read = [pool.read for pool in self._pools] if parts else self._pool.read
             chunks = self._chunks(self.stream.entries(epoch, consumed, read))
             # One worker reading and drawing is slower than the worker reading while this thread
             # draws (clip-rocket set: ~2,400 vs ~4,900 samples/s, benchmarks/RESULTS.md): a
@@ -216,9 +225,9 @@ class DaliLoader(StreamPositionMixin):
             for (chunk, infos), drawn in self._pool.draw(requests()):  # the draws, in the workers
                 yield from zip(chunk, prep.assemble(infos, drawn))
         finally:
-            if self._pool is not None:
-                self._pool.close()
-                self._pool = None
+            for pool in self._pools:
+                pool.close()
+            self._pools, self._pool = [], None
             self._files.close()
 
     # ------------------------------------------------------------------ DALI side

@@ -42,6 +42,7 @@ class Damaged:
 
     shard: str
     message: str  # ShardReadError's message: the shard, where the damage is, how many samples were read
+    mix: Optional[tuple[int, int, int]] = None  # in a mixture: (dataset, its epoch, its position after this)
 
 
 # A sample dict (``shards.iter_samples``) or a damaged shard's record.
@@ -211,6 +212,10 @@ class SampleStream:
         epoch (batch_size may change). A dp_size > 1 state without ``dp_split`` comes from the
         whole-shard split, whose positions mean other samples: it is refused.
         """
+        if "mixture" in state:
+            raise ValueError(f"cannot resume the data loader: the state was saved by a mixture of datasets "
+                             f"{state['mixture']} (data.mixture) but this run reads one dataset (data.train_shards); "
+                             f"an exact resume needs the same data")
         required = ("epoch", "consumed_in_epoch", "seed", "dp_rank", "dp_size")
         missing = [k for k in required if k not in state]
         if missing:

@@ -23,7 +23,8 @@ from PIL import Image
 
 from tulip_mega.data.base import Batch
 from tulip_mega.data.image_files import image_file
-from tulip_mega.data.sample_stream import Item, SampleStream, StreamPositionMixin, read_caption
+from tulip_mega.data.mixture import MixturePart, make_stream
+from tulip_mega.data.sample_stream import Item, StreamPositionMixin, read_caption
 from tulip_mega.data.tokenizer import Tokenizer
 
 __all__ = ["BASIC_FIELDS", "LoaderFieldError", "SimpleLoader", "decode_image"]
@@ -56,7 +57,7 @@ class SimpleLoader(StreamPositionMixin):
 
     def __init__(
         self,
-        shards: list[str] | str,
+        shards: list[str] | str | list[MixturePart],
         batch_size: int,
         image_size: int,
         tokenizer: Tokenizer,
@@ -76,7 +77,7 @@ class SimpleLoader(StreamPositionMixin):
             )
         if batch_size < 1 or image_size < 1:
             raise ValueError(f"batch_size and image_size must be >= 1, got {batch_size}, {image_size}")
-        self.stream = SampleStream(shards, dp_rank, dp_size, seed, shuffle_buffer, num_epochs)
+        self.stream = make_stream(shards, dp_rank, dp_size, seed, shuffle_buffer, num_epochs)
         self.batch_size = batch_size
         self.image_size = image_size
         self.tokenizer = tokenizer

@@ -15,6 +15,7 @@ from __future__ import annotations
 from tulip_mega.data.base import BatchLoader
 from tulip_mega.data.dali_pipeline import ViewPlan, dali_available
 from tulip_mega.data.eda import EdaConfig
+from tulip_mega.data.mixture import MixturePart
 from tulip_mega.data.shards import expand_shards
 from tulip_mega.data.simple_loader import LoaderFieldError, SimpleLoader
 from tulip_mega.data.tokenizer import PAD_ID, Tokenizer
@@ -79,7 +80,7 @@ def build_train_loader(cfg: Config, layout: RunLayout, dp_rank: int) -> BatchLoa
         seed=cfg.run.seed,
         shuffle_buffer=cfg.data.shuffle_buffer,
     )
-    shards = expand_shards(cfg.data.train_shards)
+    shards = train_datasets(cfg)
     if use_dali(cfg):
         from tulip_mega.data.dali_loader import DaliLoader
 
@@ -89,6 +90,21 @@ def build_train_loader(cfg: Config, layout: RunLayout, dp_rank: int) -> BatchLoa
         return SimpleLoader(shards, image_size=cfg.model.vision.image_size, fields=plan.fields(), **common)
     except LoaderFieldError as e:
         raise ConfigError(str(e)) from e
+
+
+def train_datasets(cfg: Config) -> list[str] | list[MixturePart]:
+    """The training shards: ``data.train_shards`` expanded, or with ``data.mixture`` one
+    ``MixturePart`` per dataset (its shards expanded, so a typo fails here, naming the dataset)."""
+    if not cfg.data.mixture:
+        return expand_shards(cfg.data.train_shards)
+    parts = []
+    for i, (name, entry) in enumerate(zip(cfg.data.mixture_names(), cfg.data.mixture)):
+        try:
+            shards = expand_shards(entry.shards)
+        except FileNotFoundError as e:
+            raise ConfigError(f"data.mixture[{i}] ({name}): {e}") from None
+        parts.append(MixturePart(name, shards, entry.weight))
+    return parts
 
 
 def caption_pad_id(cfg: Config) -> int:

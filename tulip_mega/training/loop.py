@@ -432,15 +432,16 @@ class _SpeedMeter:
             out["mfu"] = achieved
         stats = loader.stats() if (loader is not None and self.counts_loader) else {}
         dev = device()
-        totals = torch.tensor([float(stats.get("samples", 0)), float(stats.get("skipped", 0))],
-                              dtype=torch.float64, device=dev)
+        counted = ["samples", "skipped"] + [f"{kind}/{name}" for name in self.cfg.data.mixture_names()
+                                            for kind in ("samples", "skipped")]
+        totals = torch.tensor([float(stats.get(k, 0)) for k in counted], dtype=torch.float64, device=dev)
         dist.all_reduce(totals)
         worst = torch.tensor([window.step_time / steps, window.data_wait / steps, peak_memory_gib()],
                              dtype=torch.float64, device=dev)
         dist.all_reduce(worst, op=dist.ReduceOp.MAX)
         out.update({
-            "data/samples": float(totals[0]),
-            "data/skipped": float(totals[1]),
+            # Every counter over the DP replicas, per mixture dataset too (data/samples/<name>).
+            **{f"data/{k}": float(v) for k, v in zip(counted, totals.tolist())},
             "step_time": float(worst[0]),  # slowest rank, mean over the steps since the last log
             "data_wait": float(worst[1]),  # seconds per step waiting for the loader, slowest rank
             "peak_memory_gib": float(worst[2]),  # largest over ranks

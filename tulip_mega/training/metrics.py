@@ -4,7 +4,8 @@ Biases (training/wandb_logger.py), and a progress line.
 Only rank 0 writes. Every logged step carries step, loss and each loss term, lr, grad_norm,
 samples_per_sec, logit_scale and logit_bias (plus whatever else the step reports), and from
 the loop: tokens_per_sec, model_flops_per_sample, tflops_per_device, mfu (GPUs in the peak
-table only), step_time, data_wait, peak_memory_gib, data/samples, data/skipped; eval steps
+table only), step_time, data_wait, peak_memory_gib, data/samples, data/skipped (with a mixture also
+data/samples/<name> and data/skipped/<name> per dataset, and their shares in the progress line); eval steps
 add eval/<task>/<metric>.
 """
 
@@ -75,6 +76,11 @@ class MetricsLogger:
         # Every contrastive and EMA-teacher term beside the loss of a model that has learned nothing (chance).
         terms = "".join(f" | {k[7:]} {metrics.get('loss/' + k[7:], float('nan')):.3f} (chance {v:.3f})"
                         for k, v in metrics.items() if k.startswith("chance/"))
+        # A mixture's realised shares of the samples so far (compare with the recipe's weights).
+        drawn = {k[13:]: v for k, v in metrics.items() if k.startswith("data/samples/")}
+        total = sum(drawn.values())
+        if total:
+            speed += " | mix " + " ".join(f"{name} {v / total:.3f}" for name, v in drawn.items())
         log.info(
             "step %d/%d | loss %.4f%s | lr %.2e | grad_norm %.3f | %.1f samples/s%s | t %.2f b %.2f | ETA %s",
             step,
