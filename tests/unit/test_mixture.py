@@ -211,3 +211,28 @@ def test_simple_loader_mixture_counts_resumes_and_skips_per_dataset(shapes_data,
     for want, got in zip(batches[11:], itertools.islice(second, 19)):
         assert got.keys == want.keys and (got.images == want.images).all() and (got.tokens == want.tokens).all()
     assert second.stats() == stats
+
+
+def test_an_energon_metadataset_blend_trains_as_a_mixture(tmp_path) -> None:
+    """data.train_shards=blend.yaml (energon MetadatasetV2): each blend path is an energon dataset
+    folder (its split.yaml's train shards), weighted as the YAML says."""
+    from tulip_mega.training.data import mixture_names, train_datasets
+
+    folders = {}
+    for name, counts in (("laion", [6, 5]), ("coco", [4])):
+        root = tmp_path / name
+        root.mkdir()
+        shards = _write(root, counts, name)
+        (root / ".nv-meta").mkdir()
+        names = "".join(f"    - {os.path.basename(s)}\n" for s in shards)
+        (root / ".nv-meta" / "split.yaml").write_text(f"split_parts:\n  train:\n{names}exclude: []\n")
+        folders[name] = shards
+    blend = tmp_path / "blend.yaml"
+    blend.write_text("__module__: megatron.energon\n__class__: MetadatasetV2\nsplits:\n  train:\n    blend:\n"
+                     "      - {weight: 4, path: laion}\n      - {weight: 1, path: ./coco}\n")
+    cfg = load_config(None, [f"data.train_shards={blend}"])
+    assert train_datasets(cfg) == [MixturePart("laion", folders["laion"], 4.0), MixturePart("coco", folders["coco"], 1.0)]
+    assert mixture_names(cfg) == ["laion", "coco"]
+    blend.write_text(blend.read_text().replace("path: ./coco", "path: ./coco, subflavors: {a: 1}"))
+    with pytest.raises(ConfigError, match=r"blend.yaml.*subflavors"):
+        train_datasets(load_config(None, [f"data.train_shards={blend}"]))

@@ -15,6 +15,7 @@ from __future__ import annotations
 from tulip_mega.data.base import BatchLoader
 from tulip_mega.data.dali_pipeline import ViewPlan, dali_available
 from tulip_mega.data.eda import EdaConfig
+from tulip_mega.data.energon_meta import read_metadataset
 from tulip_mega.data.mixture import MixturePart
 from tulip_mega.data.shards import expand_shards
 from tulip_mega.data.simple_loader import LoaderFieldError, SimpleLoader
@@ -95,6 +96,8 @@ def build_train_loader(cfg: Config, layout: RunLayout, dp_rank: int) -> BatchLoa
 def train_datasets(cfg: Config) -> list[str] | list[MixturePart]:
     """The training shards: ``data.train_shards`` expanded, or with ``data.mixture`` one
     ``MixturePart`` per dataset (its shards expanded, so a typo fails here, naming the dataset)."""
+    if _is_metadataset(cfg):
+        return _metadataset_parts(cfg.data.train_shards.strip())
     if not cfg.data.mixture:
         return expand_shards(cfg.data.train_shards)
     parts = []
@@ -104,6 +107,35 @@ def train_datasets(cfg: Config) -> list[str] | list[MixturePart]:
         except FileNotFoundError as e:
             raise ConfigError(f"data.mixture[{i}] ({name}): {e}") from None
         parts.append(MixturePart(name, shards, entry.weight))
+    return parts
+
+
+def _is_metadataset(cfg: Config) -> bool:
+    spec = cfg.data.train_shards.strip()
+    return not cfg.data.mixture and spec.endswith((".yaml", ".yml")) and "," not in spec
+
+
+def mixture_names(cfg: Config) -> list[str]:
+    """The mixture's dataset names (data.mixture or a metadataset YAML; [] for one dataset), the
+    same on every rank: the per-dataset counters the trainer sums over ranks."""
+    if _is_metadataset(cfg):
+        return [part.name for part in read_metadataset(cfg.data.train_shards.strip(), "train")]
+    return cfg.data.mixture_names()
+
+
+def _metadataset_parts(path: str) -> list[MixturePart]:
+    """An energon MetadatasetV2 blend (data.train_shards=blend.yaml): one MixturePart per
+    dataset folder of its train split, weighted as the YAML says (``energon_meta.read_metadataset``)."""
+    try:
+        entries = read_metadataset(path, "train")
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"data.train_shards={path}: {e}") from None
+    parts = []
+    for entry in entries:
+        try:
+            parts.append(MixturePart(entry.name, expand_shards(entry.path), entry.weight))
+        except FileNotFoundError as e:
+            raise ConfigError(f"data.train_shards={path}: dataset {entry.name!r}: {e}") from None
     return parts
 
 

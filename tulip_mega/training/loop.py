@@ -33,7 +33,7 @@ from tulip_mega.models.specs import use_transformer_engine
 from tulip_mega.parallel.init import LaunchEnv, compute_dtype, device, init_parallel, launch_env, use_cuda
 from tulip_mega.training.async_checkpoint import CheckpointWriter
 from tulip_mega.training.checkpoint import load_checkpoint, model_shape, read_latest
-from tulip_mega.training.data import build_train_loader, caption_pad_id
+from tulip_mega.training.data import build_train_loader, caption_pad_id, mixture_names
 from tulip_mega.training.host_cpus import log_host_cpus
 from tulip_mega.flops import (contrastive_batch_line, count_flops, embedding_cache_flops, model_flops_between,
                               tokens_per_sample)
@@ -410,6 +410,7 @@ class _SpeedMeter:
         self.world_size = layout.world_size
         self.peak, peak_note = device_peak(precision_name(cfg))
         # One loader per DP replica counts: its first stage with TP rank 0 (the others are copies).
+        self.mixture_names = mixture_names(cfg)  # per-dataset counters of a mixture
         self.counts_loader = (parallel_state.is_pipeline_first_stage()
                               and parallel_state.get_tensor_model_parallel_rank() == 0)
         log.info("model FLOPs per sample: %.3f GFLOP forward, %.3f GFLOP training (3x, recompute not counted); "
@@ -432,7 +433,7 @@ class _SpeedMeter:
             out["mfu"] = achieved
         stats = loader.stats() if (loader is not None and self.counts_loader) else {}
         dev = device()
-        counted = ["samples", "skipped"] + [f"{kind}/{name}" for name in self.cfg.data.mixture_names()
+        counted = ["samples", "skipped"] + [f"{kind}/{name}" for name in self.mixture_names
                                             for kind in ("samples", "skipped")]
         totals = torch.tensor([float(stats.get(k, 0)) for k in counted], dtype=torch.float64, device=dev)
         dist.all_reduce(totals)
