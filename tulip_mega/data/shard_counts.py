@@ -93,7 +93,10 @@ def _load(path: str) -> Optional[dict[str, Any]]:
 
 
 def recorded_count(shard: str) -> Optional[int]:
-    """``shard``'s recorded count when its size and mtime are still those recorded, else None."""
+    """``shard``'s recorded count when its size and mtime are still those recorded, else None
+    (always for an object-store URL: `data prepare` records local folders)."""
+    if "://" in shard:
+        return None
     shard = os.path.abspath(shard)
     counts_file = _counts_file_for(os.path.dirname(shard))
     if counts_file is None:
