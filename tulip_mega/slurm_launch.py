@@ -12,9 +12,11 @@ CONTAINER_MOUNTS is not): every host folder the run needs, each mounted at its o
 (`/data/x:/data/x`), so the recipe's paths mean the same inside the container. Which folder a
 recipe key needs (`PATH_KEYS`):
 
-- shard specs (data.train_shards, eval.*_shards): per comma-separated part, the folder above
-  the first brace range or glob character (`/data/x/{000..099}.tar` -> `/data/x`), or the
-  folder itself, or a plain shard file's folder; DALI writes its `.idx` files beside shards;
+- shard specs (data.train_shards, data.mixture[i].shards, eval.*_shards): per comma-separated
+  part, the folder above the first brace range or glob character (`/data/x/{000..099}.tar` ->
+  `/data/x`), or the folder itself, or a plain shard file's folder (DALI writes its `.idx` files
+  beside shards); object-store URLs need no mount; an energon blend YAML: its folder and each
+  dataset folder it names;
 - files (data.tokenizer, eval.classes, eval.linear_probe_classes): their folder;
 - folders (checkpoint.load, model.init_from_hf, model.init_from_open_clip, and the written
   checkpoint.dir and run.output_dir): themselves; written ones are created when missing (pyxis
@@ -91,7 +93,15 @@ def folders_for(kind: str, value: str, base: str) -> list[str]:
     """The host folders one recipe value needs mounted (absolute, not yet checked to exist)."""
     if kind == "shards":
         out = []
+        if value.strip().endswith((".yaml", ".yml")) and os.path.isfile(_absolute(value.strip(), base)):
+            # An energon MetadatasetV2 blend: its own folder and each dataset folder it names.
+            from tulip_mega.data.energon_meta import read_metadataset
+
+            blend = _absolute(value.strip(), base)
+            return [os.path.dirname(blend)] + [entry.path for entry in read_metadataset(blend, "train")]
         for part in _split_spec(value):
+            if "://" in part:  # an object-store URL: nothing to mount
+                continue
             m = _PATTERN.search(part)
             if m:  # the folder above the first pattern character
                 out.append(os.path.dirname(_absolute(part[:m.start()] + "x", base)))
@@ -118,6 +128,10 @@ def mount_folders(config: dict, base: str, always: Iterable[str] = (),
         value = _lookup(config, key)
         if value is not None:
             wanted.extend((key, folder) for folder in folders_for(kind, value, base))
+    for i, entry in enumerate((config.get("data") or {}).get("mixture") or []):  # data.mixture[i].shards
+        if isinstance(entry, dict) and isinstance(entry.get("shards"), str):
+            wanted.extend((f"data.mixture[{i}].shards", folder)
+                          for folder in folders_for("shards", entry["shards"], base))
     out: list[str] = []
     for key, folder in wanted:
         if any(_inside(folder, m) for m in out):

@@ -64,6 +64,28 @@ def test_mount_folders_dedupes_skips_the_repo_and_notes_missing_inputs(tmp_path)
         container_mounts(["/data/a,b"])
 
 
+def test_mount_folders_of_mixtures_blends_and_object_store_urls(tmp_path):
+    repo, web, cur, laion = (tmp_path / n for n in ("repo", "web", "cur", "laion"))
+    for d in (repo, web, cur, laion / ".nv-meta"):
+        d.mkdir(parents=True)
+    # data.mixture: each dataset's shard folder; an s3:// dataset needs none (and is not "missing").
+    config = {"data": {"train_shards": "s3://bucket/x/{000..009}.tar", "mixture": [
+        {"shards": f"{web}/{{000..009}}.tar", "weight": 3.0, "name": "web"},
+        {"shards": "s3://bucket/cur/", "weight": 1.0, "name": "s3"}, {"shards": str(cur), "weight": 1.0, "name": ""}]}}
+    notes: list[str] = []
+    assert mount_folders(config, str(repo), [str(repo)], notes) == [str(repo), str(web), str(cur)]
+    assert notes == []
+    # An energon blend YAML in data.train_shards: its folder and each dataset folder it names.
+    (cur / ".nv-meta").mkdir()
+    for folder in (laion, cur):
+        (folder / ".nv-meta" / "split.yaml").write_text("split_parts:\n  train: [a.tar]\n")
+    blend = tmp_path / "blends" / "mix.yaml"
+    blend.parent.mkdir()
+    blend.write_text("__module__: megatron.energon\n__class__: MetadatasetV2\nsplits:\n  train:\n    blend:\n"
+                     f"      - {{weight: 2, path: {laion}}}\n      - {{weight: 1, path: ../cur}}\n")
+    assert folders_for("shards", str(blend), str(repo)) == [str(blend.parent), str(laion), str(cur)]
+
+
 @pytest.mark.parametrize("data, cpus, want", [
     ({"threads": 2, "reader_workers": 0, "prefetch": 2}, 28, 24),
     ({"threads": 4, "reader_workers": 6, "prefetch": 0}, 28, 17),
