@@ -2,7 +2,7 @@
 
 The stream-level tests use tiny shards of fake image bytes (no decoding); the SimpleLoader
 tests read real shapes images. The DALI loader, reader workers and the trainer (kill -9 and
-resume) are in tests/integration/test_mixture.py.
+resume) are in tests/integration/test_mixture_training.py.
 """
 
 from __future__ import annotations
