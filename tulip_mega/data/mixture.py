@@ -42,10 +42,10 @@ _SEED_STRIDE = 7919  # dataset i's stream seed is seed + _SEED_STRIDE * (i + 1):
 
 @dataclass(frozen=True)
 class MixturePart:
-    """One dataset of a mixture: its name, shards (a spec or a list) and relative weight."""
+    """One dataset of a mixture: its name, shards (expanded paths or URLs) and relative weight."""
 
     name: str
-    shards: Union[str, list[str]]
+    shards: list[str]
     weight: float
 
 
