@@ -79,7 +79,6 @@ class MixtureStream:
         self.names = names
         self.weights = [float(p.weight) for p in parts]
         self.dp_rank, self.dp_size, self.seed, self.shuffle_buffer = dp_rank, dp_size, seed, shuffle_buffer
-        self.num_epochs = None
         self.parts = [SampleStream(p.shards, dp_rank, dp_size, seed + _SEED_STRIDE * (i + 1), shuffle_buffer)
                       for i, p in enumerate(parts)]
         owner: dict[str, str] = {}
@@ -88,8 +87,6 @@ class MixtureStream:
                 if owner.setdefault(shard, name) != name:
                     raise ValueError(f"shard {shard} is in mixture datasets {owner[shard]!r} and {name!r}; "
                                      f"a shard may belong to one dataset only (its samples are counted per dataset)")
-        self.owner = {shard: self.names.index(name) for shard, name in owner.items()}
-        self.shards = list(owner)
         n = len(parts)
         self.position = MixturePosition(parts=((0, 0),) * n, drawn=(0,) * n, part_skipped=(0,) * n)
         if dp_rank == 0:
